@@ -1,0 +1,3 @@
+from peg.cli import app
+
+app()

@@ -1,0 +1,334 @@
+"""The run configuration: one pydantic model that describes a whole peg run.
+
+The CLI, the local runner, rendered Kubernetes manifests and the Helm chart's values schema
+all derive from `RunConfig`. Unknown keys are errors (`extra="forbid"`); `load_config` turns
+every validation problem into a `ConfigError` naming the file, the key path and its line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names file, key path and line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the training and evaluation data live (BEIR folders, training-pair JSONL)."""
+
+    beir: str | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    train_split: str = Field("train", description="qrels split whose pairs become training data.")
+    eval_split: str = Field("test", description="qrels split used by `eval`.")
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="Extra training-pair JSONL files ({query, pos, neg, ...}); one dataset each.",
+    )
+    max_train_queries: int | None = Field(None, ge=1, description="Use only the first N training queries.")
+
+
+class ModelConfig(Section):
+    """The encoder: a transformers model, its pooling and input formatting."""
+
+    name_or_path: str = Field(..., description="Local model directory or hub id.")
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    query_max_length: int = Field(64, ge=1)
+    passage_max_length: int = Field(256, ge=1)
+
+
+class ProgressiveConfig(Section):
+    """PEG progressive weighting; see `peg.losses.progressive` for the formulation."""
+
+    enabled: bool = False
+    beta_start: float = Field(-0.5, description="Negative-hardness coefficient at step 0.")
+    beta_end: float = Field(1.0, description="Negative-hardness coefficient at the last step.")
+    schedule: Literal["linear", "cosine", "step"] = "linear"
+    self_paced: bool = Field(True, description="Weight queries easy-first by their loss.")
+    pace_start: float = Field(0.5, gt=0, le=1, description="Fraction of queries at full weight at step 0.")
+    pace_sharpness: float = Field(10.0, gt=0, description="Steepness of the self-paced weight curve.")
+
+
+class ListwiseConfig(Section):
+    """Listwise distillation (Tamber et al.): KL(teacher || student) + a small InfoNCE term."""
+
+    list_size: int = Field(20, ge=2)
+    teacher_temperature: float = Field(0.3, gt=0)
+    student_temperature: float = Field(0.05, gt=0)
+    nce_weight: float = Field(0.1, ge=0)
+    nce_temperature: float = Field(0.01, gt=0)
+    false_negative_ratio: float = Field(
+        0.6, gt=0, le=1, description="Mask passages whose teacher score exceeds ratio x the top score."
+    )
+
+
+class LossConfig(Section):
+    kind: Literal["infonce", "listwise"] = "infonce"
+    temperature: float = Field(0.05, gt=0)
+    progressive: ProgressiveConfig = ProgressiveConfig()
+    listwise: ListwiseConfig = ListwiseConfig()
+
+
+class BatchConfig(Section):
+    """Global batch shape. `queries_per_step` is split evenly across ranks."""
+
+    queries_per_step: int = Field(32, ge=1, description="Global queries per optimizer step.")
+    hard_negatives: int = Field(5, ge=0, description="Hard negatives per query.")
+    chunk_size: int | None = Field(
+        None, ge=1, description="GradCache chunk (texts per forward); null disables caching."
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak.")
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    nproc_per_node: int = Field(1, ge=1, description="Local torchrun processes.")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
+    log_every: int = Field(1, ge=1)
+
+
+class EncodeConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1, description="Ray encoder actors.")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per encoder actor (fractional on small machines).")
+    actor_gpus: float = Field(0.0, ge=0)
+
+
+class MiningConfig(Section):
+    num_shards: int = Field(2, ge=1, description="Corpus shards, one FAISS index per Ray actor.")
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    top_k: int = Field(100, ge=1, description="Candidates retrieved per query before selection.")
+    negatives_per_query: int = Field(5, ge=1)
+    selection: Literal["topk_percpos", "rank_window"] = "topk_percpos"
+    relative_margin: float = Field(0.95, gt=0, le=1, description="TopK-PercPos: keep n if s(q,n) <= p * min s(q,pos).")
+    rank_window: tuple[int, int] = Field((10, 210), description="rank_window: [start, end) ranks to sample from.")
+    absolute_margin: float | None = Field(None, description="Drop n if s(q,n) > min s(q,pos) - margin.")
+    max_score: float | None = Field(None, description="Drop n if s(q,n) > max_score.")
+
+
+class LLMConfig(Section):
+    """An LLM from a local directory or a GGUF file (converted once and cached)."""
+
+    path: str | None = Field(None, description="Local model directory (or directory holding gguf_file).")
+    gguf_file: str | None = None
+    mode: Literal["yes_no", "query_likelihood"] = "query_likelihood"
+    batch_size: int = Field(8, ge=1)
+    max_passage_chars: int = Field(2000, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_cpus: float = Field(0.5, gt=0)
+
+
+class JudgeConfig(Section):
+    enabled: bool = False
+    llm: LLMConfig = LLMConfig()
+    threshold: float = Field(0.5, description="Drop a negative whose score passes this.")
+    relative: bool = Field(False, description="Threshold relative to the positive's score.")
+
+
+class ScoreConfig(Section):
+    """Teacher scoring of candidate lists for listwise distillation."""
+
+    enabled: bool = False
+    teacher: Literal["cross_encoder", "llm"] = "llm"
+    cross_encoder_path: str | None = None
+    llm: LLMConfig = LLMConfig()
+    list_size: int = Field(20, ge=2)
+    batch_size: int = Field(16, ge=1)
+
+
+class SynthConfig(Section):
+    enabled: bool = False
+    llm: LLMConfig = LLMConfig()
+    query_types: list[Literal["question", "claim", "keywords", "title", "web_query"]] = [
+        "question",
+        "claim",
+        "keywords",
+        "title",
+    ]
+    num_passages: int | None = Field(None, ge=1, description="Passages to write queries for (None: all).")
+    temperature: float = Field(0.8, ge=0)
+    max_new_tokens: int = Field(50, ge=1)
+    filter_top_k: int = Field(20, ge=1, description="Round trip: the source must be in the top k.")
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    k_values: list[int] = [10, 100]
+
+
+class StoreConfig(Section):
+    """Artifact store: a local directory or s3://bucket/prefix. Credentials never live here."""
+
+    uri: str = Field("./peg-artifacts", description="Local directory or s3://bucket/prefix.")
+    endpoint: str | None = Field(None, description="S3 endpoint host:port (MinIO, SeaweedFS, AWS...).")
+    region: str | None = None
+    secure: bool = True
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    credentials_file: str | None = Field(
+        None, description="Mounted secret file with access_key/secret_key lines (used if the env is empty)."
+    )
+
+
+class ClusterConfig(Section):
+    """How the cluster backend runs the same stages as PyTorchJobs and RayJobs."""
+
+    namespace: str = "default"
+    image: str = "peg:latest"
+    service_account: str | None = None
+    s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
+    train_workers: int = Field(1, ge=1, description="PyTorchJob workers (nodes).")
+    gpus_per_worker: int = Field(0, ge=0)
+    ray_workers: int = Field(1, ge=1)
+    ray_worker_gpus: int = Field(0, ge=0)
+
+
+class RunConfig(Section):
+    """One peg run: data, model, training method and where it runs."""
+
+    name: str = Field("peg-run", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="DNS-1123 name.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    loss: LossConfig = LossConfig()
+    batch: BatchConfig = BatchConfig()
+    train: TrainConfig = TrainConfig()
+    encode: EncodeConfig = EncodeConfig()
+    mining: MiningConfig = MiningConfig()
+    judge: JudgeConfig = JudgeConfig()
+    score: ScoreConfig = ScoreConfig()
+    synth: SynthConfig = SynthConfig()
+    eval: EvalConfig = EvalConfig()
+    store: StoreConfig = StoreConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> RunConfig:
+        if self.loss.kind == "listwise" and self.batch.hard_negatives + 1 > self.loss.listwise.list_size:
+            raise ValueError(
+                f"batch.hard_negatives + 1 ({self.batch.hard_negatives + 1}) exceeds loss.listwise.list_size "
+                f"({self.loss.listwise.list_size})"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections' canonical JSON: the identity a stage's outputs depend on."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping key path in a YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, str(i))] = item.start_mark.line + 1
+                walk(item, (*path, str(i)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str, key_lines: dict[tuple[str, ...], int]) -> str:
+    messages = []
+    for e in err.errors():
+        path = tuple(str(p) for p in e["loc"])
+        line = None
+        for n in range(len(path), 0, -1):  # nearest enclosing key that exists in the file
+            if path[:n] in key_lines:
+                line = key_lines[path[:n]]
+                break
+        where = f"{source}:{line}" if line else source
+        key = ".".join(path) or "<root>"
+        messages.append(f"{where}: {key}: {e['msg']}")
+    return "\n".join(messages)
+
+
+def parse_config(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate YAML text as a `RunConfig`; errors name `source`, key path and line."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, _key_lines(text))) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a run config file; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    config = parse_config(text, str(path), overrides)
+    return _resolve_paths(config, path.parent)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Make relative local paths in the config relative to the config file's directory."""
+
+    def resolve(value: str | None) -> str | None:
+        if value is None or "://" in value or Path(value).is_absolute():
+            return value
+        candidate = base / value
+        return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value
+
+    config.data.beir = resolve(config.data.beir)
+    config.data.train_files = [resolve(f) for f in config.data.train_files]
+    config.model.name_or_path = resolve(config.model.name_or_path)
+    config.store.uri = resolve(config.store.uri)
+    return config
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of `RunConfig` (reused by the chart's values.schema.json and the operator CRD)."""
+    return RunConfig.model_json_schema()

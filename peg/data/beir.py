@@ -1,0 +1,151 @@
+"""BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
+
+Readers stream and validate. Each takes `on_error`: by default the first problem raises a
+`DataError` naming file and line; `peg data check` passes a collector to see every problem.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peg.data.errors import DataError, iter_jsonl, require_text
+
+OnError = Callable[[DataError], None]
+
+
+def raise_error(error: DataError) -> None:
+    raise error
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    title: str
+    text: str
+
+    @property
+    def full_text(self) -> str:
+        """Title and text joined by a space, as BEIR/MTEB encode passages."""
+        return f"{self.title} {self.text}".strip() if self.title else self.text
+
+
+def iter_corpus(folder: str | Path, on_error: OnError = raise_error) -> Iterator[Passage]:
+    """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty."""
+    path = Path(folder) / "corpus.jsonl"
+    seen: set[str] = set()
+    for lineno, obj in iter_jsonl(path):
+        try:
+            pid = require_text(obj, "_id", path, lineno)
+            title = obj.get("title") or ""
+            if not isinstance(title, str):
+                raise DataError(path, lineno, f"field 'title' must be a string, got {type(title).__name__}")
+            text = require_text(obj, "text", path, lineno, allow_empty=bool(title.strip()))
+            if pid in seen:
+                raise DataError(path, lineno, f"duplicate id '{pid}'")
+        except DataError as e:
+            on_error(e)
+            continue
+        seen.add(pid)
+        yield Passage(pid, title, text)
+
+
+def load_queries(folder: str | Path, on_error: OnError = raise_error) -> dict[str, str]:
+    """Read `folder/queries.jsonl` into {query id: text}."""
+    path = Path(folder) / "queries.jsonl"
+    queries: dict[str, str] = {}
+    for lineno, obj in iter_jsonl(path):
+        try:
+            qid = require_text(obj, "_id", path, lineno)
+            text = require_text(obj, "text", path, lineno)
+            if qid in queries:
+                raise DataError(path, lineno, f"duplicate id '{qid}'")
+        except DataError as e:
+            on_error(e)
+            continue
+        queries[qid] = text
+    return queries
+
+
+def load_qrels(folder: str | Path, split: str, on_error: OnError = raise_error) -> dict[str, dict[str, int]]:
+    """Read `folder/qrels/<split>.tsv` (header line, tab-separated, CRLF accepted)."""
+    path = Path(folder) / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        raise DataError(path, None, f"file not found (no qrels for split '{split}')")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if not row or (lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}):
+                continue
+            try:
+                if len(row) != 3:
+                    raise DataError(path, lineno, f"expected 3 tab-separated columns, got {len(row)}")
+                qid, pid, score = (c.strip() for c in row)
+                if not qid or not pid:
+                    raise DataError(path, lineno, "empty query-id or corpus-id")
+                try:
+                    relevance = int(score)
+                except ValueError:
+                    raise DataError(path, lineno, f"score '{score}' is not an integer") from None
+            except DataError as e:
+                on_error(e)
+                continue
+            qrels.setdefault(qid, {})[pid] = relevance
+    return qrels
+
+
+@dataclass
+class BeirDataset:
+    """A validated BEIR split: corpus, the split's queries and their qrels, ids cross-checked."""
+
+    folder: Path
+    split: str
+    corpus: dict[str, Passage]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    problems: list[DataError] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, folder: str | Path, split: str, on_error: OnError = raise_error) -> BeirDataset:
+        """Load and cross-check; queries are restricted to those with qrels in `split`."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(folder, None, "not a directory (expected a BEIR folder)")
+        corpus = {p.id: p for p in iter_corpus(folder, on_error)}
+        all_queries = load_queries(folder, on_error)
+        qrels = load_qrels(folder, split, on_error)
+        check_qrels_ids(folder, split, qrels, all_queries, corpus, on_error)
+        queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
+        return cls(folder, split, corpus, queries, qrels)
+
+
+def check_qrels_ids(
+    folder: Path,
+    split: str,
+    qrels: dict[str, dict[str, int]],
+    queries: dict[str, str],
+    corpus: dict[str, Passage],
+    on_error: OnError = raise_error,
+) -> None:
+    """Every qrels query id must be in queries.jsonl and every corpus id in corpus.jsonl."""
+    path = folder / "qrels" / f"{split}.tsv"
+    lines = _qrels_line_numbers(path)
+    for qid, docs in qrels.items():
+        if qid not in queries:
+            on_error(DataError(path, lines.get((qid, None)), f"query id '{qid}' is not in queries.jsonl"))
+        for pid in docs:
+            if pid not in corpus:
+                on_error(DataError(path, lines.get((qid, pid)), f"corpus id '{pid}' is not in corpus.jsonl"))
+
+
+def _qrels_line_numbers(path: Path) -> dict[tuple[str, str | None], int]:
+    lines: dict[tuple[str, str | None], int] = {}
+    with path.open(encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if len(row) == 3:
+                qid, pid = row[0].strip(), row[1].strip()
+                lines.setdefault((qid, None), lineno)
+                lines.setdefault((qid, pid), lineno)
+    return lines

@@ -1,0 +1,51 @@
+"""Errors for bad input data: each names the file and, where there is one, the line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """Bad input data. `str()` reads `file:line: message`."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str):
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; malformed JSON raises DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def require_text(obj: dict[str, Any], key: str, path: Path | str, lineno: int, *, allow_empty: bool = False) -> str:
+    """Return obj[key] as a string, raising DataError if missing, not a string or empty."""
+    if key not in obj:
+        raise DataError(path, lineno, f"missing field '{key}'")
+    value = obj[key]
+    if isinstance(value, int) and not isinstance(value, bool) and key.endswith("id"):
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(path, lineno, f"field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(path, lineno, f"field '{key}' is empty")
+    return value

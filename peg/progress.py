@@ -1,0 +1,49 @@
+"""Progress bars with rate and ETA (rich), shared by every long-running loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class _RateColumn(TextColumn):
+    def __init__(self, unit: str):
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task):  # noqa: D102 - rich API
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n)`; shows a bar with count, rate and ETA when `enabled`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        _RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
