@@ -1,0 +1,148 @@
+"""LocalStore: artifacts as files under a root directory, manifests beside them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from peg.store.base import (
+    CHUNK_SIZE,
+    MANIFEST_SUFFIX,
+    TEMP_PREFIX,
+    ArtifactStore,
+    Manifest,
+    StoreError,
+    VerifyingReader,
+    check_key,
+    check_prefix,
+    fsync_dir,
+    new_manifest,
+    under_prefix,
+    write_stream_atomically,
+)
+
+
+class LocalStore(ArtifactStore):
+    """Artifacts under `root`: `root/<key>` and `root/<key>.manifest.json`.
+
+    `put_file` copies through a temp file in the target directory (fsync, os.replace) and writes
+    the manifest last; an interrupted write leaves the previous artifact (or nothing) in place.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"local store {self.root}: cannot create the directory: {e.strerror}") from None
+
+    def describe(self) -> str:
+        return f"local store {self.root}"
+
+    def _object_path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _manifest_path(self, key: str) -> Path:
+        return self.root / (check_key(key) + MANIFEST_SUFFIX)
+
+    def put_file(self, key: str, local_path: str | Path, producer: str, config_hash: str = "") -> Manifest:
+        target = self._object_path(key)
+        manifest_path = self._manifest_path(key)
+        source = Path(local_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
+                while chunk := f.read(CHUNK_SIZE):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            # Drop the old manifest first: between these two steps the key reads as absent,
+            # never as the old manifest describing the new object.
+            manifest_path.unlink(missing_ok=True)
+            os.replace(tmp, target)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"{self.describe()}: cannot write {key!r} from {source}: {e}") from e
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        manifest = new_manifest(key, size, digest.hexdigest(), producer, config_hash)
+        try:
+            write_stream_atomically(io.BytesIO(manifest.to_json()), manifest_path)
+        except OSError as e:
+            raise StoreError(f"{self.describe()}: cannot write the manifest of {key!r}: {e}") from e
+        fsync_dir(target.parent)
+        return manifest
+
+    def manifest(self, key: str) -> Manifest | None:
+        path = self._manifest_path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return Manifest.from_json(data, str(path))
+
+    def exists(self, key: str) -> bool:
+        try:
+            found = self.manifest(key)
+        except StoreError:
+            return False
+        if found is None:
+            return False
+        try:
+            return self._object_path(key).stat().st_size == found.size
+        except FileNotFoundError:
+            return False
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = check_prefix(prefix)
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(TEMP_PREFIX)]
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if not name.endswith(MANIFEST_SUFFIX):
+                    continue
+                key = name[: -len(MANIFEST_SUFFIX)] if rel_dir == "." else f"{rel_dir}/{name[: -len(MANIFEST_SUFFIX)]}"
+                if under_prefix(key, prefix) and (Path(dirpath) / name[: -len(MANIFEST_SUFFIX)]).is_file():
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, prefix: str) -> None:
+        prefix = check_prefix(prefix)
+        if not prefix:
+            for child in self.root.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            return
+        path = self.root / prefix
+        Path(str(path) + MANIFEST_SUFFIX).unlink(missing_ok=True)  # manifest first: the key turns absent
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path:
+        return self._object_path(key)
+
+    @contextmanager
+    def open_binary(self, key: str) -> Iterator[BinaryIO]:
+        found = self.require_manifest(key)
+        path = self._object_path(key)
+        try:
+            raw = open(path, "rb")
+        except FileNotFoundError:
+            raise StoreError(f"{self.describe()}: artifact {key!r} has a manifest but no object at {path}") from None
+        with raw, io.BufferedReader(VerifyingReader(raw, found, f"{self.describe()}: {key}"), CHUNK_SIZE) as reader:
+            yield reader
