@@ -1,0 +1,50 @@
+"""Export an `Encoder` as a sentence-transformers folder.
+
+`SentenceTransformer(path).encode(texts, prompt_name="query" | "passage")` then gives peg's
+embeddings: same weights and tokenizer, same pooling (mean / cls / lasttoken), the same L2
+normalisation and the prefixes as named prompts. sentence-transformers keeps one max length,
+so the folder uses `passage_max_length`; queries longer than `query_max_length` tokens are
+the one case where the two differ.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peg.model.encoder import Encoder
+
+_POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
+
+
+def export_sentence_transformers(encoder: Encoder, path: str | Path, state_dict: dict | None = None) -> Path:
+    """Write `encoder` (or its weights from `state_dict`) to `path` atomically; returns `path`."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = encoder.config
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.hf.") as hf_dir:
+        encoder.model.save_pretrained(hf_dir, state_dict=state_dict)
+        encoder.tokenizer.save_pretrained(hf_dir)
+        modules = [
+            Transformer(hf_dir, max_seq_length=cfg.passage_max_length),
+            Pooling(encoder.dim, pooling_mode=_POOLING[cfg.pooling]),
+        ]
+        if cfg.normalize:
+            modules.append(Normalize())
+        prompts = {"query": cfg.query_prefix, "passage": cfg.passage_prefix}
+        st = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.st."))
+        try:
+            st.save(str(tmp))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path

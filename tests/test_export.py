@@ -1,0 +1,63 @@
+"""Export: a sentence-transformers folder gives the same embeddings as peg's Encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from peg.config import ModelConfig
+from peg.model.encoder import Encoder, resolve_model_path
+from peg.model.export import export_sentence_transformers
+
+QUERIES = ["what causes malaria", "effects of aspirin on the heart", "is coffee bad"]
+PASSAGES = [
+    "Malaria is caused by Plasmodium parasites transmitted by mosquitoes.",
+    "Aspirin reduces the risk of heart attack by inhibiting platelets. " * 3,
+    "Short.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_sentence_transformers_folder_matches_encoder(tiny_model_dir, tmp_path, pooling):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = ModelConfig(
+        name_or_path=tiny_model_dir, pooling=pooling, normalize=True, query_prefix="query: ",
+        passage_prefix="passage: ", query_max_length=32, passage_max_length=32,
+    )
+    encoder = Encoder(cfg)
+    out = export_sentence_transformers(encoder, tmp_path / "model")
+    st = SentenceTransformer(str(out), device="cpu")
+    for texts, kind in ((QUERIES, "query"), (PASSAGES, "passage")):
+        ours = encoder.encode(texts, kind, batch_size=2)
+        theirs = st.encode(texts, prompt_name=kind, convert_to_numpy=True, batch_size=2)
+        np.testing.assert_allclose(theirs, ours, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(theirs, axis=1), 1.0, atol=1e-5)
+    # the prompts matter: without them the embeddings differ (the test can fail)
+    plain = st.encode(QUERIES, convert_to_numpy=True)
+    assert not np.allclose(plain, encoder.encode(QUERIES, "query"), atol=1e-4)
+
+
+def test_export_writes_given_state_dict(tiny_model_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    encoder = Encoder(ModelConfig(name_or_path=tiny_model_dir))
+    state = {k: v + 0.01 for k, v in encoder.model.state_dict().items()}
+    out = export_sentence_transformers(encoder, tmp_path / "model", state_dict=state)
+    encoder.model.load_state_dict(state)
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), encoder.encode(PASSAGES, "passage"), atol=1e-5)
