@@ -55,10 +55,15 @@ class ProgressiveConfig(Section):
     enabled: bool = False
     beta_start: float = Field(-0.5, description="Negative-hardness coefficient at step 0.")
     beta_end: float = Field(1.0, description="Negative-hardness coefficient at the last step.")
-    schedule: Literal["linear", "cosine", "step"] = "linear"
+    schedule: Literal["linear", "cosine", "step"] = Field(
+        "linear", description="Shape of beta(t) and the pace over optimizer steps."
+    )
+    stages: int = Field(4, ge=2, description="Plateaus of the `step` schedule.")
     self_paced: bool = Field(True, description="Weight queries easy-first by their loss.")
     pace_start: float = Field(0.5, gt=0, le=1, description="Fraction of queries at full weight at step 0.")
-    pace_sharpness: float = Field(10.0, gt=0, description="Steepness of the self-paced weight curve.")
+    pace_sharpness: float = Field(
+        2.0, gt=0, description="Weight decay per std of loss above the pace threshold: exp(-k * excess / std)."
+    )
 
 
 class ListwiseConfig(Section):
