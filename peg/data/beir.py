@@ -7,17 +7,11 @@ Readers stream and validate. Each takes `on_error`: by default the first problem
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peg.data.errors import DataError, iter_jsonl, require_text
-
-OnError = Callable[[DataError], None]
-
-
-def raise_error(error: DataError) -> None:
-    raise error
+from peg.data.errors import DataError, OnError, iter_jsonl, raise_error, require_text
 
 
 @dataclass(frozen=True)
@@ -36,7 +30,7 @@ def iter_corpus(folder: str | Path, on_error: OnError = raise_error) -> Iterator
     """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty."""
     path = Path(folder) / "corpus.jsonl"
     seen: set[str] = set()
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, on_error):
         try:
             pid = require_text(obj, "_id", path, lineno)
             title = obj.get("title") or ""
@@ -56,7 +50,7 @@ def load_queries(folder: str | Path, on_error: OnError = raise_error) -> dict[st
     """Read `folder/queries.jsonl` into {query id: text}."""
     path = Path(folder) / "queries.jsonl"
     queries: dict[str, str] = {}
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, on_error):
         try:
             qid = require_text(obj, "_id", path, lineno)
             text = require_text(obj, "text", path, lineno)

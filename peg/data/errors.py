@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,16 @@ class DataError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; malformed JSON raises DataError."""
+OnError = Callable[[DataError], None]
+
+
+def raise_error(error: DataError) -> None:
+    """The default `on_error`: stop at the first problem."""
+    raise error
+
+
+def iter_jsonl(path: str | Path, on_error: OnError = raise_error) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; a malformed line goes to `on_error`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "file not found")
@@ -31,9 +39,11 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+                on_error(DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
+                continue
             if not isinstance(obj, dict):
-                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                on_error(DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}"))
+                continue
             yield lineno, obj
 
 

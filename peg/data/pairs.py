@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peg.data.beir import OnError, raise_error
-from peg.data.errors import DataError, iter_jsonl, require_text
+from peg.data.errors import DataError, OnError, iter_jsonl, raise_error, require_text
 
 _KNOWN = {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids", "pos_scores", "neg_scores", "query_type"}
 
@@ -94,7 +93,7 @@ def parse_example(obj: dict[str, Any], path: Path, lineno: int) -> TrainingExamp
 def iter_examples(path: str | Path, on_error: OnError = raise_error) -> Iterator[TrainingExample]:
     """Stream and validate a training-pair JSONL file."""
     path = Path(path)
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, on_error):
         try:
             yield parse_example(obj, path, lineno)
         except DataError as e:

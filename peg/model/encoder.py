@@ -6,7 +6,9 @@ batches them without gradients and returns embeddings in the input order.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -35,6 +37,29 @@ def resolve_model_path(name_or_path: str) -> str:
         module = importlib.import_module(package)
         return str(module.get_model_path())
     return name_or_path
+
+
+def model_config_for(name_or_path: str, **overrides) -> ModelConfig:
+    """A ModelConfig for a model, taking pooling and max length from a sentence-transformers folder.
+
+    Reads `1_Pooling/config.json` (mean/cls/lasttoken) and `sentence_bert_config.json`
+    (max_seq_length, used for queries and passages) when present; `overrides` win.
+    """
+    path = Path(resolve_model_path(name_or_path))
+    settings: dict = {"name_or_path": name_or_path}
+    pooling_file = path / "1_Pooling" / "config.json"
+    if pooling_file.is_file():
+        modes = json.loads(pooling_file.read_text())
+        for key, mode in (("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last"), ("pooling_mode_mean_tokens", "mean")):
+            if modes.get(key):
+                settings["pooling"] = mode
+                break
+    st_file = path / "sentence_bert_config.json"
+    if st_file.is_file() and (max_len := json.loads(st_file.read_text()).get("max_seq_length")):
+        settings["query_max_length"] = settings["passage_max_length"] = int(max_len)
+    if (path / "modules.json").is_file():
+        settings["normalize"] = "Normalize" in (path / "modules.json").read_text()
+    return ModelConfig(**{**settings, **overrides})
 
 
 class Encoder(torch.nn.Module):
@@ -78,7 +103,7 @@ class Encoder(torch.nn.Module):
         device = next(self.parameters()).device
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out: np.ndarray | None = None
-        with progress_bar(len(texts), description or f"encode {kind}s", enabled=show_progress) as advance:
+        with progress_bar(len(texts), description or ("encode queries" if kind == "query" else "encode passages"), enabled=show_progress) as advance:
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
                 batch = self.tokenize([texts[i] for i in idx], kind)

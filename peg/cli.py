@@ -1,0 +1,143 @@
+"""peg's command line. Thin: parse arguments, call into the package, print results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from peg.config import ConfigError, RunConfig, json_schema, load_config
+from peg.data import BeirDataset, DataError
+
+app = typer.Typer(help="peg: train dense text-retrieval embedding models.", no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
+data_app = typer.Typer(help="Check datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True, soft_wrap=True)
+
+ConfigPath = Annotated[Path, typer.Argument(help="Run config YAML.")]
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(2)
+
+
+def read_config(path: Path) -> RunConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        fail(str(e))
+
+
+@config_app.command("show")
+def config_show(path: ConfigPath) -> None:
+    """Print the resolved config (defaults filled in) as YAML."""
+    print(yaml.safe_dump(read_config(path).model_dump(mode="json"), sort_keys=False), end="")
+
+
+@config_app.command("schema")
+def config_schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write the run config's JSON schema."""
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="A BEIR folder or a training-pair JSONL file.")],
+    split: Annotated[list[str] | None, typer.Option(help="qrels split(s) to check (default: all found).")] = None,
+) -> None:
+    """Validate a dataset: report counts and every problem found (file and line)."""
+    from peg.data.check import check_path
+
+    try:
+        report = check_path(path, split)
+    except DataError as e:
+        fail(str(e))
+    for name, count in report.counts.items():
+        console.print(f"{name}: {count:,}", highlight=False, markup=False)
+    for problem in report.problems:
+        console.print(f"problem: {problem}", style="red", highlight=False, markup=False)
+    if report.problems:
+        console.print(f"[bold red]{len(report.problems)} problem(s)[/]")
+        raise typer.Exit(1)
+    console.print("[bold green]ok[/]")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="Model directory or hub id (packaged models resolve offline).")],
+    data: Annotated[Path, typer.Option(help="BEIR folder.")],
+    split: Annotated[str, typer.Option(help="qrels split to evaluate.")] = "test",
+    output: Annotated[Path | None, typer.Option(help="Write run.trec, metrics.json, metrics.md here.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    pooling: Annotated[str | None, typer.Option(help="mean, cls or last (default: from the model folder).")] = None,
+) -> None:
+    """Evaluate a model on a BEIR split: nDCG@10, MAP@100, MRR@10, Recall@10/100."""
+    from peg.eval import evaluate_model
+    from peg.eval.retrieval import markdown_table
+    from peg.model import model_config_for
+
+    try:
+        overrides = {"pooling": pooling} if pooling else {}
+        model_config = model_config_for(model, **overrides)
+        dataset = BeirDataset.load(data, split)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    result = evaluate_model(model_config, dataset, batch_size=batch_size)
+    print(markdown_table({model: result.metrics}), end="")
+    if output:
+        paths = result.write(output, title=model)
+        console.print(f"wrote {paths['run']}, {paths['json']}, {paths['markdown']}", highlight=False)
+
+
+@app.command("encode")
+def encode_command(path: ConfigPath) -> None:
+    """Encode the corpus and the train-split queries (Ray Data; cached in the store by model + data hash)."""
+    from peg.mine import run_encode
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        corpus, queries = run_encode(config, open_store(config.store))
+    except (ConfigError, DataError, StoreError, ValueError) as e:
+        fail(str(e))
+    for name, emb in (("passages", corpus), ("queries", queries)):
+        console.print(f"{name}: {len(emb.ids):,} embeddings of dim {emb.matrix.shape[1]} at {emb.key}", highlight=False, markup=False)
+
+
+@app.command("mine")
+def mine_command(path: ConfigPath) -> None:
+    """Mine hard negatives for the train split (sharded FAISS on Ray); resumes from stored query shards."""
+    from peg.mine import MiningError, run_mine
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        result = run_mine(config, open_store(config.store))
+    except (ConfigError, DataError, StoreError, MiningError, ValueError) as e:
+        fail(str(e))
+    stats = result.stats
+    console.print(
+        f"query shards: {len(result.computed)} mined, {len(result.reused)} reused; {result.seconds:.1f} s\n"
+        f"queries: {stats['queries']:,}, negatives kept: {stats['kept']:,}, "
+        f"queries short of {config.mining.negatives_per_query}: {stats['queries_short']:,}\n"
+        f"dropped by rule: " + ", ".join(f"{k}={v:,}" for k, v in stats["dropped"].items()) + "\n"
+        f"wrote {', '.join(result.keys.values())}",
+        highlight=False,
+        markup=False,
+    )

@@ -1,0 +1,46 @@
+"""`peg data check`: validate a BEIR folder or a training-pair JSONL, collecting every problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peg.data.beir import check_qrels_ids, iter_corpus, load_qrels, load_queries
+from peg.data.errors import DataError
+from peg.data.pairs import iter_examples
+
+
+@dataclass
+class CheckReport:
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[DataError] = field(default_factory=list)
+
+
+def check_path(path: str | Path, splits: list[str] | None = None) -> CheckReport:
+    """Check a BEIR folder (all qrels splits unless `splits`) or a training-pair JSONL file."""
+    path = Path(path)
+    report = CheckReport()
+    collect = report.problems.append
+    if path.is_file():
+        report.counts["examples"] = sum(1 for _ in iter_examples(path, collect))
+        return report
+    if not path.is_dir():
+        raise DataError(path, None, "not found (expected a BEIR folder or a training-pair JSONL file)")
+    corpus = {p.id: p for p in iter_corpus(path, collect)}
+    queries = load_queries(path, collect)
+    report.counts["passages"] = len(corpus)
+    report.counts["queries"] = len(queries)
+    if splits is None:
+        splits = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))
+    if not splits:
+        collect(DataError(path / "qrels", None, "no qrels/<split>.tsv files"))
+    for split in splits:
+        try:
+            qrels = load_qrels(path, split, collect)
+        except DataError as e:
+            collect(e)
+            continue
+        report.counts[f"qrels[{split}] queries"] = len(qrels)
+        report.counts[f"qrels[{split}] pairs"] = sum(len(d) for d in qrels.values())
+        check_qrels_ids(path, split, qrels, queries, corpus, collect)
+    return report
