@@ -141,3 +141,26 @@ def mine_command(path: ConfigPath) -> None:
         highlight=False,
         markup=False,
     )
+
+
+store_app = typer.Typer(help="Inspect the artifact store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("ls")
+def store_ls(
+    path: ConfigPath,
+    prefix: Annotated[str, typer.Argument(help="Key prefix (a path: 'myrun/mine'); default: the whole store.")] = "",
+) -> None:
+    """List the stored artifacts (size, producer stage, created time, key)."""
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        store = open_store(config.store)
+        for key in store.list(prefix):
+            m = store.manifest(key)
+            if m is not None:
+                print(f"{m.size:>14,}  {m.producer:<10}  {m.created}  {key}")
+    except StoreError as e:
+        fail(str(e))

@@ -185,14 +185,26 @@ class StoreConfig(Section):
     """Artifact store: a local directory or s3://bucket/prefix. Credentials never live here."""
 
     uri: str = Field("./peg-artifacts", description="Local directory or s3://bucket/prefix.")
-    endpoint: str | None = Field(None, description="S3 endpoint host:port (MinIO, SeaweedFS, AWS...).")
-    region: str | None = None
-    secure: bool = True
-    access_key_env: str = "AWS_ACCESS_KEY_ID"
-    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
-    credentials_file: str | None = Field(
-        None, description="Mounted secret file with access_key/secret_key lines (used if the env is empty)."
+    endpoint: str | None = Field(
+        None, description="S3 endpoint host:port (MinIO, SeaweedFS, AWS...); required for s3:// URIs."
     )
+    region: str | None = Field(None, description="S3 region; null lets the client ask the server.")
+    secure: bool = Field(True, description="Use TLS (https) to the endpoint.")
+    access_key_env: str = Field("AWS_ACCESS_KEY_ID", description="Environment variable holding the access key.")
+    secret_key_env: str = Field("AWS_SECRET_ACCESS_KEY", description="Environment variable holding the secret key.")
+    credentials_file: str | None = Field(
+        None,
+        description=(
+            "Used when the environment variables are unset: a mounted Kubernetes Secret directory with one "
+            "file per key (named like access_key_env/secret_key_env), or an env-style file with "
+            "NAME=value lines using those names."
+        ),
+    )
+    max_attempts: int = Field(5, ge=1, description="Attempts per S3 operation on transient errors (reset, 5xx, SlowDown).")
+    backoff_seconds: float = Field(0.5, gt=0, description="Delay before the first retry; doubles on each retry.")
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a TCP connection to the endpoint.")
+    read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for data on an open connection.")
+    part_size_mib: int = Field(64, ge=5, le=5120, description="Multipart upload part size (MiB) for large files.")
 
 
 class ClusterConfig(Section):

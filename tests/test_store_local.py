@@ -125,3 +125,25 @@ def test_invalid_keys_are_rejected(store, key):
 def test_unsupported_scheme_is_a_clear_error():
     with pytest.raises(StoreError, match="unsupported scheme"):
         open_store(StoreConfig(uri="gs://bucket/prefix"))
+
+
+def test_cli_store_ls_lists_artifacts_with_size_and_producer(tmp_path):
+    from typer.testing import CliRunner
+
+    from peg.cli import app
+
+    store = LocalStore(tmp_path / "artifacts")
+    store.put_bytes("demo/mine/shard-00000.jsonl", b"x" * 1234, producer="mine")
+    store.put_bytes("demo/train/model.bin", b"y" * 10, producer="train")
+    config = tmp_path / "run.yaml"
+    config.write_text("name: demo\nmodel: {name_or_path: m}\nstore: {uri: ./artifacts}\n")
+    result = CliRunner().invoke(app, ["store", "ls", str(config), "demo/mine"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].split()[0] == "1,234" and lines[0].split()[1] == "mine"
+    assert lines[0].endswith("demo/mine/shard-00000.jsonl")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name_or_path: m}\nstore: {uri: 's3://b/p'}\n")
+    result = CliRunner().invoke(app, ["store", "ls", str(bad)])
+    assert result.exit_code == 2 and "store.endpoint is required" in result.output

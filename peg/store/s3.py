@@ -1,0 +1,388 @@
+"""S3Store: artifacts in an S3-compatible bucket (AWS, MinIO, SeaweedFS) through the minio client.
+
+Objects live at `<prefix>/<key>`, manifests at `<prefix>/<key>.manifest.json`. Uploads stream from
+disk (`fput_object`: multipart for files larger than a part; S3 shows a multipart upload as an
+object only once it is completed), and the manifest is put only after the object upload
+succeeded. Transient failures (connection reset, timeouts, 5xx, SlowDown) are retried with
+exponential backoff; authentication errors, a missing bucket and an unreachable endpoint (when
+the store is opened) fail at once with a StoreError naming the endpoint and bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from peg.config import StoreConfig
+from peg.store.base import (
+    CHUNK_SIZE,
+    MANIFEST_SUFFIX,
+    ArtifactStore,
+    Manifest,
+    StoreError,
+    VerifyingReader,
+    check_key,
+    check_prefix,
+    hash_file,
+    new_manifest,
+    under_prefix,
+    write_stream_atomically,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_BACKOFF_SECONDS = 30.0
+AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
+TRANSIENT_CODES = {
+    "SlowDown",
+    "SlowDownRead",
+    "SlowDownWrite",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "XMinioServerNotInitialized",
+}
+_MISSING = object()
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    rest = uri.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StoreError(f"store.uri {uri!r}: no bucket (expected s3://bucket/prefix)")
+    prefix = prefix.strip("/")
+    if prefix:
+        check_prefix(prefix)
+    return bucket, prefix
+
+
+def load_credentials(config: StoreConfig) -> tuple[str, str]:
+    """(access key, secret key) from the environment, else from `credentials_file`.
+
+    `credentials_file` is either a directory (a mounted Kubernetes Secret: one file per key, named
+    like the environment variables) or an env-style file of `NAME=value` lines with those names.
+    """
+    names = (config.access_key_env, config.secret_key_env)
+    values = [os.environ.get(name, "") for name in names]
+    if all(values):
+        return values[0], values[1]
+    if config.credentials_file:
+        path = Path(config.credentials_file)
+        if path.is_dir():
+            found = {}
+            for name in names:
+                try:
+                    found[name] = (path / name).read_text().strip()
+                except FileNotFoundError:
+                    pass
+        else:
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise StoreError(f"store.credentials_file {path}: cannot read: {e.strerror}") from None
+            found = {}
+            for line in text.splitlines():
+                name, sep, value = line.strip().partition("=")
+                if sep and not name.startswith("#"):
+                    found[name.strip()] = value.strip().strip("'\"")
+        missing = [name for name in names if not found.get(name)]
+        if missing:
+            raise StoreError(f"store.credentials_file {path}: no value for {', '.join(missing)}")
+        return found[names[0]], found[names[1]]
+    unset = [name for name, value in zip(names, values) if not value]
+    raise StoreError(
+        f"no S3 credentials: environment variable(s) {', '.join(unset)} not set and no store.credentials_file"
+    )
+
+
+def is_transient(error: BaseException) -> bool:
+    """Errors worth retrying: the same request may succeed a little later."""
+    if isinstance(error, S3Error):
+        return error.code in TRANSIENT_CODES or error.response.status >= 500
+    if isinstance(error, ServerError):
+        return error.status_code >= 500
+    if isinstance(error, InvalidResponseError):
+        return getattr(error, "_code", 0) >= 500  # non-XML 5xx, e.g. from a proxy
+    return isinstance(error, (urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError, ConnectionError))
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """No TCP connection to the endpoint could be made (refused, no route, connect timeout)."""
+    return isinstance(error, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
+
+
+class S3Store(ArtifactStore):
+    """Artifacts in `bucket` under `prefix`; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        client: Minio,
+        bucket: str,
+        prefix: str,
+        where: str,
+        credential_hint: str,
+        max_attempts: int = 5,
+        backoff_seconds: float = 0.5,
+        part_size: int = 64 << 20,
+    ):
+        self._client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self._where = where
+        self._credential_hint = credential_hint
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.part_size = part_size
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> S3Store:
+        """Build the client from `config` (credentials from env/secret file) and check the bucket."""
+        bucket, prefix = parse_s3_uri(config.uri)
+        if not config.endpoint:
+            raise StoreError(f"store.endpoint is required for {config.uri} (e.g. s3.amazonaws.com or minio:9000)")
+        if "://" in config.endpoint:
+            raise StoreError(f"store.endpoint {config.endpoint!r}: give host:port only; store.secure selects TLS")
+        scheme = "https" if config.secure else "http"
+        where = f"S3 store {scheme}://{config.endpoint} bucket {bucket!r}"
+        access_key, secret_key = load_credentials(config)
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout),
+            retries=False,  # retries are ours (see _call): classified, bounded, with backoff
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        )
+        client = Minio(
+            config.endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=config.secure,
+            region=config.region,
+            http_client=http,
+        )
+        hint = f"${config.access_key_env}/${config.secret_key_env}" + (
+            f" or {config.credentials_file}" if config.credentials_file else ""
+        )
+        store = cls(
+            client,
+            bucket,
+            prefix,
+            where,
+            hint,
+            max_attempts=config.max_attempts,
+            backoff_seconds=config.backoff_seconds,
+            part_size=config.part_size_mib << 20,
+        )
+        store.check_bucket()
+        return store
+
+    def describe(self) -> str:
+        return self._where + (f" prefix {self.prefix!r}" if self.prefix else "")
+
+    def check_bucket(self) -> None:
+        """One listing request: fails at once on bad credentials, a missing bucket or no endpoint."""
+        self._call(
+            "open",
+            lambda: next(iter(self._client.list_objects(self.bucket, prefix=self._name_prefix(""))), None),
+            retry_unreachable=False,
+        )
+
+    # --- names -------------------------------------------------------------------------------
+
+    def _name(self, key: str) -> str:
+        key = check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _name_prefix(self, prefix: str) -> str:
+        """Object-name prefix for a key prefix (string prefix; callers filter by path)."""
+        return "/".join(p for p in (self.prefix, prefix) if p)
+
+    def _key_of(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    # --- error handling ----------------------------------------------------------------------
+
+    def _explain(self, error: BaseException) -> str:
+        if isinstance(error, S3Error):
+            if error.code in AUTH_ERRORS:
+                return f"authentication failed ({error.code}: {error.message}); check the credentials in {self._credential_hint}"
+            if error.code == "AccessDenied":
+                return f"access denied: the credentials in {self._credential_hint} are not allowed to do this"
+            if error.code == "NoSuchBucket":
+                return "the bucket does not exist (create it first; peg does not create buckets)"
+            return f"{error.code}: {error.message}"
+        if is_unreachable(error):
+            return f"cannot reach the endpoint ({getattr(error, 'reason', None) or error})"
+        if isinstance(error, urllib3.exceptions.MaxRetryError):
+            return f"cannot reach the endpoint ({error.reason})"
+        if isinstance(error, urllib3.exceptions.ProtocolError):
+            return f"connection lost ({error})"
+        return f"{type(error).__name__}: {error}"
+
+    def _call(self, what: str, fn: Callable[[], T], missing: object = _MISSING, retry_unreachable: bool = True) -> T:
+        """Run one S3 operation, retrying transient errors with exponential backoff.
+
+        Returns `missing` for NoSuchKey when given; raises StoreError naming endpoint, bucket and
+        `what` for everything else.
+        """
+        delay = self.backoff_seconds
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn()
+            except StoreError:
+                raise
+            except Exception as e:
+                if missing is not _MISSING and isinstance(e, S3Error) and e.code == "NoSuchKey":
+                    return missing  # type: ignore[return-value]
+                if not is_transient(e) or (is_unreachable(e) and not retry_unreachable):
+                    raise StoreError(f"{self.describe()}: {what} failed: {self._explain(e)}") from e
+                if attempt == self.max_attempts:
+                    raise StoreError(
+                        f"{self.describe()}: {what} failed after {attempt} attempts: {self._explain(e)}"
+                    ) from e
+                log.warning("%s: %s: %s; retrying in %.1f s", self.describe(), what, self._explain(e), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+        raise AssertionError("unreachable")
+
+    # --- the interface -----------------------------------------------------------------------
+
+    def put_file(self, key: str, local_path: str | Path, producer: str, config_hash: str = "") -> Manifest:
+        name = self._name(key)
+        source = Path(local_path)
+        try:
+            size, sha256 = hash_file(source)
+        except OSError as e:
+            raise StoreError(f"{self.describe()}: cannot read {source} to put {key!r}: {e.strerror}") from None
+        manifest = new_manifest(key, size, sha256, producer, config_hash)
+        data = manifest.to_json()
+        # The old manifest goes first, so while the object is replaced the key reads as absent.
+        self._call(f"put {key!r}", lambda: self._client.remove_object(self.bucket, name + MANIFEST_SUFFIX))
+        self._call(
+            f"put {key!r}",
+            lambda: self._client.fput_object(self.bucket, name, str(source), part_size=self.part_size),
+        )
+        self._call(
+            f"put the manifest of {key!r}",
+            lambda: self._client.put_object(
+                self.bucket, name + MANIFEST_SUFFIX, io.BytesIO(data), len(data), content_type="application/json"
+            ),
+        )
+        return manifest
+
+    def _manifest_bytes(self, key: str) -> bytes | None:
+        name = self._name(key) + MANIFEST_SUFFIX
+
+        def fetch() -> bytes:
+            response = self._client.get_object(self.bucket, name)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"read the manifest of {key!r}", fetch, missing=None)
+
+    def manifest(self, key: str) -> Manifest | None:
+        data = self._manifest_bytes(key)
+        return None if data is None else Manifest.from_json(data, f"{self.describe()}: {key}{MANIFEST_SUFFIX}")
+
+    def exists(self, key: str) -> bool:
+        data = self._manifest_bytes(key)
+        if data is None:
+            return False
+        try:
+            found = Manifest.from_json(data, key)
+        except StoreError:
+            return False
+        stat = self._call(f"stat {key!r}", lambda: self._client.stat_object(self.bucket, self._name(key)), missing=None)
+        return stat is not None and stat.size == found.size
+
+    def _names_under(self, prefix: str) -> list[tuple[str, str]]:
+        """(object name, key it belongs to) for every object under the key prefix."""
+        prefix = check_prefix(prefix)
+        objects = self._call(
+            f"list {prefix or '(all)'!r}",
+            lambda: [
+                o.object_name
+                for o in self._client.list_objects(self.bucket, prefix=self._name_prefix(prefix), recursive=True)
+            ],
+        )
+        out = []
+        for name in objects:
+            key = self._key_of(name).removesuffix(MANIFEST_SUFFIX)
+            if under_prefix(key, prefix):
+                out.append((name, key))
+        return out
+
+    def list(self, prefix: str = "") -> list[str]:
+        names = self._names_under(prefix)
+        objects = {key for name, key in names if not name.endswith(MANIFEST_SUFFIX)}
+        manifests = {key for name, key in names if name.endswith(MANIFEST_SUFFIX)}
+        return sorted(objects & manifests)
+
+    def delete(self, prefix: str) -> None:
+        names = self._names_under(prefix)
+        # Manifests first: an interrupted delete leaves objects without manifests (absent), never
+        # a manifest whose object is gone.
+        for batch in (
+            [n for n, _ in names if n.endswith(MANIFEST_SUFFIX)],
+            [n for n, _ in names if not n.endswith(MANIFEST_SUFFIX)],
+        ):
+            if batch:
+                errors = self._call(
+                    f"delete {prefix or '(all)'!r}",
+                    lambda batch=batch: list(self._client.remove_objects(self.bucket, [DeleteObject(n) for n in batch])),
+                )
+                if errors:
+                    raise StoreError(f"{self.describe()}: delete {prefix!r} failed for: {errors[0]}")
+
+    def local_path(self, key: str) -> None:
+        return None
+
+    @contextmanager
+    def open_binary(self, key: str) -> Iterator[BinaryIO]:
+        found = self.require_manifest(key)
+        name = self._name(key)
+        response = self._call(f"get {key!r}", lambda: self._client.get_object(self.bucket, name), missing=None)
+        if response is None:
+            raise StoreError(f"{self.describe()}: artifact {key!r} has a manifest but no object")
+        try:
+            with io.BufferedReader(VerifyingReader(response, found, f"{self.describe()}: {key}"), CHUNK_SIZE) as reader:
+                yield reader
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_file(self, key: str, local_path: str | Path) -> Path:
+        """Download to `local_path` atomically, verifying sha256; a dropped download is retried."""
+        found = self.require_manifest(key)
+        name = self._name(key)
+        target = Path(local_path)
+
+        def download() -> None:
+            response = self._client.get_object(self.bucket, name)
+            try:
+                reader = io.BufferedReader(VerifyingReader(response, found, f"{self.describe()}: {key}"), CHUNK_SIZE)
+                write_stream_atomically(reader, target)
+            finally:
+                response.close()
+                response.release_conn()
+
+        self._call(f"get {key!r}", download)
+        return target

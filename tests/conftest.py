@@ -1,0 +1,16 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from s3server import WeedS3
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 with enforced keys, started once per session."""
+    server = WeedS3(tmp_path_factory.mktemp("s3server"))
+    server.start()
+    yield server
+    server.stop()
