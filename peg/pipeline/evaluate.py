@@ -1,0 +1,90 @@
+"""The `eval` and `export` stages: base vs fine-tuned metrics, and the published model folder."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from peg.config import RunConfig
+from peg.data import BeirDataset
+from peg.eval import evaluate_embeddings
+from peg.eval.retrieval import EvalResult, markdown_table
+from peg.pipeline.stages import StageContext
+
+LABELS = {"base": "base", "finetuned": "fine-tuned"}
+
+
+def _evaluate(config: RunConfig, ctx: StageContext, data: BeirDataset) -> EvalResult:
+    from peg.mine.encode import encode_corpus, encode_queries
+
+    corpus = encode_corpus(config, ctx.store, data.corpus.values(), show_progress=True)
+    queries = encode_queries(config, ctx.store, data.queries, show_progress=True)
+    return evaluate_embeddings(queries.ids, queries.matrix, corpus.ids, corpus.matrix, data.qrels, k=max(config.eval.k_values))
+
+
+def finetuned_config(ctx: StageContext, model_dir: Path) -> RunConfig:
+    config = ctx.config.model_copy(deep=True)
+    config.model.name_or_path = str(model_dir)
+    return config
+
+
+def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
+    """Evaluate the base model (embeddings cached by the encode stage) and the trained one."""
+    from peg.mine.session import ray_session
+
+    data = BeirDataset.load(ctx.config.data.beir, ctx.config.data.eval_split)
+    model_dir = ctx.fetch_dir("train", "model", ctx.work_dir("eval") / "model")
+    results = {}
+    with ray_session(), tempfile.TemporaryDirectory(prefix="peg-eval-") as tmp:
+        for name, config in (("base", ctx.config), ("finetuned", finetuned_config(ctx, model_dir))):
+            result = _evaluate(config, ctx, data)
+            paths = result.write(Path(tmp) / name, title=LABELS[name])
+            for path in paths.values():
+                ctx.store.put_file(ctx.key("eval", f"{name}/{path.name}"), path, "eval", ctx.stage_hash)
+            results[LABELS[name]] = result.metrics
+    table = markdown_table(results)
+    summary = {"split": ctx.config.data.eval_split, "metrics": results}
+    ctx.store.put_bytes(ctx.key("eval", "metrics.md"), table.encode(), "eval", ctx.stage_hash)
+    ctx.store.put_bytes(ctx.key("eval", "summary.json"), json.dumps(summary, indent=2).encode(), "eval", ctx.stage_hash)
+    print(table, end="", flush=True)
+    base, tuned = results["base"]["ndcg@10"], results["fine-tuned"]["ndcg@10"]
+    print(f"nDCG@10 on {ctx.config.data.eval_split}: base {base:.4f} -> fine-tuned {tuned:.4f} ({tuned - base:+.4f})", flush=True)
+    return []
+
+
+def export_model(ctx: StageContext) -> list[str]:
+    """Publish the trained model as a sentence-transformers folder with a model card.
+
+    The folder is checked before it is published: `SentenceTransformer(folder)` must give the
+    same embeddings as peg's encoder on a sample of evaluation queries.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    from peg.model import Encoder
+
+    work = ctx.work_dir("export")
+    model_dir = ctx.fetch_dir("train", "model", work / "model")
+    data = BeirDataset.load(ctx.config.data.beir, ctx.config.data.eval_split)
+    sample = list(data.queries.values())[:16]
+    ours = Encoder(finetuned_config(ctx, model_dir).model).encode(sample, "query")
+    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=ctx.config.model.query_prefix or None)
+    if not np.allclose(ours, theirs, atol=1e-5):
+        raise RuntimeError(f"export check failed: sentence-transformers embeddings differ from peg's by {np.abs(ours - theirs).max():.2e}")
+    summary = json.loads(ctx.store.get_bytes(ctx.key("eval", "summary.json")))
+    card = model_card(ctx.config, summary)
+    (model_dir / "README.md").write_text(card)
+    return ctx.put_dir("export", "model", model_dir)
+
+
+def model_card(config: RunConfig, summary: dict) -> str:
+    return (
+        f"# {config.name}\n\n"
+        f"Fine-tuned from `{config.model.name_or_path}` with peg (loss: {config.loss.kind}, "
+        f"progressive: {config.loss.progressive.enabled}).\n\n"
+        "```python\nfrom sentence_transformers import SentenceTransformer\n"
+        "model = SentenceTransformer(\"path/to/this/folder\")\n```\n\n"
+        f"## Evaluation ({summary['split']} split)\n\n" + markdown_table(summary["metrics"])
+    )

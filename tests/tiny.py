@@ -1,0 +1,60 @@
+"""Small, deterministic test assets: a tiny BERT folder and a tiny BEIR dataset."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from peg.model import resolve_model_path
+
+TOPICS = {
+    "astronomy": "star planet orbit galaxy telescope comet moon solar nebula",
+    "cooking": "bread oven flour butter recipe sugar bake dough spice",
+    "finance": "bank loan interest market stock bond credit budget tax",
+    "medicine": "patient doctor vaccine disease clinic therapy dose virus",
+    "sports": "football goal team match player coach league score referee",
+    "music": "guitar song piano melody rhythm concert band chord singer",
+}
+
+
+def make_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved as a transformers folder."""
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_beir(path: Path, passages_per_topic: int = 10, seed: int = 0) -> Path:
+    """Topic passages; each query asks about one passage's rare words; train and test qrels."""
+    rng = random.Random(seed)
+    corpus, queries, qrels = [], [], {"train": [], "test": []}
+    for topic, words in TOPICS.items():
+        vocab = words.split()
+        for i in range(passages_per_topic):
+            pid = f"{topic}-{i}"
+            picked = rng.sample(vocab, 5)
+            corpus.append({"_id": pid, "title": f"{topic} {i}", "text": " ".join(picked + rng.sample(vocab, 4))})
+            qid = f"q-{pid}"
+            queries.append({"_id": qid, "text": f"what about {picked[0]} and {picked[1]} in {topic}?"})
+            qrels["train" if i < passages_per_topic * 0.7 else "test"].append((qid, pid))
+    (path / "qrels").mkdir(parents=True)
+    (path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (path / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    for split, pairs in qrels.items():
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{p}\t1" for q, p in pairs]
+        (path / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return path
