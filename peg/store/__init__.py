@@ -18,7 +18,7 @@ def open_store(config: StoreConfig) -> ArtifactStore:
     if uri.startswith("s3://"):
         from peg.store.s3 import S3Store  # the minio client is only imported when S3 is used
 
-        return S3Store.from_config(config)
+        return S3Store(config)
     if "://" in uri:
         raise StoreError(f"store.uri {uri!r}: unsupported scheme (use a local directory or s3://bucket/prefix)")
     return LocalStore(uri)

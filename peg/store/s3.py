@@ -127,38 +127,27 @@ def is_unreachable(error: BaseException) -> bool:
 
 
 class S3Store(ArtifactStore):
-    """Artifacts in `bucket` under `prefix`; see the module docstring for the guarantees."""
+    """Artifacts in the bucket and under the prefix of `config.uri`; see the module docstring.
 
-    def __init__(
-        self,
-        client: Minio,
-        bucket: str,
-        prefix: str,
-        where: str,
-        credential_hint: str,
-        max_attempts: int = 5,
-        backoff_seconds: float = 0.5,
-        part_size: int = 64 << 20,
-    ):
-        self._client = client
-        self.bucket = bucket
-        self.prefix = prefix
-        self._where = where
-        self._credential_hint = credential_hint
-        self.max_attempts = max_attempts
-        self.backoff_seconds = backoff_seconds
-        self.part_size = part_size
+    Opening checks the bucket with one request (fails fast). A store pickles as its config, so it
+    can be handed to Ray workers; each unpickled copy builds its own client and checks again.
+    """
 
-    @classmethod
-    def from_config(cls, config: StoreConfig) -> S3Store:
-        """Build the client from `config` (credentials from env/secret file) and check the bucket."""
-        bucket, prefix = parse_s3_uri(config.uri)
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self.bucket, self.prefix = parse_s3_uri(config.uri)
         if not config.endpoint:
             raise StoreError(f"store.endpoint is required for {config.uri} (e.g. s3.amazonaws.com or minio:9000)")
         if "://" in config.endpoint:
             raise StoreError(f"store.endpoint {config.endpoint!r}: give host:port only; store.secure selects TLS")
         scheme = "https" if config.secure else "http"
-        where = f"S3 store {scheme}://{config.endpoint} bucket {bucket!r}"
+        self._where = f"S3 store {scheme}://{config.endpoint} bucket {self.bucket!r}"
+        self._credential_hint = f"${config.access_key_env}/${config.secret_key_env}" + (
+            f" or {config.credentials_file}" if config.credentials_file else ""
+        )
+        self.max_attempts = config.max_attempts
+        self.backoff_seconds = config.backoff_seconds
+        self.part_size = config.part_size_mib << 20
         access_key, secret_key = load_credentials(config)
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout),
@@ -167,7 +156,7 @@ class S3Store(ArtifactStore):
             cert_reqs="CERT_REQUIRED",
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
-        client = Minio(
+        self._client = Minio(
             config.endpoint,
             access_key=access_key,
             secret_key=secret_key,
@@ -175,21 +164,10 @@ class S3Store(ArtifactStore):
             region=config.region,
             http_client=http,
         )
-        hint = f"${config.access_key_env}/${config.secret_key_env}" + (
-            f" or {config.credentials_file}" if config.credentials_file else ""
-        )
-        store = cls(
-            client,
-            bucket,
-            prefix,
-            where,
-            hint,
-            max_attempts=config.max_attempts,
-            backoff_seconds=config.backoff_seconds,
-            part_size=config.part_size_mib << 20,
-        )
-        store.check_bucket()
-        return store
+        self.check_bucket()
+
+    def __reduce__(self):
+        return (S3Store, (self.config,))
 
     def describe(self) -> str:
         return self._where + (f" prefix {self.prefix!r}" if self.prefix else "")
@@ -241,7 +219,8 @@ class S3Store(ArtifactStore):
         `what` for everything else.
         """
         delay = self.backoff_seconds
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 1
+        while True:
             try:
                 return fn()
             except StoreError:
@@ -251,14 +230,14 @@ class S3Store(ArtifactStore):
                     return missing  # type: ignore[return-value]
                 if not is_transient(e) or (is_unreachable(e) and not retry_unreachable):
                     raise StoreError(f"{self.describe()}: {what} failed: {self._explain(e)}") from e
-                if attempt == self.max_attempts:
+                if attempt >= self.max_attempts:
                     raise StoreError(
                         f"{self.describe()}: {what} failed after {attempt} attempts: {self._explain(e)}"
                     ) from e
                 log.warning("%s: %s: %s; retrying in %.1f s", self.describe(), what, self._explain(e), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
-        raise AssertionError("unreachable")
+                attempt += 1
 
     # --- the interface -----------------------------------------------------------------------
 
