@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 import urllib3
@@ -367,3 +368,27 @@ def test_client_killed_mid_upload_leaves_no_object(store, s3_server, bucket, tmp
     data = write_random(tmp_path / "big.bin", 11 << 20)  # a rerun of the stage puts it cleanly
     store.put_file("big/model.bin", tmp_path / "big.bin", producer="train")
     assert store.get_bytes("big/model.bin") == data
+
+
+def test_large_transfers_show_byte_progress(store, monkeypatch, tmp_path):
+    bars = []
+
+    @contextmanager
+    def recording_bar(total, description, enabled=True, unit="it"):
+        done = []
+        bars.append((description, total, enabled, unit, done))
+        yield done.append
+
+    monkeypatch.setattr("peg.store.s3.progress_bar", recording_bar)
+    monkeypatch.setattr("peg.store.s3.PROGRESS_MIN_BYTES", 6 << 20)
+    write_random(tmp_path / "big.bin", 7 << 20)
+    store.put_file("run/x/big", tmp_path / "big.bin", producer="x")
+    store.get_file("run/x/big", tmp_path / "back.bin")
+    (tmp_path / "small").write_bytes(b"s")
+    store.put_file("run/x/small", tmp_path / "small", producer="x")
+    summary = [(d, t, e, u, sum(done)) for d, t, e, u, done in bars]
+    assert summary == [
+        ("upload run/x/big", 7 << 20, True, "B", 7 << 20),
+        ("download run/x/big", 7 << 20, True, "B", 7 << 20),
+        ("upload run/x/small", 1, False, "B", 1),
+    ]

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,10 +102,14 @@ def hash_file(path: Path) -> tuple[int, str]:
 
 
 class VerifyingReader(io.RawIOBase):
-    """Pass bytes through from `source`, hashing them; at end of stream, check size and sha256."""
+    """Pass bytes through from `source`, hashing them; at end of stream, check size and sha256.
 
-    def __init__(self, source: BinaryIO, manifest: Manifest, where: str):
+    `advance(n)` is called with each chunk's size (a progress bar).
+    """
+
+    def __init__(self, source: BinaryIO, manifest: Manifest, where: str, advance: Callable[[int], None] | None = None):
         self._source = source
+        self._advance = advance
         self._manifest = manifest
         self._where = where
         self._digest = hashlib.sha256()
@@ -124,6 +128,8 @@ class VerifyingReader(io.RawIOBase):
         buffer[:n] = data
         self._digest.update(data)
         self._size += n
+        if self._advance:
+            self._advance(n)
         if self._size > self._manifest.size:
             self._check()
         return n

@@ -26,6 +26,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from peg.config import StoreConfig
+from peg.progress import progress_bar
 from peg.store.base import (
     CHUNK_SIZE,
     MANIFEST_SUFFIX,
@@ -56,7 +57,21 @@ TRANSIENT_CODES = {
     "RequestTimeout",
     "XMinioServerNotInitialized",
 }
+PROGRESS_MIN_BYTES = 256 << 20  # uploads and downloads at least this large show a progress bar
 _MISSING = object()
+
+
+class _MinioProgress:
+    """The progress object minio's uploads report to (`set_meta`, `update`), feeding a progress bar."""
+
+    def __init__(self, advance: Callable[[int], None]):
+        self._advance = advance
+
+    def set_meta(self, object_name: str, total_length: int) -> None:
+        pass
+
+    def update(self, size: int) -> None:
+        self._advance(size)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -252,10 +267,14 @@ class S3Store(ArtifactStore):
         data = manifest.to_json()
         # The old manifest goes first, so while the object is replaced the key reads as absent.
         self._call(f"put {key!r}", lambda: self._client.remove_object(self.bucket, name + MANIFEST_SUFFIX))
-        self._call(
-            f"put {key!r}",
-            lambda: self._client.fput_object(self.bucket, name, str(source), part_size=self.part_size),
-        )
+
+        def upload() -> None:
+            with progress_bar(size, f"upload {key}", enabled=size >= PROGRESS_MIN_BYTES, unit="B") as advance:
+                self._client.fput_object(
+                    self.bucket, name, str(source), part_size=self.part_size, progress=_MinioProgress(advance)
+                )
+
+        self._call(f"put {key!r}", upload)
         self._call(
             f"put the manifest of {key!r}",
             lambda: self._client.put_object(
@@ -356,9 +375,11 @@ class S3Store(ArtifactStore):
 
         def download() -> None:
             response = self._client.get_object(self.bucket, name)
+            enabled = found.size >= PROGRESS_MIN_BYTES
             try:
-                reader = io.BufferedReader(VerifyingReader(response, found, f"{self.describe()}: {key}"), CHUNK_SIZE)
-                write_stream_atomically(reader, target)
+                with progress_bar(found.size, f"download {key}", enabled=enabled, unit="B") as advance:
+                    verifying = VerifyingReader(response, found, f"{self.describe()}: {key}", advance)
+                    write_stream_atomically(io.BufferedReader(verifying, CHUNK_SIZE), target)
             finally:
                 response.close()
                 response.release_conn()
