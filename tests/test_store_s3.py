@@ -264,7 +264,7 @@ def test_credentials_from_an_env_file(tmp_path, monkeypatch):
     monkeypatch.delenv(AK_ENV, raising=False)
     monkeypatch.delenv(SK_ENV, raising=False)
     env_file = tmp_path / "s3.env"
-    env_file.write_text(f"# peg S3\n{AK_ENV}=AK1\n{SK_ENV}='SK1'\n")
+    env_file.write_text(f"# peg S3\n{AK_ENV}=AK1\nexport {SK_ENV}='SK1'\n")
     config = StoreConfig(uri="s3://b", endpoint="h:1", access_key_env=AK_ENV, secret_key_env=SK_ENV,
                          credentials_file=str(env_file))  # fmt: skip
     assert load_credentials(config) == ("AK1", "SK1")

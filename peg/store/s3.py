@@ -90,7 +90,8 @@ def load_credentials(config: StoreConfig) -> tuple[str, str]:
     """(access key, secret key) from the environment, else from `credentials_file`.
 
     `credentials_file` is either a directory (a mounted Kubernetes Secret: one file per key, named
-    like the environment variables) or an env-style file of `NAME=value` lines with those names.
+    like the environment variables) or an env-style file of `NAME=value` lines (`export NAME=value`
+    and quoted values work too) with those names.
     """
     names = (config.access_key_env, config.secret_key_env)
     values = [os.environ.get(name, "") for name in names]
@@ -112,7 +113,7 @@ def load_credentials(config: StoreConfig) -> tuple[str, str]:
                 raise StoreError(f"store.credentials_file {path}: cannot read: {e.strerror}") from None
             found = {}
             for line in text.splitlines():
-                name, sep, value = line.strip().partition("=")
+                name, sep, value = line.strip().removeprefix("export ").partition("=")
                 if sep and not name.startswith("#"):
                     found[name.strip()] = value.strip().strip("'\"")
         missing = [name for name in names if not found.get(name)]
@@ -221,8 +222,6 @@ class S3Store(ArtifactStore):
             return f"{error.code}: {error.message}"
         if is_unreachable(error):
             return f"cannot reach the endpoint ({getattr(error, 'reason', None) or error})"
-        if isinstance(error, urllib3.exceptions.MaxRetryError):
-            return f"cannot reach the endpoint ({error.reason})"
         if isinstance(error, urllib3.exceptions.ProtocolError):
             return f"connection lost ({error})"
         return f"{type(error).__name__}: {error}"
