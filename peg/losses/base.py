@@ -9,7 +9,8 @@ occur: targets are derived from the one layout above by `positive_columns`.)
 
 Scores are dot products of the embeddings: cosine similarities when they are L2-normalised
 (the encoder's default). Losses compute in float32 (or float64 where stated) whatever the
-embeddings' dtype.
+embeddings' dtype
+(float64 input stays float64).
 
 Duplicates: identical passage texts in the global batch are silent false negatives. Pass
 `passage_ids` (int64 [num local passages], equal ids <=> identical text, e.g. from
@@ -76,6 +77,11 @@ def duplicate_mask(passage_ids: torch.Tensor, targets: torch.Tensor, num_passage
     return same
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision embeddings as float32; float32/float64 unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 class EmbeddingLoss(torch.nn.Module, ABC):
     """Base of peg's losses: `forward` gathers, `compute_loss_from_embeddings` is the math.
 
@@ -101,7 +107,7 @@ class EmbeddingLoss(torch.nn.Module, ABC):
         self.step, self.total_steps = step, total_steps
 
     def forward(self, q_emb: torch.Tensor, p_emb: torch.Tensor, **extra) -> torch.Tensor:
-        q_emb, p_emb = q_emb.float(), p_emb.float()
+        q_emb, p_emb = at_least_float32(q_emb), at_least_float32(p_emb)
         rank, size = world()
         if size == 1:
             return self.compute_loss_from_embeddings(q_emb, p_emb, **extra)

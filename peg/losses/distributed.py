@@ -1,8 +1,8 @@
 """Gathering across data-parallel ranks for the losses.
 
 peg's convention (methods.md section 1, "loss scale under gathering"): passages are gathered
-WITH autograd (`torch.distributed.nn.functional.all_gather`, whose backward sums each rank's
-gradient into the passages' owner) and every rank scores only its LOCAL queries against ALL
+WITH autograd (`gather_with_grad`, whose backward sums every rank's gradient into the
+passages' owner) and every rank scores only its LOCAL queries against ALL
 passages, averaging over its local queries. Data-parallel gradient averaging (DDP, DeepSpeed)
 then yields exactly the gradient of the mean loss over all W x B/W queries, i.e. the gradient
 one rank would get with the whole batch. No extra factor W is needed.
@@ -37,14 +37,33 @@ def check_same_sizes(num_queries: int, num_passages: int) -> None:
         )
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows (all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, size = world()
+        ctx.rows = slice(rank * tensor.size(0), (rank + 1) * tensor.size(0))
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from all ranks in rank order; gradients flow back to each owner."""
+    """Concatenate `tensor` from all ranks in rank order; gradients flow back to each owner.
+
+    Every rank must hold the same number of rows and must call backward (collective).
+    """
     _, size = world()
     if size == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def gather_detached(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,305 @@
+"""Losses: exact formulas against naive references, masking, schedules, and 2 ranks == 1 rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peg.config import LossConfig, ProgressiveConfig
+from peg.losses import (
+    InfoNCELoss,
+    ListwiseDistillationLoss,
+    ProgressiveInfoNCELoss,
+    build_loss,
+    passage_ids_from_texts,
+    positive_columns,
+    schedule_fraction,
+    self_paced_weights,
+)
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+sys.path.insert(0, str(SCRIPTS))
+from losses_cases import PER_QUERY, QUERIES, ToyEncoder, global_batch, loss_extra, make_losses  # noqa: E402
+
+
+def embeddings(num_queries: int = 3, hard_negatives: int = 2, dim: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(num_queries, dim, generator=g, dtype=torch.float64), dim=-1)
+    p = F.normalize(torch.randn(num_queries * (1 + hard_negatives), dim, generator=g, dtype=torch.float64), dim=-1)
+    return q.requires_grad_(), p.requires_grad_()
+
+
+def labelled_passages(num_queries: int, hard_negatives: int) -> list[tuple[str, int]]:
+    """The batch layout spelled out: ('pos', i), ('neg', i), ... per query."""
+    return [(kind, i) for i in range(num_queries) for kind in ["pos"] + ["neg"] * hard_negatives]
+
+
+def naive_infonce(q, p, tau, labels, queries=None, masked=frozenset(), hardness=0.0):
+    """-log softmax at the positive, written out per query; `masked` holds (query, column) pairs."""
+    total = []
+    for i in queries if queries is not None else range(q.size(0)):
+        target = labels.index(("pos", i))
+        logits = []
+        for j in range(p.size(0)):
+            s = q[i] @ p[j]
+            extra = hardness * s.detach() / tau if j != target else 0.0
+            logits.append(s / tau + extra if (i, j) not in masked else torch.tensor(float("-inf"), dtype=q.dtype))
+        total.append(-(logits[target] - torch.logsumexp(torch.stack(logits), dim=0)))
+    return torch.stack(total)
+
+
+def grads_of(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_infonce_equals_per_query_reference_with_several_hard_negatives():
+    q, p = embeddings(num_queries=3, hard_negatives=2)
+    loss = InfoNCELoss(temperature=0.05)(q, p)
+    reference = naive_infonce(q, p, 0.05, labelled_passages(3, 2)).mean()
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(grads_of(loss, q, p), grads_of(reference, q, p), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_positive_columns_follow_the_per_query_layout_with_an_offset():
+    labels = labelled_passages(6, 3)
+    want = [labels.index(("pos", i)) for i in range(3, 6)]  # rank 1 of 2, 3 queries each
+    assert positive_columns(3, 4, query_offset=3).tolist() == want
+
+
+def test_duplicate_of_a_positive_is_masked_only_with_passage_ids():
+    q, p = embeddings(num_queries=2, hard_negatives=2)
+    with torch.no_grad():
+        p[1] = p[3]  # query 0's hard negative is query 1's positive text ...
+    texts = ["a", "b", "c", "b", "d", "e"]  # ... and it is in the texts too
+    ids = passage_ids_from_texts(texts)
+    labels = labelled_passages(2, 2)
+    masked_loss = InfoNCELoss(0.05)(q, p, passage_ids=ids)
+    # query 1 loses column 1 (a copy of its positive); query 0 keeps it (a true negative for it)
+    torch.testing.assert_close(masked_loss, naive_infonce(q, p, 0.05, labels, masked={(1, 1)}).mean())
+    plain = InfoNCELoss(0.05)(q, p)
+    torch.testing.assert_close(plain, naive_infonce(q, p, 0.05, labels).mean())
+    assert not torch.allclose(masked_loss, plain)
+
+
+def test_passage_ids_are_equal_exactly_for_equal_texts_and_stable_across_processes():
+    ids = passage_ids_from_texts(["x", "y", "x"])
+    assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1]
+    code = "from peg.losses import passage_ids_from_texts as f; print(f(['x', 'y']).tolist())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert other.stdout.strip() == str(ids[:2].tolist())
+
+
+def test_bad_shapes_are_clear_errors():
+    q, p = embeddings(num_queries=3, hard_negatives=2)
+    with pytest.raises(ValueError, match="do not split into 3 queries"):
+        InfoNCELoss()(q, p[:-1])
+    with pytest.raises(ValueError, match=r"passage_ids must have shape \[9\]"):
+        InfoNCELoss()(q, p, passage_ids=torch.arange(8))
+
+
+def test_progressive_switched_off_is_plain_infonce_bit_for_bit():
+    q, p = embeddings(num_queries=4, hard_negatives=3)
+    ids = torch.arange(16)
+    plain = InfoNCELoss(0.02)(q, p, passage_ids=ids)
+    off = ProgressiveInfoNCELoss(0.02, beta_start=0.0, beta_end=0.0, self_paced=False)
+    off.set_progress(7, 10)
+    progressive = off(q, p, passage_ids=ids)
+    assert torch.equal(progressive, plain)
+    for got, want in zip(grads_of(progressive, q, p), grads_of(plain, q, p), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_progressive_at_full_pace_and_zero_beta_equals_infonce():
+    q, p = embeddings(num_queries=5, hard_negatives=2)
+    loss = ProgressiveInfoNCELoss(0.05, beta_start=-1.0, beta_end=0.0, self_paced=True, pace_start=0.2)
+    loss.set_progress(9, 10)  # last step: beta = 0, pace = 1
+    value = loss(q, p)
+    assert loss.last_stats["beta"] == 0.0 and loss.last_stats["pace"] == 1.0
+    torch.testing.assert_close(value, InfoNCELoss(0.05)(q, p))
+
+
+def test_progressive_negative_hardness_matches_its_formula():
+    q, p = embeddings(num_queries=3, hard_negatives=2)
+    loss = ProgressiveInfoNCELoss(0.05, beta_start=-0.5, beta_end=1.5, self_paced=False)
+    loss.set_progress(3, 5)  # linear: -0.5 + 2.0 * 3/4
+    assert loss.beta() == pytest.approx(1.0)
+    value = loss(q, p)
+    reference = naive_infonce(q, p, 0.05, labelled_passages(3, 2), hardness=1.0).mean()
+    torch.testing.assert_close(value, reference)
+    for got, want in zip(grads_of(value, q, p), grads_of(reference, q, p), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_negative_beta_shifts_gradient_away_from_the_hardest_negative():
+    q, p = embeddings(num_queries=1, hard_negatives=4, seed=3)
+    scores = (q @ p.T).detach()[0]
+    hardest = 1 + int(scores[1:].argmax())
+    easiest = 1 + int(scores[1:].argmin())
+
+    def share(beta):
+        loss = ProgressiveInfoNCELoss(0.05, beta_start=beta, beta_end=beta, self_paced=False)
+        (grad_p,) = torch.autograd.grad(loss(q, p), p)
+        norms = grad_p.norm(dim=-1)
+        return norms[hardest] / norms[easiest]
+
+    assert share(-0.5) < share(0.0) < share(1.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "step", "total", "want"),
+    [
+        ("linear", 0, 11, 0.0), ("linear", 5, 11, 0.5), ("linear", 10, 11, 1.0), ("linear", 20, 11, 1.0),
+        ("cosine", 0, 5, 0.0), ("cosine", 1, 5, (1 - math.cos(math.pi / 4)) / 2), ("cosine", 2, 5, 0.5),
+        ("cosine", 4, 5, 1.0),
+        ("step", 0, 13, 0.0), ("step", 2, 13, 0.0), ("step", 3, 13, 1 / 3), ("step", 6, 13, 2 / 3),
+        ("step", 9, 13, 1.0), ("step", 12, 13, 1.0),
+    ],
+)
+def test_schedule_values_at_known_steps(kind, step, total, want):
+    assert schedule_fraction(kind, step, total, stages=4) == pytest.approx(want, abs=1e-12)
+
+
+def test_beta_and_pace_follow_the_schedule():
+    loss = ProgressiveInfoNCELoss(beta_start=-0.5, beta_end=1.0, schedule="linear", pace_start=0.4)
+    assert (loss.beta(), loss.pace()) == (-0.5, 0.4)  # before set_progress: step 0
+    loss.set_progress(5, 11)
+    assert loss.beta() == pytest.approx(0.25) and loss.pace() == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="total_steps >= 1"):
+        loss.set_progress(0, 0)
+
+
+def test_self_paced_weights_have_mean_one_and_favour_easy_queries():
+    losses = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 5
+    for pace in (0.1, 0.5, 0.9):
+        w = self_paced_weights(losses, pace, sharpness=2.0)
+        torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+        order = losses.argsort()
+        assert (w[order][1:] <= w[order][:-1] + 1e-6).all()  # non-increasing in the loss
+        easy = losses <= torch.quantile(losses, pace)
+        torch.testing.assert_close(w[easy], torch.full_like(w[easy], float(w.max())))
+        assert w.min() < w.max()
+    assert torch.equal(self_paced_weights(losses, 1.0, 2.0), torch.ones(64))
+
+
+def test_progressive_logs_beta_and_weight_statistics():
+    q, p = embeddings(num_queries=8, hard_negatives=1)
+    loss = ProgressiveInfoNCELoss(0.05, beta_start=-0.5, beta_end=1.0, pace_start=0.3)
+    loss.set_progress(2, 10)
+    loss(q, p)
+    stats = loss.last_stats
+    assert set(stats) >= {"beta", "pace", "threshold", "weight_mean", "weight_min", "weight_max", "weight_std", "loss"}
+    assert stats["weight_mean"] == pytest.approx(1.0) and stats["weight_min"] < 1.0 < stats["weight_max"]
+    assert stats["beta"] == pytest.approx(-0.5 + 1.5 * 2 / 9)
+
+
+def naive_listwise(q, p, teacher, list_size, tau_t=0.3, tau_s=0.05, tau_nce=0.01, weight=0.1, ratio=0.6):
+    labels = labelled_passages(q.size(0), list_size - 1)
+    kl, masked = [], set()
+    for i in range(q.size(0)):
+        t = teacher[i].double()
+        t = (t - t.min()) / (t.max() - t.min())
+        s = torch.stack([q[i] @ p[i * list_size + j] for j in range(list_size)]).double()
+        pt, ps = torch.softmax(t / tau_t, 0), torch.softmax(s / tau_s, 0)
+        kl.append((pt * (pt.log() - ps.log())).sum())
+        masked |= {(i, i * list_size + j) for j in range(1, list_size) if t[j] > ratio * t.max()}
+    nce = naive_infonce(q, p, tau_nce, labels, masked=masked).mean()
+    kl = torch.stack(kl).mean()
+    return kl + weight * nce, kl.detach(), nce.detach()
+
+
+def test_listwise_equals_its_formula_with_the_false_negative_mask():
+    q, p = embeddings(num_queries=3, hard_negatives=3)
+    teacher = torch.tensor([[5.0, 1.0, 4.5, 0.0], [2.0, 1.0, 0.5, 0.2], [0.9, 0.95, 0.1, 0.3]])
+    loss_fn = ListwiseDistillationLoss()
+    value = loss_fn(q, p, teacher_scores=teacher)
+    reference, kl, nce = naive_listwise(q, p, teacher, 4)
+    torch.testing.assert_close(value, reference)
+    assert loss_fn.last_stats["kl"] == pytest.approx(float(kl)) and loss_fn.last_stats["nce"] == pytest.approx(float(nce))
+    assert loss_fn.last_stats["masked_false_negatives"] == pytest.approx(2 / 3)  # (0, 2) and (2, 1)
+    for got, want in zip(grads_of(value, q, p), grads_of(reference, q, p), strict=True):
+        torch.testing.assert_close(got, want)
+    unmasked = naive_listwise(q, p, teacher, 4, ratio=1.0)[2]
+    assert not torch.allclose(nce, unmasked)
+
+
+def test_listwise_without_or_with_misaligned_teacher_scores_is_a_clear_error():
+    q, p = embeddings(num_queries=2, hard_negatives=2)
+    with pytest.raises(ValueError, match="needs teacher_scores"):
+        ListwiseDistillationLoss()(q, p)
+    with pytest.raises(ValueError, match=r"teacher_scores must have shape \[2, 3\]"):
+        ListwiseDistillationLoss()(q, p, teacher_scores=torch.rand(2, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        ListwiseDistillationLoss()(q, p, teacher_scores=torch.tensor([[1.0, float("nan"), 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_build_loss_from_config():
+    assert type(build_loss(LossConfig())) is InfoNCELoss
+    progressive = build_loss(LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, schedule="step", stages=3)))
+    assert isinstance(progressive, ProgressiveInfoNCELoss)
+    assert (progressive.temperature, progressive.schedule, progressive.stages) == (0.02, "step", 3)
+    listwise = build_loss(LossConfig(kind="listwise"))
+    assert isinstance(listwise, ListwiseDistillationLoss) and listwise.nce_temperature == 0.01
+
+
+def one_rank_reference(name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    batch = global_batch()
+    model = ToyEncoder()
+    loss = make_losses()[name](model(batch["q"]), model(batch["p"]), **loss_extra(name, batch))
+    loss.backward()
+    return {n: prm.grad for n, prm in model.named_parameters()}, loss.detach()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks") / "results.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         str(SCRIPTS / "losses_ranks.py"), str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise"])
+def test_two_ranks_with_half_batches_give_the_one_rank_gradient(two_rank_results, name):
+    want, full_loss = one_rank_reference(name)
+    got = two_rank_results[name]["grads"]
+    for pname, grad in want.items():
+        torch.testing.assert_close(got[pname], grad, rtol=1e-5, atol=1e-6)
+    # the mean of the per-rank losses is the full-batch loss
+    torch.testing.assert_close(two_rank_results[name]["rank_losses"].mean(), full_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_each_rank_targets_its_own_positives_among_gathered_passages(two_rank_results):
+    """2 ranks x 4 queries x 2 hard negatives: each rank's loss equals the spelled-out reference."""
+    batch = global_batch()
+    model = ToyEncoder()
+    with torch.no_grad():
+        q, p = model(batch["q"]), model(batch["p"])
+    labels = labelled_passages(QUERIES, PER_QUERY - 1)
+    # query 5's first negative is a copy of query 1's positive: masked for query 1 only
+    masked = {(1, 5 * PER_QUERY + 1)}
+    for rank in range(2):
+        queries = range(rank * 4, rank * 4 + 4)
+        want = naive_infonce(q, p, 0.05, labels, queries=queries, masked=masked).mean()
+        torch.testing.assert_close(two_rank_results["infonce"]["rank_losses"][rank], want, rtol=1e-5, atol=1e-6)
+
+
+def test_progressive_weights_are_global_across_ranks(two_rank_results):
+    stats = two_rank_results["progressive"]["stats"]
+    assert stats["weight_mean"] == pytest.approx(1.0) and stats["weight_min"] < stats["weight_max"]
+
+
+def test_a_batch_that_does_not_divide_across_ranks_is_a_clear_error(two_rank_results):
+    assert "same number of queries and passages" in two_rank_results["uneven_error"]
+    assert "[(4, 12), (3, 9)]" in two_rank_results["uneven_error"]
