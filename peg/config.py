@@ -109,14 +109,29 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     checkpoint_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     log_every: int = Field(1, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (transformers' non-reentrant checkpointing)."
+    )
+
+    @model_validator(mode="after")
+    def _check_zero3_options(self) -> TrainConfig:
+        if self.zero_stage == 3 and self.gradient_checkpointing:
+            raise ValueError(
+                "train.gradient_checkpointing is not supported with train.zero_stage 3 (ZeRO-3 needs "
+                "DeepSpeed's own activation checkpointing); bound activation memory with batch.chunk_size "
+                "(GradCache) instead"
+            )
+        return self
 
 
 class EncodeConfig(Section):
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1, description="Ray encoder actors.")
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per encoder actor (fractional on small machines).")
-    actor_gpus: float = Field(0.0, ge=0)
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (1 on a GPU node).")
+    shard_size: int = Field(50000, ge=1, description="Embeddings per stored shard file.")
 
 
 class MiningConfig(Section):
@@ -129,6 +144,23 @@ class MiningConfig(Section):
     rank_window: tuple[int, int] = Field((10, 210), description="rank_window: [start, end) ranks to sample from.")
     absolute_margin: float | None = Field(None, description="Drop n if s(q,n) > min s(q,pos) - margin.")
     max_score: float | None = Field(None, description="Drop n if s(q,n) > max_score.")
+    seed: int = Field(0, description="Seed of rank-window sampling (per query, independent of sharding).")
+    query_shard_size: int = Field(1000, ge=1, description="Queries per resumable mining shard.")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per search actor and per mining task.")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per search actor (faiss GPU index when > 0).")
+    ivf_nlist: int = Field(1024, ge=1, description="IVF lists per shard (capped at shard size / 39).")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query.")
+    hnsw_m: int = Field(32, ge=2, description="HNSW neighbours per node.")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
+
+    @model_validator(mode="after")
+    def _check_window(self) -> MiningConfig:
+        start, end = self.rank_window
+        if not 0 <= start < end:
+            raise ValueError(f"rank_window must be [start, end) with 0 <= start < end, got {list(self.rank_window)}")
+        if self.selection == "rank_window" and self.top_k < end:
+            raise ValueError(f"top_k ({self.top_k}) must be >= the rank_window end ({end})")
+        return self
 
 
 class LLMConfig(Section):

@@ -1,0 +1,282 @@
+"""Corpus and query encoding on Ray Data, cached in the artifact store by model + data hash.
+
+Texts are sorted by length (longest first, within each stored shard) so every batch pads to
+similar lengths, then streamed through a pool of encoder actors (`map_batches` with a callable
+class). Embeddings are stored in shards of `encode.shard_size` rows, each an `.npz` holding
+`ids` and `embeddings`, under
+
+    <run name>/encode/<kind>-<cache key>/shard-NNNNN.npz
+    <run name>/encode/<kind>-<cache key>/index.json      (written last: the set is complete)
+
+The cache key hashes the model's identity (the sha256 of its config, tokenizer and weight
+files), the pooling / normalisation / prefix / max-length settings for this kind of text and the
+(id, text) sequence. A second call with the same inputs reads the shards and runs no model;
+an interrupted call re-encodes only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import ray
+
+from peg.config import ModelConfig, RunConfig
+from peg.data import DataError, Passage, iter_corpus
+from peg.mine.session import ray_session
+from peg.model import Encoder, resolve_model_path
+from peg.progress import progress_bar
+from peg.store import ArtifactStore
+
+Kind = Literal["query", "passage"]
+
+# Files that define a model's behaviour; anything else in its folder (README, ONNX exports) is not hashed.
+_MODEL_FILE_SUFFIXES = {".json", ".txt", ".model", ".safetensors", ".bin", ".py"}
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings `matrix[i]` (float32) of the text with id `ids[i]`; `key` is its store folder."""
+
+    ids: list[str]
+    matrix: np.ndarray
+    key: str
+
+    def rows(self) -> dict[str, int]:
+        """id -> row index."""
+        return {pid: i for i, pid in enumerate(self.ids)}
+
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _file_digests:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _file_digests[cache_key] = h.hexdigest()
+    return _file_digests[cache_key]
+
+
+def model_identity(model: ModelConfig) -> str:
+    """sha256 over the model folder's config, tokenizer and weight files (or the hub id if not local)."""
+    path = Path(resolve_model_path(model.name_or_path))
+    h = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES)
+        for f in files:
+            h.update(f"{f.relative_to(path).as_posix()}\0{_file_sha256(f)}\n".encode())
+    else:
+        h.update(f"hub:{model.name_or_path}".encode())
+    return h.hexdigest()
+
+
+def encoding_settings(model: ModelConfig, kind: Kind) -> dict:
+    """The model settings that change a `kind` text's embedding."""
+    return {
+        "kind": kind,
+        "pooling": model.pooling,
+        "normalize": model.normalize,
+        "prefix": model.query_prefix if kind == "query" else model.passage_prefix,
+        "max_length": model.query_max_length if kind == "query" else model.passage_max_length,
+    }
+
+
+def data_digest(ids: Sequence[str], texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for pid, text in zip(ids, texts, strict=True):
+        h.update(pid.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cache_key(model: ModelConfig, kind: Kind, ids: Sequence[str], texts: Sequence[str]) -> str:
+    payload = json.dumps(
+        {"model": model_identity(model), "settings": encoding_settings(model, kind), "data": data_digest(ids, texts)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class _EncoderActor:
+    """Ray Data callable class: one model per actor, batches of {row, text} -> {row, embedding}."""
+
+    def __init__(self, model: dict, kind: Kind, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.kind = kind
+        self.encoder = Encoder(ModelConfig(**model))
+        if torch.cuda.is_available():
+            self.encoder.to("cuda")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["text"]]
+        embeddings = self.encoder.encode(texts, self.kind, batch_size=max(1, len(texts)))
+        return {"row": batch["row"], "embedding": embeddings}
+
+
+def _shard_key(folder: str, shard: int) -> str:
+    return f"{folder}/shard-{shard:05d}.npz"
+
+
+def _read_shard(store: ArtifactStore, key: str, tmp: Path) -> tuple[list[str], np.ndarray]:
+    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
+    with np.load(path, allow_pickle=False) as data:
+        return [str(i) for i in data["ids"]], np.asarray(data["embeddings"], dtype=np.float32)
+
+
+def _put_json(store: ArtifactStore, key: str, obj: dict, tmp: Path, config_hash: str) -> None:
+    path = tmp / Path(key).name
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    store.put_file(key, path, producer="encode", config_hash=config_hash)
+
+
+def encode_texts(
+    config: RunConfig,
+    store: ArtifactStore,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    kind: Kind,
+    show_progress: bool = False,
+) -> EmbeddingSet:
+    """Embed `texts` (ids aligned) with `config.model` on Ray actors, or read them from the cache."""
+    ids, texts = list(ids), list(texts)
+    if len(ids) != len(texts):
+        raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate {kind} ids")
+    digest = cache_key(config.model, kind, ids, texts)
+    folder = f"{config.name}/encode/{kind}-{digest}"
+    index_key = f"{folder}/index.json"
+    shard_size = config.encode.shard_size
+    num_shards = math.ceil(len(ids) / shard_size)
+    with tempfile.TemporaryDirectory(prefix="peg-encode-") as tmpdir:
+        tmp = Path(tmpdir)
+        missing = [s for s in range(num_shards) if not store.exists(_shard_key(folder, s))]
+        if missing:
+            _encode_shards(config, store, folder, digest, ids, texts, kind, missing, tmp, show_progress)
+        matrix: np.ndarray | None = None
+        for shard in range(num_shards):
+            shard_ids, emb = _read_shard(store, _shard_key(folder, shard), tmp)
+            start = shard * shard_size
+            if shard_ids != ids[start : start + shard_size]:
+                raise DataError(_shard_key(folder, shard), None, "stored embedding ids do not match the input ids")
+            if matrix is None:
+                matrix = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
+            matrix[start : start + len(shard_ids)] = emb
+        if not store.exists(index_key):
+            index = {
+                "kind": kind,
+                "count": len(ids),
+                "dim": 0 if matrix is None else int(matrix.shape[1]),
+                "shards": [_shard_key(folder, s) for s in range(num_shards)],
+                "model": config.model.name_or_path,
+                "model_sha256": model_identity(config.model),
+                "settings": encoding_settings(config.model, kind),
+                "data_sha256": data_digest(ids, texts),
+            }
+            _put_json(store, index_key, index, tmp, digest)
+    if matrix is None:
+        matrix = np.empty((0, 0), dtype=np.float32)
+    return EmbeddingSet(ids, matrix, folder)
+
+
+def _encode_shards(
+    config: RunConfig,
+    store: ArtifactStore,
+    folder: str,
+    digest: str,
+    ids: list[str],
+    texts: list[str],
+    kind: Kind,
+    shards: list[int],
+    tmp: Path,
+    show_progress: bool,
+) -> None:
+    """Encode the rows of `shards` in one Ray Data pass; put each shard as soon as it is complete."""
+    size = config.encode.shard_size
+    items: list[dict] = []
+    remaining: dict[int, int] = {}
+    for shard in shards:
+        rows = range(shard * size, min(len(ids), (shard + 1) * size))
+        remaining[shard] = len(rows)
+        items.extend({"row": r, "text": texts[r]} for r in sorted(rows, key=lambda r: -len(texts[r])))
+    buffers: dict[int, np.ndarray] = {}
+    batch_size = config.encode.batch_size
+    with ray_session():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        gpus = config.encode.actor_gpus
+        actors = config.encode.num_actors
+        if gpus == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
+            gpus, actors = 1.0, min(actors, int(ray.cluster_resources()["GPU"]))
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 2000)))
+        embedded = dataset.map_batches(
+            _EncoderActor,
+            fn_constructor_kwargs={
+                "model": config.model.model_dump(),
+                "kind": kind,
+                "threads": max(1, round(config.encode.actor_cpus)),
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=actors,
+            num_cpus=config.encode.actor_cpus,
+            num_gpus=gpus or None,
+        )
+        with progress_bar(len(items), f"encode {kind}s", enabled=show_progress, unit=f"{kind}s") as advance:
+            for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+                for row, emb in zip(batch["row"].tolist(), batch["embedding"], strict=True):
+                    shard = row // size
+                    start = shard * size
+                    if shard not in buffers:
+                        buffers[shard] = np.empty((min(len(ids), start + size) - start, len(emb)), np.float32)
+                    buffers[shard][row - start] = emb
+                    remaining[shard] -= 1
+                    if remaining[shard] == 0:
+                        shard_ids = ids[start : start + size]
+                        _put_shard(store, folder, digest, shard, shard_ids, buffers.pop(shard), tmp)
+                advance(len(batch["row"]))
+    if any(remaining.values()):
+        raise RuntimeError(f"encoding returned too few rows for shards {[s for s, n in remaining.items() if n]}")
+
+
+def _put_shard(store: ArtifactStore, folder: str, digest: str, shard: int, ids: list[str], emb: np.ndarray, tmp: Path) -> None:
+    path = tmp / f"shard-{shard:05d}.npz"
+    with path.open("wb") as f:
+        np.savez(f, ids=np.asarray(ids, dtype=str), embeddings=emb)
+    store.put_file(_shard_key(folder, shard), path, producer="encode", config_hash=digest)
+    path.unlink()
+
+
+def encode_corpus(
+    config: RunConfig, store: ArtifactStore, corpus: str | Path | Iterable[Passage], show_progress: bool = False
+) -> EmbeddingSet:
+    """Embed a corpus (a BEIR folder or passages) as `Passage.full_text`; an empty corpus is an error."""
+    passages = list(iter_corpus(corpus) if isinstance(corpus, (str, Path)) else corpus)
+    if not passages:
+        where = Path(corpus) / "corpus.jsonl" if isinstance(corpus, (str, Path)) else "<corpus>"
+        raise DataError(where, None, "the corpus has no passages")
+    return encode_texts(config, store, [p.id for p in passages], [p.full_text for p in passages], "passage", show_progress)
+
+
+def encode_queries(
+    config: RunConfig, store: ArtifactStore, queries: dict[str, str], show_progress: bool = False
+) -> EmbeddingSet:
+    """Embed queries ({id: text}) in their dict order."""
+    if not queries:
+        raise ValueError("no queries to encode")
+    return encode_texts(config, store, list(queries), list(queries.values()), "query", show_progress)
