@@ -1,0 +1,127 @@
+"""Ray Data encoding: equals the in-process encoder, stored in shards with ids, cached by model + data hash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import ray
+from tiny import make_tiny_model
+
+import peg.mine.encode as encode_module
+from peg.config import RunConfig, StoreConfig
+from peg.data import DataError, Passage
+from peg.mine import encode_corpus, encode_queries
+from peg.mine.encode import cache_key
+from peg.model import Encoder
+from peg.store import open_store
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def passages(n: int = 120) -> list[Passage]:
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta protein cell gene virus star orbit bread oven market loan song".split()
+    return [
+        Passage(f"p{i}", f"title {i}" if i % 3 else "", " ".join(rng.choice(words, size=3 + i % 40)))
+        for i in range(n)
+    ]
+
+
+def make_config(model_dir, tmp_path, **encode) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": "enc",
+        "model": {"name_or_path": str(model_dir), "passage_max_length": 48, "query_max_length": 16},
+        "encode": {"batch_size": 16, "num_actors": 2, "actor_cpus": 0.5, "shard_size": 50, **encode},
+        "store": {"uri": str(tmp_path / "store")},
+    })
+
+
+def test_encode_equals_in_process_encoder_and_second_call_is_a_cache_hit(ray_local, model_dir, tmp_path, monkeypatch):
+    config = make_config(model_dir, tmp_path)
+    store = open_store(config.store)
+    corpus = passages()
+    emb = encode_corpus(config, store, corpus)
+
+    assert emb.ids == [p.id for p in corpus]
+    want = Encoder(config.model).encode([p.full_text for p in corpus], "passage", batch_size=7)
+    np.testing.assert_allclose(emb.matrix, want, atol=2e-6)
+    # Three shards of <= 50 rows with their ids, and an index written last.
+    keys = sorted(store.list(emb.key))
+    assert keys == [f"{emb.key}/{name}" for name in ("index.json", "shard-00000.npz", "shard-00001.npz", "shard-00002.npz")]
+    with np.load(store.local_path(f"{emb.key}/shard-00002.npz")) as shard:
+        assert shard["ids"].tolist() == [p.id for p in corpus[100:]]
+        np.testing.assert_array_equal(shard["embeddings"], emb.matrix[100:])
+    index = json.loads(store.local_path(f"{emb.key}/index.json").read_text())
+    assert index["count"] == 120 and index["dim"] == 32 and index["settings"]["max_length"] == 48
+
+    def no_model_run(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(encode_module, "_encode_shards", no_model_run)
+    again = encode_corpus(config, store, corpus)
+    assert again.ids == emb.ids and np.array_equal(again.matrix, emb.matrix)
+
+
+def test_a_missing_shard_is_reencoded_alone(ray_local, model_dir, tmp_path, monkeypatch):
+    config = make_config(model_dir, tmp_path)
+    store = open_store(config.store)
+    queries = {f"q{i}": f"question {i} about protein {i % 7}" for i in range(110)}
+    first = encode_queries(config, store, queries)
+    store.delete(f"{first.key}/shard-00001.npz")
+
+    calls = []
+    real = encode_module._encode_shards
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])  # the shard numbers it was asked to encode
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode_module, "_encode_shards", spy)
+    second = encode_queries(config, store, queries)
+    assert calls == [[1]]
+    assert second.ids == list(queries)
+    np.testing.assert_allclose(second.matrix, first.matrix, atol=2e-6)
+
+
+def test_cache_key_follows_model_weights_settings_and_data(model_dir, tmp_path):
+    config = make_config(model_dir, tmp_path)
+    ids, texts = ["a", "b"], ["one text", "another text"]
+    base = cache_key(config.model, "passage", ids, texts)
+    assert cache_key(config.model, "passage", ids, texts) == base
+    assert cache_key(config.model, "query", ids, texts) != base
+    assert cache_key(config.model, "passage", ids, ["one text", "changed"]) != base
+    assert cache_key(config.model, "passage", ["a", "c"], texts) != base
+    for change in ({"passage_prefix": "passage: "}, {"passage_max_length": 47}, {"pooling": "cls"}, {"normalize": False}):
+        assert cache_key(config.model.model_copy(update=change), "passage", ids, texts) != base, change
+    assert cache_key(config.model.model_copy(update={"query_prefix": "q: "}), "passage", ids, texts) == base
+    # Same folder contents elsewhere: same key. One weight byte changed: a new key.
+    copy = shutil.copytree(model_dir, tmp_path / "copy")
+    moved = config.model.model_copy(update={"name_or_path": str(copy)})
+    assert cache_key(moved, "passage", ids, texts) == base
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert cache_key(moved, "passage", ids, texts) != base
+
+
+def test_empty_corpus_file_is_a_clear_error(model_dir, tmp_path):
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text("\n")
+    config = make_config(model_dir, tmp_path)
+    with pytest.raises(DataError, match=r"corpus\.jsonl: the corpus has no passages"):
+        encode_corpus(config, open_store(StoreConfig(uri=str(tmp_path / "store"))), folder)
