@@ -110,19 +110,17 @@ class GradCache:
             backward_fn(loss)
             return loss.detach()
 
-        chunks = split_inputs(q_inputs, self.chunk_size)
-        num_query_chunks = len(chunks)
-        chunks += split_inputs(p_inputs, self.chunk_size)
-        states, embeddings = [], []
+        if num_rows(q_inputs) == 0 or num_rows(p_inputs) == 0:
+            raise ValueError("GradCache.step needs at least one query and one passage")
+        q_chunks = split_inputs(q_inputs, self.chunk_size)
+        p_chunks = split_inputs(p_inputs, self.chunk_size)
+        states: list[RngState] = []
         with torch.no_grad():
-            for chunk in chunks:
-                states.append(RngState(cuda_devices(chunk)))
-                embeddings.append(encode_fn(chunk))
-        q_leaf = torch.cat(embeddings[:num_query_chunks]).requires_grad_()
-        p_leaf = torch.cat(embeddings[num_query_chunks:]).requires_grad_()
-        del embeddings
-        loss = self.loss(q_leaf, p_leaf, **extra)
+            q_leaf = self._encode_into_buffer(encode_fn, q_chunks, num_rows(q_inputs), states)
+            p_leaf = self._encode_into_buffer(encode_fn, p_chunks, num_rows(p_inputs), states)
+        loss = self.loss(q_leaf.requires_grad_(), p_leaf.requires_grad_(), **extra)
         loss.backward()
+        chunks = q_chunks + p_chunks
         grads = list(q_leaf.grad.split(self.chunk_size)) + list(p_leaf.grad.split(self.chunk_size))
 
         last = len(chunks) - 1
@@ -133,3 +131,24 @@ class GradCache:
                     embedding = encode_fn(chunk)
                 backward_fn((embedding * grad.to(embedding.dtype)).sum())
         return loss.detach()
+
+    @staticmethod
+    def _encode_into_buffer(
+        encode_fn: Callable[[Inputs], torch.Tensor], chunks: list[Inputs], rows: int, states: list[RngState]
+    ) -> torch.Tensor:
+        """Encode chunks one by one (RNG state saved before each) into one preallocated buffer.
+
+        Writing into a single buffer instead of concatenating a list keeps the no-grad pass at
+        one chunk's activations plus the final embeddings (no copy, no heap fragmentation).
+        """
+        buffer = None
+        start = 0
+        for chunk in chunks:
+            states.append(RngState(cuda_devices(chunk)))
+            embedding = encode_fn(chunk)
+            if buffer is None:
+                buffer = embedding.new_empty((rows, *embedding.shape[1:]))
+            buffer[start : start + embedding.size(0)] = embedding
+            start += embedding.size(0)
+            del embedding
+        return buffer
