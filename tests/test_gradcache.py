@@ -56,7 +56,8 @@ def batch(encoder: Encoder, name: str):
     p_inputs = encoder.tokenize(p_texts, "passage")
     extra = {"passage_ids": passage_ids_from_texts(p_texts)}
     if name == "listwise":
-        extra["teacher_scores"] = torch.rand(len(QUERIES), 1 + HARD_NEGATIVES, generator=torch.Generator().manual_seed(3))
+        generator = torch.Generator().manual_seed(3)
+        extra["teacher_scores"] = torch.rand(len(QUERIES), 1 + HARD_NEGATIVES, generator=generator)
     return dict(q_inputs), dict(p_inputs), extra
 
 

@@ -223,7 +223,8 @@ def test_listwise_equals_its_formula_with_the_false_negative_mask():
     value = loss_fn(q, p, teacher_scores=teacher)
     reference, kl, nce = naive_listwise(q, p, teacher, 4)
     torch.testing.assert_close(value, reference)
-    assert loss_fn.last_stats["kl"] == pytest.approx(float(kl)) and loss_fn.last_stats["nce"] == pytest.approx(float(nce))
+    assert loss_fn.last_stats["kl"] == pytest.approx(float(kl))
+    assert loss_fn.last_stats["nce"] == pytest.approx(float(nce))
     assert loss_fn.last_stats["masked_false_negatives"] == pytest.approx(2 / 3)  # (0, 2) and (2, 1)
     for got, want in zip(grads_of(value, q, p), grads_of(reference, q, p), strict=True):
         torch.testing.assert_close(got, want)
@@ -243,7 +244,8 @@ def test_listwise_without_or_with_misaligned_teacher_scores_is_a_clear_error():
 
 def test_build_loss_from_config():
     assert type(build_loss(LossConfig())) is InfoNCELoss
-    progressive = build_loss(LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, schedule="step", stages=3)))
+    config = LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, schedule="step", stages=3))
+    progressive = build_loss(config)
     assert isinstance(progressive, ProgressiveInfoNCELoss)
     assert (progressive.temperature, progressive.schedule, progressive.stages) == (0.02, "step", 3)
     listwise = build_loss(LossConfig(kind="listwise"))

@@ -70,7 +70,9 @@ def resolve_layout(
 def duplicate_mask(passage_ids: torch.Tensor, targets: torch.Tensor, num_passages: int) -> torch.Tensor:
     """Bool [Bq, P]: True where a column repeats the query's positive passage (but is not it)."""
     if passage_ids.shape != (num_passages,):
-        raise ValueError(f"passage_ids must have shape [{num_passages}] (one id per passage), got {tuple(passage_ids.shape)}")
+        raise ValueError(
+            f"passage_ids must have shape [{num_passages}] (one id per passage), got {tuple(passage_ids.shape)}"
+        )
     passage_ids = passage_ids.to(targets.device)
     same = passage_ids.unsqueeze(0) == passage_ids[targets].unsqueeze(1)
     same[torch.arange(targets.numel(), device=targets.device), targets] = False
@@ -113,7 +115,9 @@ class EmbeddingLoss(torch.nn.Module, ABC):
             return self.compute_loss_from_embeddings(q_emb, p_emb, **extra)
         check_same_sizes(q_emb.size(0), p_emb.size(0))
         if q_emb.size(0) == 0 or p_emb.size(0) % q_emb.size(0):
-            raise ValueError(f"{p_emb.size(0)} passages do not split into {q_emb.size(0)} queries x (1 + hard negatives)")
+            raise ValueError(
+                f"{p_emb.size(0)} passages do not split into {q_emb.size(0)} queries x (1 + hard negatives)"
+            )
         for name in self.passage_extras:
             if extra.get(name) is not None:
                 extra[name] = gather_detached(extra[name].to(p_emb.device))

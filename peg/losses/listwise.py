@@ -27,7 +27,8 @@ def minmax_normalise(scores: torch.Tensor) -> torch.Tensor:
     """Per-row min-max to [0, 1]; rows with max == min become zeros."""
     low = scores.min(dim=-1, keepdim=True).values
     span = scores.max(dim=-1, keepdim=True).values - low
-    return torch.where(span > 0, (scores - low) / span.clamp_min(torch.finfo(scores.dtype).tiny), torch.zeros_like(scores))
+    scaled = (scores - low) / span.clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.where(span > 0, scaled, torch.zeros_like(scores))
 
 
 class ListwiseDistillationLoss(EmbeddingLoss):
@@ -71,7 +72,7 @@ class ListwiseDistillationLoss(EmbeddingLoss):
     ) -> torch.Tensor:
         scores, targets, mask = contrastive_logits(q_emb, p_emb, passages_per_query, query_offset, passage_ids)
         num_queries = q_emb.size(0)
-        list_size = (passages_per_query or p_emb.size(0) // num_queries)
+        list_size = passages_per_query or p_emb.size(0) // num_queries
         if teacher_scores is None:
             raise ValueError(
                 "ListwiseDistillationLoss needs teacher_scores [queries, 1 + hard negatives] (positive first); "
