@@ -113,7 +113,7 @@ class EmbeddingLoss(torch.nn.Module, ABC):
         rank, size = world()
         if size == 1:
             return self.compute_loss_from_embeddings(q_emb, p_emb, **extra)
-        check_same_sizes(q_emb.size(0), p_emb.size(0))
+        check_same_sizes(q_emb.size(0), p_emb.size(0), p_emb.device)
         if q_emb.size(0) == 0 or p_emb.size(0) % q_emb.size(0):
             raise ValueError(
                 f"{p_emb.size(0)} passages do not split into {q_emb.size(0)} queries x (1 + hard negatives)"

@@ -21,12 +21,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def check_same_sizes(num_queries: int, num_passages: int) -> None:
-    """Raise ValueError unless every rank holds as many queries and passages as this one."""
+def check_same_sizes(num_queries: int, num_passages: int, device: torch.device) -> None:
+    """Raise ValueError unless every rank holds as many queries and passages as this one.
+
+    `device` is where the embeddings live (NCCL gathers CUDA tensors only).
+    """
     _, size = world()
     if size == 1:
         return
-    mine = torch.tensor([num_queries, num_passages], dtype=torch.long)
+    mine = torch.tensor([num_queries, num_passages], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(mine) for _ in range(size)]
     dist.all_gather(sizes, mine)
     counts = [tuple(int(v) for v in s) for s in sizes]
