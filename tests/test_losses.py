@@ -74,19 +74,32 @@ def test_positive_columns_follow_the_per_query_layout_with_an_offset():
     assert positive_columns(3, 4, query_offset=3).tolist() == want
 
 
-def test_duplicate_of_a_positive_is_masked_only_with_passage_ids():
-    q, p = embeddings(num_queries=2, hard_negatives=2)
+def test_duplicates_are_masked_only_with_passage_ids():
+    q, p = embeddings(num_queries=3, hard_negatives=2)
     with torch.no_grad():
-        p[1] = p[3]  # query 0's hard negative is query 1's positive text ...
-    texts = ["a", "b", "c", "b", "d", "e"]  # ... and it is in the texts too
+        p[1] = p[3]  # query 0's hard negative is query 1's positive text
+        p[8] = p[2]  # query 0's and query 2's hard negatives are one passage
+    texts = ["a", "b", "c", "b", "d", "e", "f", "g", "c"]
     ids = passage_ids_from_texts(texts)
-    labels = labelled_passages(2, 2)
+    labels = labelled_passages(3, 2)
     masked_loss = InfoNCELoss(0.05)(q, p, passage_ids=ids)
-    # query 1 loses column 1 (a copy of its positive); query 0 keeps it (a true negative for it)
-    torch.testing.assert_close(masked_loss, naive_infonce(q, p, 0.05, labels, masked={(1, 1)}).mean())
+    # query 1 drops column 1 (a copy of its positive); queries 0 and 2 count "b" once (column 1)
+    # and "c" once (column 2)
+    masked = {(1, 1), (0, 3), (2, 3), (0, 8), (1, 8), (2, 8)}
+    torch.testing.assert_close(masked_loss, naive_infonce(q, p, 0.05, labels, masked=masked).mean())
     plain = InfoNCELoss(0.05)(q, p)
     torch.testing.assert_close(plain, naive_infonce(q, p, 0.05, labels).mean())
     assert not torch.allclose(masked_loss, plain)
+
+
+def test_a_positive_repeated_earlier_in_the_batch_keeps_its_own_column():
+    q, p = embeddings(num_queries=2, hard_negatives=1)
+    with torch.no_grad():
+        p[1] = p[2]  # query 0's negative (column 1) is query 1's positive (column 2)
+    ids = torch.tensor([10, 11, 11, 12])
+    value = InfoNCELoss(0.05)(q, p, passage_ids=ids)
+    want = naive_infonce(q, p, 0.05, labelled_passages(2, 1), masked={(1, 1), (0, 2)}).mean()
+    torch.testing.assert_close(value, want)
 
 
 def test_passage_ids_are_equal_exactly_for_equal_texts_and_stable_across_processes():
@@ -289,8 +302,9 @@ def test_each_rank_targets_its_own_positives_among_gathered_passages(two_rank_re
     with torch.no_grad():
         q, p = model(batch["q"]), model(batch["p"])
     labels = labelled_passages(QUERIES, PER_QUERY - 1)
-    # query 5's first negative is a copy of query 1's positive: masked for query 1 only
-    masked = {(1, 5 * PER_QUERY + 1)}
+    # query 5's first negative (column 16) repeats query 1's positive (column 3): a false
+    # negative for query 1, a repeat counted once (column 3) for every other query
+    masked = {(i, 5 * PER_QUERY + 1) for i in range(QUERIES)}
     for rank in range(2):
         queries = range(rank * 4, rank * 4 + 4)
         want = naive_infonce(q, p, 0.05, labels, queries=queries, masked=masked).mean()

@@ -16,7 +16,8 @@ Duplicates: identical passage texts in the global batch are silent false negativ
 `passage_ids` (int64 [num local passages], equal ids <=> identical text, e.g. from
 `passage_ids_from_texts`, which is stable across processes unlike Python's `hash`); for each
 query every column holding the same passage as its positive, other than the positive itself,
-is removed from the softmax (logit -inf).
+is removed from the softmax (logit -inf), and any other passage that occurs several times is
+counted once (its first column). Without `passage_ids` nothing is masked.
 """
 
 from __future__ import annotations
@@ -68,15 +69,26 @@ def resolve_layout(
 
 
 def duplicate_mask(passage_ids: torch.Tensor, targets: torch.Tensor, num_passages: int) -> torch.Tensor:
-    """Bool [Bq, P]: True where a column repeats the query's positive passage (but is not it)."""
+    """Bool [Bq, P]: columns to drop from each query's softmax because of duplicate passages.
+
+    For query i: every copy of its positive other than the positive column itself (a false
+    negative), and every repeat of any other passage after its first column (so each distinct
+    passage is counted once). The positive column is never dropped.
+    """
     if passage_ids.shape != (num_passages,):
         raise ValueError(
             f"passage_ids must have shape [{num_passages}] (one id per passage), got {tuple(passage_ids.shape)}"
         )
     passage_ids = passage_ids.to(targets.device)
-    same = passage_ids.unsqueeze(0) == passage_ids[targets].unsqueeze(1)
-    same[torch.arange(targets.numel(), device=targets.device), targets] = False
-    return same
+    order = torch.argsort(passage_ids, stable=True)  # O(P log P): no [P, P] comparison
+    sorted_ids = passage_ids[order]
+    repeat_sorted = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeat_sorted[1:] = sorted_ids[1:] == sorted_ids[:-1]
+    repeat = torch.empty_like(repeat_sorted)
+    repeat[order] = repeat_sorted  # True where an earlier column holds the same passage
+    mask = (passage_ids.unsqueeze(0) == passage_ids[targets].unsqueeze(1)) | repeat.unsqueeze(0)
+    mask[torch.arange(targets.numel(), device=targets.device), targets] = False
+    return mask
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
