@@ -167,7 +167,8 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
         texts = [dataset.corpus[pid].full_text for pid in corpus.ids]
         query_ids = [q for q in dataset.queries if any(r > 0 for r in dataset.qrels[q].values())]
         no_positive = len(dataset.queries) - len(query_ids)
-        queries = encode_queries(config, store, {q: dataset.queries[q] for q in query_ids}, show_progress)
+        queries = encode_queries(config, store, dataset.queries, show_progress)  # the same set `peg encode` caches
+        query_matrix = queries.matrix[[queries.rows()[q] for q in query_ids]]
 
         rows_of = corpus.rows()
         rows_of_text: dict[str, list[int]] = {}
@@ -175,7 +176,7 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
             rows_of_text.setdefault(text, []).append(row)
         positives = [[rows_of[p] for p, r in dataset.qrels[q].items() if r > 0] for q in query_ids]
         duplicates = [sorted({d for p in pos for d in rows_of_text[texts[p]]} - set(pos)) for pos in positives]
-        positive_scores = [(corpus.matrix[pos] @ queries.matrix[i]).tolist() for i, pos in enumerate(positives)]
+        positive_scores = [(corpus.matrix[pos] @ query_matrix[i]).tolist() for i, pos in enumerate(positives)]
         min_positive = [min(scores) for scores in positive_scores]
 
         size = mining.query_shard_size
@@ -195,7 +196,7 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
             for s in todo:
                 span = slice(s * size, (s + 1) * size)
                 ref = task.remote(
-                    s, queries.matrix[span], query_ids[span], positives[span], duplicates[span],
+                    s, query_matrix[span], query_ids[span], positives[span], duplicates[span],
                     min_positive[span], index.actors, mining.model_dump(mode="json"), s in fail_shards,
                 )
                 pending[ref] = s

@@ -1,0 +1,182 @@
+"""The mine stage and `peg encode` / `peg mine`: selection rules hold on real output, shards resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import ray
+import yaml
+from tiny import make_tiny_model
+from typer.testing import CliRunner
+
+from peg.cli import app
+from peg.config import load_config
+from peg.data import iter_examples
+from peg.mine import MiningError, run_mine
+from peg.mine.stage import FAIL_SHARDS_ENV
+from peg.store import open_store
+
+WORDS = "alpha beta gamma delta protein cell gene virus star orbit bread oven market loan song chord".split()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def write_beir(folder, n_passages: int = 150, n_queries: int = 30) -> dict:
+    """A BEIR folder. Queries 0-4 have the exact text of their positive, which has a duplicate."""
+    rng = np.random.default_rng(1)
+    corpus = [{"_id": f"p{i}", "title": "", "text": " ".join(rng.choice(WORDS, size=4 + i % 12))} for i in range(n_passages)]
+    duplicates = {}
+    for q in range(5):  # passage 100+q repeats the text of passage q (query q's positive)
+        corpus[100 + q]["text"] = corpus[q]["text"]
+        duplicates[f"q{q}"] = f"p{100 + q}"
+    queries, qrels = [], []
+    for q in range(n_queries):
+        pos = [q] if q % 4 else [q, q + 50]
+        text = corpus[q]["text"] if q < 5 else " ".join(rng.choice(WORDS, size=3))
+        queries.append({"_id": f"q{q}", "text": text})
+        qrels += [f"q{q}\tp{p}\t1" for p in pos]
+    queries.append({"_id": "unjudged", "text": "not in the train qrels"})
+    queries.append({"_id": "q-zero", "text": "judged, but nothing relevant"})
+    qrels.append("q-zero\tp7\t0")
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
+    return duplicates
+
+
+def write_config(path, beir, store, **mining):
+    config = {
+        "name": "mine-test",
+        "data": {"beir": str(beir), "train_split": "train"},
+        "model": {"name_or_path": str(path.parent / "model"), "passage_max_length": 32, "query_max_length": 32},
+        "encode": {"batch_size": 32, "num_actors": 1, "actor_cpus": 0.5},
+        "mining": {"num_shards": 2, "top_k": 20, "negatives_per_query": 3, "query_shard_size": 10,
+                   "actor_cpus": 0.25, **mining},
+        "store": {"uri": str(store)},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mined(ray_local, tmp_path_factory):
+    """One uninterrupted mining run (30 queries in 3 shards) and what the tests need from it."""
+    root = tmp_path_factory.mktemp("mine")
+    make_tiny_model(root / "model")
+    duplicates = write_beir(root / "beir")
+    config_path = write_config(root / "run.yaml", root / "beir", root / "store")
+    config = load_config(config_path)
+    store = open_store(config.store)
+    result = run_mine(config, store, show_progress=False)
+    train = store.local_path(result.keys["train"]).read_text()
+    return {"root": root, "config_path": config_path, "config": config, "store": store, "result": result,
+            "train": train, "duplicates": duplicates}
+
+
+def test_mined_examples_obey_the_selection_rules(mined):
+    config, store, result = mined["config"], mined["store"], mined["result"]
+    assert result.computed == [0, 1, 2] and result.reused == []
+    examples = list(iter_examples(store.local_path(result.keys["train"])))
+    # "unjudged" has no train qrels, "q-zero" no positive: neither becomes an example.
+    assert [e.query_id for e in examples] == [f"q{i}" for i in range(30)]
+    assert result.stats["queries_without_positives"] == 1
+    scores = {r["query_id"]: r for r in map(json.loads, store.local_path(result.keys["scores"]).read_text().splitlines())}
+    corpus = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (mined["root"] / "beir" / "corpus.jsonl").open()}
+    emb = np.load(store.local_path(f"{result.stats['corpus_embeddings']}/shard-00000.npz"))
+    q_emb = np.load(store.local_path(f"{result.stats['query_embeddings']}/shard-00000.npz"))
+    c_rows = {pid: i for i, pid in enumerate(emb["ids"].tolist())}
+    q_rows = {qid: i for i, qid in enumerate(q_emb["ids"].tolist())}
+    for e in examples:
+        q = int(e.query_id[1:])
+        want_pos = [f"p{q}"] if q % 4 else [f"p{q}", f"p{q + 50}"]
+        assert e.pos_ids == want_pos and e.pos == [corpus[p] for p in want_pos]
+        assert e.neg == [corpus[n] for n in e.neg_ids]
+        assert e.neg_scores is None  # reserved for teacher scores
+        assert len(e.neg_ids) <= 3 and not set(e.neg_ids) & set(want_pos)
+        assert not {corpus[n] for n in e.neg_ids} & {corpus[p] for p in want_pos}  # no duplicate of a positive
+        # TopK-PercPos, checked against scores recomputed here: every kept negative is <= 0.95 x the
+        # weakest positive, and no eligible passage scoring higher than a kept one was passed over.
+        all_scores = emb["embeddings"] @ q_emb["embeddings"][q_rows[e.query_id]]
+        min_pos = min(all_scores[c_rows[p]] for p in want_pos)
+        record = scores[e.query_id]
+        np.testing.assert_allclose(record["neg_scores"], [all_scores[c_rows[n]] for n in e.neg_ids], atol=1e-5)
+        assert all(s <= 0.95 * min_pos + 1e-6 for s in record["neg_scores"])
+        top20 = np.argsort(-all_scores, kind="stable")[:20]
+        eligible = [emb["ids"][r] for r in top20 if emb["ids"][r] not in want_pos
+                    and corpus[emb["ids"][r]] not in {corpus[p] for p in want_pos}
+                    and all_scores[r] <= 0.95 * min_pos - 1e-5]
+        assert e.neg_ids == eligible[:3] or len(eligible) > 3 and set(e.neg_ids) <= set(eligible[:4])
+    stats = result.stats
+    assert stats["queries"] == 30 and stats["candidates"] == 30 * 20
+    assert stats["kept"] == sum(len(e.neg_ids) for e in examples)
+    assert stats["kept"] + stats["not_selected"] + sum(stats["dropped"].values()) == stats["candidates"]
+    # Queries 0-4 equal their positive's text: the positive and its duplicate are both retrieved and dropped.
+    assert stats["dropped"]["positive"] >= 5 and stats["dropped"]["duplicate_of_positive"] >= 5
+    assert stats["queries_short"] == sum(len(e.neg_ids) < 3 for e in examples)
+    assert stats["short_query_ids"] == [e.query_id for e in examples if len(e.neg_ids) < 3]
+    assert store.local_path(result.keys["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(store.local_path(result.keys["stats"]).read_text())["kept"] == stats["kept"]
+
+
+def test_failed_shard_is_named_and_a_rerun_redoes_only_it(mined, monkeypatch):
+    config, store = mined["config"], mined["store"]
+    store.delete(f"{config.name}/mine")
+    monkeypatch.setenv(FAIL_SHARDS_ENV, "1")
+    with pytest.raises(MiningError, match=r"query shard 00001 failed: .*injected failure") as failure:
+        run_mine(config, store, show_progress=False)
+    assert failure.value.failed.keys() == {1}
+    assert not store.exists(f"{config.name}/mine/shard-00001.jsonl")
+    assert not store.exists(f"{config.name}/mine/train.jsonl")
+    done = {s: store.local_path(f"{config.name}/mine/shard-{s:05d}.jsonl").stat().st_mtime_ns for s in (0, 2)}
+
+    monkeypatch.delenv(FAIL_SHARDS_ENV)
+    result = run_mine(config, store, show_progress=False)
+    assert result.computed == [1] and result.reused == [0, 2]
+    assert {s: store.local_path(f"{config.name}/mine/shard-{s:05d}.jsonl").stat().st_mtime_ns for s in (0, 2)} == done
+    assert store.local_path(result.keys["train"]).read_text() == mined["train"]  # resumed == uninterrupted
+
+
+def test_changed_mining_config_recomputes_every_shard(mined):
+    config = mined["config"].model_copy(deep=True)
+    config.mining.negatives_per_query = 2
+    result = run_mine(config, mined["store"], show_progress=False)
+    assert result.computed == [0, 1, 2] and result.reused == []
+    assert all(len(e.neg_ids) <= 2 for e in iter_examples(mined["store"].local_path(result.keys["train"])))
+
+
+def test_cli_encode_and_mine_reuse_stored_work(mined):
+    runner = CliRunner()
+    path = write_config(mined["root"] / "cli.yaml", mined["root"] / "beir", mined["root"] / "store")
+    encoded = runner.invoke(app, ["encode", str(path)])
+    assert encoded.exit_code == 0, encoded.output
+    assert "passages: 150 embeddings of dim 32" in encoded.output and "queries: 31 embeddings" in encoded.output
+    runner.invoke(app, ["mine", str(path)])  # whatever earlier tests left, this stores every shard
+    mined_again = runner.invoke(app, ["mine", str(path)])
+    assert mined_again.exit_code == 0, mined_again.output
+    assert "query shards: 0 mined, 3 reused" in mined_again.output
+
+
+def test_cli_bad_input_errors(mined):
+    runner = CliRunner()
+    root = mined["root"]
+    too_many = write_config(root / "shards.yaml", root / "beir", root / "store", num_shards=151, actor_cpus=0.01)
+    result = runner.invoke(app, ["mine", str(too_many)])
+    assert result.exit_code == 2
+    assert "mining.num_shards (151) exceeds the corpus size (150 passages)" in result.output
+
+    bad = root / "bad-beir"
+    write_beir(bad)
+    with (bad / "qrels" / "train.tsv").open("a") as f:
+        f.write("ghost\tp1\t1\n")
+    result = runner.invoke(app, ["mine", str(write_config(root / "bad.yaml", bad, root / "store"))])
+    assert result.exit_code == 2
+    line = len((bad / "qrels" / "train.tsv").read_text().splitlines())
+    assert f"train.tsv:{line}: query id 'ghost' is not in queries.jsonl" in " ".join(result.output.split())
