@@ -1,0 +1,227 @@
+"""`train(config, output_dir, resume)`: the training loop, one process per rank.
+
+Where it runs, decided from the environment:
+- inside torchrun (LOCAL_RANK set), or one process per pod (RANK and WORLD_SIZE set, no
+  PET_NNODES): trains in the calling process;
+- in a Kubeflow PyTorchJob pod with PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / ...: starts
+  torchrun with `config.train.nproc_per_node` processes, which reads the PET_* values itself;
+- otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
+Output directory layout:
+    config.yaml            the resolved run config the workers read
+    metrics.jsonl          one record a step (loss, lr, beta, weight statistics), rank 0
+    tensorboard/           the same scalars as TensorBoard events
+    training.png           loss / lr / beta(t) / weights over steps, after the run
+    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt), every checkpoint_every steps
+    model/                 the final model as a sentence-transformers folder
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from peg.config import RunConfig
+from peg.model.encoder import Encoder
+from peg.model.export import export_sentence_transformers
+from peg.progress import progress_bar
+from peg.train.batches import BatchPlan, load_dataset
+from peg.train.metrics import MetricsLog, plot_metrics
+
+
+class TrainError(RuntimeError):
+    """Training could not run or a worker failed."""
+
+
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
+    """Train, checkpoint and export to `output_dir`; returns the exported model directory."""
+    output_dir = Path(output_dir)
+    if runs_in_process(os.environ):
+        return run_worker(config, output_dir, resume)
+    return launch(config, output_dir, resume)
+
+
+def runs_in_process(env: Mapping[str, str]) -> bool:
+    """True inside torchrun (LOCAL_RANK) or as one process of a pod-per-rank job (RANK, WORLD_SIZE)."""
+    return "LOCAL_RANK" in env or ("RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env)
+
+
+def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str]) -> list[str]:
+    """The torch.distributed.run command line that starts the workers."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
+    if "PET_NNODES" not in env:  # a PyTorchJob pod's PET_* variables give torchrun nodes and master
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd += ["-m", "peg.train.worker", str(config_path), str(output_dir)]
+    return [*cmd, "--resume"] if resume else cmd
+
+
+def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
+    """Start `nproc_per_node` workers with torch.distributed.run on this machine and wait."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "config.yaml"
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, config_path)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise TrainError(f"training workers failed (exit status {rc}); see their output above")
+    return output_dir / "model"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
+    """The per-rank training loop (inside torchrun)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from peg.losses import build_loss
+    from peg.train.engine import build_engine, train_step
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = output_dir / "checkpoints"
+
+    need_scores = config.loss.kind == "listwise"
+    files = list(config.data.train_files)
+    if not files:
+        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
+    datasets = {f: load_dataset(f, config.batch.hard_negatives, need_scores) for f in files}
+    if config.data.max_train_queries:
+        datasets = {f: qs[: config.data.max_train_queries] for f, qs in datasets.items()}
+    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
+    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+
+    _seed_all(config.train.seed)
+    encoder = Encoder(config.model)
+    engine = build_engine(encoder, config, world_size, total_steps)
+    loss_fn = build_loss(config.loss)
+
+    step, epoch, index = 0, 0, 0
+    if resume and (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step, epoch, index = client["step"], client["epoch"], client["index"]
+        tag = (ckpt_dir / "latest").read_text().strip()
+        _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
+        if rank == 0:
+            print(f"peg train: resumed from checkpoint {tag} at step {step}", file=sys.stderr, flush=True)
+    else:
+        _seed_all(config.train.seed + 1000 * rank)
+    metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
+
+    engine.train()
+    batches = plan.epoch_batches(epoch)
+    with progress_bar(total_steps, "train", enabled=rank == 0, unit="step") as advance:
+        advance(step)
+        while step < total_steps:
+            if index >= len(batches):
+                epoch, index = epoch + 1, 0
+                batches = plan.epoch_batches(epoch)
+            dataset, indices = batches[index]
+            batch = plan.rank_batch(dataset, indices, rank)
+            loss_fn.set_progress(step, total_steps)
+            lr = engine.get_lr()[0]
+            loss = train_step(engine, loss_fn, batch, config.batch.chunk_size)
+            dist.all_reduce(loss)
+            step, index = step + 1, index + 1
+            if metrics is not None and (step % config.train.log_every == 0 or step == total_steps):
+                record = {"step": step, "loss": float(loss) / world_size, "lr": lr}
+                record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
+                metrics.log(record)
+            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
+                _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+            advance(1)
+
+    if metrics is not None:
+        metrics.close()
+        plot_metrics(metrics.path, output_dir / "training.png")
+    model_dir = _export(engine, encoder, output_dir / "model", rank)
+    _shutdown(engine)
+    return model_dir
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> None:
+    """DeepSpeed checkpoint + every rank's RNG state; `latest` moves only once all are written."""
+    import torch.distributed as dist
+
+    tag = f"step{step:08d}"
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    rng_path = ckpt_dir / tag / f"rng-rank{rank}.pt"
+    torch.save(_rng_state(), rng_path.with_suffix(".tmp"))
+    os.replace(rng_path.with_suffix(".tmp"), rng_path)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
+    dist.barrier()
+    if rank == 0:
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def _export(engine, encoder: Encoder, model_dir: Path, rank: int) -> Path:
+    """Rank 0 writes the sentence-transformers folder; under ZeRO-3 the weights are gathered first."""
+    import deepspeed
+    import torch.distributed as dist
+
+    params = list(encoder.model.parameters())
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if engine.zero_optimization_stage() == 3
+        else torch.no_grad()
+    )
+    with gather:
+        if rank == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in encoder.model.state_dict().items()}
+            export_sentence_transformers(encoder, model_dir, state_dict=state)
+    dist.barrier()
+    return model_dir
+
+
+def _shutdown(engine) -> None:
+    """Release DeepSpeed's state and the process group in an order that exits cleanly."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    engine.destroy()
+    dist.destroy_process_group()

@@ -1,0 +1,26 @@
+"""Entry point of one training process: `python -m peg.train.worker CONFIG OUTPUT_DIR [--resume]`.
+
+Started by `peg.train.launch` through torch.distributed.run, or directly as the command of a
+PyTorchJob pod (torchrun there too), where CONFIG is the resolved run config YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from peg.config import load_config
+from peg.train.trainer import run_worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m peg.train.worker")
+    parser.add_argument("config")
+    parser.add_argument("output_dir")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    run_worker(load_config(args.config), Path(args.output_dir), args.resume)
+
+
+if __name__ == "__main__":
+    main()

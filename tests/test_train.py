@@ -1,0 +1,230 @@
+"""Trainer: GradCache under DeepSpeed ZeRO 0-3 on real torchrun/gloo, exact resume after SIGKILL,
+bad-input errors, the example configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from peg.config import ConfigError, RunConfig, load_config, parse_config
+from peg.data import DataError
+from peg.model.encoder import resolve_model_path
+from peg.train import BatchError, BatchPlan, load_dataset
+from peg.train.metrics import read_metrics
+from peg.train.schedule import warmup_linear_decay
+from peg.train.trainer import runs_in_process, torchrun_command
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_SCRIPTS = Path(__file__).parent / "dist_scripts"
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def make_tiny_bert(path: Path, dropout: float) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_pairs(path: Path, topic: str, n: int, negatives: int, scores: bool = True) -> str:
+    with path.open("w") as f:
+        for i in range(n):
+            row = {
+                "query": f"{topic} question {i} about item {i * 7 % 13}",
+                "pos": [f"{topic} answer {i}: item {i * 7 % 13} is described here"],
+                "neg": [f"{topic} other text {i}-{j} on item {(i + j + 1) % 13}" for j in range(negatives)],
+            }
+            if scores:
+                row["pos_scores"] = [0.9]
+                row["neg_scores"] = [0.1 * j for j in range(negatives)]
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_gradcache_matches_one_rank_full_batch_under_every_zero_stage(tmp_path):
+    """2 ranks x B/2 through the DeepSpeed engine (uncached and GradCache chunk 3) equal the
+    gradient of the loss on the whole batch B in one process, for ZeRO 0, 1, 2, 3."""
+    model = make_tiny_bert(tmp_path / "tiny", dropout=0.0)
+    out = tmp_path / "gradcache.json"
+    script = DIST_SCRIPTS / "train_gradcache.py"
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                str(script), model, str(out)], timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert {r["stage"] for r in results} == {0, 1, 2, 3}
+    assert {r["chunk"] for r in results} == {None, 3}
+    for r in results:
+        # the update of SGD(lr=1) equals -grad of the 1-process full-batch loss
+        assert r["max_abs_diff"] <= 2e-5 + 1e-5 * r["grad_scale"], r
+        assert r["grad_scale"] > 0.1, r  # a real gradient, not zeros
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5), r
+
+
+def _train_config(tmp_path: Path, model: str, files: list[str], **train) -> Path:
+    config = {
+        "name": "resume-test",
+        "data": {"train_files": files},
+        "model": {"name_or_path": model, "query_max_length": 16, "passage_max_length": 24},
+        "loss": {"kind": "infonce", "progressive": {"enabled": True}},
+        "batch": {"queries_per_step": 4, "hard_negatives": 2, "chunk_size": 3},
+        "train": {"learning_rate": 1e-3, "nproc_per_node": 2, "zero_stage": 3, "warmup_ratio": 0.2,
+                  "min_lr_ratio": 0.1, **train},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_resume_after_sigkill_continues_exactly(tmp_path):
+    """Kill a 2-rank ZeRO-3 GradCache run (dropout on) with SIGKILL after a checkpoint, resume:
+    every step's loss and lr equal the uninterrupted run's."""
+    model = make_tiny_bert(tmp_path / "tiny", dropout=0.1)
+    files = [write_pairs(tmp_path / "a.jsonl", "alpha", 12, 2), write_pairs(tmp_path / "b.jsonl", "beta", 10, 3)]
+    config = _train_config(tmp_path, model, files, max_steps=14, checkpoint_every=3)
+    cli = [sys.executable, "-m", "peg", "train", str(config)]
+
+    full = run([*cli, "--output", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-4000:]
+    reference = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in reference] == list(range(1, 15))
+    assert (tmp_path / "full" / "training.png").stat().st_size > 1000
+    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "full" / "model" / "modules.json").is_file()
+    assert reference[0]["beta"] == pytest.approx(-0.5) and reference[-1]["beta"] > 0.8  # beta(t) logged per step
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, "--output", str(out)], env=ENV, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["step"] >= 4 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.02)
+    # SIGKILL the launcher and every worker at once, like a lost node (torchrun's workers
+    # run in their own process groups, so the launcher's group alone would miss them)
+    victims = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs([p for p in map(_process, victims) if p is not None], timeout=30)
+    killed_at = max(r["step"] for r in read_metrics(metrics))
+    assert 4 <= killed_at < 14, "the run must be killed between its first checkpoint and its end"
+    assert not (out / "model").exists()
+
+    resumed = run([*cli, "--output", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "peg train: resumed from checkpoint step000000" in resumed.stderr
+    start = int(resumed.stderr.split("resumed from checkpoint step")[1].split()[0])
+    assert 3 <= start <= killed_at
+    after = read_metrics(metrics)
+    assert [r["step"] for r in after] == list(range(1, 15))
+    for ours, ref in zip(after, reference):
+        for key in ("loss", "lr", "beta", "weight_mean", "weight_max"):
+            assert ours[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), (key, ours, ref)
+
+
+def test_launch_mode_follows_the_environment(tmp_path):
+    cfg, out = tmp_path / "c.yaml", tmp_path / "out"
+    assert not runs_in_process({})  # a workstation: start torchrun here
+    local = torchrun_command(2, cfg, out, True, {})
+    assert local[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert "--master_addr" in local and local[-3:] == [str(cfg), str(out), "--resume"]
+    assert runs_in_process({"LOCAL_RANK": "0", "RANK": "3", "WORLD_SIZE": "8"})  # inside torchrun
+    assert runs_in_process({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "job-master-0"})  # pod per rank
+    pet = {"RANK": "1", "WORLD_SIZE": "2", "PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "m"}
+    assert not runs_in_process(pet)  # PyTorchJob with nprocPerNode: torchrun reads PET_*
+    assert "--master_addr" not in torchrun_command(8, cfg, out, False, pet)
+
+
+def test_schedule_warms_up_then_decays_to_min_ratio():
+    f = warmup_linear_decay(total_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.1 + 0.9 * 4 / 8)
+    assert f(10) == pytest.approx(0.1)
+
+
+def test_batches_come_from_one_dataset_and_slice_per_rank(tmp_path):
+    a = load_dataset(write_pairs(tmp_path / "a.jsonl", "alpha", 9, 2), 2, need_scores=False)
+    b = load_dataset(write_pairs(tmp_path / "b.jsonl", "beta", 8, 2), 2, need_scores=False)
+    plan = BatchPlan({"a": a, "b": b}, queries_per_step=4, world_size=2, seed=1)
+    batches = plan.epoch_batches(0)
+    assert plan.steps_per_epoch == len(batches) == 4  # 9 // 4 + 8 // 4
+    assert batches == plan.epoch_batches(0) and batches != plan.epoch_batches(1)
+    for name, indices in batches:
+        parts = [plan.rank_batch(name, indices, r) for r in range(2)]
+        topic = "alpha" if name == "a" else "beta"
+        assert all(q.startswith(topic) for p in parts for q in p.queries)
+        assert [q for p in parts for q in p.queries] == [plan.datasets[name][i].query for i in indices]
+        assert all(len(p.passages) == 2 * 3 for p in parts)
+
+
+def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):
+    a = load_dataset(write_pairs(tmp_path / "a.jsonl", "alpha", 9, 2), 2, need_scores=False)
+    with pytest.raises(BatchError, match=r"batch.queries_per_step \(5\) does not divide across 2 ranks"):
+        BatchPlan({"a": a}, queries_per_step=5, world_size=2, seed=1)
+
+
+def test_listwise_without_teacher_scores_names_file_and_line(tmp_path):
+    path = write_pairs(tmp_path / "a.jsonl", "alpha", 3, 2, scores=False)
+    with pytest.raises(DataError, match=r"a.jsonl:1: loss.kind=listwise needs teacher scores: missing pos_scores"):
+        load_dataset(path, 2, need_scores=True)
+    with pytest.raises(DataError, match=r"a.jsonl:1: 2 negatives, but batch.hard_negatives asks for 3"):
+        load_dataset(path, 3, need_scores=False)
+
+
+def test_zero3_with_gradient_checkpointing_is_a_config_error():
+    text = "model: {name_or_path: m}\ntrain:\n  zero_stage: 3\n  gradient_checkpointing: true\n"
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: train: .*train.gradient_checkpointing is not supported with train.zero_stage 3"):
+        parse_config(text, "cfg.yaml")
+    assert parse_config(text.replace("zero_stage: 3", "zero_stage: 2"), "cfg.yaml").train.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name", ["peg-paper-scale.yaml", "tamber-listwise.yaml"])
+def test_paper_scale_examples_load(name):
+    config: RunConfig = load_config(REPO / "examples" / name)
+    t, b = config.train, config.batch
+    world = t.nproc_per_node * config.cluster.train_workers
+    assert b.queries_per_step % world == 0
+    assert t.precision == "bf16" and b.chunk_size
+    if name == "peg-paper-scale.yaml":
+        assert b.queries_per_step * (1 + b.hard_negatives) >= 80_000 and b.hard_negatives == 5
+        assert t.zero_stage == 2 and config.loss.progressive.enabled
+    else:
+        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.loss.listwise.list_size == 20
+        assert config.loss.kind == "listwise"
