@@ -200,6 +200,29 @@ def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):
         BatchPlan({"a": a}, queries_per_step=5, world_size=2, seed=1)
 
 
+def test_cli_rejects_a_batch_that_does_not_divide_across_ranks(tmp_path):
+    config = _train_config(tmp_path, "unused-model", [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2)])
+    data = json.loads(config.read_text())
+    data["batch"]["queries_per_step"] = 5
+    config.write_text(json.dumps(data))
+    proc = run([sys.executable, "-m", "peg", "train", str(config), "--output", str(tmp_path / "out")])
+    assert proc.returncode == 2
+    assert "batch.queries_per_step (5) does not divide across 2 ranks" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before any process started
+
+
+def test_cli_listwise_without_teacher_scores_fails_with_file_and_line(tmp_path):
+    model = make_tiny_bert(tmp_path / "tiny", dropout=0.0)
+    files = [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2, scores=False)]
+    config = _train_config(tmp_path, model, files)
+    data = json.loads(config.read_text())
+    data["loss"] = {"kind": "listwise", "listwise": {"list_size": 3}}
+    config.write_text(json.dumps(data))
+    proc = run([sys.executable, "-m", "peg", "train", str(config), "--output", str(tmp_path / "out")])
+    assert proc.returncode == 2
+    assert "a.jsonl:1: loss.kind=listwise needs teacher scores: missing pos_scores and neg_scores" in proc.stderr
+
+
 def test_listwise_without_teacher_scores_names_file_and_line(tmp_path):
     path = write_pairs(tmp_path / "a.jsonl", "alpha", 3, 2, scores=False)
     with pytest.raises(DataError, match=r"a.jsonl:1: loss.kind=listwise needs teacher scores: missing pos_scores"):

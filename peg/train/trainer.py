@@ -34,7 +34,7 @@ from peg.config import RunConfig
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
-from peg.train.batches import BatchPlan, load_dataset
+from peg.train.batches import BatchError, BatchPlan, load_dataset
 from peg.train.metrics import MetricsLog, plot_metrics
 
 
@@ -66,6 +66,11 @@ def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, r
 
 def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     """Start `nproc_per_node` workers with torch.distributed.run on this machine and wait."""
+    world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
+    if config.batch.queries_per_step % world_size:
+        raise BatchError(
+            f"batch.queries_per_step ({config.batch.queries_per_step}) does not divide across {world_size} ranks"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "config.yaml"
     tmp = config_path.with_suffix(".tmp")

@@ -7,10 +7,14 @@ PyTorchJob pod (torchrun there too), where CONFIG is the resolved run config YAM
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
-from peg.config import load_config
-from peg.train.trainer import run_worker
+from peg.config import ConfigError, load_config
+from peg.data import DataError
+from peg.train.batches import BatchError
+from peg.train.trainer import TrainError, run_worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    run_worker(load_config(args.config), Path(args.output_dir), args.resume)
+    try:
+        run_worker(load_config(args.config), Path(args.output_dir), args.resume)
+    except (ConfigError, DataError, BatchError, TrainError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"peg train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
