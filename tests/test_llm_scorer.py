@@ -27,6 +27,7 @@ from peg.llm import (
     judge_examples,
     model_folder,
     round_trip_outcome,
+    score_candidates,
     score_examples,
 )
 from peg.llm.scorer import NO_TOKENS, QUERY_LIKELIHOOD_PROMPT, YES_NO_PROMPT, YES_TOKENS, single_token_ids
@@ -216,6 +217,18 @@ def test_teacher_scores_cut_lists_and_stay_aligned():
     assert out[0].neg == ["n0", "n1", "n2"] and out[0].neg_ids == ["N0", "N1", "N2"]
     assert out[0].pos_scores == [5.0] and out[0].neg_scores == [0.0, 1.0, 2.0]
     assert out[1].pos_scores == [1.5, 2.5] and out[1].neg_scores == [-1.0]
+
+
+def test_score_candidates_of_a_run_and_unknown_ids():
+    queries = {"q1": "bees", "q2": "tides"}
+    passages = {"d1": "honey", "d2": "moon", "d3": "hive"}
+    table = {("bees", "honey"): 2.0, ("bees", "hive"): 1.0, ("tides", "moon"): 3.0, ("tides", "honey"): -1.0}
+    got = score_candidates(fixed_scores(table), queries, passages, {"q1": ["d3", "d1"], "q2": ["d2", "d1"]})
+    assert got == {"q1": [1.0, 2.0], "q2": [3.0, -1.0]}
+    with pytest.raises(LLMError, match=r"unknown query id\(s\) \['q9'\]"):
+        score_candidates(fixed_scores(table), queries, passages, {"q1": ["d1"], "q9": ["d1"]})
+    with pytest.raises(LLMError, match=r"unknown passage id\(s\) \['d7'\]"):
+        score_candidates(fixed_scores(table), queries, passages, {"q1": ["d7", "d1"]})
 
 
 @torch.no_grad()

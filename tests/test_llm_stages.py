@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,9 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
     # filter_top_k = corpus size: every non-empty query retrieves its source; the teacher decides.
     assert all(c["not_retrieved"] == 0 for c in report["by_type"].values())
 
+    # The second store starts with the first one's corpus embeddings (the encode cache), as a
+    # rerun on the same store would; the synth shards are all computed anew.
+    shutil.copytree(tmp_path / "whole" / "llmrun" / "encode", tmp_path / "resumed" / "llmrun" / "encode")
     resumed_store = LocalStore(tmp_path / "resumed")
     resumed = synth_config(tmp_path, str(tmp_path / "resumed"), tiny_llama_dir)
     monkeypatch.setenv(FAIL_SHARDS_ENV, "0")
@@ -227,3 +231,11 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
         (r["query"], [r["passage_id"]], r["query_type"]) for r in kept_records
     ]
     assert all(ex.pos == [corpus[ex.pos_ids[0]]] for ex in kept)
+
+
+def test_missing_gguf_is_a_clear_cli_error(tmp_path):
+    judge = {"llm": {"path": str(tmp_path / "models"), "gguf_file": "absent.gguf"}}
+    config_path = write_config(tmp_path, tmp_path / "store", tmp_path, judge=judge)
+    result = CliRunner().invoke(app, ["judge", str(config_path)])
+    assert result.exit_code == 2
+    assert f"GGUF file not found: {tmp_path}/models/absent.gguf" in result.output

@@ -6,7 +6,7 @@ from peg.llm.loading import LLMError, convert_gguf, load_causal_lm, model_folder
 from peg.llm.scorer import LLMScorer
 from peg.llm.shards import ShardsFailed
 from peg.llm.synth import QueryWriter, round_trip_outcome, run_synth
-from peg.llm.teacher import CrossEncoderTeacher, load_teacher, run_score, score_examples
+from peg.llm.teacher import CrossEncoderTeacher, load_teacher, run_score, score_candidates, score_examples
 
 __all__ = [
     "CrossEncoderTeacher",
@@ -24,5 +24,6 @@ __all__ = [
     "run_judge",
     "run_score",
     "run_synth",
+    "score_candidates",
     "score_examples",
 ]

@@ -25,6 +25,7 @@ import numpy as np
 
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
+from peg.llm.loading import check_model_source
 from peg.llm.shards import input_identity, put_json, put_text, read_text, run_shards
 from peg.store import ArtifactStore
 
@@ -123,6 +124,7 @@ def run_judge(
     """The `judge` stage: judge the negatives of `input_key` (default: the mine output) on Ray."""
     from peg.mine import ray_session
 
+    check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
     base = f"{config.name}/judge"
     config_hash = config.section_hash("judge") + ":" + input_identity(store, input_key)

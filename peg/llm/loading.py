@@ -95,17 +95,24 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
-def model_folder(config: LLMConfig) -> Path:
-    """The transformers folder to load for `config` (a GGUF file is converted and cached first)."""
+def check_model_source(config: LLMConfig) -> None:
+    """Raise LLMError naming the path if `config` names no loadable model (nothing is loaded)."""
     gguf = gguf_path(config)
     if gguf is not None:
-        return convert_gguf(gguf)
+        if not gguf.is_file():
+            raise LLMError(f"GGUF file not found: {gguf}")
+        return
     if config.path is None:
         raise LLMError("llm.path: no model configured (a local model directory, or a directory with llm.gguf_file)")
-    folder = Path(config.path)
-    if not (folder / "config.json").is_file():
-        raise LLMError(f"llm.path: {folder} is not a transformers model directory (no config.json)")
-    return folder
+    if not (Path(config.path) / "config.json").is_file():
+        raise LLMError(f"llm.path: {config.path} is not a transformers model directory (no config.json)")
+
+
+def model_folder(config: LLMConfig) -> Path:
+    """The transformers folder to load for `config` (a GGUF file is converted and cached first)."""
+    check_model_source(config)
+    gguf = gguf_path(config)
+    return convert_gguf(gguf) if gguf is not None else Path(config.path)
 
 
 def load_causal_lm(config: LLMConfig):

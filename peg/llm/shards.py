@@ -43,7 +43,10 @@ class ShardsFailed(RuntimeError):
 class ShardWorker:
     """Ray actor: builds its processor (loads the model) once, then processes shards."""
 
-    def __init__(self, build: Callable[[], Processor]):
+    def __init__(self, build: Callable[[], Processor], threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
         self.process = build()
 
     def run(self, shard: int, items: list, fail: bool) -> dict[str, str]:
@@ -121,7 +124,8 @@ def run_shards(
         num_cpus=llm.actor_cpus, num_gpus=llm.actor_gpus, max_restarts=0, max_task_retries=0
     )
     build_ref = ray.put(build)
-    idle = [actor_class.remote(build_ref) for _ in range(min(llm.num_actors, len(todo)))]
+    threads = max(1, round(llm.actor_cpus))
+    idle = [actor_class.remote(build_ref, threads) for _ in range(min(llm.num_actors, len(todo)))]
     queue = list(todo)
     pending: dict[Any, tuple[int, Any]] = {}
     failed: dict[int, str] = {}
@@ -141,7 +145,7 @@ def run_shards(
                 failed[s] = root_cause(e)
                 ray.kill(actor)
                 if queue:
-                    idle.append(actor_class.remote(build_ref))
+                    idle.append(actor_class.remote(build_ref, threads))
                 continue
             except Exception as e:  # the shard raised: record it, keep the actor, finish the others
                 failed[s] = root_cause(e)

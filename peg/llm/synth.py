@@ -27,10 +27,10 @@ import torch
 
 from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConfig
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
-from peg.llm.loading import LLMError, load_causal_lm
+from peg.llm.loading import LLMError, check_model_source, load_causal_lm
 from peg.llm.scorer import left_pad
 from peg.llm.shards import missing_shards, put_json, put_text, read_text, run_shards
-from peg.llm.teacher import load_teacher
+from peg.llm.teacher import check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
 PARTS = ("queries.jsonl", "stats.json", "jsonl")
@@ -174,21 +174,18 @@ class SynthProcessor:
             {"passage_id": p.id, "query_type": t, "query": q, "outcome": "empty" if not q else None}
             for (p, t), q in zip(jobs, queries, strict=True)
         ]
-        live = [r for r in records if r["outcome"] is None]
+        live = {f"{r['passage_id']}/{r['query_type']}": r for r in records if r["outcome"] is None}
         if live:
-            emb = self.encoder.encode([r["query"] for r in live], "query")
-            retrieved, _ = self.index.search(emb, self.config.filter_top_k)
-            pair_q, pair_p, spans = [], [], []
-            for r, ids in zip(live, retrieved, strict=True):
-                start = len(pair_q)
-                if r["passage_id"] in ids:  # only queries that pass retrieval need the teacher
-                    pair_q.extend([r["query"]] * len(ids))
-                    pair_p.extend(self.corpus_texts[i] for i in ids)
-                spans.append((start, len(pair_q)))
-            scores = self.teacher.score(pair_q, pair_p).tolist() if pair_q else []
-            for r, ids, (a, b) in zip(live, retrieved, spans, strict=True):
+            emb = self.encoder.encode([r["query"] for r in live.values()], "query")
+            retrieved = dict(zip(live, self.index.search(emb, self.config.filter_top_k)[0], strict=True))
+            # only queries whose source was retrieved need the teacher
+            candidates = {key: ids for key, ids in retrieved.items() if live[key]["passage_id"] in ids}
+            queries = {key: r["query"] for key, r in live.items()}
+            scores = score_candidates(self.teacher.score, queries, self.corpus_texts, candidates)
+            for key, r in live.items():
+                ids = retrieved[key]
                 r["retrieved_rank"] = ids.index(r["passage_id"]) + 1 if r["passage_id"] in ids else None
-                r["outcome"] = round_trip_outcome(r["passage_id"], ids, scores[a:b] if b > a else None)
+                r["outcome"] = round_trip_outcome(r["passage_id"], ids, scores.get(key))
         stats = {t: dict.fromkeys(OUTCOMES, 0) for t in types}
         for r in records:
             stats[r["query_type"]][r["outcome"]] += 1
@@ -215,6 +212,8 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
     """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
     from peg.mine import ShardedIndex, encode_corpus, ray_session
 
+    check_model_source(config.synth.llm)  # bad paths fail here, not once per Ray actor
+    check_teacher(config.score)
     if not config.data.beir:
         raise ConfigError("data.beir: synth needs a BEIR corpus; set data.beir in the run config")
     corpus = list(iter_corpus(config.data.beir))

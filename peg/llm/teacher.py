@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from peg.config import RunConfig, ScoreConfig
 from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
-from peg.llm.loading import LLMError
+from peg.llm.loading import LLMError, check_model_source
 from peg.llm.shards import input_identity, put_json, put_text, read_text, run_shards
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
@@ -44,6 +44,8 @@ class CrossEncoderTeacher:
             raise LLMError(f"score.cross_encoder_path: {path} is not a transformers model directory (no config.json)")
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         self.model = (model or AutoModelForSequenceClassification.from_pretrained(path)).eval()
+        if model is None and torch.cuda.is_available():
+            self.model.to("cuda")
         if self.model.config.num_labels not in (1, 2):
             raise LLMError(
                 f"score.cross_encoder_path: {path} has {self.model.config.num_labels} labels; a reranker has 1 (or 2)"
@@ -69,15 +71,47 @@ class CrossEncoderTeacher:
         return out
 
 
+def check_teacher(config: ScoreConfig) -> None:
+    """Raise LLMError naming the key/path if the configured teacher cannot be loaded."""
+    if config.teacher == "llm":
+        check_model_source(config.llm)
+    elif not config.cross_encoder_path:
+        raise LLMError("score.cross_encoder_path: required when score.teacher is 'cross_encoder'")
+    elif not (Path(config.cross_encoder_path) / "config.json").is_file():
+        raise LLMError(
+            f"score.cross_encoder_path: {config.cross_encoder_path} is not a transformers model directory (no config.json)"
+        )
+
+
 def load_teacher(config: ScoreConfig):
     """The configured teacher: an object with `.score(queries, passages) -> np.ndarray`."""
+    check_teacher(config)
     if config.teacher == "cross_encoder":
-        if not config.cross_encoder_path:
-            raise LLMError("score.cross_encoder_path: required when score.teacher is 'cross_encoder'")
         return CrossEncoderTeacher(config.cross_encoder_path, config.batch_size, config.max_length)
     from peg.llm.scorer import LLMScorer
 
     return LLMScorer(config.llm)
+
+
+def score_candidates(
+    score: ScoreFn, queries: Mapping[str, str], passages: Mapping[str, str], candidates: Mapping[str, Sequence[str]]
+) -> dict[str, list[float]]:
+    """Teacher scores of a run (query id -> candidate passage ids), in one batched call.
+
+    Unknown query or passage ids raise LLMError naming them."""
+    unknown = [q for q in candidates if q not in queries]
+    if unknown:
+        raise LLMError(f"unknown query id(s) {unknown[:5]}: not among the {len(queries)} queries given")
+    unknown = sorted({p for ids in candidates.values() for p in ids if p not in passages})
+    if unknown:
+        raise LLMError(f"unknown passage id(s) {unknown[:5]}: not among the {len(passages)} passages given")
+    pairs = [(q, p) for q, ids in candidates.items() for p in ids]
+    flat = np.asarray(score([queries[q] for q, _ in pairs], [passages[p] for _, p in pairs])).tolist() if pairs else []
+    out, offset = {}, 0
+    for q, ids in candidates.items():
+        out[q] = flat[offset : offset + len(ids)]
+        offset += len(ids)
+    return out
 
 
 def score_examples(examples: Sequence[TrainingExample], score: ScoreFn, list_size: int) -> list[TrainingExample]:
@@ -126,6 +160,7 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
     """The `score` stage: teacher scores for every candidate list of `input_key`, on Ray."""
     from peg.mine import ray_session
 
+    check_teacher(config.score)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
     base = f"{config.name}/score"
     config_hash = config.section_hash("score") + ":" + input_identity(store, input_key)
