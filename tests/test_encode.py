@@ -13,7 +13,7 @@ from tiny import make_tiny_model
 import peg.mine.encode as encode_module
 from peg.config import RunConfig, StoreConfig
 from peg.data import DataError, Passage
-from peg.mine import encode_corpus, encode_queries
+from peg.mine import encode_corpus
 from peg.mine.encode import cache_key
 from peg.model import Encoder
 from peg.store import open_store
@@ -49,12 +49,17 @@ def make_config(model_dir, tmp_path, **encode) -> RunConfig:
     })
 
 
-def test_encode_equals_in_process_encoder_and_second_call_is_a_cache_hit(ray_local, model_dir, tmp_path, monkeypatch):
-    config = make_config(model_dir, tmp_path)
+@pytest.fixture(scope="module")
+def encoded(ray_local, model_dir, tmp_path_factory):
+    """The corpus encoded once on 2 Ray actors: (config, store, passages, embeddings)."""
+    config = make_config(model_dir, tmp_path_factory.mktemp("encode"))
     store = open_store(config.store)
     corpus = passages()
-    emb = encode_corpus(config, store, corpus)
+    return config, store, corpus, encode_corpus(config, store, corpus)
 
+
+def test_encode_equals_in_process_encoder_and_second_call_is_a_cache_hit(encoded, monkeypatch):
+    config, store, corpus, emb = encoded
     assert emb.ids == [p.id for p in corpus]
     want = Encoder(config.model).encode([p.full_text for p in corpus], "passage", batch_size=7)
     np.testing.assert_allclose(emb.matrix, want, atol=2e-6)
@@ -75,11 +80,8 @@ def test_encode_equals_in_process_encoder_and_second_call_is_a_cache_hit(ray_loc
     assert again.ids == emb.ids and np.array_equal(again.matrix, emb.matrix)
 
 
-def test_a_missing_shard_is_reencoded_alone(ray_local, model_dir, tmp_path, monkeypatch):
-    config = make_config(model_dir, tmp_path)
-    store = open_store(config.store)
-    queries = {f"q{i}": f"question {i} about protein {i % 7}" for i in range(110)}
-    first = encode_queries(config, store, queries)
+def test_a_missing_shard_is_reencoded_alone(encoded, monkeypatch):
+    config, store, corpus, first = encoded
     store.delete(f"{first.key}/shard-00001.npz")
 
     calls = []
@@ -90,10 +92,11 @@ def test_a_missing_shard_is_reencoded_alone(ray_local, model_dir, tmp_path, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(encode_module, "_encode_shards", spy)
-    second = encode_queries(config, store, queries)
+    second = encode_corpus(config, store, corpus)
     assert calls == [[1]]
-    assert second.ids == list(queries)
+    assert second.ids == first.ids
     np.testing.assert_allclose(second.matrix, first.matrix, atol=2e-6)
+    np.testing.assert_array_equal(second.matrix[:50], first.matrix[:50])  # shard 0 was read back, not redone
 
 
 def test_cache_key_follows_model_weights_settings_and_data(model_dir, tmp_path):

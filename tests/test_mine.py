@@ -123,7 +123,8 @@ def test_mined_examples_obey_the_selection_rules(mined):
     assert stats["queries_short"] == sum(len(e.neg_ids) < 3 for e in examples)
     assert stats["short_query_ids"] == [e.query_id for e in examples if len(e.neg_ids) < 3]
     assert store.local_path(result.keys["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads(store.local_path(result.keys["stats"]).read_text())["kept"] == stats["kept"]
+    stored = json.loads(store.local_path(result.keys["stats"]).read_text())
+    assert stored["kept"] == stats["kept"] and stored["queries_without_positives"] == 1
 
 
 def test_failed_shard_is_named_and_a_rerun_redoes_only_it(mined, monkeypatch):

@@ -233,7 +233,7 @@ def _encode_shards(
             },
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=config.encode.actor_cpus,
             num_gpus=gpus or None,
         )

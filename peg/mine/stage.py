@@ -191,36 +191,37 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
                 ivf_nlist=mining.ivf_nlist, ivf_nprobe=mining.ivf_nprobe,
                 hnsw_m=mining.hnsw_m, hnsw_ef_search=mining.hnsw_ef_search,
             )
-            task = ray.remote(num_cpus=mining.actor_cpus, max_retries=0)(_mine_shard)
-            pending = {}
-            for s in todo:
-                span = slice(s * size, (s + 1) * size)
-                ref = task.remote(
-                    s, query_matrix[span], query_ids[span], positives[span], duplicates[span],
-                    min_positive[span], index.actors, mining.model_dump(mode="json"), s in fail_shards,
-                )
-                pending[ref] = s
-            total = sum(len(query_ids[s * size : (s + 1) * size]) for s in todo)
-            with progress_bar(total, "mine query shards", enabled=show_progress, unit="queries") as advance:
-                while pending:
-                    [ref], _ = ray.wait(list(pending), num_returns=1)
-                    s = pending.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except Exception as e:  # a Ray task/actor failure: record it, finish the other shards
-                        failed[s] = _root_cause(e)
-                        continue
+            try:
+                task = ray.remote(num_cpus=mining.actor_cpus, max_retries=0)(_mine_shard)
+                pending = {}
+                for s in todo:
                     span = slice(s * size, (s + 1) * size)
-                    _store_shard(config, store, s, result, dataset, query_ids[span], positives[span],
-                                 positive_scores[span], corpus, texts, config_hash, tmp)
-                    advance(len(result["records"]))
-            index.close()
+                    ref = task.remote(
+                        s, query_matrix[span], query_ids[span], positives[span], duplicates[span],
+                        min_positive[span], index.actors, mining.model_dump(mode="json"), s in fail_shards,
+                    )
+                    pending[ref] = s
+                total = sum(len(query_ids[s * size : (s + 1) * size]) for s in todo)
+                with progress_bar(total, "mine query shards", enabled=show_progress, unit="queries") as advance:
+                    while pending:
+                        [ref], _ = ray.wait(list(pending), num_returns=1)
+                        s = pending.pop(ref)
+                        try:
+                            result = ray.get(ref)
+                        except Exception as e:  # a Ray task/actor failure: record it, finish the other shards
+                            failed[s] = _root_cause(e)
+                            continue
+                        span = slice(s * size, (s + 1) * size)
+                        _store_shard(config, store, s, result, dataset, query_ids[span], positives[span],
+                                     positive_scores[span], corpus, texts, config_hash, tmp)
+                        advance(len(result["records"]))
+            finally:
+                index.close()
         if failed:
             raise MiningError(failed, stored=len(shards) - len(failed))
-        stats, keys = _combine(config, store, shards, config_hash, tmp)
-    stats["queries_without_positives"] = no_positive
-    stats["corpus_embeddings"] = corpus.key
-    stats["query_embeddings"] = queries.key
+        extra = {"queries_without_positives": no_positive, "corpus_embeddings": corpus.key,
+                 "query_embeddings": queries.key}
+        stats, keys = _combine(config, store, shards, config_hash, tmp, extra)
     return MineResult(computed=todo, reused=reused, stats=stats, keys=keys, seconds=time.monotonic() - started)
 
 
@@ -258,7 +259,7 @@ def _store_shard(config, store, shard, result, dataset, query_ids, positives, po
         store.put_file(keys[part], files[part], producer="mine", config_hash=config_hash)
 
 
-def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_hash: str, tmp: Path):
+def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_hash: str, tmp: Path, extra: dict):
     """Concatenate the shards into train.jsonl / retrieval_scores.jsonl, sum stats, draw the histogram."""
     base = f"{config.name}/mine"
     keys = {"train": f"{base}/train.jsonl", "scores": f"{base}/retrieval_scores.jsonl",
@@ -287,6 +288,7 @@ def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_
         "dropped": {rule: totals["dropped"].get(rule, 0) for rule in RULES},
         "short_query_ids": short_ids,
         "query_shards": len(shards),
+        **extra,
         "mining": config.mining.model_dump(mode="json"),
     }
     _plot_histogram(tmp / "scores.png", pos_scores, neg_scores, config.mining)
