@@ -22,7 +22,8 @@ capped at 1 (K = `stages` plateaus).
    does not drift. Loss = mean over local queries of w_i l_i.
 
 With beta = 0 throughout and `self_paced` off, the loss is plain InfoNCE, bit for bit.
-`last_stats` holds beta, pace, threshold and the weight statistics of the last call.
+`last_stats` holds beta, pace, threshold, the weight statistics and `infonce` (the plain,
+unweighted InfoNCE of the same batch, comparable across steps) of the last call.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ class ProgressiveInfoNCELoss(EmbeddingLoss):
             logits = logits + hardness
         if mask is not None:
             logits = logits.masked_fill(mask, float("-inf"))
-        stats = {"beta": beta}
+        with torch.no_grad():  # plain InfoNCE on the same batch: comparable across steps whatever beta(t)
+            plain = scores / self.temperature if mask is None else (scores / self.temperature).masked_fill(mask, float("-inf"))
+            stats = {"beta": beta, "infonce": float(F.cross_entropy(plain, targets))}
         if not self.self_paced:
             loss = F.cross_entropy(logits, targets)
             stats.update(loss=float(loss.detach()))
