@@ -154,75 +154,99 @@ def _read_text(store: ArtifactStore, key: str, tmp: Path) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
+@dataclass
+class MiningQueries:
+    """The queries that have positives, aligned lists: ids, embeddings, positive rows and scores."""
+
+    ids: list[str]
+    matrix: np.ndarray
+    positives: list[list[int]]  # corpus rows of each query's positives
+    duplicates: list[list[int]]  # corpus rows with a positive's exact text (not positives themselves)
+    positive_scores: list[list[float]]
+
+    def shard(self, shard: int, size: int) -> MiningQueries:
+        span = slice(shard * size, (shard + 1) * size)
+        return MiningQueries(self.ids[span], self.matrix[span], self.positives[span], self.duplicates[span],
+                             self.positive_scores[span])
+
+
+def mining_queries(dataset: BeirDataset, corpus: EmbeddingSet, texts: list[str], queries: EmbeddingSet) -> MiningQueries:
+    """Positives (relevance > 0), their exact-text duplicates and scores, for each query that has positives."""
+    ids = [q for q in dataset.queries if any(r > 0 for r in dataset.qrels[q].values())]
+    matrix = queries.matrix[[queries.rows()[q] for q in ids]]
+    rows_of = corpus.rows()
+    rows_of_text: dict[str, list[int]] = {}
+    for row, text in enumerate(texts):
+        rows_of_text.setdefault(text, []).append(row)
+    positives = [[rows_of[p] for p, r in dataset.qrels[q].items() if r > 0] for q in ids]
+    duplicates = [sorted({d for p in pos for d in rows_of_text[texts[p]]} - set(pos)) for pos in positives]
+    scores = [(corpus.matrix[pos] @ matrix[i]).tolist() for i, pos in enumerate(positives)]
+    return MiningQueries(ids, matrix, positives, duplicates, scores)
+
+
 def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> MineResult:
     """Mine hard negatives for the train split; resumable per query shard (see the module docstring)."""
     started = time.monotonic()
     dataset = load_train_split(config)
-    mining = config.mining
     config_hash = config.section_hash("model", "data", "mining")
-    fail_shards = _failed_shards_from_env()
     with ray_session(), tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
         tmp = Path(tmpdir)
         corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)
         texts = [dataset.corpus[pid].full_text for pid in corpus.ids]
-        query_ids = [q for q in dataset.queries if any(r > 0 for r in dataset.qrels[q].values())]
-        no_positive = len(dataset.queries) - len(query_ids)
-        queries = encode_queries(config, store, dataset.queries, show_progress)  # the same set `peg encode` caches
-        query_matrix = queries.matrix[[queries.rows()[q] for q in query_ids]]
+        queries = encode_queries(config, store, dataset.queries, show_progress)  # the set `peg encode` caches
+        table = mining_queries(dataset, corpus, texts, queries)
 
-        rows_of = corpus.rows()
-        rows_of_text: dict[str, list[int]] = {}
-        for row, text in enumerate(texts):
-            rows_of_text.setdefault(text, []).append(row)
-        positives = [[rows_of[p] for p, r in dataset.qrels[q].items() if r > 0] for q in query_ids]
-        duplicates = [sorted({d for p in pos for d in rows_of_text[texts[p]]} - set(pos)) for pos in positives]
-        positive_scores = [(corpus.matrix[pos] @ query_matrix[i]).tolist() for i, pos in enumerate(positives)]
-        min_positive = [min(scores) for scores in positive_scores]
-
-        size = mining.query_shard_size
-        shards = list(range((len(query_ids) + size - 1) // size))
+        size = config.mining.query_shard_size
+        shards = list(range((len(table.ids) + size - 1) // size))
         reused = [s for s in shards if _is_stored(store, _shard_keys(config, s), config_hash)]
         todo = [s for s in shards if s not in reused]
-        failed: dict[int, str] = {}
         if todo:
-            index = ShardedIndex(
-                corpus.matrix, corpus.ids, mining.num_shards, mining.index,
-                actor_cpus=mining.actor_cpus, actor_gpus=mining.actor_gpus,
-                ivf_nlist=mining.ivf_nlist, ivf_nprobe=mining.ivf_nprobe,
-                hnsw_m=mining.hnsw_m, hnsw_ef_search=mining.hnsw_ef_search,
-            )
-            try:
-                task = ray.remote(num_cpus=mining.actor_cpus, max_retries=0)(_mine_shard)
-                pending = {}
-                for s in todo:
-                    span = slice(s * size, (s + 1) * size)
-                    ref = task.remote(
-                        s, query_matrix[span], query_ids[span], positives[span], duplicates[span],
-                        min_positive[span], index.actors, mining.model_dump(mode="json"), s in fail_shards,
-                    )
-                    pending[ref] = s
-                total = sum(len(query_ids[s * size : (s + 1) * size]) for s in todo)
-                with progress_bar(total, "mine query shards", enabled=show_progress, unit="queries") as advance:
-                    while pending:
-                        [ref], _ = ray.wait(list(pending), num_returns=1)
-                        s = pending.pop(ref)
-                        try:
-                            result = ray.get(ref)
-                        except Exception as e:  # a Ray task/actor failure: record it, finish the other shards
-                            failed[s] = _root_cause(e)
-                            continue
-                        span = slice(s * size, (s + 1) * size)
-                        _store_shard(config, store, s, result, dataset, query_ids[span], positives[span],
-                                     positive_scores[span], corpus, texts, config_hash, tmp)
-                        advance(len(result["records"]))
-            finally:
-                index.close()
-        if failed:
-            raise MiningError(failed, stored=len(shards) - len(failed))
-        extra = {"queries_without_positives": no_positive, "corpus_embeddings": corpus.key,
-                 "query_embeddings": queries.key}
+            failed = _mine_shards(config, store, todo, table, dataset, corpus, texts, config_hash, tmp, show_progress)
+            if failed:
+                raise MiningError(failed, stored=len(shards) - len(failed))
+        extra = {"queries_without_positives": len(dataset.queries) - len(table.ids),
+                 "corpus_embeddings": corpus.key, "query_embeddings": queries.key}
         stats, keys = _combine(config, store, shards, config_hash, tmp, extra)
     return MineResult(computed=todo, reused=reused, stats=stats, keys=keys, seconds=time.monotonic() - started)
+
+
+def _mine_shards(config: RunConfig, store: ArtifactStore, todo: list[int], table: MiningQueries, dataset: BeirDataset,
+                 corpus: EmbeddingSet, texts: list[str], config_hash: str, tmp: Path, show_progress: bool) -> dict[int, str]:
+    """Run the `todo` query shards as Ray tasks, storing each as it finishes; returns {shard: error} of failures."""
+    mining = config.mining
+    fail_shards = _failed_shards_from_env()
+    size = mining.query_shard_size
+    index = ShardedIndex(
+        corpus.matrix, corpus.ids, mining.num_shards, mining.index,
+        actor_cpus=mining.actor_cpus, actor_gpus=mining.actor_gpus,
+        ivf_nlist=mining.ivf_nlist, ivf_nprobe=mining.ivf_nprobe,
+        hnsw_m=mining.hnsw_m, hnsw_ef_search=mining.hnsw_ef_search,
+    )
+    failed: dict[int, str] = {}
+    try:
+        task = ray.remote(num_cpus=mining.actor_cpus, max_retries=0)(_mine_shard)
+        pending = {}
+        for s in todo:
+            part = table.shard(s, size)
+            ref = task.remote(s, part.matrix, part.ids, part.positives, part.duplicates,
+                              [min(scores) for scores in part.positive_scores], index.actors,
+                              mining.model_dump(mode="json"), s in fail_shards)
+            pending[ref] = s
+        total = sum(len(table.shard(s, size).ids) for s in todo)
+        with progress_bar(total, "mine query shards", enabled=show_progress, unit="queries") as advance:
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                s = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # a Ray task/actor failure: record it, finish the other shards
+                    failed[s] = _root_cause(e)
+                    continue
+                _store_shard(config, store, s, result, dataset, table.shard(s, size), corpus, texts, config_hash, tmp)
+                advance(len(result["records"]))
+    finally:
+        index.close()
+    return failed
 
 
 def _root_cause(error: Exception) -> str:
@@ -232,12 +256,12 @@ def _root_cause(error: Exception) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}".rstrip(": ")
 
 
-def _store_shard(config, store, shard, result, dataset, query_ids, positives, positive_scores, corpus, texts,
-                 config_hash, tmp) -> None:
+def _store_shard(config: RunConfig, store: ArtifactStore, shard: int, result: dict, dataset: BeirDataset,
+                 part: MiningQueries, corpus: EmbeddingSet, texts: list[str], config_hash: str, tmp: Path) -> None:
     """Write one finished query shard's examples, retrieval scores and stats, and put them (examples last)."""
     keys = _shard_keys(config, shard)
     examples, scores = [], []
-    for qid, pos, pos_scores, record in zip(query_ids, positives, positive_scores, result["records"], strict=True):
+    for qid, pos, pos_scores, record in zip(part.ids, part.positives, part.positive_scores, result["records"], strict=True):
         neg_rows = record["neg_rows"]
         examples.append(TrainingExample(
             query=dataset.queries[qid],
