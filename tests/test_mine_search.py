@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import faiss
 import numpy as np
 import pytest
@@ -84,6 +88,20 @@ def test_more_shards_than_passages_is_a_clear_error(ray_local):
 def test_more_shard_actors_than_cpus_is_a_clear_error_not_a_hang(ray_local):
     with pytest.raises(ValueError, match=r"5 shard actors x 0.5 CPUs .* exceed the 2 CPUs"):
         ShardedIndex(np.eye(8, dtype=np.float32), list("abcdefgh"), num_shards=5, actor_cpus=0.5)
+
+
+def test_ray_session_joins_the_cluster_named_by_ray_address(ray_local):
+    """What a KubeRay RayJob does: RAY_ADDRESS set -> connect to that cluster, start none."""
+    address = ray.get_runtime_context().gcs_address
+    code = (
+        "import ray\nfrom peg.mine import ray_session\n"
+        "with ray_session():\n    print(ray.get_runtime_context().gcs_address)\n"
+        "print(ray.is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_ADDRESS": address},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [address, "False"]
 
 
 # ---- negative selection (pure functions) ----
