@@ -237,7 +237,8 @@ def _encode_shards(
             num_cpus=config.encode.actor_cpus,
             num_gpus=gpus or None,
         )
-        with progress_bar(len(items), f"encode {kind}s", enabled=show_progress, unit=f"{kind}s") as advance:
+        plural = "queries" if kind == "query" else "passages"
+        with progress_bar(len(items), f"encode {plural}", enabled=show_progress, unit=plural) as advance:
             for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
                 for row, emb in zip(batch["row"].tolist(), batch["embedding"], strict=True):
                     shard = row // size
