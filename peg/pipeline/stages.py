@@ -8,6 +8,7 @@ returns any extra output keys it made elsewhere. Heavy imports happen inside `ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ class StageContext:
     def work_dir(self, stage: str) -> Path:
         """A local scratch directory kept across reruns of the same stage config (train checkpoints)."""
         root = Path(os.environ.get("PEG_WORK_DIR", Path.home() / ".cache" / "peg" / "work"))
-        path = root / self.config.name / f"{stage}-{self.stage_hash[:16]}"
+        store_id = hashlib.sha256(self.store.describe().encode()).hexdigest()[:8]
+        path = root / f"{self.config.name}-{store_id}" / f"{stage}-{self.stage_hash[:16]}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

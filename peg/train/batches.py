@@ -8,12 +8,15 @@ dropped), then the batches of all datasets are shuffled together. A batch positi
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from peg.data.errors import DataError, iter_jsonl
 from peg.data.pairs import parse_example
+
+logger = logging.getLogger(__name__)
 
 
 class BatchError(ValueError):
@@ -40,15 +43,19 @@ class RankBatch:
 
 
 def load_dataset(path: str | Path, hard_negatives: int, need_scores: bool) -> list[Query]:
-    """Read a training-pair JSONL file into queries with exactly `hard_negatives` negatives each."""
+    """Read a training-pair JSONL file into queries with exactly `hard_negatives` negatives each.
+
+    Examples with fewer negatives (mining keeps no padding: a query may have too few) are
+    skipped with a warning naming how many and the first line; if none is left it is an error.
+    """
     path = Path(path)
     queries = []
+    short: list[tuple[int, int]] = []  # (line, negatives) of skipped examples
     for lineno, obj in iter_jsonl(path):
         ex = parse_example(obj, path, lineno)
         if len(ex.neg) < hard_negatives:
-            raise DataError(
-                path, lineno, f"{len(ex.neg)} negatives, but batch.hard_negatives asks for {hard_negatives}"
-            )
+            short.append((lineno, len(ex.neg)))
+            continue
         scores = None
         if need_scores:
             missing = [k for k in ("pos_scores", "neg_scores") if getattr(ex, k) is None]
@@ -58,8 +65,19 @@ def load_dataset(path: str | Path, hard_negatives: int, need_scores: bool) -> li
                 )
             scores = (ex.pos_scores[0], *(ex.neg_scores or [])[:hard_negatives])
         queries.append(Query(ex.query, (ex.pos[0], *ex.neg[:hard_negatives]), scores))
+    if short and not queries:
+        line, count = short[0]
+        raise DataError(
+            path, line, f"{count} negatives, but batch.hard_negatives asks for {hard_negatives} (no example has enough)"
+        )
     if not queries:
         raise DataError(path, None, "no training examples")
+    if short:
+        line, count = short[0]
+        logger.warning(
+            "%s: skipped %d of %d examples with fewer than %d negatives (first: line %d, %d negatives)",
+            path, len(short), len(short) + len(queries), hard_negatives, line, count,
+        )
     return queries
 
 

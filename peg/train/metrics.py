@@ -51,7 +51,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
     weight_keys = sorted({k for r in records for k in r if k.startswith("weight")})
-    panels = [("loss", ["loss"]), ("learning rate", ["lr"]), ("beta(t)", ["beta"]), ("query weights", weight_keys)]
+    panels = [("loss", ["loss", "infonce"]), ("learning rate", ["lr"]), ("beta(t)", ["beta"]), ("query weights", weight_keys)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
