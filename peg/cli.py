@@ -271,13 +271,17 @@ def pipeline_stage(
     path: ConfigPath,
 ) -> None:
     """Run one stage and mark it complete: the entrypoint local processes and pods both run."""
+    from peg.llm.shards import ShardsFailed
+    from peg.mine.stage import MiningError
     from peg.pipeline import run_stage_entrypoint
+    from peg.store import StoreError
+    from peg.train import TrainError
 
     config = read_config(path)
     try:
         run_stage_entrypoint(config, path.resolve(), name)
-    except (ConfigError, DataError, ValueError) as e:
-        fail(str(e))
+    except (ConfigError, DataError, ValueError, StoreError, MiningError, ShardsFailed, TrainError) as e:
+        fail(f"stage {name}: {e}")
 
 
 @app.command("train")
