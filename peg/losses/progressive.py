@@ -111,16 +111,15 @@ class ProgressiveInfoNCELoss(EmbeddingLoss):
     ) -> torch.Tensor:
         scores, targets, mask = contrastive_logits(q_emb, p_emb, passages_per_query, query_offset, passage_ids)
         logits = scores / self.temperature
+        if mask is not None:
+            logits = logits.masked_fill(mask, float("-inf"))
         beta = self.beta()
-        if beta != 0.0:
+        # the plain InfoNCE of the same batch: comparable across steps whatever beta(t)
+        stats = {"beta": beta, "infonce": float(F.cross_entropy(logits.detach(), targets))}
+        if beta != 0.0:  # masked entries stay -inf
             hardness = scores.detach() * (beta / self.temperature)
             hardness[torch.arange(targets.numel(), device=targets.device), targets] = 0.0
             logits = logits + hardness
-        if mask is not None:
-            logits = logits.masked_fill(mask, float("-inf"))
-        with torch.no_grad():  # plain InfoNCE on the same batch: comparable across steps whatever beta(t)
-            plain = scores / self.temperature if mask is None else (scores / self.temperature).masked_fill(mask, float("-inf"))
-            stats = {"beta": beta, "infonce": float(F.cross_entropy(plain, targets))}
         if not self.self_paced:
             loss = F.cross_entropy(logits, targets)
             stats.update(loss=float(loss.detach()))
