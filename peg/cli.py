@@ -284,6 +284,25 @@ def pipeline_stage(
         fail(f"stage {name}: {e}")
 
 
+@app.command("pretrain")
+def pretrain_command(
+    path: ConfigPath,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Local output directory.")] = Path("peg-pretrain"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --output.")] = False,
+) -> None:
+    """Masked auto-encoding pretraining on data.beir's corpus (RetroMAE-style, `pretrain` section),
+    distributed like `peg train`; export the encoder to OUTPUT/model for `train` to start from."""
+    from peg.train import BatchError, TrainError
+    from peg.train.pretrain import pretrain
+
+    config = read_config(path)
+    try:
+        model_dir = pretrain(config, output, resume=resume)
+    except (ConfigError, DataError, BatchError, TrainError) as e:
+        fail(str(e))
+    console.print(f"model: {model_dir}")
+
+
 @app.command("train")
 def train_command(
     path: ConfigPath,

@@ -35,6 +35,12 @@ class DataConfig(Section):
         description="Extra training-pair JSONL files ({query, pos, neg, ...}); one dataset each.",
     )
     max_train_queries: int | None = Field(None, ge=1, description="Use only the first N training queries.")
+    train_queries: Literal["human", "synthetic", "both"] = Field(
+        "human",
+        description="Queries that mining turns into training data: human (the BEIR train split's queries and "
+        "qrels), synthetic (the synth stage's kept queries; no human query or qrel is read, so a BEIR folder "
+        "with only corpus.jsonl will do) or both.",
+    )
 
 
 class ModelConfig(Section):
@@ -126,6 +132,23 @@ class TrainConfig(Section):
         return self
 
 
+class PretrainConfig(Section):
+    """PEG's optional corpus pretraining before `train`: RetroMAE-style masked auto-encoding
+    (see `peg.train.pretrain`). ZeRO stage, processes, precision, warmup and clipping come from `train`."""
+
+    enabled: bool = False
+    encoder_mask_rate: float = Field(0.3, ge=0.15, le=0.3, description="Fraction of tokens the encoder sees masked.")
+    decoder_mask_rate: float = Field(0.5, ge=0.5, le=0.7, description="Fraction masked in the decoder's copy.")
+    batch_size: int = Field(32, ge=1, description="Global passages per optimizer step (split across ranks).")
+    max_length: int = Field(256, ge=8, description="Tokens per passage.")
+    num_passages: int | None = Field(None, ge=1, description="Pretrain on the first N corpus passages (None: all).")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    checkpoint_every: int | None = Field(None, ge=1, description="Optimizer steps between checkpoints.")
+    seed: int = 42
+
+
 class EncodeConfig(Section):
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1, description="Ray encoder actors.")
@@ -202,8 +225,14 @@ class ScoreConfig(Section):
     """Teacher scoring of candidate lists for listwise distillation."""
 
     enabled: bool = False
-    teacher: Literal["cross_encoder", "llm"] = Field(
-        "llm", description="cross_encoder: a local AutoModelForSequenceClassification folder; llm: `llm` scorer."
+    teacher: Literal["cross_encoder", "llm", "llm_biencoder"] = Field(
+        "llm",
+        description="cross_encoder: a local AutoModelForSequenceClassification folder (the production teacher); "
+        "llm: the `llm` scorer; llm_biencoder: per query, (1 - biencoder_weight) x z(llm score) + "
+        "biencoder_weight x z(cosine of the run's model), z = z-normalised over the query's candidates.",
+    )
+    biencoder_weight: float = Field(
+        0.5, ge=0, le=1, description="llm_biencoder: weight of the bi-encoder's z-score (choose it on a dev split)."
     )
     cross_encoder_path: str | None = Field(None, description="Local cross-encoder folder (ms-marco-MiniLM, bge-reranker...).")
     llm: LLMConfig = LLMConfig()
@@ -228,10 +257,14 @@ class SynthConfig(Section):
     temperature: float = Field(0.8, ge=0, description="Sampling temperature (0: greedy).")
     max_new_tokens: int = Field(50, ge=1)
     filter_top_k: int = Field(20, ge=1, description="Round trip: the source must be in the top k.")
+    filter_teacher: bool = Field(
+        True, description="Round trip: the teacher (`score`) must also rank the source first among the top k."
+    )
     seed: int = Field(0, description="Sampling seed (per shard: seed + shard number).")
 
 
 class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate on data.eval_split (reads only that split's queries and qrels).")
     batch_size: int = Field(64, ge=1)
     k_values: list[int] = [10, 100]
 
@@ -284,6 +317,7 @@ class RunConfig(Section):
     loss: LossConfig = LossConfig()
     batch: BatchConfig = BatchConfig()
     train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     encode: EncodeConfig = EncodeConfig()
     mining: MiningConfig = MiningConfig()
     judge: JudgeConfig = JudgeConfig()
@@ -300,6 +334,8 @@ class RunConfig(Section):
                 f"batch.hard_negatives + 1 ({self.batch.hard_negatives + 1}) exceeds loss.listwise.list_size "
                 f"({self.loss.listwise.list_size})"
             )
+        if self.data.train_queries != "human" and not self.synth.enabled:
+            raise ValueError(f"data.train_queries {self.data.train_queries!r} needs synth.enabled: true")
         return self
 
     def section_hash(self, *sections: str) -> str:

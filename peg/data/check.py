@@ -17,7 +17,8 @@ class CheckReport:
 
 
 def check_path(path: str | Path, splits: list[str] | None = None) -> CheckReport:
-    """Check a BEIR folder (all qrels splits unless `splits`) or a training-pair JSONL file."""
+    """Check a BEIR folder (all qrels splits unless `splits`; only its corpus when it has neither
+    queries.jsonl nor qrels/) or a training-pair JSONL file."""
     path = Path(path)
     report = CheckReport()
     collect = report.problems.append
@@ -27,8 +28,10 @@ def check_path(path: str | Path, splits: list[str] | None = None) -> CheckReport
     if not path.is_dir():
         raise DataError(path, None, "not found (expected a BEIR folder or a training-pair JSONL file)")
     corpus = {p.id: p for p in iter_corpus(path, collect)}
-    queries = load_queries(path, collect)
     report.counts["passages"] = len(corpus)
+    if splits is None and not (path / "queries.jsonl").exists() and not (path / "qrels").exists():
+        return report  # a corpus-only folder: valid input for training on synthetic queries
+    queries = load_queries(path, collect)
     report.counts["queries"] = len(queries)
     if splits is None:
         splits = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))

@@ -5,8 +5,8 @@ web_query) the LLM gets a few-shot chat (two worked examples, then the passage c
 `synth.llm.max_passage_chars`) and samples one query (`synth.temperature`, at most
 `synth.max_new_tokens`), batched `generate` with left padding. The round-trip filter keeps a query
 only if dense retrieval with the run's encoder (`model`) over the whole corpus finds its source in
-the top `synth.filter_top_k`, and the teacher (`score`) ranks the source first among those
-retrieved candidates. Sampling is seeded per shard (`synth.seed` + shard number).
+the top `synth.filter_top_k`, and (with `synth.filter_teacher`) the teacher (`score`) ranks the
+source first among those retrieved candidates. Sampling is seeded per shard (`synth.seed` + shard number).
 
 Artifacts (keys under `<run name>/synth/`): `shard-NNNNN.{queries.jsonl,stats.json,jsonl}` per
 passage shard (every generated query with its fate; counts by type; kept examples), then
@@ -30,7 +30,7 @@ from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.loading import LLMError, check_model_source, load_causal_lm
 from peg.llm.scorer import left_pad
 from peg.llm.shards import missing_shards, put_json, put_text, read_text, run_shards
-from peg.llm.teacher import check_teacher, load_teacher, score_candidates
+from peg.llm.teacher import CalibratedTeacher, check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
 PARTS = ("queries.jsonl", "stats.json", "jsonl")
@@ -93,9 +93,12 @@ def clean_query(text: str) -> str:
 
 def round_trip_outcome(source_id: str, retrieved_ids: Sequence[str], teacher_scores: Sequence[float] | None) -> str:
     """'not_retrieved' if the source is not among `retrieved_ids` (the top k); 'not_top_teacher' if
-    some other candidate has a higher teacher score than the source; else 'kept' (ties keep)."""
+    some other candidate has a higher teacher score than the source; else 'kept' (ties keep).
+    Without teacher scores (`synth.filter_teacher` off) a retrieved source is kept."""
     if source_id not in retrieved_ids:
         return "not_retrieved"
+    if teacher_scores is None:
+        return "kept"
     source_score = teacher_scores[list(retrieved_ids).index(source_id)]
     return "kept" if source_score >= max(teacher_scores) else "not_top_teacher"
 
@@ -158,11 +161,15 @@ class SynthProcessor:
         self.config = SynthConfig(**synth)
         score_config = ScoreConfig(**score)
         self.writer = QueryWriter(self.config)
-        if score_config.teacher == "llm" and _same_model(score_config.llm, self.config.llm):
-            self.teacher = LLMScorer(score_config.llm, self.writer.model, self.writer.tokenizer)
-        else:
-            self.teacher = load_teacher(score_config)
         self.encoder = Encoder(ModelConfig(**model))
+        shared_llm = score_config.teacher in ("llm", "llm_biencoder") and _same_model(score_config.llm, self.config.llm)
+        if not self.config.filter_teacher:
+            self.teacher = None
+        elif shared_llm:  # the writer's model scores too: one copy per actor
+            llm = LLMScorer(score_config.llm, self.writer.model, self.writer.tokenizer)
+            self.teacher = llm if score_config.teacher == "llm" else CalibratedTeacher(score_config, None, llm, self.encoder)
+        else:
+            self.teacher = load_teacher(score_config, ModelConfig(**model))
         self.corpus_texts = corpus_texts
         self.index = index
 
@@ -181,7 +188,7 @@ class SynthProcessor:
             # only queries whose source was retrieved need the teacher
             candidates = {key: ids for key, ids in retrieved.items() if live[key]["passage_id"] in ids}
             queries = {key: r["query"] for key, r in live.items()}
-            scores = score_candidates(self.teacher.score, queries, self.corpus_texts, candidates)
+            scores = {} if self.teacher is None else score_candidates(self.teacher.score, queries, self.corpus_texts, candidates)
             for key, r in live.items():
                 ids = retrieved[key]
                 r["retrieved_rank"] = ids.index(r["passage_id"]) + 1 if r["passage_id"] in ids else None
@@ -213,7 +220,8 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
     from peg.mine import ShardedIndex, encode_corpus, ray_session
 
     check_model_source(config.synth.llm)  # bad paths fail here, not once per Ray actor
-    check_teacher(config.score)
+    if config.synth.filter_teacher:
+        check_teacher(config.score)
     if not config.data.beir:
         raise ConfigError("data.beir: synth needs a BEIR corpus; set data.beir in the run config")
     corpus = list(iter_corpus(config.data.beir))

@@ -1,8 +1,9 @@
 """Teacher scoring of candidate lists for listwise distillation.
 
 The teacher is a cross-encoder from a local folder (any AutoModelForSequenceClassification:
-ms-marco-MiniLM, bge-reranker...; the production choice) or the LLM scorer (`score.llm`, either
-mode; the offline default). Each query's list is its positives followed by its negatives, cut to
+ms-marco-MiniLM, bge-reranker...; the production choice), the LLM scorer (`score.llm`, either
+mode; the offline default) or `llm_biencoder`, the LLM's and the run's bi-encoder's scores
+z-normalised per query and mixed with `score.biencoder_weight` (`CalibratedTeacher`). Each query's list is its positives followed by its negatives, cut to
 `score.list_size` candidates; the scores go into the training JSONL as `pos_scores`/`neg_scores`.
 
 Artifacts (keys under `<run name>/score/`): `shard-NNNNN.{stats.json,jsonl}` per shard, then
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peg.config import RunConfig, ScoreConfig
+from peg.config import ModelConfig, RunConfig, ScoreConfig
 from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
@@ -71,9 +72,52 @@ class CrossEncoderTeacher:
         return out
 
 
+def zscore_by_query(queries: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    """Scores z-normalised among the pairs that share a query (0 where a query has one pair or
+    equal scores)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.zeros_like(scores)
+    groups: dict[str, list[int]] = {}
+    for i, query in enumerate(queries):
+        groups.setdefault(query, []).append(i)
+    for rows in groups.values():
+        values = scores[rows]
+        std = values.std()
+        out[rows] = (values - values.mean()) / std if std > 0 else 0.0
+    return out
+
+
+class CalibratedTeacher:
+    """An offline teacher from two weak signals, calibrated per query: (1 - w) x z(LLM score) +
+    w x z(bi-encoder cosine), each z-normalised over the query's candidates in the call.
+
+    A call must hold each query's whole candidate list (score_examples and score_candidates do).
+    """
+
+    def __init__(self, config: ScoreConfig, model: ModelConfig | None, llm=None, encoder=None):
+        from peg.llm.scorer import LLMScorer
+        from peg.model import Encoder
+
+        self.weight = config.biencoder_weight
+        self.llm = llm or LLMScorer(config.llm)
+        self.encoder = encoder or Encoder(model)
+
+    def biencoder_scores(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        unique_q, unique_p = list(dict.fromkeys(queries)), list(dict.fromkeys(passages))
+        q = dict(zip(unique_q, self.encoder.encode(unique_q, "query"), strict=True))
+        p = dict(zip(unique_p, self.encoder.encode(unique_p, "passage"), strict=True))
+        return np.array([float(q[a] @ p[b]) for a, b in zip(queries, passages, strict=True)])
+
+    def score(self, queries: Sequence[str], passages: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        llm = self.llm.score(queries, passages, show_progress) if self.weight < 1 else np.zeros(len(queries))
+        bi = self.biencoder_scores(queries, passages) if self.weight > 0 else np.zeros(len(queries))
+        combined = (1 - self.weight) * zscore_by_query(queries, llm) + self.weight * zscore_by_query(queries, bi)
+        return combined.astype(np.float32)
+
+
 def check_teacher(config: ScoreConfig) -> None:
     """Raise LLMError naming the key/path if the configured teacher cannot be loaded."""
-    if config.teacher == "llm":
+    if config.teacher in ("llm", "llm_biencoder"):
         check_model_source(config.llm)
     elif not config.cross_encoder_path:
         raise LLMError("score.cross_encoder_path: required when score.teacher is 'cross_encoder'")
@@ -83,11 +127,16 @@ def check_teacher(config: ScoreConfig) -> None:
         )
 
 
-def load_teacher(config: ScoreConfig):
-    """The configured teacher: an object with `.score(queries, passages) -> np.ndarray`."""
+def load_teacher(config: ScoreConfig, model: ModelConfig | None = None):
+    """The configured teacher: an object with `.score(queries, passages) -> np.ndarray`.
+    `model` (the run's encoder) is the bi-encoder half of `llm_biencoder`."""
     check_teacher(config)
     if config.teacher == "cross_encoder":
         return CrossEncoderTeacher(config.cross_encoder_path, config.batch_size, config.max_length)
+    if config.teacher == "llm_biencoder":
+        if model is None:
+            raise LLMError("score.teacher 'llm_biencoder' needs the run's model for its bi-encoder scores")
+        return CalibratedTeacher(config, model)
     from peg.llm.scorer import LLMScorer
 
     return LLMScorer(config.llm)
@@ -140,9 +189,9 @@ def score_examples(examples: Sequence[TrainingExample], score: ScoreFn, list_siz
 class ScoreProcessor:
     """Shard processor for Ray actors: loads the teacher once, scores shards of examples."""
 
-    def __init__(self, score: dict):
+    def __init__(self, score: dict, model: dict):
         self.config = ScoreConfig(**score)
-        self.teacher = load_teacher(self.config)
+        self.teacher = load_teacher(self.config, ModelConfig(**model))
 
     def __call__(self, shard: int, examples: list[TrainingExample]) -> dict[str, str]:
         scored = score_examples(examples, self.teacher.score, self.config.list_size)
@@ -169,7 +218,7 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
         examples = load_input_examples(store, input_key, tmp)
         computed, reused = run_shards(
             stage="score", store=store, base=base, items=examples, parts=PARTS,
-            build=partial(ScoreProcessor, config.score.model_dump(mode="json")),
+            build=partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json")),
             llm=config.score.llm, config_hash=config_hash, show_progress=show_progress,
         )
         stats = {"examples": 0, "pairs": 0}

@@ -30,7 +30,7 @@ import numpy as np
 import ray
 
 from peg.config import ConfigError, MiningConfig, RunConfig
-from peg.data import BeirDataset, TrainingExample, write_examples
+from peg.data import BeirDataset, DataError, TrainingExample, iter_corpus, iter_examples, write_examples
 from peg.mine.encode import EmbeddingSet, encode_corpus, encode_queries
 from peg.mine.search import ShardedIndex, search_shards
 from peg.mine.select import RULES, select_negatives
@@ -64,20 +64,56 @@ class MineResult:
     seconds: float = 0.0
 
 
-def load_train_split(config: RunConfig) -> BeirDataset:
-    """The BEIR folder's train split (config.data.beir, config.data.train_split), first N queries if set."""
+SYNTHETIC_SPLIT = "synthetic"
+
+
+def load_train_split(config: RunConfig, store: ArtifactStore) -> BeirDataset:
+    """The corpus and the training queries with their positives (`data.train_queries`).
+
+    human: the BEIR folder's train split (first `data.max_train_queries` if set); synthetic: the
+    synth stage's kept queries (`<run>/synth/train.jsonl`), each with its source passage as the one
+    positive, and only corpus.jsonl read from the BEIR folder; both: the two together.
+    """
     if not config.data.beir:
         raise ConfigError("data.beir: `peg encode` / `peg mine` need a BEIR folder")
-    dataset = BeirDataset.load(config.data.beir, config.data.train_split)
-    if config.data.max_train_queries is not None:
-        keep = list(dataset.queries)[: config.data.max_train_queries]
-        dataset.queries = {q: dataset.queries[q] for q in keep}
+    source = config.data.train_queries
+    if source == "synthetic":
+        dataset = BeirDataset(Path(config.data.beir), SYNTHETIC_SPLIT, {p.id: p for p in iter_corpus(config.data.beir)}, {}, {})
+    else:
+        dataset = BeirDataset.load(config.data.beir, config.data.train_split)
+        if config.data.max_train_queries is not None:
+            keep = list(dataset.queries)[: config.data.max_train_queries]
+            dataset.queries = {q: dataset.queries[q] for q in keep}
+    if source != "human":
+        _add_synthetic_queries(dataset, store, f"{config.name}/synth/train.jsonl")
     return dataset
 
 
+def _add_synthetic_queries(dataset: BeirDataset, store: ArtifactStore, key: str) -> None:
+    """Add the synth stage's kept queries (ids `synth-...`) with their source passages as qrels."""
+    if not store.exists(key):
+        raise ConfigError(f"data.train_queries: {key} is not in the store; run the synth stage first")
+    with tempfile.TemporaryDirectory(prefix="peg-synth-queries-") as tmp:
+        path = store.local_path(key) or store.get_file(key, Path(tmp) / "train.jsonl")
+        for example in iter_examples(path):
+            unknown = [p for p in example.pos_ids or [] if p not in dataset.corpus]
+            if example.query_id is None or not example.pos_ids or unknown:
+                raise DataError(Path(key), None, f"synthetic query {example.query_id!r} lacks a known source passage id")
+            dataset.queries[example.query_id] = example.query
+            dataset.qrels[example.query_id] = dict.fromkeys(example.pos_ids, 1)
+
+
+def training_queries_identity(config: RunConfig, store: ArtifactStore) -> str:
+    """What the training queries depend on beyond the config: the synthetic queries' sha256."""
+    if config.data.train_queries == "human":
+        return ""
+    manifest = store.manifest(f"{config.name}/synth/train.jsonl")
+    return manifest.sha256[:16] if manifest else "missing"
+
+
 def run_encode(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> tuple[EmbeddingSet, EmbeddingSet]:
-    """Encode the corpus and the train-split queries (cached in the store)."""
-    dataset = load_train_split(config)
+    """Encode the corpus and the training queries (cached in the store)."""
+    dataset = load_train_split(config, store)
     with ray_session():
         corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)
         queries = encode_queries(config, store, dataset.queries, show_progress)
@@ -187,8 +223,8 @@ def mining_queries(dataset: BeirDataset, corpus: EmbeddingSet, texts: list[str],
 def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> MineResult:
     """Mine hard negatives for the train split; resumable per query shard (see the module docstring)."""
     started = time.monotonic()
-    dataset = load_train_split(config)
-    config_hash = config.section_hash("model", "data", "mining")
+    dataset = load_train_split(config, store)
+    config_hash = config.section_hash("model", "data", "mining") + training_queries_identity(config, store)
     with ray_session(), tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
         tmp = Path(tmpdir)
         corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -59,32 +60,42 @@ def export_model(ctx: StageContext) -> list[str]:
     """Publish the trained model as a sentence-transformers folder with a model card.
 
     The folder is checked before it is published: `SentenceTransformer(folder)` must give the
-    same embeddings as peg's encoder on a sample of evaluation queries.
+    same embeddings as peg's encoder on a sample of evaluation queries (of corpus passages when
+    the run has no eval).
     """
     from sentence_transformers import SentenceTransformer
 
+    from peg.data import iter_corpus
     from peg.model import Encoder
 
     work = ctx.work_dir("export")
     model_dir = ctx.fetch_dir("train", "model", work / "model")
-    data = BeirDataset.load(ctx.config.data.beir, ctx.config.data.eval_split)
-    sample = list(data.queries.values())[:16]
-    ours = Encoder(finetuned_config(ctx, model_dir).model).encode(sample, "query")
-    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=ctx.config.model.query_prefix or None)
+    model = ctx.config.model
+    if ctx.config.eval.enabled:
+        data = BeirDataset.load(ctx.config.data.beir, ctx.config.data.eval_split)
+        kind, prefix, sample = "query", model.query_prefix, list(data.queries.values())[:16]
+    else:
+        passages = itertools.islice(iter_corpus(ctx.config.data.beir), 16)
+        kind, prefix, sample = "passage", model.passage_prefix, [p.full_text for p in passages]
+    ours = Encoder(finetuned_config(ctx, model_dir).model).encode(sample, kind)
+    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=prefix or None)
     if not np.allclose(ours, theirs, atol=1e-5):
         raise RuntimeError(f"export check failed: sentence-transformers embeddings differ from peg's by {np.abs(ours - theirs).max():.2e}")
-    summary = json.loads(ctx.store.get_bytes(ctx.key("eval", "summary.json")))
+    summary = json.loads(ctx.store.get_bytes(ctx.key("eval", "summary.json"))) if ctx.config.eval.enabled else None
     card = model_card(ctx.config, summary)
     (model_dir / "README.md").write_text(card)
     return ctx.put_dir("export", "model", model_dir)
 
 
-def model_card(config: RunConfig, summary: dict) -> str:
-    return (
+def model_card(config: RunConfig, summary: dict | None) -> str:
+    """The folder's README: provenance, usage and the eval table (`summary` None: not evaluated)."""
+    card = (
         f"# {config.name}\n\n"
         f"Fine-tuned from `{config.model.name_or_path}` with peg (loss: {config.loss.kind}, "
-        f"progressive: {config.loss.progressive.enabled}).\n\n"
+        f"progressive: {config.loss.progressive.enabled}, training queries: {config.data.train_queries}).\n\n"
         "```python\nfrom sentence_transformers import SentenceTransformer\n"
         "model = SentenceTransformer(\"path/to/this/folder\")\n```\n\n"
-        f"## Evaluation ({summary['split']} split)\n\n" + markdown_table(summary["metrics"])
     )
+    if summary is None:
+        return card + "Not evaluated (eval.enabled is false).\n"
+    return card + f"## Evaluation ({summary['split']} split)\n\n" + markdown_table(summary["metrics"])

@@ -53,28 +53,72 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
 
 
+def _progressive_chart(records: list[dict], path: Path) -> bool:
+    """beta(t), the pace and the query-weight range over steps; False if the run logged none."""
+    steps = [r["step"] for r in records if "beta" in r]
+    if not steps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logged = [r for r in records if "beta" in r]
+    fig, (schedule, weights) = plt.subplots(1, 2, figsize=(8, 3.2))
+    schedule.plot(steps, [r["beta"] for r in logged], label="beta(t)")
+    if any("pace" in r for r in logged):
+        schedule.plot(steps, [r.get("pace", float("nan")) for r in logged], label="pace")
+    schedule.set_title("progressive schedule")
+    for key in ("weight_min", "weight_mean", "weight_max"):
+        if any(key in r for r in logged):
+            weights.plot(steps, [r.get(key, float("nan")) for r in logged], label=key.removeprefix("weight_"))
+    weights.set_title("query weights")
+    for ax in (schedule, weights):
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_report(ctx: StageContext) -> list[str]:
-    """Build report.html from the eval, train and mine artifacts; print where it is."""
+    """Build report.html from the eval, train and mine artifacts; print where it is.
+
+    The evaluation table and chart sit next to the progressive schedule (beta(t), pace, query
+    weights from the train stage's metrics.jsonl) when the run used one; without eval
+    (`eval.enabled: false`) the page says so."""
     config, store = ctx.config, ctx.store
-    summary = json.loads(store.get_bytes(ctx.key("eval", "summary.json")))
-    metrics = summary["metrics"]
+    summary = json.loads(store.get_bytes(ctx.key("eval", "summary.json"))) if config.eval.enabled else None
     mine_stats = json.loads(store.get_bytes(ctx.key("mine", "stats.json")))
     with tempfile.TemporaryDirectory(prefix="peg-report-") as tmp:
         tmp = Path(tmp)
-        images = {"metrics.png": tmp / "metrics.png"}
-        _metrics_chart(metrics, images["metrics.png"])
+        images: dict[str, Path] = {}
+        if summary is not None:
+            images["metrics.png"] = tmp / "metrics.png"
+            _metrics_chart(summary["metrics"], images["metrics.png"])
         for stage, name in (("train", "training.png"), ("mine", "scores.png")):
             if store.exists(ctx.key(stage, name)):
                 images[name] = ctx.fetch(ctx.key(stage, name), tmp)
+        if store.exists(ctx.key("train", "metrics.jsonl")):
+            records = [json.loads(line) for line in store.get_bytes(ctx.key("train", "metrics.jsonl")).decode().splitlines() if line]
+            if _progressive_chart(records, tmp / "progressive.png"):
+                images["progressive.png"] = tmp / "progressive.png"
         sections = [
             f"<h1>peg run <code>{html.escape(config.name)}</code></h1>",
             f"<p>Model <code>{html.escape(config.model.name_or_path)}</code>, loss {config.loss.kind}"
             f" (progressive: {config.loss.progressive.enabled}), {config.batch.queries_per_step} queries x "
-            f"(1 + {config.batch.hard_negatives}) passages per step, {config.train.nproc_per_node} process(es).</p>",
-            f"<h2>Evaluation ({html.escape(summary['split'])} split)</h2>",
-            _table(metrics),
-            _img(images["metrics.png"], "metrics"),
+            f"(1 + {config.batch.hard_negatives}) passages per step, {config.train.nproc_per_node} process(es), "
+            f"training queries: {config.data.train_queries}.</p>",
         ]
+        if summary is None:
+            sections.append("<h2>Evaluation</h2><p>Not evaluated (eval.enabled is false).</p>")
+        else:
+            sections += [f"<h2>Evaluation ({html.escape(summary['split'])} split)</h2>", _table(summary["metrics"])]
+        side = [_img(images[n], n.removesuffix(".png")) for n in ("metrics.png", "progressive.png") if n in images]
+        if side:
+            sections.append("<div style='display:flex;gap:1em;align-items:flex-start'>" + "".join(side) + "</div>")
         if "training.png" in images:
             sections += ["<h2>Training</h2>", _img(images["training.png"], "training curves")]
         sections += [
@@ -86,7 +130,7 @@ def write_report(ctx: StageContext) -> list[str]:
         page = (
             "<!doctype html><meta charset='utf-8'><title>peg report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%;display:block}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%;display:block}div img{min-width:0;flex:1}"
             "</style>" + "\n".join(sections)
         )
         report = tmp / "report.html"

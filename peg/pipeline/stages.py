@@ -1,5 +1,5 @@
 """The stage graph, declared once: prepare -> [synth] -> encode -> mine -> [judge] -> [score]
--> train -> eval -> export -> report.
+-> [pretrain] -> train -> [eval] -> export -> report.
 
 Each stage names the config sections it reads (its hash), the stages it needs, and a `run`
 function that reads inputs from the store, writes outputs under `<run name>/<stage>/` and
@@ -75,17 +75,20 @@ class Stage:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data (train and eval splits) and record its counts."""
-    from peg.data import BeirDataset
+    """Validate the BEIR data this run reads and record its counts: the corpus, the train split
+    when training uses human queries, the eval split when eval is on (nothing else is read)."""
+    from peg.data import BeirDataset, iter_corpus
 
     config = ctx.config
     if not config.data.beir:
         raise ValueError("data.beir: the pipeline needs a BEIR folder")
-    summary = {}
-    for split in dict.fromkeys([config.data.train_split, config.data.eval_split]):
+    splits = [config.data.train_split] if config.data.train_queries != "synthetic" else []
+    if config.eval.enabled:
+        splits.append(config.data.eval_split)
+    summary: dict = {"passages": sum(1 for _ in iter_corpus(config.data.beir))}
+    for split in dict.fromkeys(splits):
         data = BeirDataset.load(config.data.beir, split)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
-        summary["passages"] = len(data.corpus)
     ctx.store.put_bytes(ctx.key("prepare", "data.json"), json.dumps(summary, indent=2).encode(), "prepare", ctx.stage_hash)
     return []
 
@@ -128,33 +131,51 @@ def _score(ctx: StageContext) -> list[str]:
 
 
 def training_inputs(config: RunConfig) -> list[str]:
-    """Store keys of the training JSONL: the last of mine/judge/score, plus synthetic queries."""
+    """Store keys of the training JSONL: the last of mine/judge/score, plus the synthetic queries
+    when mining did not already turn them into training data (`data.train_queries: human`)."""
     last = "score" if config.score.enabled else "judge" if config.judge.enabled else "mine"
     keys = [f"{config.name}/{last}/train.jsonl"]
-    if config.synth.enabled:
+    if config.synth.enabled and config.data.train_queries == "human":
         keys.append(f"{config.name}/synth/train.jsonl")
     return keys
 
 
+def _pretrain(ctx: StageContext) -> list[str]:
+    """Masked auto-encoding on the corpus; checkpoints in the work dir make a killed run resume."""
+    from peg.train.pretrain import pretrain
+
+    output = ctx.work_dir("pretrain") / "output"
+    model_dir = pretrain(ctx.config, output, resume=(output / "checkpoints" / "latest").exists())
+    return _put_training_outputs(ctx, "pretrain", output, model_dir)
+
+
+def _put_training_outputs(ctx: StageContext, stage: str, output: Path, model_dir: Path) -> list[str]:
+    """Put the exported model folder and the run's metrics.jsonl / training.png under `stage`."""
+    keys = ctx.put_dir(stage, "model", model_dir)
+    for name in ("metrics.jsonl", "training.png"):
+        if (output / name).is_file():
+            key = ctx.key(stage, name)
+            ctx.store.put_file(key, output / name, producer=stage, config_hash=ctx.stage_hash)
+            keys.append(key)
+    return keys
+
+
 def _train(ctx: StageContext) -> list[str]:
-    """Train on the upstream JSONL; checkpoints in the work dir make a killed run resume."""
+    """Train on the upstream JSONL, from the pretrained model when `pretrain` ran; checkpoints in
+    the work dir make a killed run resume."""
     from peg.train import train
 
     work = ctx.work_dir("train")
     inputs = work / "inputs"
     inputs.mkdir(exist_ok=True)
     config = ctx.config.model_copy(deep=True)
+    if config.pretrain.enabled:
+        config.model.name_or_path = str(ctx.fetch_dir("pretrain", "model", work / "pretrained"))
     config.data.train_files = [str(ctx.fetch(k, inputs)) for k in training_inputs(ctx.config)]
     output = work / "output"
     resume = (output / "checkpoints" / "latest").exists()
     model_dir = train(config, output, resume=resume)
-    keys = ctx.put_dir("train", "model", model_dir)
-    for name in ("metrics.jsonl", "training.png"):
-        if (output / name).is_file():
-            key = ctx.key("train", name)
-            ctx.store.put_file(key, output / name, producer="train", config_hash=ctx.stage_hash)
-            keys.append(key)
-    return keys
+    return _put_training_outputs(ctx, "train", output, model_dir)
 
 
 def _eval(ctx: StageContext) -> list[str]:
@@ -178,12 +199,13 @@ def _report(ctx: StageContext) -> list[str]:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("data",), (), _prepare),
     Stage("synth", ("model", "data", "synth", "score"), ("prepare",), _synth, lambda c: c.synth.enabled),
-    Stage("encode", ("model", "data", "encode"), ("prepare",), _encode),
+    Stage("encode", ("model", "data", "encode"), ("prepare", "synth"), _encode),
     Stage("mine", ("mining",), ("encode",), _mine),
     Stage("judge", ("judge",), ("mine",), _judge, lambda c: c.judge.enabled),
     Stage("score", ("score",), ("mine", "judge"), _score, lambda c: c.score.enabled),
-    Stage("train", ("loss", "batch", "train"), ("mine", "judge", "score", "synth"), _train),
-    Stage("eval", ("eval",), ("train",), _eval),
+    Stage("pretrain", ("model", "data", "pretrain", "train"), ("prepare",), _pretrain, lambda c: c.pretrain.enabled),
+    Stage("train", ("loss", "batch", "train"), ("mine", "judge", "score", "synth", "pretrain"), _train),
+    Stage("eval", ("eval",), ("train",), _eval, lambda c: c.eval.enabled),
     Stage("export", (), ("train", "eval"), _export),
     Stage("report", (), ("mine", "train", "eval"), _report),
 )

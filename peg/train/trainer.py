@@ -55,17 +55,18 @@ def runs_in_process(env: Mapping[str, str]) -> bool:
     return "LOCAL_RANK" in env or ("RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env)
 
 
-def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str]) -> list[str]:
-    """The torch.distributed.run command line that starts the workers."""
+def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str],
+                     pretrain: bool = False) -> list[str]:
+    """The torch.distributed.run command line that starts the workers (`pretrain`: pretraining workers)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
     if "PET_NNODES" not in env:  # a PyTorchJob pod's PET_* variables give torchrun nodes and master
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     cmd += ["-m", "peg.train.worker", str(config_path), str(output_dir)]
-    return [*cmd, "--resume"] if resume else cmd
+    return cmd + ["--resume"] * resume + ["--pretrain"] * pretrain
 
 
-def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
-    """Start `nproc_per_node` workers with torch.distributed.run on this machine and wait."""
+def launch(config: RunConfig, output_dir: Path, resume: bool, pretrain: bool = False) -> Path:
+    """Start `nproc_per_node` workers (training, or `pretrain`ing) with torch.distributed.run and wait."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
     if config.batch.queries_per_step % world_size:
         raise BatchError(
@@ -79,7 +80,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env)
+    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, pretrain)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise TrainError(f"training workers failed (exit status {rc}); see their output above")
@@ -143,16 +144,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss)
 
-    step, epoch, index = 0, 0, 0
-    if resume and (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        step, epoch, index = client["step"], client["epoch"], client["index"]
-        tag = (ckpt_dir / "latest").read_text().strip()
-        _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
-        if rank == 0:
-            print(f"peg train: resumed from checkpoint {tag} at step {step}", file=sys.stderr, flush=True)
-    else:
-        _seed_all(config.train.seed + 1000 * rank)
+    step, epoch, index = restore(engine, ckpt_dir, rank, config.train.seed, resume, "peg train")
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
 
     engine.train()
@@ -184,6 +176,20 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     model_dir = _export(engine, encoder, output_dir / "model", rank)
     _shutdown(engine)
     return model_dir
+
+
+def restore(engine, ckpt_dir: Path, rank: int, seed: int, resume: bool, label: str) -> tuple[int, int, int]:
+    """(step, epoch, index) to start from: the newest checkpoint's, with this rank's RNG state,
+    when resuming and one exists; else (0, 0, 0) with the RNGs seeded per rank."""
+    if not (resume and (ckpt_dir / "latest").is_file()):
+        _seed_all(seed + 1000 * rank)
+        return 0, 0, 0
+    _, client = engine.load_checkpoint(str(ckpt_dir))
+    tag = (ckpt_dir / "latest").read_text().strip()
+    _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
+    if rank == 0:
+        print(f"{label}: resumed from checkpoint {tag} at step {client['step']}", file=sys.stderr, flush=True)
+    return client["step"], client["epoch"], client["index"]
 
 
 def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> None:

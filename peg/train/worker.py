@@ -1,4 +1,4 @@
-"""Entry point of one training process: `python -m peg.train.worker CONFIG OUTPUT_DIR [--resume]`.
+"""Entry point of one training process: `python -m peg.train.worker CONFIG OUTPUT_DIR [--resume] [--pretrain]`.
 
 Started by `peg.train.launch` through torch.distributed.run, or directly as the command of a
 PyTorchJob pod (torchrun there too), where CONFIG is the resolved run config YAML.
@@ -22,9 +22,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--pretrain", action="store_true", help="Run the pretraining loop (peg.train.pretrain).")
     args = parser.parse_args(argv)
     try:
-        run_worker(load_config(args.config), Path(args.output_dir), args.resume)
+        if args.pretrain:
+            from peg.train.pretrain import run_pretrain_worker
+
+            run_pretrain_worker(load_config(args.config), Path(args.output_dir), args.resume)
+        else:
+            run_worker(load_config(args.config), Path(args.output_dir), args.resume)
     except (ConfigError, DataError, BatchError, TrainError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"peg train: error: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,247 @@
+"""Effectiveness ablations on SciFact test (nDCG@10, Recall@100): one script, same step budget
+and seeds for every arm.
+
+Arms (`--arms`, default all):
+    base                         the packaged all-MiniLM-L6-v2, no training
+    infonce-human                InfoNCE on SciFact's human train queries (mined hard negatives)
+    progressive-human            PEG progressive InfoNCE on the same data
+    infonce-synthetic            InfoNCE on round-trip-filtered synthetic queries (no human data)
+    listwise-synthetic           listwise distillation on the synthetic queries (teacher scores)
+    listwise-synthetic+human     listwise on synthetic + human queries (both teacher-scored)
+    listwise-question            listwise on the synthetic `question` queries alone (vs all types mixed)
+    pretrain+listwise-synthetic  PEG masked auto-encoding on the corpus, then listwise-synthetic
+Every trained arm runs `--steps` optimizer steps of `--queries-per-step` queries x (1 +
+`--hard-negatives`) passages for each seed in `--seeds`; results are mean +- sd over seeds.
+Settings are fixed a priori (the quickstart's and Tamber et al.'s), not tuned: the test split
+chooses nothing.
+
+Everything is built with peg's own stages and cached in `--store` (shared with
+bench/teacher_quality.py): corpus embeddings (encode cache), synthetic queries (synth), mined
+lists (mine), teacher scores (score), the pretrained model; each arm's trained model and its
+eval are kept under `<store>/effectiveness/`, so a rerun redoes only what is missing. Results are
+written after every arm: `--out`.json / .md / .png (default bench/results/effectiveness).
+
+On 2 CPU cores only the smallest settings fit (each trained arm re-encodes the 5,183-passage
+corpus, minutes per arm); on a GPU machine run it in full, e.g.
+
+    PEG_SCIFACT=../shared/data/scifact python bench/effectiveness.py --synth-passages 1000 \\
+        --steps 200 --seeds 0 1 2 --list-size 20 --teacher cross_encoder --cross-encoder PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from bench.common import DEFAULT_STORE, RUN_NAME, ROOT, SCIFACT, bench_config, embed_split
+from peg.config import RunConfig
+from peg.data import BeirDataset, iter_examples, write_examples
+from peg.eval import evaluate_embeddings
+from peg.store import open_store
+
+ARMS: dict[str, dict] = {
+    "base": {},
+    "infonce-human": {"data": "human", "loss": "infonce"},
+    "progressive-human": {"data": "human", "loss": "progressive"},
+    "infonce-synthetic": {"data": "synthetic", "loss": "infonce"},
+    "listwise-synthetic": {"data": "synthetic", "loss": "listwise"},
+    "listwise-synthetic+human": {"data": "both", "loss": "listwise"},
+    "listwise-question": {"data": "synthetic", "loss": "listwise", "types": ["question"]},
+    "pretrain+listwise-synthetic": {"data": "synthetic", "loss": "listwise", "pretrain": True},
+}
+
+
+class Bench:
+    """Builds the shared training files once (through peg's stages) and runs/evaluates arms."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.root = Path(args.store) / "effectiveness"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(bench_config(args.store).store)
+        self.test = BeirDataset.load(SCIFACT, "test")
+
+    def config(self, **sections) -> RunConfig:
+        a = self.args
+        llm = {"mode": "query_likelihood", "batch_size": 8, "max_passage_chars": a.max_passage_chars,
+               "shard_size": 16, "num_actors": 1, "actor_cpus": 1.0}
+        base = {
+            "synth": {"enabled": True, "num_passages": a.synth_passages, "filter_top_k": a.filter_top_k,
+                      "llm": {**llm, "shard_size": 5}},
+            "score": {"enabled": True, "teacher": a.teacher, "biencoder_weight": a.biencoder_weight,
+                      "cross_encoder_path": a.cross_encoder, "list_size": a.list_size, "llm": llm},
+            "mining": {"num_shards": 1, "top_k": 50, "negatives_per_query": a.list_size - 1, "actor_cpus": 0.5},
+            "batch": {"queries_per_step": a.queries_per_step, "hard_negatives": a.hard_negatives, "chunk_size": 32},
+            "train": {"max_steps": a.steps, "learning_rate": a.learning_rate, "warmup_ratio": 0.1,
+                      "nproc_per_node": a.nproc, "zero_stage": 2},
+            "loss": {"listwise": {"list_size": a.list_size}},
+        }
+        for name, values in sections.items():
+            base[name] = {**base.get(name, {}), **values}
+        return bench_config(a.store, **base)
+
+    def _stage_file(self, name: str, build) -> Path:
+        path = self.root / "data" / f"{name}.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = build()
+            shutil.copyfile(self.store.local_path(key), path)
+        return path
+
+    def mined(self, source: str) -> Path:
+        """Mined lists for `source` (human / synthetic / both) via the synth and mine stages."""
+        from peg.llm import run_synth
+        from peg.mine import run_mine
+
+        def build() -> str:
+            config = self.config(data={"train_queries": source})
+            if source != "human":
+                run_synth(config, self.store)
+            run_mine(config, self.store)
+            return f"{RUN_NAME}/mine/train.jsonl"
+
+        return self._stage_file(f"mined-{source}", build)
+
+    def scored(self, source: str) -> Path:
+        """Teacher-scored lists for `source` via the score stage on its mined file."""
+        from peg.llm import run_score
+
+        def build() -> str:
+            mined = self.mined(source)
+            key = f"{RUN_NAME}/bench-input/mined-{source}.jsonl"
+            self.store.put_file(key, mined, producer="bench", config_hash=source)
+            run_score(self.config(data={"train_queries": source}), self.store, input_key=key)
+            return f"{RUN_NAME}/score/train.jsonl"
+
+        return self._stage_file(f"scored-{source}-{self.args.teacher}", build)
+
+    def of_types(self, path: Path, types: list[str]) -> Path:
+        out = path.with_name(f"{path.stem}-{'-'.join(types)}.jsonl")
+        if not out.exists():
+            write_examples(out, (ex for ex in iter_examples(path) if ex.query_id.rsplit("-", 1)[-1] in types))
+        return out
+
+    def pretrained(self) -> str:
+        from peg.train.pretrain import pretrain
+
+        out = self.root / "pretrain"
+        if not (out / "model" / "config.json").exists():
+            a = self.args
+            config = self.config(pretrain={"enabled": True, "batch_size": 32, "max_steps": a.pretrain_steps,
+                                           "max_length": 256, "learning_rate": 5e-5})
+            pretrain(config, out, resume=(out / "checkpoints" / "latest").exists())
+        return str(out / "model")
+
+    def train_file(self, arm: dict) -> Path:
+        if arm["loss"] == "listwise":
+            path = self.scored(arm["data"])
+        else:
+            path = self.mined(arm["data"])
+        return self.of_types(path, arm["types"]) if "types" in arm else path
+
+    def run_arm(self, name: str, seed: int) -> dict:
+        """Train (unless base) and evaluate one arm and seed; cached in <store>/effectiveness/runs."""
+        from peg.train import train
+
+        done = self.root / "runs" / f"{name}-seed{seed}.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        arm = ARMS[name]
+        model = "sentence-transformers/all-MiniLM-L6-v2"
+        if arm:
+            loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
+                    "progressive": {"enabled": arm["loss"] == "progressive"}}
+            config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
+                                 train={"seed": seed})
+            if arm.get("pretrain"):
+                config.model.name_or_path = self.pretrained()
+            output = self.root / "train" / f"{name}-seed{seed}"
+            model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
+        q_ids, q_emb, p_ids, p_emb = embed_split(bench_config(self.args.store, model=model), self.test)
+        metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, self.test.qrels, k=100).metrics
+        result = {"arm": name, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(result) + "\n")
+        return result
+
+
+def summarise(results: list[dict]) -> dict[str, dict]:
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        rows = [r for r in results if r["arm"] == arm]
+        entry = {"seeds": [r["seed"] for r in rows]}
+        for metric in ("ndcg@10", "recall@100"):
+            values = [r[metric] for r in rows]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        out[arm] = entry
+    return out
+
+
+def write_outputs(out: Path, settings: dict, results: list[dict]) -> None:
+    summary = summarise(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": results}, indent=2) + "\n")
+    fmt = lambda v, sd: f"{v:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")  # noqa: E731
+    lines = ["# Effectiveness on SciFact test (300 queries)", "",
+             "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+             "| arm | seeds | nDCG@10 | Recall@100 |", "|---|---|---:|---:|"]
+    for arm, e in summary.items():
+        lines.append(f"| {arm} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
+                     f"{fmt(e['recall@100'], e['recall@100_sd'])} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(summary)), 3.5))
+    names = list(summary)
+    values = [summary[n]["ndcg@10"] for n in names]
+    errors = [summary[n]["ndcg@10_sd"] or 0 for n in names]
+    bars = ax.bar(range(len(names)), values, yerr=errors, capsize=3)
+    ax.bar_label(bars, fmt="%.4f", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(min(values) - 0.05, max(values) + 0.03)
+    ax.set_ylabel("nDCG@10 (SciFact test)")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--queries-per-step", type=int, default=16)
+    parser.add_argument("--hard-negatives", type=int, default=7)
+    parser.add_argument("--list-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--synth-passages", type=int, default=40)
+    parser.add_argument("--filter-top-k", type=int, default=5)
+    parser.add_argument("--teacher", default="llm_biencoder", choices=["llm", "llm_biencoder", "cross_encoder"])
+    parser.add_argument("--biencoder-weight", type=float, default=0.5)
+    parser.add_argument("--cross-encoder", default=None, help="Local reranker folder (teacher cross_encoder).")
+    parser.add_argument("--max-passage-chars", type=int, default=1200)
+    parser.add_argument("--pretrain-steps", type=int, default=50)
+    parser.add_argument("--store", default=DEFAULT_STORE)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "effectiveness"))
+    args = parser.parse_args()
+    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "store", "out")}
+    bench = Bench(args)
+    results = []
+    for name in args.arms:
+        for seed in [0] if name == "base" else args.seeds:
+            results.append(bench.run_arm(name, seed))
+            write_outputs(Path(args.out), settings, results)
+            print(json.dumps(results[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
