@@ -319,3 +319,10 @@ def test_helm_test_pod_checks_the_store_with_the_secret(bundled_s3, monkeypatch,
     assert code == 1 and "FAILED store:" in err and "SignatureDoesNotMatch" in err
     code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint, "PEG_S3_BUCKET": "nope"}, keys)
     assert code == 1 and "bucket 'nope' does not exist" in err
+
+
+def test_values_schema_rejects_a_misspelt_platform_value():
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'enabld' not allowed"):
+        render({"seaweedfs": {"enabld": True}})
+    with pytest.raises(helm.HelmValuesError, match="/image/pullPolicy"):
+        render({"image": {"repository": "x", "pullPolicy": "Sometimes"}})
