@@ -5,6 +5,7 @@ bundled S3 server's and `helm test` pod's commands run for real against this mac
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
@@ -120,7 +121,9 @@ def test_run_values_start_a_launcher_with_the_run_config():
     assert container["command"] == ["peg", "pipeline", "run", "/etc/peg/run.yaml", "--backend", "k8s"]
     assert container["image"] == "ghcr.io/peg-dev/peg-trainer:0.1.0-cpu"
     assert pod["serviceAccountName"] == "demo-peg-launcher"
-    assert container["envFrom"] == [{"secretRef": {"name": "demo-peg-s3-credentials"}}]
+    s3_volume = {"name": "s3-credentials", "secret": {"secretName": "demo-peg-s3-credentials", "defaultMode": 0o440}}
+    assert s3_volume in pod["volumes"]
+    assert {"name": "s3-credentials", "mountPath": "/etc/peg-s3", "readOnly": True} in container["volumeMounts"]
     (config_map,) = by_kind(docs, "ConfigMap")
     assert {"name": "run-config", "configMap": {"name": config_map["metadata"]["name"]}} in pod["volumes"]
     assert job["spec"]["activeDeadlineSeconds"] == 3600
@@ -139,7 +142,12 @@ def test_chart_fills_the_platform_facts_into_the_run_config():
         "s3_secret": "demo-peg-s3-credentials",
         "run_as_user": 1000,
     }
-    assert config["store"] == {"endpoint": "demo-peg-s3.ml.svc:8333", "secure": False, "uri": "s3://peg/tiny"}
+    assert config["store"] == {
+        "endpoint": "demo-peg-s3.ml.svc:8333",
+        "secure": False,
+        "uri": "s3://peg/tiny",
+        "credentials_file": "/etc/peg-s3",  # the launcher's mounted Secret
+    }
     # without a name the run is named after the release
     assert run_config(objects(render(kind_with_run({"model": TINY_RUN["model"]}))))["name"] == "demo"
 
@@ -152,7 +160,7 @@ def test_keys_the_run_sets_win_over_the_chart_defaults():
     }
     config = run_config(objects(render(kind_with_run(run))))
     assert {k: config["cluster"][k] for k in run["cluster"]} == run["cluster"]
-    assert config["store"] == run["store"]
+    assert config["store"] == {**run["store"], "credentials_file": "/etc/peg-s3"}
 
 
 def test_gpu_values_schedule_the_run_on_gpu_nodes_with_the_existing_secret():
@@ -165,11 +173,16 @@ def test_gpu_values_schedule_the_run_on_gpu_nodes_with_the_existing_secret():
     assert cluster["s3_secret"] == "peg-s3" and cluster["gpus_per_node"] == 8
     assert "priority_class" not in cluster  # "" in values: unset
     store = run_config(docs)["store"]
-    assert store == {"endpoint": "s3.us-east-1.amazonaws.com", "secure": True, "uri": "s3://my-team-peg/msmarco-peg"}
+    assert store == {
+        "endpoint": "s3.us-east-1.amazonaws.com",
+        "secure": True,
+        "uri": "s3://my-team-peg/msmarco-peg",
+        "credentials_file": "/etc/peg-s3",
+    }
     (job,) = by_kind(docs, "Job")
     pod = job["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod  # the launcher needs no GPU node
-    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "peg-s3"}}]
+    assert {"name": "s3-credentials", "secret": {"secretName": "peg-s3", "defaultMode": 0o440}} in pod["volumes"]
 
 
 def test_toleration_seconds_become_the_run_configs_snake_case():
@@ -289,18 +302,29 @@ def test_bundled_s3_command_serves_the_bucket_with_the_secrets_keys_only(bundled
     assert "AccessDenied" in anonymous.stdout
 
 
-def smoke_test(monkeypatch, capsys, env_overrides: dict[str, str], secret: dict[str, str]) -> tuple[int, str, str]:
+def smoke_test(monkeypatch, capsys, tmp_path, endpoint: str, secret: dict[str, str], **store) -> tuple[int, str, str]:
     """The `helm test` pod's command (its `python -c` script, run in this process) with its
-    rendered environment and the Secret as envFrom: (exit code, stdout, stderr)."""
+    rendered environment; the Secret is written as files, as its volume mounts it; `endpoint`
+    and `store` replace what the pod would reach in the cluster: (exit code, stdout, stderr)."""
     (pod,) = by_kind(objects(render(ci_values("kind"))), "Pod")
     (container,) = pod["spec"]["containers"]
     assert container["command"][:2] == ["python", "-c"]
     env = {e["name"]: e["value"] for e in container["env"]}
+    assert "envFrom" not in container and "valueFrom" not in str(container["env"])
     assert env["PEG_CHECK_RESOURCES"] == "trainer.kubeflow.org/trainjobs,kubeflow.org/pytorchjobs,ray.io/rayjobs,/configmaps"
-    env.update(env_overrides, PEG_CHECK_RESOURCES="")  # no API server here: the RBAC half needs a cluster
+    keys_dir = tmp_path / "peg-s3"
+    keys_dir.mkdir(exist_ok=True)
+    for name, value in secret.items():
+        (keys_dir / name).write_text(value)
+    probe = json.loads(env["PEG_STORE"])
+    assert probe["credentials_file"] == "/etc/peg-s3" and probe["uri"] == "s3://peg/.peg-helm-test"
+    probe.update(endpoint=endpoint, credentials_file=str(keys_dir), **store)
+    env.update(PEG_STORE=json.dumps(probe), PEG_CHECK_RESOURCES="")  # no API server here: RBAC needs a cluster
     with monkeypatch.context() as patch:
-        for name, value in {**env, **secret}.items():
+        for name, value in env.items():
             patch.setenv(name, value)
+        for name in secret:
+            patch.delenv(name, raising=False)
         script = {"__name__": "helm_smoke_test"}
         exec(compile(container["command"][2], "files/smoke_test.py", "exec"), script)
         code = script["main"]()
@@ -308,17 +332,28 @@ def smoke_test(monkeypatch, capsys, env_overrides: dict[str, str], secret: dict[
     return code, out.out, out.err
 
 
-def test_helm_test_pod_checks_the_store_with_the_secret(bundled_s3, monkeypatch, capsys):
+def test_helm_test_pod_checks_the_store_with_the_secret(bundled_s3, monkeypatch, capsys, tmp_path):
     endpoint, keys, client = bundled_s3
-    code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint}, keys)
+    code, out, err = smoke_test(monkeypatch, capsys, tmp_path, endpoint, keys)
     assert code == 0, err
-    assert f"store: {endpoint} bucket 'peg': write, read and delete ok" in out
-    assert not any(o.object_name == ".peg-helm-test" for o in client.list_objects("peg"))
+    assert f"store: S3 store http://{endpoint} bucket 'peg' prefix '.peg-helm-test': write, read and delete ok" in out
+    assert not list(client.list_objects("peg", prefix=".peg-helm-test", recursive=True))
     wrong = {**keys, "AWS_SECRET_ACCESS_KEY": "x" * 40}
-    code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint}, wrong)
-    assert code == 1 and "FAILED store:" in err and "SignatureDoesNotMatch" in err
-    code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint, "PEG_S3_BUCKET": "nope"}, keys)
-    assert code == 1 and "bucket 'nope' does not exist" in err
+    code, out, err = smoke_test(monkeypatch, capsys, tmp_path, endpoint, wrong)
+    assert code == 1 and "FAILED store:" in err and "SignatureDoesNotMatch" in err, err
+    code, out, err = smoke_test(monkeypatch, capsys, tmp_path, endpoint, keys, uri="s3://nope/x")
+    assert code == 1 and "FAILED store:" in err and "nope" in err, err
+
+
+def test_chart_pods_read_s3_keys_from_files_except_the_s3_server():
+    """Only SeaweedFS gets the keys as environment variables: it reads its admin keys nowhere
+    else (besides an identities file the chart cannot build from an existing Secret)."""
+    docs = objects(render(kind_with_run()))
+    for doc in docs:
+        if doc["kind"] in ("Pod", "Job", "Deployment"):
+            spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+            uses_env = "secretKeyRef" in json.dumps(spec) or "envFrom" in json.dumps(spec)
+            assert uses_env == (doc["kind"] == "Deployment"), doc["metadata"]["name"]
 
 
 def test_values_schema_rejects_a_misspelt_platform_value():
