@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from peg.errors import PegError
 
-class ConfigError(ValueError):
+
+class ConfigError(PegError, ValueError):
     """A run configuration that cannot be used; the message names file, key path and line."""
 
 
