@@ -61,9 +61,9 @@ def render_fails(values: dict, api_versions=ALL_APIS) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("values_name", ["default", "kind", "gpu"])
+@pytest.mark.parametrize("values_name", ["default", "kind", "gpu", "persistent"])
 def test_lint_strict_is_clean(values_name):
-    values = None if values_name == "default" else ci_values(values_name)
+    values = value_sets()[values_name] or None
     report = helm.lint(CHART, values, strict=True, kube_version=KUBE_VERSION)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], report
