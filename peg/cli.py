@@ -11,12 +11,27 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from peg.config import ConfigError, RunConfig, json_schema, load_config
 from peg.data import BeirDataset, DataError
 from peg.data.fetch import DATASETS
+from peg.errors import PegError
 
-app = typer.Typer(help="peg: train dense text-retrieval embedding models.", no_args_is_help=True, add_completion=False)
+
+class PegCommands(TyperGroup):
+    """The root command group: every `PegError` raised by any command becomes one line and exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PegError as e:
+            fail(str(e))
+
+
+app = typer.Typer(
+    cls=PegCommands, help="peg: train dense text-retrieval embedding models.", no_args_is_help=True, add_completion=False
+)
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
 data_app = typer.Typer(help="Check and fetch datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
