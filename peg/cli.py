@@ -104,11 +104,8 @@ def data_fetch(
     """Download a BEIR dataset (checksum verified, unpacked atomically, cached) and print its folder."""
     from peg.data.fetch import dataset_folder, fetch_dataset
 
-    try:
-        cached = dataset_folder(name, to).is_dir()
-        folder = fetch_dataset(name, to)
-    except DataError as e:
-        fail(str(e))
+    cached = dataset_folder(name, to).is_dir()  # a FetchError (a PegError) is one line, exit 2
+    folder = fetch_dataset(name, to)
     if not cached:
         spec = DATASETS[name]
         console.print(f"{name}: licence {spec.licence}; see {spec.homepage}", highlight=False, markup=False)
