@@ -288,3 +288,23 @@ def test_config_map_and_prepare_stage():
 )
 def test_job_phase(obj, phase):
     assert job_phase(obj) == phase
+
+
+def test_cli_render_writes_files_and_bad_input_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from peg.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["render", str(REPO / "manifests" / "run.yaml"), "-o", str(out), "--stage", "train",
+                                 "--set", "cluster.trainer_api=pytorchjob"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00-config-configmap.yaml", "01-train-pytorchjob.yaml"]
+    assert (out / "01-train-pytorchjob.yaml").read_text().startswith(
+        "# PyTorchJob quickstart-train: runs `peg pipeline stage train /etc/peg/run.yaml`"
+    )
+    result = runner.invoke(app, ["render", str(REPO / "manifests" / "run.yaml"), "--set", "cluster.gpus_per_node=2"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cluster.gpus_per_node: 2 GPUs asked with the CPU image" in lines[0]
