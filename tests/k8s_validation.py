@@ -85,7 +85,8 @@ def _strict(schema: dict) -> dict:
 @functools.cache
 def crd_schema(api_version: str, kind: str) -> dict:
     """The vendored CRD's openAPIV3Schema for `api_version` / `kind`, made strict."""
-    crd = yaml.safe_load((shared_dir() / "crds" / CRD_FILES[(api_version, kind)]).read_text())
+    text = (shared_dir() / "crds" / CRD_FILES[(api_version, kind)]).read_text()
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # the C loader: 10x faster
     version = api_version.rsplit("/", 1)[1]
     entry = next(v for v in crd["spec"]["versions"] if v["name"] == version)
     schema = _strict(copy.deepcopy(entry["schema"]["openAPIV3Schema"]))
