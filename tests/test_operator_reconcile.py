@@ -35,15 +35,27 @@ def config_of(s: dict) -> RunConfig:
     return RunConfig.model_validate(s["run"])
 
 
-def render(config: RunConfig, stage: str) -> list[dict]:
-    """Stand-in for peg.k8s.render.render_stage: one job per stage, labelled like the real ones."""
-    api, kind = ("trainer.kubeflow.org/v1alpha1", "TrainJob") if stage == "train" else ("ray.io/v1", "RayJob")
-    labels = {"peg.dev/run": config.name, "peg.dev/stage": stage, HASH_LABEL: stage_hashes(config)[stage][:16]}
-    return [{"apiVersion": api, "kind": kind, "metadata": {"name": f"{config.name}-{stage}", "labels": labels}}]
+class FakeRenderer:
+    """Stand-in for peg.k8s.render: one job per stage, labelled like the real ones; prepare runs locally."""
+
+    @staticmethod
+    def cluster_stages(config: RunConfig) -> list[str]:
+        return [s.name for s in enabled_stages(config) if s.name != "prepare"]
+
+    @staticmethod
+    def render_stage(config: RunConfig, stage: str) -> list[dict]:
+        if stage == "prepare":
+            raise AssertionError("prepare is never rendered")
+        api, kind = ("trainer.kubeflow.org/v1alpha1", "TrainJob") if stage == "train" else ("ray.io/v1", "RayJob")
+        labels = {"peg.dev/run": config.name, "peg.dev/stage": stage, HASH_LABEL: stage_hashes(config)[stage][:16]}
+        return [{"apiVersion": api, "kind": kind, "metadata": {"name": f"{config.name}-{stage}", "labels": labels}}]
+
+    @staticmethod
+    def render_config_map(config: RunConfig) -> dict:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{config.name}-config"}, "data": {}}
 
 
-def config_map(config: RunConfig) -> dict:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{config.name}-config"}, "data": {"run.yaml": config.name}}
+render = FakeRenderer.render_stage
 
 
 def job(s: dict, stage: str, phase: str, deleting: bool = False, message: str = "") -> Child:
@@ -57,7 +69,7 @@ def store(*complete: str, **other) -> StoreState:
 
 
 def run(s, children=(), st=None, status=None, now=NOW, **kw):
-    return reconcile(s, 1, list(children), st or store(), status, now, render_stage=render, render_config_map=config_map, **kw)
+    return reconcile(s, 1, list(children), st or store(), status, now, renderer=FakeRenderer, **kw)
 
 
 def stage_of(status: dict, name: str) -> dict:
@@ -91,24 +103,37 @@ def running_at(stage: str, s=None) -> tuple[dict, dict]:
     before = order[: order.index(stage)]
     status = None
     for i in range(len(before) + 1):
-        _, status = run(s, [job(s, order[i - 1], "succeeded")] if i else [], store(*before[:i]), status)
+        previous = [job(s, order[i - 1], "succeeded")] if i > 1 else []  # prepare has no job
+        _, status = run(s, previous, store(*before[:i]), status)
     assert phases(status)[stage] == "Running"
     return s, status
 
 
-def test_fresh_pipeline_creates_the_first_stage_job_and_the_config_map():
+def test_fresh_pipeline_waits_for_the_local_prepare_stage():
     actions, status = run(spec())
+    assert kinds(actions) == ["event Normal WaitingForLocalStage"]
+    assert status["phase"] == "Pending" and status["stage"] == "prepare" and status["observedGeneration"] == 1
+    assert phases(status) == {n: "Pending" for n in STAGES}
+    assert "run `peg pipeline stage prepare CONFIG` where the data is" in stage_of(status, "prepare")["message"]
+    assert conditions(status) == {"Ready": ("False", "WaitingForLocalStage"),
+                                  "Progressing": ("True", "WaitingForLocalStage"), "Failed": ("False", "WaitingForLocalStage")}
+    assert run(spec(), status=status)[0] == []  # said once
+
+
+def test_fresh_pipeline_with_prepared_data_creates_the_first_job_and_the_config_map():
+    actions, status = run(spec(), st=store("prepare"))
     assert kinds(actions) == [
+        "event Normal StageSucceeded",
         "apply ConfigMap demo-config",
-        "create RayJob demo-prepare",
+        "create RayJob demo-encode",
         "event Normal StageStarted",
         "event Normal PipelineRunning",
     ]
-    assert status["phase"] == "Running" and status["stage"] == "prepare" and status["observedGeneration"] == 1
-    assert phases(status) == {n: "Running" if n == "prepare" else "Pending" for n in STAGES}
-    prepare = stage_of(status, "prepare")
-    assert prepare["attempts"] == 1 and prepare["child"] == {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": "demo-prepare"}
-    assert prepare["hash"] == stage_hashes(config_of(spec()))["prepare"]
+    assert status["phase"] == "Running" and status["stage"] == "encode"
+    assert phases(status) == {n: {"prepare": "Succeeded", "encode": "Running"}.get(n, "Pending") for n in STAGES}
+    encode = stage_of(status, "encode")
+    assert encode["attempts"] == 1 and encode["child"] == {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": "demo-encode"}
+    assert encode["hash"] == stage_hashes(config_of(spec()))["encode"]
     assert conditions(status) == {"Ready": ("False", "StageRunning"), "Progressing": ("True", "StageRunning"),
                                   "Failed": ("False", "StageRunning")}
     assert status["artifacts"] == {"storePrefix": "s3://bucket/peg/demo", "report": None, "model": None, "evalSummary": None}
@@ -143,11 +168,11 @@ def test_controller_restarted_mid_stage_with_status_continues():
 
 
 def test_stage_succeeded_starts_the_next_one():
-    s, status = running_at("prepare")
-    actions, status = run(s, [job(s, "prepare", "succeeded")], store("prepare"), status)
-    assert kinds(actions) == ["event Normal StageSucceeded", "apply ConfigMap demo-config", "create RayJob demo-encode",
+    s, status = running_at("encode")
+    actions, status = run(s, [job(s, "encode", "succeeded")], store("prepare", "encode"), status)
+    assert kinds(actions) == ["event Normal StageSucceeded", "apply ConfigMap demo-config", "create RayJob demo-mine",
                               "event Normal StageStarted"]
-    assert phases(status)["prepare"] == "Succeeded" and status["stage"] == "encode"
+    assert phases(status)["encode"] == "Succeeded" and status["stage"] == "mine"
 
 
 def test_failed_stage_with_retries_left_is_retried_after_backoff():
@@ -189,10 +214,10 @@ def test_failed_stage_with_retries_exhausted_fails_the_pipeline_and_keeps_the_jo
 
 
 def test_job_succeeded_without_a_complete_store_record_is_a_failed_attempt():
-    s, status = running_at("prepare")
-    actions, status = run(s, [job(s, "prepare", "succeeded")], StoreState(stages={"prepare": "partial"}), status)
-    assert "succeeded but the store has no complete record (partial)" in stage_of(status, "prepare")["message"]
-    assert kinds(actions) == ["event Warning StageFailed", "delete RayJob demo-prepare"]
+    s, status = running_at("encode")
+    actions, status = run(s, [job(s, "encode", "succeeded")], StoreState(stages={"prepare": "complete", "encode": "partial"}), status)
+    assert "succeeded but the store has no complete record (partial)" in stage_of(status, "encode")["message"]
+    assert kinds(actions) == ["event Warning StageFailed", "delete RayJob demo-encode"]
 
 
 @pytest.mark.parametrize(
@@ -274,7 +299,7 @@ def test_pipelines_sharing_a_store_prefix_the_newer_is_refused():
     assert claimed_by("team-a/first", claimants, keys) is None
     holder = claimed_by("team-b/second", claimants, claim_keys("team-b", config))
     assert holder == "team-a/first (store prefix s3://bucket/peg/demo)"
-    actions, status = run(spec(), st=StoreState(claimed_by=holder))
+    actions, status = run(spec(), st=StoreState(stages={"prepare": "complete"}, claimed_by=holder))
     assert kinds(actions) == ["event Warning PipelineRefused"]
     assert status["phase"] == "Refused"
     assert conditions(status) == {"Ready": ("False", "PrefixInUse"), "Progressing": ("False", "PrefixInUse"),
@@ -283,8 +308,8 @@ def test_pipelines_sharing_a_store_prefix_the_newer_is_refused():
     assert message == ("team-a/first (store prefix s3://bucket/peg/demo) already uses it: "
                        "change spec.run.name or spec.run.store.uri")
     # once the older pipeline is gone, the refused one starts
-    actions, status = run(spec(), status=status)
-    assert "create RayJob demo-prepare" in kinds(actions) and status["phase"] == "Running"
+    actions, status = run(spec(), st=store("prepare"), status=status)
+    assert "create RayJob demo-encode" in kinds(actions) and status["phase"] == "Running"
 
 
 def test_same_run_name_in_one_namespace_is_refused_even_with_other_stores():
@@ -308,7 +333,8 @@ def test_renderer_refusal_fails_with_its_message():
     def refuse(config, stage):
         raise ValueError("store.uri: a local path cannot be shared by pods; use s3://")
 
-    _, status = reconcile(spec(), 1, [], store(), None, NOW, render_stage=refuse, render_config_map=config_map)
+    renderer = type("Refusing", (FakeRenderer,), {"render_stage": staticmethod(refuse)})
+    _, status = reconcile(spec(), 1, [], store("prepare"), None, NOW, renderer=renderer)
     assert status["phase"] == "Failed"
     assert status["conditions"][0]["message"] == "store.uri: a local path cannot be shared by pods; use s3://"
 
@@ -324,7 +350,7 @@ def test_unreadable_store_starts_nothing():
 def test_whole_run_creates_each_stage_once_and_reports_metrics():
     """Reconcile repeatedly (twice per observation, as a resync would): each job is created once."""
     s = spec()
-    status, children, complete, created = None, {}, [], []
+    status, children, complete, created = None, {}, ["prepare"], []
     summary = {"split": "test", "metrics": {"base": {"ndcg@10": 0.6}, "fine-tuned": {"ndcg@10": 0.7, "recall@100": 0.9}}}
     for _ in range(40):
         st = StoreState(stages={n: "complete" for n in complete}, eval_summary=summary if "eval" in complete else None)
@@ -341,7 +367,7 @@ def test_whole_run_creates_each_stage_once_and_reports_metrics():
         name = status["stage"]
         children[name] = job(s, name, "succeeded")
         complete.append(name)
-    assert created == [x.name for x in enabled_stages(config_of(s))] == STAGES
+    assert created == FakeRenderer.cluster_stages(config_of(s)) == STAGES[1:]
     assert status["phase"] == "Succeeded" and status["stage"] is None
     assert conditions(status) == {"Ready": ("True", "Completed"), "Progressing": ("False", "Completed"),
                                   "Failed": ("False", "Completed")}

@@ -8,6 +8,8 @@ cluster and the store, call it, and apply the actions. Rules, in the order they 
 - Stages run one at a time in the pipeline's order (`peg.pipeline.enabled_stages`), as
   `peg pipeline run` runs them: a stage whose store record is complete under its current hash
   is Succeeded (whether or not its job still exists); the first one that is not is *current*.
+  A stage the renderer does not run in the cluster (`prepare`: it uploads the data from where
+  the data is) is awaited: the pipeline waits, saying so, until its record is in the store.
 - A stage's job has a fixed name (`<run>-<stage>`, from the renderer). It is created only when
   no job of that name is observed, and a create that finds one already there counts as done:
   a stage never runs twice at once, across restarts and even with two controllers.
@@ -29,10 +31,10 @@ Every change of a stage's or the pipeline's phase emits one event.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -45,7 +47,16 @@ HASH_LABEL = "peg.dev/stage-hash"
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
 StoreStageState = Literal["complete", "stale", "partial", "pending"]  # peg.pipeline.pipeline_status
-RenderStage = Callable[[RunConfig, str], list[dict]]
+
+
+class Renderer(Protocol):
+    """What reconcile needs of `peg.k8s.render` (the module itself is the default)."""
+
+    def cluster_stages(self, cfg: RunConfig) -> list[str]: ...
+
+    def render_stage(self, cfg: RunConfig, stage: str) -> list[dict]: ...
+
+    def render_config_map(self, cfg: RunConfig) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -107,18 +118,6 @@ class Event:
 Action = Create | Apply | Delete | Event
 
 
-def default_render_stage(config: RunConfig, stage: str) -> list[dict]:
-    from peg.k8s.render import render_stage
-
-    return render_stage(config, stage)
-
-
-def default_render_config_map(config: RunConfig) -> dict:
-    from peg.k8s.render import render_config_map
-
-    return render_config_map(config)
-
-
 def store_prefix(config: RunConfig) -> str:
     """`<store uri>/<run name>`: where a run's artifacts live; two pipelines may not share it."""
     return f"{config.store.uri.rstrip('/')}/{config.name}"
@@ -151,10 +150,11 @@ def reconcile(
     now: datetime,
     *,
     deleting: bool = False,
-    render_stage: RenderStage = default_render_stage,
-    render_config_map: Callable[[RunConfig], dict] = default_render_config_map,
+    renderer: Renderer | None = None,
 ) -> tuple[list[Action], dict]:
     """Decide the next actions and the new status (a JSON merge patch) of one pipeline."""
+    if renderer is None:
+        from peg.k8s import render as renderer
     old = PipelineStatus.model_validate(status or {})
     if deleting:
         return [], old.to_patch()
@@ -171,7 +171,7 @@ def reconcile(
         step.finish("Refused", None, "PrefixInUse", f"{store.claimed_by} already uses it: change spec.run.name or spec.run.store.uri")
         return step.actions, new.to_patch()
     try:
-        _run_stages(step, parsed, children, store, render_stage, render_config_map)
+        _run_stages(step, parsed, children, store, renderer)
     except ValueError as e:  # the renderer refused the config (names the key)
         step.finish("Failed", new.stage, "InvalidSpec", str(e))
     return step.actions, new.to_patch()
@@ -219,9 +219,9 @@ class _Step:
         self.condition("Failed", phase in ("Failed", "Refused"), reason, message)
 
 
-def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], store: StoreState,
-                render_stage: RenderStage, render_config_map: Callable[[RunConfig], dict]) -> None:
+def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], store: StoreState, renderer: Renderer) -> None:
     config = spec.run
+    in_cluster = set(renderer.cluster_stages(config))
     status = step.status
     hashes = stage_hashes(config)
     names = [s.name for s in enabled_stages(config)]
@@ -245,7 +245,7 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
     for child in children:
         by_stage.setdefault(child.stage, []).append(child)
     for stage, jobs in by_stage.items():  # jobs of disabled stages or of an old stage hash
-        wanted = _hash_label(render_stage(config, stage)) if stage in names else None
+        wanted = _hash_label(renderer.render_stage(config, stage)) if stage in in_cluster else None
         for job in jobs:
             if job.stage_hash != wanted and not job.deleting:
                 step.actions.append(Delete(job.api_version, job.kind, job.name))
@@ -261,7 +261,10 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
             continue
         if current is None:
             current = entry
-            _advance(step, spec, entry, by_stage.get(entry.name, []), store, render_stage, render_config_map)
+            if entry.name in in_cluster:
+                _advance(step, spec, entry, by_stage.get(entry.name, []), store, renderer)
+            else:
+                _await_local_stage(step, entry)
         elif entry.phase == "Succeeded":  # its outputs left the store
             step.set_stage(entry, "Pending", "StagePending", "outputs no longer complete in the store")
 
@@ -272,19 +275,30 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
         step.finish("Succeeded", None, "Completed", f"all {len(entries)} stages complete{ndcg}")
     elif current.phase == "Failed":
         step.finish("Failed", current.name, "StageFailed", f"stage {current.name}: {current.message}")
-    elif current.phase == "Pending":  # its name is still taken by an old job
+    elif current.phase == "Pending":  # a local stage, or its job name is still taken by an old job
         phase = "Running" if any(e.attempts for e in entries) else "Pending"
-        step.finish(phase, current.name, "Waiting", f"stage {current.name}: {current.message}")
+        reason = "Waiting" if current.name in in_cluster else "WaitingForLocalStage"
+        step.finish(phase, current.name, reason, f"stage {current.name}: {current.message}")
     else:
         reason = "RetryBackoff" if current.phase == "Retrying" else "StageRunning"
         step.finish("Running", current.name, reason, f"stage {current.name}: {current.message}")
 
 
+def _await_local_stage(step: _Step, entry: StageStatus) -> None:
+    """A stage that runs where the data is (`prepare` uploads it to the store): wait for its record."""
+    message = (f"waiting for its record in the store: run `peg pipeline stage {entry.name} CONFIG` where the data is "
+               "(it uploads the data)")
+    if entry.message != message:
+        step.event("Normal", "WaitingForLocalStage", f"stage {entry.name}: {message}")
+    entry.phase = "Pending"
+    entry.message = message
+
+
 def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Child], store: StoreState,
-             render_stage: RenderStage, render_config_map: Callable[[RunConfig], dict]) -> None:
+             renderer: Renderer) -> None:
     """Move the current stage on by what its job and the store say."""
     config = spec.run
-    objects = render_stage(config, entry.name)
+    objects = renderer.render_stage(config, entry.name)
     wanted = _hash_label(objects)
     max_attempts = spec.retries.limit + 1
     job = next((j for j in jobs if j.stage_hash == wanted and not j.deleting), None)
@@ -315,7 +329,7 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
         return
     if entry.phase == "Retrying" and entry.retry_at and datetime.fromisoformat(entry.retry_at) > step.now:
         return
-    step.actions.append(Apply(render_config_map(config)))
+    step.actions.append(Apply(renderer.render_config_map(config)))
     step.actions.extend(Create(obj) for obj in objects)
     entry.attempts += 1
     main = objects[-1]
