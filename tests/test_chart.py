@@ -23,6 +23,7 @@ from minio import Minio
 from s3server import free_ports, weed_binary
 
 from peg.config import parse_config
+from peg.k8s.backend import API as BACKEND_APIS
 from peg.k8s.render import render_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,15 +85,33 @@ def test_default_values_install_the_platform_only():
     assert job_account["automountServiceAccountToken"] is False
 
 
-def test_rbac_is_namespaced_least_privilege():
+# kubernetes client method prefix -> RBAC verb
+CLIENT_VERBS = {"create": "create", "get": "get", "read": "get", "list": "list", "replace": "update",
+                "patch": "patch", "delete": "delete"}  # fmt: skip
+
+
+def backend_api_calls() -> set[tuple[str, str, str]]:
+    """(API group, resource, verb) of every Kubernetes call in peg's cluster backend."""
+    source = (ROOT / "peg" / "k8s" / "backend.py").read_text()
+    calls = set()
+    for client, method in re.findall(r"self\.(core|custom)\.(\w+)", source):
+        verb, _, resource = method.partition("_namespaced_")
+        if client == "custom":
+            assert resource == "custom_object", method
+            calls |= {(group, plural, CLIENT_VERBS[verb]) for group, _, plural in BACKEND_APIS.values()}
+        else:
+            plural = {"config_map": "configmaps", "pod": "pods", "pod_log": "pods/log"}[resource]
+            calls.add(("", plural, CLIENT_VERBS[verb]))
+    return calls
+
+
+def test_rbac_grants_exactly_the_backends_calls_in_this_namespace():
     docs = objects(render())
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     (role,) = by_kind(docs, "Role")
-    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    for group, resource in [("trainer.kubeflow.org", "trainjobs"), ("kubeflow.org", "pytorchjobs"), ("ray.io", "rayjobs")]:
-        assert granted[(group, resource)] == {"create", "get", "list", "watch", "delete"}
-    assert "secrets" not in {r for _, r in granted}
-    assert all("*" not in verbs for verbs in granted.values())
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == backend_api_calls()
+    assert ("", "pods/log", "get") in granted and not any(r == "secrets" for _, r, _ in granted)
     (binding,) = by_kind(docs, "RoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-peg-launcher", "namespace": "ml"}]
 
