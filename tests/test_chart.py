@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import helm_python as helm
@@ -22,7 +23,7 @@ from k8s_validation import CHECKOV, CHECKOV_SKIPS, checkov_failures, validate_ob
 from minio import Minio
 from s3server import free_ports, weed_binary
 
-from peg.config import parse_config
+from peg.config import ClusterConfig, parse_config
 from peg.k8s.backend import API as BACKEND_APIS
 from peg.k8s.render import render_run
 
@@ -500,3 +501,13 @@ def test_values_schema_rejects_what_peg_rejects(run, error):
         render(kind_with_run(run))
     with pytest.raises(ValueError):
         parse_config(yaml.safe_dump(run))
+
+
+def test_chart_app_version_is_peg_version_the_images_are_tagged_with():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == version  # image tags default to appVersion; images/build.sh tags this
+    docs = objects(render(kind_with_run({**TINY_RUN, "cluster": {}})))
+    config = run_config(docs)
+    assert config["cluster"]["image"] == f"ghcr.io/peg-dev/peg-trainer:{version}-cpu"
+    assert ClusterConfig.model_fields["image"].default.rsplit(":", 1) == ["ghcr.io/peg-dev/peg-trainer", version]
