@@ -292,6 +292,7 @@ def test_missing_crds_fail_with_what_to_install():
 
 
 def test_missing_crd_of_the_runs_trainer_api_fails():
+    assert ClusterConfig.model_fields["trainer_api"].default == "trainjob"  # what "peg.trainerApi" assumes
     message = render_fails(kind_with_run(), api_versions=(PYTORCHJOB, RAYJOB))
     assert "TrainJob (trainer.kubeflow.org/v1alpha1), which run.cluster.trainer_api=trainjob uses" in message
     assert "RayJob" not in message
