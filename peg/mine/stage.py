@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from peg.errors import PegError
 from peg.config import ConfigError, MiningConfig, RunConfig
 from peg.data import BeirDataset, DataError, TrainingExample, iter_corpus, iter_examples, write_examples
+from peg.data.fetch import resolve_beir
 from peg.mine.encode import EmbeddingSet, encode_corpus, encode_queries
 from peg.mine.search import ShardedIndex, search_shards
 from peg.mine.select import RULES, select_negatives
@@ -42,7 +44,7 @@ from peg.store import ArtifactStore
 FAIL_SHARDS_ENV = "PEG_MINE_FAIL_SHARDS"
 
 
-class MiningError(RuntimeError):
+class MiningError(PegError, RuntimeError):
     """One or more query shards failed; `failed` maps shard number -> error text."""
 
     def __init__(self, failed: dict[int, str], stored: int):
@@ -78,7 +80,8 @@ def load_train_split(config: RunConfig, store: ArtifactStore) -> BeirDataset:
         raise ConfigError("data.beir: `peg encode` / `peg mine` need a BEIR folder")
     source = config.data.train_queries
     if source == "synthetic":
-        dataset = BeirDataset(Path(config.data.beir), SYNTHETIC_SPLIT, {p.id: p for p in iter_corpus(config.data.beir)}, {}, {})
+        corpus = {p.id: p for p in iter_corpus(config.data.beir)}
+        dataset = BeirDataset(resolve_beir(config.data.beir), SYNTHETIC_SPLIT, corpus, {}, {})
     else:
         dataset = BeirDataset.load(config.data.beir, config.data.train_split)
         if config.data.max_train_queries is not None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peg.config import RunConfig
+from peg.config import BEIR_PREFIX, RunConfig
 from peg.store import ArtifactStore
 
 
@@ -75,17 +75,25 @@ class Stage:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data this run reads and record its counts: the corpus, the train split
-    when training uses human queries, the eval split when eval is on (nothing else is read)."""
+    """Validate the BEIR data this run reads (`beir:NAME` fetched first) and record its counts: the
+    corpus, the train split when training uses human queries, the eval split when eval is on
+    (nothing else is read)."""
     from peg.data import BeirDataset, iter_corpus
 
     config = ctx.config
     if not config.data.beir:
         raise ValueError("data.beir: the pipeline needs a BEIR folder")
+    summary: dict = {}
+    if config.data.beir.startswith(BEIR_PREFIX):
+        from peg.data.fetch import archive
+
+        spec = archive(config.data.beir.removeprefix(BEIR_PREFIX))
+        summary["source"] = {"dataset": config.data.beir, "licence": spec.licence, "homepage": spec.homepage}
+        print(f"{config.data.beir}: licence {spec.licence}; see {spec.homepage}", flush=True)
+    summary["passages"] = sum(1 for _ in iter_corpus(config.data.beir))
     splits = [config.data.train_split] if config.data.train_queries != "synthetic" else []
     if config.eval.enabled:
         splits.append(config.data.eval_split)
-    summary: dict = {"passages": sum(1 for _ in iter_corpus(config.data.beir))}
     for split in dict.fromkeys(splits):
         data = BeirDataset.load(config.data.beir, split)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
