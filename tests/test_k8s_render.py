@@ -267,6 +267,15 @@ def test_config_map_and_prepare_stage():
         render_stage(cfg, "judge")
 
 
+def test_pretrain_stage_renders_as_a_training_job_like_train():
+    cfg = k8s_quickstart(**{"pretrain.enabled": True})
+    [job] = render_stage(cfg, "pretrain")
+    [train] = render_stage(cfg, "train")
+    assert job["kind"] == train["kind"] != "RayJob"
+    assert job["metadata"]["name"] != train["metadata"]["name"]
+    assert job["spec"]["trainer"]["command"] == ["peg", "pipeline", "stage", "pretrain", CONFIG_PATH]
+
+
 @pytest.mark.parametrize(
     ("obj", "phase"),
     [

@@ -30,6 +30,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 S3_DIR = "/etc/peg-s3"
 SCRATCH_DIR = "/tmp"
 LOCAL_STAGES = ("prepare",)  # run where the data is, never in a pod
+TRAINING_STAGES = ("pretrain", "train")  # torchrun + DeepSpeed: a TrainJob / PyTorchJob, not a RayJob
 RAY_HEAD, RAY_WORKER = "ray-head", "ray-worker"
 GPU = "nvidia.com/gpu"
 LABEL_RUN, LABEL_STAGE, LABEL_HASH = "peg.dev/run", "peg.dev/stage", "peg.dev/stage-hash"
@@ -127,7 +128,7 @@ def render_config_map(cfg: RunConfig) -> dict:
 
 
 def render_stage(cfg: RunConfig, stage: str) -> list[dict]:
-    """The job object(s) that run `stage`: a TrainJob or PyTorchJob for train, else a RayJob."""
+    """The job object(s) that run `stage`: a TrainJob or PyTorchJob for pretrain and train, else a RayJob."""
     check_renderable(cfg)
     enabled = [s.name for s in enabled_stages(cfg)]
     if stage in LOCAL_STAGES:
@@ -138,8 +139,8 @@ def render_stage(cfg: RunConfig, stage: str) -> list[dict]:
     if stage not in enabled:
         raise RenderError(f"stage {stage!r} is not enabled in this config (enabled: {', '.join(enabled)})")
     labels = {LABEL_RUN: cfg.name, LABEL_STAGE: stage, LABEL_HASH: stage_hash_label(stage_hashes(cfg)[stage])}
-    if stage == "train":
-        pods = training_pods(cfg, labels)
+    if stage in TRAINING_STAGES:
+        pods = training_pods(cfg, labels, stage)
         return [render_trainjob(pods) if cfg.cluster.trainer_api == "trainjob" else render_pytorchjob(pods)]
     return [render_rayjob(cfg, stage, labels)]
 
@@ -287,16 +288,16 @@ class TrainingPods:
     resources: dict
 
 
-def training_pods(cfg: RunConfig, labels: dict[str, str]) -> TrainingPods:
+def training_pods(cfg: RunConfig, labels: dict[str, str], stage: str) -> TrainingPods:
     c = cfg.cluster
     return TrainingPods(
         cfg=cfg,
-        name=resource_name(cfg.name, "train"),
+        name=resource_name(cfg.name, stage),
         labels=labels,
         nodes=c.nodes,
         nproc_per_node=cfg.train.nproc_per_node,
         image=c.image,
-        command=stage_command("train"),
+        command=stage_command(stage),
         resources=_resources(c.resources.cpu, c.resources.memory, c.gpus_per_node),
     )
 

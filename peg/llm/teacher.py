@@ -3,8 +3,9 @@
 The teacher is a cross-encoder from a local folder (any AutoModelForSequenceClassification:
 ms-marco-MiniLM, bge-reranker...; the production choice), the LLM scorer (`score.llm`, either
 mode; the offline default) or `llm_biencoder`, the LLM's and the run's bi-encoder's scores
-z-normalised per query and mixed with `score.biencoder_weight` (`CalibratedTeacher`). Each query's list is its positives followed by its negatives, cut to
-`score.list_size` candidates; the scores go into the training JSONL as `pos_scores`/`neg_scores`.
+z-normalised per query and mixed with `score.biencoder_weight` (`CalibratedTeacher`). Each
+query's list is its positives followed by its negatives, cut to `score.list_size` candidates;
+the scores go into the training JSONL as `pos_scores`/`neg_scores`.
 
 Artifacts (keys under `<run name>/score/`): `shard-NNNNN.{stats.json,jsonl}` per shard, then
 `train.jsonl` and `report.json`.
