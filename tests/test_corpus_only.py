@@ -30,8 +30,14 @@ def assets(tmp_path_factory):
     shutil.copy(full / "corpus.jsonl", corpus_only / "corpus.jsonl")
     return {
         "root": root, "full": full, "corpus_only": corpus_only, "model": make_tiny_model(root / "model"),
-        "llama": make_tiny_llama(root / "llama"), "reranker": make_tiny_cross_encoder(root / "reranker"),
+        "llama": root / "llama", "reranker": root / "reranker",  # built by `llm_models` for the tests that run them
     }
+
+
+@pytest.fixture(scope="module")
+def llm_models(assets):
+    make_tiny_llama(assets["llama"])
+    make_tiny_cross_encoder(assets["reranker"])
 
 
 def synthetic_config(assets, store: Path, **sections) -> dict:
@@ -64,7 +70,7 @@ def write(path: Path, config: dict) -> Path:
     return path
 
 
-def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(assets, tmp_path, monkeypatch):
+def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(assets, llm_models, tmp_path, monkeypatch):
     """Stage by stage in one Ray session (the entrypoint each pod runs), from corpus.jsonl alone."""
     monkeypatch.setenv("PEG_WORK_DIR", str(tmp_path / "work"))
     path = write(tmp_path / "run.yaml", synthetic_config(assets, tmp_path / "store"))
@@ -136,11 +142,11 @@ def test_synthetic_queries_need_the_synth_stage(assets, tmp_path):
         load_train_split(no_synth_output, open_store(no_synth_output.store))
 
 
-def test_synthetic_training_queries_change_the_mine_hash_only_through_synth(assets, tmp_path):
+def test_synthetic_query_settings_invalidate_everything_but_prepare_and_pretrain(assets, tmp_path):
     base = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store")))
     types = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store", synth={"query_types": ["title"]})))
     a, b = stage_hashes(base), stage_hashes(types)
-    assert [s for s in a if a[s] == b[s]] == ["prepare"]
+    assert [s for s in a if a[s] == b[s]] == ["prepare", "pretrain"]  # pretraining reads the corpus alone
 
 
 def test_scifact_synthetic_example_trains_on_synthetic_queries_only():
