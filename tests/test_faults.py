@@ -80,7 +80,8 @@ def marked_processes(mark: str) -> list[str]:
             if needle in (proc / "environ").read_bytes().split(b"\0"):
                 state = next((line for line in (proc / "status").read_text().splitlines() if line.startswith("State")), "")
                 if "zombie" not in state:
-                    found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    found.append(f"{proc.name}: {command[:120]}")
         except OSError:
             continue
     return found

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from peg.config import RunConfig
+from peg.errors import PegError
 from peg.pipeline.context import ScopedStore, StageContext
 from peg.pipeline.stages import STAGES, Stage, enabled_stages
 from peg.pipeline.state import (
@@ -46,7 +47,7 @@ class Backend(Protocol):
         """Run `peg pipeline stage <stage.name> <config_path>` with `env` added, to completion or raise."""
 
 
-class StageFailed(RuntimeError):
+class StageFailed(PegError, RuntimeError):
     """A stage did not complete with verified outputs."""
 
 

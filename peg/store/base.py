@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from peg.errors import PegError
 from peg.store.files import CHUNK_SIZE, TEMP_PREFIX, copy_stream_atomically
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -29,7 +30,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 _COMPONENT = re.compile(r"^[A-Za-z0-9_.=+@,-]+$")
 
 
-class StoreError(RuntimeError):
+class StoreError(PegError, RuntimeError):
     """An artifact store operation that failed; the message names the store and the key."""
 
 
