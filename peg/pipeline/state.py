@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from peg.store import ArtifactStore, StoreError
+from peg.store import ArtifactStore, IntegrityError, StoreError
 
 RECORD = "_stage.json"
 
@@ -75,8 +75,8 @@ def check_stage(store: ArtifactStore, prefix: str, stage_hash: str, inputs: dict
     """The stage's state (see the module docstring); verifies every output of a complete record."""
     try:
         record = read_record(store, prefix)
-    except DamagedRecord as e:
-        return StageCheck("partial", f"damaged record ({e})")
+    except DamagedRecord:
+        return StageCheck("partial", f"damaged record {record_key(prefix)}")
     if record is None:
         return StageCheck("pending")
     if record.hash != stage_hash:
@@ -91,8 +91,10 @@ def check_stage(store: ArtifactStore, prefix: str, stage_hash: str, inputs: dict
     for key, sha256 in record.outputs.items():
         try:
             manifest = store.verify(key)
-        except StoreError as e:  # changed content (IntegrityError), or a missing object or manifest
-            return StageCheck("invalid", str(e), _invalid(record, key))
+        except IntegrityError:
+            return StageCheck("invalid", f"{key} differs from its manifest", _invalid(record, key))
+        except StoreError:  # a missing object or manifest
+            return StageCheck("invalid", f"{key} is missing", _invalid(record, key))
         if manifest.sha256 != sha256:
             return StageCheck("invalid", f"{key} was replaced after the stage completed", _invalid(record, key))
     return StageCheck("complete", "", record)
