@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from peg.errors import PegError
 from peg.config import LLMConfig
-from peg.store.files import file_sha256
+from peg.store.files import dir_mode, file_sha256
 
 
 class LLMError(PegError, ValueError):
@@ -80,7 +80,7 @@ def convert_gguf(path: Path) -> Path:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            tmp.chmod(0o755)
+            tmp.chmod(dir_mode())
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

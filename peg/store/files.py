@@ -19,11 +19,20 @@ TEMP_PREFIX = ".peg-tmp-"
 CHUNK_SIZE = 1 << 20
 
 
-def file_mode() -> int:
-    """The mode a plain `open(path, "w")` would give a new file: 0666 minus the process umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0666 minus the process umask."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode a plain `mkdir` would give a new directory (`tempfile.mkdtemp` gives 0700)."""
+    return 0o777 & ~_umask()
 
 
 def file_sha256(path: str | Path) -> tuple[int, str]:
