@@ -349,6 +349,7 @@ def render_command(
     PyTorchJob / RayJob (`prepare` runs where the data is: `peg pipeline stage prepare CONFIG`)."""
     from peg.k8s import render_config_map, render_run, render_stage
     from peg.k8s.render import manifest_files
+    from peg.store.files import write_atomically
 
     config = read_config(path, overrides)
     try:
@@ -361,9 +362,7 @@ def render_command(
         return
     output.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        tmp = output / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(output / name)
+        write_atomically(output / name, text)
     console.print(f"wrote {len(files)} files to {output}", highlight=False, markup=False)
 
 

@@ -55,10 +55,13 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_output(target: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator:
+def atomic_output(
+    target: str | Path, mode: str = "wb", encoding: str | None = None, before_replace: Callable[[], None] | None = None
+) -> Iterator:
     """Open a temp file beside `target`; on a clean exit it replaces `target` (fsync'd, usual mode).
 
-    On any error the temp file is removed and `target` is left as it was.
+    `before_replace` runs once the data is on disk, just before the rename. On any error the
+    temp file is removed and `target` is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +72,8 @@ def atomic_output(target: str | Path, mode: str = "wb", encoding: str | None = N
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, file_mode())
+        if before_replace:
+            before_replace()
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

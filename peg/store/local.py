@@ -23,7 +23,7 @@ from peg.store.base import (
     new_manifest,
     under_prefix,
 )
-from peg.store.files import CHUNK_SIZE, TEMP_PREFIX, file_mode, fsync_dir, write_atomically
+from peg.store.files import CHUNK_SIZE, TEMP_PREFIX, atomic_output, file_mode, fsync_dir, write_atomically
 
 
 class LocalStore(ArtifactStore):
@@ -53,35 +53,24 @@ class LocalStore(ArtifactStore):
         target = self._object_path(key)
         manifest_path = self._manifest_path(key)
         source = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+        digest = hashlib.sha256()
+        size = 0
+        # The old manifest goes just before the new object replaces the old: meanwhile the key
+        # reads as absent, never as the old manifest describing the new object.
         try:
-            digest = hashlib.sha256()
-            size = 0
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
+            with atomic_output(target, before_replace=lambda: manifest_path.unlink(missing_ok=True)) as out, \
+                    open(source, "rb") as f:
                 while chunk := f.read(CHUNK_SIZE):
                     digest.update(chunk)
                     size += len(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, file_mode())
-            # Drop the old manifest first: between these two steps the key reads as absent,
-            # never as the old manifest describing the new object.
-            manifest_path.unlink(missing_ok=True)
-            os.replace(tmp, target)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise StoreError(f"{self.describe()}: cannot write {key!r} from {source}: {e}") from e
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         manifest = new_manifest(key, size, digest.hexdigest(), producer, config_hash)
         try:
             write_atomically(manifest_path, manifest.to_json())
         except OSError as e:
             raise StoreError(f"{self.describe()}: cannot write the manifest of {key!r}: {e}") from e
-        fsync_dir(target.parent)
         return manifest
 
     def manifest(self, key: str) -> Manifest | None:
