@@ -82,6 +82,17 @@ def test_one_lease_holder_the_other_refused_naming_it(store):
     second.release()
 
 
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(store):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"owner": "dead", "host": socket.gethostname(), "pid": int(finished.stdout), "command": "peg pipeline run x",
+            "acquired": "then", "expires": time.time() + 600}
+    store.create_object("run/_lease.json", json.dumps(dead).encode())
+    lease = Lease(store, "run", ttl=30)
+    lease.acquire(wait=0)
+    assert read_lease(store, "run").owner == lease.owner
+    lease.release()
+
+
 def test_an_expired_lease_is_taken_over_by_exactly_one(store):
     dead = {"owner": "dead", "host": "gone", "pid": 1, "command": "peg pipeline run x", "acquired": "then",
             "expires": time.time() - 1}

@@ -6,8 +6,8 @@ background thread. Another process:
 - creates it if absent (create-if-absent: S3 `If-None-Match: *`; locally a hard link that fails
   if the name exists), so of two starters exactly one wins;
 - finds it live: waits up to `wait` seconds, then raises `LeaseHeld` naming the holder;
-- finds it expired (its holder died or hung past `ttl`): takes it over with a compare-and-swap on
-  what it read (S3 `If-Match: <ETag>`; locally rename aside, compare, put back on mismatch), so
+- finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
+  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally rename aside, compare, put back on mismatch), so
   of two takers exactly one wins.
 Remaining races (README, "Integrity"): expiry uses the holders' wall clocks, so clocks skewed by
 more than `ttl` break it; a holder stalled past `ttl` (SIGSTOP, a VM pause) loses the lease and
@@ -51,6 +51,21 @@ class LeaseRecord:
         left = self.expires - time.time()
         return (f"{self.command!r} (pid {self.pid} on {self.host}, since {self.acquired}, lease "
                 + (f"expires in {left:.0f} s)" if left > 0 else f"expired {-left:.0f} s ago)"))
+
+
+def _is_dead(record: LeaseRecord) -> bool:
+    """True if the lease expired, or its holder ran on this host and that process is gone."""
+    if record.expires < time.time():
+        return True
+    if record.host != socket.gethostname():
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def parse_lease(data: bytes) -> LeaseRecord | None:
@@ -102,7 +117,7 @@ class Lease:
                 continue  # released in between: try to create it again
             data, token = current
             holder = parse_lease(data)
-            if holder is None or holder.expires < time.time():  # dead (or damaged): take it over
+            if holder is None or _is_dead(holder):  # dead, expired or damaged: take it over
                 new = self.store.replace_object(self.key, self._payload(), token)
                 if new is not None or self._held_by_us():
                     self._token = new or self._token
