@@ -4,6 +4,7 @@ bundled S3 server's and `helm test` pod's commands run for real against this mac
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import importlib.util
@@ -16,9 +17,22 @@ import tomllib
 from pathlib import Path
 
 import helm_python as helm
+import kmock
 import pytest
 import yaml
-from chart_render import ALL_APIS, CHART, KUBE_VERSION, PYTORCHJOB, RAYJOB, TRAINJOB, by_kind, ci_values, objects, render
+from chart_render import (
+    ALL_APIS,
+    CHART,
+    KUBE_VERSION,
+    PYTORCHJOB,
+    RAYJOB,
+    TRAINJOB,
+    by_kind,
+    ci_values,
+    objects,
+    render,
+    render_against,
+)
 from k8s_validation import CHECKOV, CHECKOV_SKIPS, checkov_failures, validate_object
 from minio import Minio
 from s3server import free_ports, weed_binary
@@ -141,6 +155,39 @@ def test_bundled_s3_image_is_the_server_version_the_tests_run():
     assert yaml.safe_load((CHART / "values.yaml").read_text())["seaweedfs"]["image"]["tag"] in version
 
 
+def test_an_upgrade_keeps_the_generated_s3_keys():
+    """The chart `lookup`s its Secret: against a live API (kmock's in-process Kubernetes emulator
+    on 127.0.0.1) a second render reuses the keys the first one generated, so an upgrade never
+    locks the run out of the data the bundled server holds."""
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+            for path, kind in [("v1/secrets", "Secret"), ("v1/namespaces", "Namespace")]:
+                resource = k8s.resources[path]
+                resource.kind, resource.namespaced = kind, kind == "Secret"
+                resource.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+            kubeconfig = yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "c",
+                "clusters": [{"name": "k", "cluster": {"server": str(server.url)}}],
+                "users": [{"name": "u", "user": {"token": "x"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            })  # fmt: skip
+
+            def secret() -> dict:
+                return yaml.safe_load(render_against(kubeconfig, ci_values("kind"))["peg/templates/s3-secret.yaml"])
+
+            first, other = await asyncio.to_thread(secret), await asyncio.to_thread(secret)
+            from kubernetes import client
+
+            api = client.CoreV1Api(client.ApiClient(client.Configuration(host=str(server.url))))
+            await asyncio.to_thread(api.create_namespaced_secret, "ml", first)  # what the install created
+            return first, other, await asyncio.to_thread(secret)
+
+    first, other, upgrade = asyncio.run(scenario())
+    assert other["data"] != first["data"]  # no Secret yet: fresh random keys each time
+    assert upgrade["data"] == first["data"]
+
+
 def test_persistence_keeps_the_s3_data_in_a_claim():
     values = ci_values("kind")
     values["seaweedfs"]["persistence"] = {"enabled": True, "size": "5Gi", "storageClass": "standard"}
@@ -245,6 +292,7 @@ def test_missing_crds_fail_with_what_to_install():
 
 
 def test_missing_crd_of_the_runs_trainer_api_fails():
+    assert ClusterConfig.model_fields["trainer_api"].default == "trainjob"  # what "peg.trainerApi" assumes
     message = render_fails(kind_with_run(), api_versions=(PYTORCHJOB, RAYJOB))
     assert "TrainJob (trainer.kubeflow.org/v1alpha1), which run.cluster.trainer_api=trainjob uses" in message
     assert "RayJob" not in message
