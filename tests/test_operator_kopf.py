@@ -29,10 +29,11 @@ os.environ["PEG_OPERATOR_INTERVAL"] = "0.3"  # before the handlers module reads 
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
+import prometheus_client as prom  # noqa: E402
 from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
-from peg.operator import handlers  # noqa: E402, F401  (registers the handlers)
+from peg.operator import handlers  # noqa: E402, F401  (importing registers the handlers)
 from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
 from peg.pipeline import stage_hashes  # noqa: E402
@@ -128,6 +129,10 @@ class Cluster:
             plural = str(r.resource.plural) + (f"/{r.subresource}" if r.subresource else "")
             out.add((str(r.resource.group or ""), plural, verb))
         return out
+
+
+def metric(name: str, **labels) -> float:
+    return prom.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @kopf.on.login()
@@ -235,6 +240,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Succeeded"
                                         and cluster.pipeline()["status"])
             await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))
+            await cluster.wait(lambda: metric("peg_operator_pipelines", phase="Succeeded") == 1)  # a tick later
             stop.set()
             await asyncio.wait_for(operator, 30)
 
@@ -247,6 +253,8 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             assert reasons["StageStarted"] == 6 and reasons["StageSucceeded"] == 7 and reasons["PipelineSucceeded"] == 1
             # every call is declared (so the chart's RBAC grants it); the declared ones this run never
             # needed are deleting jobs (no retry here) and creating PyTorchJobs (trainer_api: trainjob)
+            assert metric("peg_operator_actions_total", action="create") >= 6
+            assert metric("peg_operator_transitions_total", reason="StageSucceeded") >= 7
             declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
             assert cluster.calls() <= declared, cluster.calls() - declared
             unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create")}
