@@ -85,3 +85,20 @@ def test_operator_deployment_passes_checkov(docs):
 def test_chart_lints_with_the_operator():
     report = helm.lint(CHART, {**ci_values("kind"), **OPERATOR}, strict=True, kube_version=KUBE_VERSION)
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_kind_e2e_pipeline_is_valid_and_renders(tmp_path):
+    """The EmbeddingPipeline the kind e2e applies (PEG_E2E_VIA=operator), checked offline."""
+    import sys
+
+    sys.path.insert(0, str(CHART.parents[1] / "tests" / "e2e"))
+    from kind_e2e import NAMESPACE, operator_run_config, tiny_run
+
+    from peg.config import RunConfig
+    from peg.k8s.render import render_run
+
+    run = operator_run_config({**ci_values("kind"), **OPERATOR}, tiny_run(tmp_path / "beir"))
+    config = RunConfig.model_validate(run)
+    assert config.cluster.namespace == NAMESPACE and config.cluster.s3_secret and config.store.uri.startswith("s3://")
+    kinds = sorted({o["kind"] for o in render_run(config)})
+    assert kinds == ["ConfigMap", "RayJob", "TrainJob"]
