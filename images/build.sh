@@ -23,7 +23,7 @@ REGISTRY=${REGISTRY:-ghcr.io/peg-dev}
 TAG=${TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)}
 RAY_VERSION=$(sed -n 's/^ray==//p' constraints.txt)
 CPU_BASE=${CPU_BASE:-python:3.12.12-slim-bookworm}
-PEG_UID=1000  # = cluster.run_as_user's default; the Ray base image's `ray` user has it too
+PEG_UID=10001  # = cluster.run_as_user's default (peg/config.py)
 
 built=()
 build() {  # build NAME TAG DOCKERFILE BUILD-ARG...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -47,9 +48,16 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def read_config(path: Path) -> RunConfig:
+def read_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config; `overrides` are KEY=VALUE strings (VALUE parsed as YAML)."""
     try:
-        return load_config(path)
+        parsed = {}
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+            parsed[key] = yaml.safe_load(value)
+        return load_config(path, parsed)
     except ConfigError as e:
         fail(str(e))
 
@@ -104,11 +112,8 @@ def data_fetch(
     """Download a BEIR dataset (checksum verified, unpacked atomically, cached) and print its folder."""
     from peg.data.fetch import dataset_folder, fetch_dataset
 
-    try:
-        cached = dataset_folder(name, to).is_dir()
-        folder = fetch_dataset(name, to)
-    except DataError as e:
-        fail(str(e))
+    cached = dataset_folder(name, to).is_dir()  # a FetchError (a PegError) is one line, exit 2
+    folder = fetch_dataset(name, to)
     if not cached:
         spec = DATASETS[name]
         console.print(f"{name}: licence {spec.licence}; see {spec.homepage}", highlight=False, markup=False)
@@ -270,17 +275,82 @@ pipeline_app = typer.Typer(help="Run the whole pipeline: prepare -> ... -> repor
 app.add_typer(pipeline_app, name="pipeline")
 
 
+class BackendName(str, Enum):
+    local = "local"
+    k8s = "k8s"
+
+
 @pipeline_app.command("run")
-def pipeline_run(path: ConfigPath) -> None:
+def pipeline_run(
+    path: ConfigPath,
+    backend: Annotated[BackendName, typer.Option(help="local: processes here; k8s: each stage as its cluster job.")] = BackendName.local,
+) -> None:
     """Run every stage that is not complete (a rerun skips completed stages)."""
     from peg.pipeline import LocalBackend, StageFailed, run_pipeline
     from peg.store import StoreError
 
     config = read_config(path)
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     try:
-        run_pipeline(config, path.resolve(), LocalBackend(), log=lambda m: console.print(m, markup=False))
-    except (StageFailed, StoreError, ValueError) as e:
+        if backend is BackendName.k8s:
+            from peg.k8s import check_renderable
+            from peg.k8s.backend import ClusterError, K8sBackend
+
+            check_renderable(config)
+            runner_backend = K8sBackend(config, log=log)
+        else:
+            ClusterError = StageFailed  # noqa: N806 - nothing cluster-specific can fail locally
+            runner_backend = LocalBackend()
+        run_pipeline(config, path.resolve(), runner_backend, log=log)
+    except (ConfigError, StageFailed, StoreError, ClusterError, ValueError) as e:
         fail(str(e))
+
+
+@app.command("render")
+def render_command(
+    path: ConfigPath,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one YAML file per object here (default: stdout).")] = None,
+    stage: Annotated[str | None, typer.Option(help="Only this stage's job(s) and the ConfigMap.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE config override (YAML value), repeatable.")] = None,
+) -> None:
+    """Render kubectl-ready objects: the config's ConfigMap and each cluster stage's TrainJob /
+    PyTorchJob / RayJob (`prepare` runs where the data is: `peg pipeline stage prepare CONFIG`)."""
+    from peg.k8s import render_config_map, render_run, render_stage
+    from peg.k8s.render import manifest_files
+
+    config = read_config(path, overrides)
+    try:
+        objects = [render_config_map(config), *render_stage(config, stage)] if stage else render_run(config)
+    except ConfigError as e:
+        fail(str(e))
+    files = manifest_files(objects)
+    if output is None:
+        sys.stdout.write("---\n".join(files.values()))
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        tmp = output / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(output / name)
+    console.print(f"wrote {len(files)} files to {output}", highlight=False, markup=False)
+
+
+@app.command("submit")
+def submit_command(
+    path: ConfigPath,
+    stage: Annotated[str, typer.Option(help="The stage to run on the cluster.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow status and logs until the job ends.")] = True,
+) -> None:
+    """Create a stage's job on the cluster (kubeconfig) and follow its status and logs."""
+    from peg.k8s.backend import ClusterError, K8sBackend
+    from peg.pipeline import StageFailed
+
+    config = read_config(path)
+    try:
+        phase = K8sBackend(config, log=lambda m: console.print(m, markup=False, highlight=False)).submit(stage, wait)
+    except (ConfigError, ClusterError, StageFailed) as e:
+        fail(str(e))
+    console.print(f"stage {stage}: {phase}", highlight=False, markup=False)
 
 
 @pipeline_app.command("status")

@@ -5,6 +5,9 @@ bundled S3 server's and `helm test` pod's commands run for real against this mac
 from __future__ import annotations
 
 import base64
+import copy
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -15,17 +18,35 @@ import helm_python as helm
 import pytest
 import yaml
 from chart_render import ALL_APIS, CHART, KUBE_VERSION, PYTORCHJOB, RAYJOB, TRAINJOB, by_kind, ci_values, objects, render
+from k8s_validation import CHECKOV, CHECKOV_SKIPS, checkov_failures, validate_object
 from minio import Minio
 from s3server import free_ports, weed_binary
 
 from peg.config import parse_config
+from peg.k8s.render import render_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = {"name": "tiny", "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}}
+# checkov checks skipped on the chart beyond k8s_validation's batch-job ones; each exception is
+# narrowed to the pods that need it by a test of its own.
+CHART_CHECKOV_SKIPS = {
+    **CHECKOV_SKIPS,
+    "CKV_K8S_38": "service account token: the launcher and helm-test pods call the Kubernetes API "
+    "(test_only_the_api_clients_mount_a_token)",
+    "CKV_K8S_35": "secrets as environment variables: SeaweedFS reads its admin keys from nowhere else "
+    "(test_chart_pods_read_s3_keys_from_files_except_the_s3_server)",
+}
 
 
 def kind_with_run(run: dict | None = None) -> dict:
     return {**ci_values("kind"), "run": run or TINY_RUN}
+
+
+def value_sets() -> dict[str, dict]:
+    """The values every validation renders: defaults, kind with a run, GPU, persistent S3."""
+    persistent = ci_values("kind")
+    persistent["seaweedfs"]["persistence"] = {"enabled": True, "size": "5Gi", "storageClass": "standard"}
+    return {"default": {}, "kind": kind_with_run(), "gpu": ci_values("gpu"), "persistent": persistent}
 
 
 def run_config(docs: list[dict]) -> dict:
@@ -120,7 +141,9 @@ def test_run_values_start_a_launcher_with_the_run_config():
     assert container["command"] == ["peg", "pipeline", "run", "/etc/peg/run.yaml", "--backend", "k8s"]
     assert container["image"] == "ghcr.io/peg-dev/peg-trainer:0.1.0-cpu"
     assert pod["serviceAccountName"] == "demo-peg-launcher"
-    assert container["envFrom"] == [{"secretRef": {"name": "demo-peg-s3-credentials"}}]
+    s3_volume = {"name": "s3-credentials", "secret": {"secretName": "demo-peg-s3-credentials", "defaultMode": 0o440}}
+    assert s3_volume in pod["volumes"]
+    assert {"name": "s3-credentials", "mountPath": "/etc/peg-s3", "readOnly": True} in container["volumeMounts"]
     (config_map,) = by_kind(docs, "ConfigMap")
     assert {"name": "run-config", "configMap": {"name": config_map["metadata"]["name"]}} in pod["volumes"]
     assert job["spec"]["activeDeadlineSeconds"] == 3600
@@ -137,9 +160,14 @@ def test_chart_fills_the_platform_facts_into_the_run_config():
         "image_pull_policy": "IfNotPresent",
         "service_account": "demo-peg-job",
         "s3_secret": "demo-peg-s3-credentials",
-        "run_as_user": 1000,
+        "run_as_user": 10001,
     }
-    assert config["store"] == {"endpoint": "demo-peg-s3.ml.svc:8333", "secure": False, "uri": "s3://peg/tiny"}
+    assert config["store"] == {
+        "endpoint": "demo-peg-s3.ml.svc:8333",
+        "secure": False,
+        "uri": "s3://peg/tiny",
+        "credentials_file": "/etc/peg-s3",  # the launcher's mounted Secret
+    }
     # without a name the run is named after the release
     assert run_config(objects(render(kind_with_run({"model": TINY_RUN["model"]}))))["name"] == "demo"
 
@@ -152,7 +180,7 @@ def test_keys_the_run_sets_win_over_the_chart_defaults():
     }
     config = run_config(objects(render(kind_with_run(run))))
     assert {k: config["cluster"][k] for k in run["cluster"]} == run["cluster"]
-    assert config["store"] == run["store"]
+    assert config["store"] == {**run["store"], "credentials_file": "/etc/peg-s3"}
 
 
 def test_gpu_values_schedule_the_run_on_gpu_nodes_with_the_existing_secret():
@@ -165,11 +193,16 @@ def test_gpu_values_schedule_the_run_on_gpu_nodes_with_the_existing_secret():
     assert cluster["s3_secret"] == "peg-s3" and cluster["gpus_per_node"] == 8
     assert "priority_class" not in cluster  # "" in values: unset
     store = run_config(docs)["store"]
-    assert store == {"endpoint": "s3.us-east-1.amazonaws.com", "secure": True, "uri": "s3://my-team-peg/msmarco-peg"}
+    assert store == {
+        "endpoint": "s3.us-east-1.amazonaws.com",
+        "secure": True,
+        "uri": "s3://my-team-peg/msmarco-peg",
+        "credentials_file": "/etc/peg-s3",
+    }
     (job,) = by_kind(docs, "Job")
     pod = job["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod  # the launcher needs no GPU node
-    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "peg-s3"}}]
+    assert {"name": "s3-credentials", "secret": {"secretName": "peg-s3", "defaultMode": 0o440}} in pod["volumes"]
 
 
 def test_toleration_seconds_become_the_run_configs_snake_case():
@@ -289,18 +322,29 @@ def test_bundled_s3_command_serves_the_bucket_with_the_secrets_keys_only(bundled
     assert "AccessDenied" in anonymous.stdout
 
 
-def smoke_test(monkeypatch, capsys, env_overrides: dict[str, str], secret: dict[str, str]) -> tuple[int, str, str]:
+def smoke_test(monkeypatch, capsys, tmp_path, endpoint: str, secret: dict[str, str], **store) -> tuple[int, str, str]:
     """The `helm test` pod's command (its `python -c` script, run in this process) with its
-    rendered environment and the Secret as envFrom: (exit code, stdout, stderr)."""
+    rendered environment; the Secret is written as files, as its volume mounts it; `endpoint`
+    and `store` replace what the pod would reach in the cluster: (exit code, stdout, stderr)."""
     (pod,) = by_kind(objects(render(ci_values("kind"))), "Pod")
     (container,) = pod["spec"]["containers"]
     assert container["command"][:2] == ["python", "-c"]
     env = {e["name"]: e["value"] for e in container["env"]}
+    assert "envFrom" not in container and "valueFrom" not in str(container["env"])
     assert env["PEG_CHECK_RESOURCES"] == "trainer.kubeflow.org/trainjobs,kubeflow.org/pytorchjobs,ray.io/rayjobs,/configmaps"
-    env.update(env_overrides, PEG_CHECK_RESOURCES="")  # no API server here: the RBAC half needs a cluster
+    keys_dir = tmp_path / "peg-s3"
+    keys_dir.mkdir(exist_ok=True)
+    for name, value in secret.items():
+        (keys_dir / name).write_text(value)
+    probe = json.loads(env["PEG_STORE"])
+    assert probe["credentials_file"] == "/etc/peg-s3" and probe["uri"] == "s3://peg/.peg-helm-test"
+    probe.update(endpoint=endpoint, credentials_file=str(keys_dir), **store)
+    env.update(PEG_STORE=json.dumps(probe), PEG_CHECK_RESOURCES="")  # no API server here: RBAC needs a cluster
     with monkeypatch.context() as patch:
-        for name, value in {**env, **secret}.items():
+        for name, value in env.items():
             patch.setenv(name, value)
+        for name in secret:
+            patch.delenv(name, raising=False)
         script = {"__name__": "helm_smoke_test"}
         exec(compile(container["command"][2], "files/smoke_test.py", "exec"), script)
         code = script["main"]()
@@ -308,14 +352,132 @@ def smoke_test(monkeypatch, capsys, env_overrides: dict[str, str], secret: dict[
     return code, out.out, out.err
 
 
-def test_helm_test_pod_checks_the_store_with_the_secret(bundled_s3, monkeypatch, capsys):
+def test_helm_test_pod_checks_the_store_with_the_secret(bundled_s3, monkeypatch, capsys, tmp_path):
     endpoint, keys, client = bundled_s3
-    code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint}, keys)
+    code, out, err = smoke_test(monkeypatch, capsys, tmp_path, endpoint, keys)
     assert code == 0, err
-    assert f"store: {endpoint} bucket 'peg': write, read and delete ok" in out
-    assert not any(o.object_name == ".peg-helm-test" for o in client.list_objects("peg"))
+    assert f"store: S3 store http://{endpoint} bucket 'peg' prefix '.peg-helm-test': write, read and delete ok" in out
+    assert not list(client.list_objects("peg", prefix=".peg-helm-test", recursive=True))
     wrong = {**keys, "AWS_SECRET_ACCESS_KEY": "x" * 40}
-    code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint}, wrong)
-    assert code == 1 and "FAILED store:" in err and "SignatureDoesNotMatch" in err
-    code, out, err = smoke_test(monkeypatch, capsys, {"PEG_S3_ENDPOINT": endpoint, "PEG_S3_BUCKET": "nope"}, keys)
-    assert code == 1 and "bucket 'nope' does not exist" in err
+    code, out, err = smoke_test(monkeypatch, capsys, tmp_path, endpoint, wrong)
+    assert code == 1 and "FAILED store:" in err and "SignatureDoesNotMatch" in err, err
+    code, out, err = smoke_test(monkeypatch, capsys, tmp_path, endpoint, keys, uri="s3://nope/x")
+    assert code == 1 and "FAILED store:" in err and "nope" in err, err
+
+
+def test_chart_pods_read_s3_keys_from_files_except_the_s3_server():
+    """Only SeaweedFS gets the keys as environment variables: it reads its admin keys nowhere
+    else (besides an identities file the chart cannot build from an existing Secret)."""
+    docs = objects(render(kind_with_run()))
+    for doc in docs:
+        if doc["kind"] in ("Pod", "Job", "Deployment"):
+            spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+            uses_env = "secretKeyRef" in json.dumps(spec) or "envFrom" in json.dumps(spec)
+            assert uses_env == (doc["kind"] == "Deployment"), doc["metadata"]["name"]
+
+
+def test_values_schema_rejects_a_misspelt_platform_value():
+    with pytest.raises(helm.HelmValuesError, match="additional properties 'enabld' not allowed"):
+        render({"seaweedfs": {"enabld": True}})
+    with pytest.raises(helm.HelmValuesError, match="/image/pullPolicy"):
+        render({"image": {"repository": "x", "pullPolicy": "Sometimes"}})
+
+
+# --- every object validates; the scanners pass; the schema is RunConfig's -----------------------
+
+
+@pytest.mark.parametrize("values_name", ["default", "kind", "gpu", "persistent"])
+def test_every_rendered_object_validates(values_name):
+    docs = objects(render(value_sets()[values_name]))
+    errors = {f"{d['kind']}/{d['metadata']['name']}": validate_object(d) for d in docs}
+    assert {k: e for k, e in errors.items() if e} == {}
+
+
+def test_validation_rejects_broken_chart_objects():
+    docs = objects(render(kind_with_run()))
+    job = copy.deepcopy(by_kind(docs, "Job")[0])
+    job["spec"]["template"]["spec"]["containers"][0]["comand"] = ["peg"]  # misspelt: the API would drop it
+    assert any("comand" in e for e in validate_object(job))
+    deployment = copy.deepcopy(by_kind(docs, "Deployment")[0])
+    deployment["spec"]["replicas"] = "one"
+    assert validate_object(deployment)
+
+
+@pytest.mark.parametrize("values_name", ["kind", "gpu"])
+def test_the_chart_run_config_renders_valid_jobs(values_name):
+    """What the launcher does first, offline: the chart's run.yaml is a RunConfig that peg's
+    renderers turn into jobs, each valid against its CRD schema."""
+    config = parse_config(yaml.safe_dump(run_config(objects(render(value_sets()[values_name])))), "run.yaml")
+    jobs = render_run(config)
+    assert {"TrainJob", "RayJob"} <= {j["kind"] for j in jobs}
+    assert all(j["metadata"]["namespace"] == "ml" for j in jobs)
+    assert {j["kind"]: validate_object(j) for j in jobs if validate_object(j)} == {}
+
+
+def test_checkov_passes_the_chart_and_rejects_an_unrestricted_pod():
+    if not CHECKOV.exists():
+        pytest.skip("checkov is not installed in .venv-tools (scripts/setup.sh installs it)")
+    docs = []
+    for name, values in value_sets().items():
+        docs += objects(render(values, name=name))
+    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Job"))
+    broken["metadata"]["name"] = "broken"
+    pod = broken["spec"]["template"]["spec"]
+    del pod["securityContext"]
+    pod["containers"][0]["securityContext"] = {"privileged": True, "allowPrivilegeEscalation": True}
+    failures = checkov_failures(docs + [broken], skip=CHART_CHECKOV_SKIPS)
+    assert [f for f in failures if "broken-" not in f] == []
+    assert any(f.startswith("CKV_K8S_16 ") for f in failures)  # privileged container
+    assert any(f.startswith("CKV_K8S_20 ") for f in failures)  # privilege escalation
+
+
+def test_only_the_api_clients_mount_a_token():
+    docs = objects(render(kind_with_run()))
+    pods = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "Pod")}
+    pods.update({d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Job", "Deployment")})
+    mounts_token = {name for name, spec in pods.items() if spec.get("automountServiceAccountToken", True)}
+    assert mounts_token == {"demo-peg-launch-r1", "demo-peg-test"}
+
+
+def load_schema_generator():
+    spec = importlib.util.spec_from_file_location("chart_schema", ROOT / "scripts" / "chart_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_values_schema_run_part_is_generated_from_runconfig(tmp_path, monkeypatch):
+    generator = load_schema_generator()
+    committed = (CHART / "values.schema.json").read_text()
+    assert generator.generate(json.loads(committed)) == committed, "run: python scripts/chart_schema.py"
+    assert generator.main(["--check"]) == 0
+    stale = json.loads(committed)
+    del stale["properties"]["run"]["then"]["properties"]["cluster"]["properties"]["trainer_api"]
+    monkeypatch.setattr(generator, "SCHEMA_FILE", tmp_path / "values.schema.json")
+    generator.SCHEMA_FILE.write_text(json.dumps(stale, indent=2) + "\n")
+    assert generator.main(["--check"]) == 1
+    assert generator.main([]) == 0 and generator.SCHEMA_FILE.read_text() == committed
+
+
+def test_values_schema_accepts_every_example_run_config():
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    assert len(examples) >= 4
+    with helm.Chart.load(CHART) as chart:
+        for example in examples:
+            chart.validate_schema({"run": yaml.safe_load(example.read_text())})
+
+
+@pytest.mark.parametrize(
+    ("run", "error"),
+    [
+        ({**TINY_RUN, "trian": {}}, "at '/run': additional properties 'trian' not allowed"),
+        ({"name": "x"}, "at '/run': missing property 'model'"),
+        ({**TINY_RUN, "batch": {"queries_per_step": "many"}}, "at '/run/batch/queries_per_step': got string, want integer"),
+        ({**TINY_RUN, "cluster": {"trainer_api": "mpijob"}}, "/run/cluster/trainer_api"),
+    ],
+)
+def test_values_schema_rejects_what_peg_rejects(run, error):
+    with pytest.raises(helm.HelmValuesError, match=re.escape(error)):
+        render(kind_with_run(run))
+    with pytest.raises(ValueError):
+        parse_config(yaml.safe_dump(run))

@@ -173,6 +173,20 @@ def test_concurrent_fetch_downloads_once(served, tmp_path):
     assert (folder / "corpus.jsonl").stat().st_size == (SCIFACT / "corpus.jsonl").stat().st_size
 
 
+def test_local_copy_in_data_dir_is_used_as_is(served, monkeypatch):
+    """PEG_DATA_DIR naming a folder that holds scifact/ (read-only here) needs no download."""
+    monkeypatch.setenv("PEG_DATA_DIR", str(SCIFACT.parent))
+    assert fetch_dataset("scifact", show_progress=False) == SCIFACT
+    assert served.requests == []
+
+
+def test_unwritable_destination_is_a_fetch_error(served, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FetchError, match=r"a-file: cannot write the dataset here"):
+        fetch_dataset("scifact", to=tmp_path / "a-file", show_progress=False)
+    assert served.requests == []
+
+
 def test_config_beir_name_resolves_through_the_cache(served, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("name: t\ndata:\n  beir: beir:scifact\nmodel:\n  name_or_path: m\n")

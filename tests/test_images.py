@@ -10,6 +10,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
+
+from peg.config import ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
@@ -86,9 +89,13 @@ def test_images_pin_what_peg_pins():
 
 
 def test_one_uid_everywhere():
-    uids = {build_arg(d, "PEG_UID") for d in DOCKERFILES}
+    """The images' user = cluster.run_as_user's default = the chart's pods' runAsUser."""
+    uids = {int(build_arg(d, "PEG_UID")) for d in DOCKERFILES}
     script = re.search(r"^PEG_UID=(\d+)", (ROOT / "images/build.sh").read_text(), re.MULTILINE)
-    assert uids == {script.group(1)} == {"1000"}
+    chart = yaml.safe_load((ROOT / "charts/peg/values.yaml").read_text())["podSecurityContext"]
+    default = ClusterConfig.model_fields["run_as_user"].default
+    assert uids == {int(script.group(1))} == {chart["runAsUser"], chart["runAsGroup"], chart["fsGroup"]} == {default}
+    assert default >= 10000  # cannot collide with a host user (checkov CKV_K8S_40)
 
 
 def test_dockerignore_lets_in_only_what_the_images_install():

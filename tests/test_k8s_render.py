@@ -14,7 +14,7 @@ from k8s_validation import CHECKOV, checkov_failures, shared_dir, validate_built
 from peg.config import RunConfig, load_config
 from peg.k8s import RenderError, job_phase, render_config_map, render_run, render_stage, resource_name, run_config_schema
 from peg.k8s.names import is_dns_1035
-from peg.k8s.render import CONFIG_PATH, stage_hash_label
+from peg.k8s.render import CONFIG_PATH, manifest_files, stage_hash_label
 from peg.pipeline import stage_hashes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,10 +111,41 @@ def test_checkov_passes_rendered_objects_and_rejects_an_unrestricted_pod(rendere
     pod = broken["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     del pod["securityContext"]
     pod["containers"][0]["securityContext"] = {"privileged": True}
-    failures = checkov_failures(rendered["quickstart"] + rendered["paper"] + [broken])
+    failures = checkov_failures(rendered["quickstart"] + rendered["paper"] + manifest_objects() + [broken])
     assert [f for f in failures if "broken-" not in f] == []
     assert any(f.startswith("CKV_K8S_16 ") for f in failures)  # privileged container
     assert any(f.startswith("CKV_K8S_31 ") for f in failures)  # no seccomp profile
+
+
+MANIFESTS = REPO / "manifests"
+
+
+def manifest_objects() -> list[dict]:
+    """Every object under manifests/ (the Secret template included), not the kustomization."""
+    files = [p for p in sorted(MANIFESTS.rglob("*.yaml")) if p.name not in ("kustomization.yaml", "run.yaml")]
+    return [doc for p in files for doc in yaml.safe_load_all(p.read_text()) if doc]
+
+
+def test_committed_manifests_equal_fresh_render():
+    cfg = load_config(MANIFESTS / "run.yaml")
+    on_disk = lambda folder: {p.name: p.read_text() for p in sorted((MANIFESTS / folder).glob("*.yaml"))}  # noqa: E731
+    assert on_disk("rendered") == manifest_files(render_run(cfg)), "run manifests/render.sh"
+    alt = load_config(MANIFESTS / "run.yaml", {"cluster.trainer_api": "pytorchjob"})
+    assert on_disk("pytorchjob") == manifest_files([render_config_map(alt), *render_stage(alt, "train")])
+
+
+def test_manifests_validate_and_kustomization_is_complete():
+    kinds = []
+    for obj in manifest_objects():
+        assert validate_object(obj) == [], (obj["kind"], obj["metadata"]["name"])
+        assert obj["metadata"].get("namespace", "peg") == "peg" or obj["kind"] == "Namespace"
+        kinds.append(obj["kind"])
+    for kind in ("Namespace", "ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap", "TrainJob", "PyTorchJob", "RayJob"):
+        assert kind in kinds, kind
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    assert all((MANIFESTS / r).is_file() for r in kustomization["resources"])
+    rbac = {o["kind"]: o for o in yaml.safe_load_all((MANIFESTS / "rbac.yaml").read_text())}
+    assert all("*" not in rule["verbs"] and "*" not in rule["resources"] for rule in rbac["Role"]["rules"])
 
 
 def test_validators_reject_broken_objects(rendered):
@@ -257,3 +288,23 @@ def test_config_map_and_prepare_stage():
 )
 def test_job_phase(obj, phase):
     assert job_phase(obj) == phase
+
+
+def test_cli_render_writes_files_and_bad_input_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from peg.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["render", str(REPO / "manifests" / "run.yaml"), "-o", str(out), "--stage", "train",
+                                 "--set", "cluster.trainer_api=pytorchjob"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00-config-configmap.yaml", "01-train-pytorchjob.yaml"]
+    assert (out / "01-train-pytorchjob.yaml").read_text().startswith(
+        "# PyTorchJob quickstart-train: runs `peg pipeline stage train /etc/peg/run.yaml`"
+    )
+    result = runner.invoke(app, ["render", str(REPO / "manifests" / "run.yaml"), "--set", "cluster.gpus_per_node=2"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cluster.gpus_per_node: 2 GPUs asked with the CPU image" in lines[0]

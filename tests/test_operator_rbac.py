@@ -102,3 +102,8 @@ def test_kind_e2e_pipeline_is_valid_and_renders(tmp_path):
     assert config.cluster.namespace == NAMESPACE and config.cluster.s3_secret and config.store.uri.startswith("s3://")
     kinds = sorted({o["kind"] for o in render_run(config)})
     assert kinds == ["ConfigMap", "RayJob", "TrainJob"]
+
+
+def test_values_schema_rejects_a_misspelt_operator_value():
+    with pytest.raises(helm.HelmValuesError, match="intervl"):
+        render({"operator": {"enabled": True, "intervl": 3}})

@@ -103,19 +103,17 @@ def fetch_dataset(name: str, to: str | Path | None = None, show_progress: bool =
     target = dataset_folder(name, to)
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f".{name}.lock"):
-        if target.is_dir():  # another process fetched it while we waited
-            return target
-        url = f"{(os.environ.get(URL_ENV) or BEIR_URL).rstrip('/')}/{name}.zip"
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
-            zip_path = Path(tmp) / f"{name}.zip"
-            _download(url, zip_path, spec, show_progress)
-            unpacked = Path(tmp) / "unpacked"
-            _unpack(url, zip_path, unpacked)
-            if not (unpacked / name).is_dir():
-                raise FetchError(url, f"the archive has no '{name}/' folder")
-            os.replace(unpacked / name, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(target.parent / f".{name}.lock")
+        lock.acquire()
+    except OSError as e:
+        raise FetchError(target.parent, f"cannot write the dataset here: {e.strerror or e}") from None
+    try:
+        if not target.is_dir():  # else another process fetched it while we waited
+            _fetch_into(spec, target, show_progress)
+    finally:
+        lock.release()
     return target
 
 
@@ -125,6 +123,19 @@ def resolve_beir(value: str | Path) -> Path:
     if text.startswith(BEIR_PREFIX):
         return fetch_dataset(text.removeprefix(BEIR_PREFIX))
     return Path(value)
+
+
+def _fetch_into(spec: BeirArchive, target: Path, show_progress: bool) -> None:
+    """Download, verify and unpack in a temporary folder beside `target`, then move it into place."""
+    url = f"{(os.environ.get(URL_ENV) or BEIR_URL).rstrip('/')}/{spec.name}.zip"
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}.") as tmp:
+        zip_path = Path(tmp) / f"{spec.name}.zip"
+        _download(url, zip_path, spec, show_progress)
+        unpacked = Path(tmp) / "unpacked"
+        _unpack(url, zip_path, unpacked)
+        if not (unpacked / spec.name).is_dir():
+            raise FetchError(url, f"the archive has no '{spec.name}/' folder")
+        os.replace(unpacked / spec.name, target)
 
 
 def _download(url: str, dest: Path, spec: BeirArchive, show_progress: bool) -> None:

@@ -456,3 +456,20 @@ def job_phase(obj: dict) -> str:
             return "succeeded"
         return "running" if "Running" in true or "Restarting" in true else "pending"
     raise ValueError(f"job_phase: unknown kind {kind!r}")
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def manifest_files(objects: list[dict]) -> dict[str, str]:
+    """{file name: YAML} for `objects` in order, each headed by the command its pods run."""
+    files = {}
+    for i, obj in enumerate(objects):
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        stage = obj["metadata"]["labels"].get(LABEL_STAGE)
+        if stage:
+            head = f"# {kind} {name}: runs `{' '.join(stage_command(stage))}` (the config is the ConfigMap's run.yaml)\n"
+        else:
+            head = f"# {kind} {name}: the run config every pod reads at {CONFIG_PATH}\n"
+        files[f"{i:02d}-{stage or 'config'}-{kind.lower()}.yaml"] = head + yaml.safe_dump(obj, sort_keys=False)
+    return files

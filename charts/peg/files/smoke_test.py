@@ -1,52 +1,36 @@
-"""`helm test` for the peg chart: the store answers with the chart's keys, and the launcher's
-service account may create every job kind peg submits. Exit 0 when all checks pass, else 1
-with one line per failed check. Configured by environment variables (see the test pod):
-PEG_S3_ENDPOINT, PEG_S3_SECURE, PEG_S3_BUCKET, PEG_S3_ACCESS_KEY_ENV, PEG_S3_SECRET_KEY_ENV,
-PEG_NAMESPACE and PEG_CHECK_RESOURCES ("group/resource,..."; empty: skip the RBAC check).
+"""`helm test` for the peg chart: peg's own S3 store opens with the mounted Secret's keys and can
+write, read back and delete an object, and the launcher's service account may create every job
+kind peg submits. Exit 0 when all checks pass, else 1 with one line per failed check.
+Environment (set by the test pod): PEG_STORE (a StoreConfig as JSON, under a probe prefix; empty:
+skip), PEG_NAMESPACE and PEG_CHECK_RESOURCES ("group/resource,..."; empty: skip the RBAC check).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 
 
 def check_store(env: dict[str, str]) -> list[str]:
-    """Write, read back and delete one object in the bucket with the keys from the Secret."""
-    from minio import Minio
-
-    endpoint = env.get("PEG_S3_ENDPOINT", "")
-    if not endpoint:
-        print("store: no S3 endpoint configured, skipped")
+    """Open the store as a stage pod would, then put, get and delete one small artifact."""
+    if not env.get("PEG_STORE"):
+        print("store: no S3 store configured, skipped")
         return []
-    bucket = env["PEG_S3_BUCKET"]
-    access_name, secret_name = env["PEG_S3_ACCESS_KEY_ENV"], env["PEG_S3_SECRET_KEY_ENV"]
-    if not env.get(access_name) or not env.get(secret_name):
-        return [f"store: {access_name} / {secret_name} are not set (is the S3 Secret mounted?)"]
-    client = Minio(
-        endpoint,
-        access_key=env[access_name],
-        secret_key=env[secret_name],
-        secure=env.get("PEG_S3_SECURE", "true").lower() == "true",
-    )
-    key, payload = ".peg-helm-test", b"peg helm test\n"
+    from peg.config import StoreConfig
+    from peg.store import StoreError, open_store
+
+    config = StoreConfig.model_validate_json(env["PEG_STORE"])
+    payload = b"peg helm test\n"
     try:
-        if not client.bucket_exists(bucket):
-            return [f"store: bucket {bucket!r} does not exist at {endpoint}"]
-        client.put_object(bucket, key, io.BytesIO(payload), len(payload))
-        response = client.get_object(bucket, key)
-        try:
-            read = response.read()
-        finally:
-            response.close()
-            response.release_conn()
-        client.remove_object(bucket, key)
-    except Exception as e:  # any S3 or connection error is the finding
-        return [f"store: {endpoint} bucket {bucket!r}: {type(e).__name__}: {getattr(e, 'code', '') or e}"]
+        store = open_store(config)
+        store.put_bytes("probe", payload, producer="helm-test")
+        read = store.get_bytes("probe")
+        store.delete("")
+    except StoreError as e:
+        return [f"store: {e}"]
     if read != payload:
-        return [f"store: {endpoint} bucket {bucket!r}: read back {len(read)} bytes, wrote {len(payload)}"]
-    print(f"store: {endpoint} bucket {bucket!r}: write, read and delete ok")
+        return [f"store: {config.uri}: read back {len(read)} bytes, wrote {len(payload)}"]
+    print(f"store: {store.describe()}: write, read and delete ok")
     return []
 
 

@@ -99,6 +99,30 @@ S3 endpoint host:port: s3.endpoint, else the bundled server's Service, else empt
 {{- end }}
 
 {{/*
+Where the chart's pods mount the S3 Secret (files, never environment variables); the same path
+peg's renderers mount it at in stage pods.
+*/}}
+{{- define "peg.s3MountPath" -}}
+/etc/peg-s3
+{{- end }}
+
+{{/*
+The S3 Secret as a read-only volume; with "peg.s3VolumeMount", the launcher's and test pod's keys.
+*/}}
+{{- define "peg.s3Volume" -}}
+- name: s3-credentials
+  secret:
+    secretName: {{ include "peg.s3SecretName" . }}
+    defaultMode: 0440
+{{- end }}
+
+{{- define "peg.s3VolumeMount" -}}
+- name: s3-credentials
+  mountPath: {{ include "peg.s3MountPath" . }}
+  readOnly: true
+{{- end }}
+
+{{/*
 Names of the two S3 key variables (and Secret keys): the run's store.access_key_env and
 secret_key_env when set, else peg's defaults.
 */}}
@@ -156,6 +180,10 @@ endpoint/TLS/uri). Keys the run sets are kept as they are.
 {{- if not (hasKey $store "endpoint") }}{{ $_ := set $store "endpoint" $endpoint }}{{ end }}
 {{- if not (hasKey $store "secure") }}{{ $_ := set $store "secure" (eq (include "peg.s3Secure" .) "true") }}{{ end }}
 {{- if not (hasKey $store "uri") }}{{ $_ := set $store "uri" (printf "s3://%s/%s" .Values.s3.bucket $run.name) }}{{ end }}
+{{- end }}
+{{- if include "peg.s3SecretName" . }}
+{{- if not (hasKey $run "store") }}{{ $_ := set $run "store" dict }}{{ end }}
+{{- if not (hasKey $run.store "credentials_file") }}{{ $_ := set $run.store "credentials_file" (include "peg.s3MountPath" .) }}{{ end }}
 {{- end }}
 {{- toYaml $run }}
 {{- end }}
