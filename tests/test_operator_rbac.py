@@ -1,12 +1,13 @@
 """The operator's chart parts: RBAC equal to the API calls the code makes, and the Deployment
-valid, PSS-restricted, probed and single."""
+valid, PSS-restricted, probed and single (checkov scans it with the whole chart in test_chart.py:
+the "persistent" value set enables the operator)."""
 
 from __future__ import annotations
 
 import helm_python as helm
 import pytest
 from chart_render import CHART, KUBE_VERSION, by_kind, ci_values, objects, render
-from k8s_validation import CHECKOV, CHECKOV_SKIPS, checkov_failures, validate_object
+from k8s_validation import validate_object
 
 from peg.operator.api import API_CALLS
 
@@ -71,15 +72,6 @@ def test_operator_objects_validate_and_follow_pss_restricted(docs):
     assert env["PEG_OPERATOR_METRICS_PORT"] == "9090" and env["PEG_OPERATOR_INTERVAL"] == "10"
     assert env["PEG_OPERATOR_S3_CREDENTIALS"] == "/etc/peg-s3"  # it reads the store with these keys, as files
     assert {"name": "s3-credentials", "secret": {"secretName": "demo-peg-s3-credentials"}} in pod["volumes"]
-
-
-@pytest.mark.skipif(not CHECKOV.exists(), reason=f"checkov not installed at {CHECKOV} (scripts/setup.sh makes it)")
-def test_operator_deployment_passes_checkov(docs):
-    (deployment,) = [d for d in operator_objects(docs) if d["kind"] == "Deployment"]
-    skips = {k: v for k, v in CHECKOV_SKIPS.items() if k not in ("CKV_K8S_8", "CKV_K8S_9")}  # it has both probes
-    skips["CKV_K8S_38"] = "the operator calls the API server with its service account token"
-    skips["CKV_K8S_40"] = "the images run as their fixed non-root UID 1000 (images/), as the launcher does"
-    assert checkov_failures([deployment], skip=skips) == []
 
 
 def test_chart_lints_with_the_operator():
