@@ -36,6 +36,7 @@ from peg.config import RunConfig, StoreConfig  # noqa: E402
 from peg.operator import handlers  # noqa: E402, F401  (importing registers the handlers)
 from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
+from peg.operator.reconcile import Child, StoreState, claim_keys  # noqa: E402
 from peg.pipeline import stage_hashes  # noqa: E402
 from peg.pipeline.state import StageRecord, write_record  # noqa: E402
 from peg.store import open_store  # noqa: E402
@@ -261,3 +262,24 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             assert declared - cluster.calls() == unused
 
     asyncio.run(main())
+
+
+def test_observe_store_reports_the_older_claimant_and_an_unreachable_store():
+    run = {"name": "demo", "model": {"name_or_path": "m"},
+           "store": {"uri": "s3://bucket/peg", "endpoint": "127.0.0.1:9", "secure": False, "max_attempts": 1,
+                     "connect_timeout": 0.5}}  # fmt: skip
+    config = RunConfig.model_validate(run)
+    claims = {key: [("2026-11-30T10:00:00Z", "a/first"), ("2026-11-30T11:00:00Z", "b/second")]
+              for key in claim_keys("a", config)[:1]}  # fmt: skip
+    assert handlers.observe_store({"run": run}, "b", "second", claims).claimed_by == "a/first (" + claim_keys("b", config)[0] + ")"
+    unreachable = handlers.observe_store({"run": run}, "a", "first", claims)
+    assert unreachable.claimed_by is None and unreachable.error
+    assert handlers.observe_store({"run": {"name": "demo"}}, "a", "first", {}) == StoreState()  # invalid: reconcile says why
+
+
+def test_job_observation_reads_stage_hash_and_phase():
+    body = kopf.Body({"apiVersion": "ray.io/v1", "kind": "RayJob",
+                      "metadata": {"name": "demo-mine", "labels": {"peg.dev/stage": "mine", "peg.dev/stage-hash": "abc"},
+                                   "deletionTimestamp": "2026-11-30T12:00:00Z"},
+                      "status": {"jobDeploymentStatus": "Failed", "message": "OOMKilled"}})  # fmt: skip
+    assert handlers.job_observation(body) == Child("ray.io/v1", "RayJob", "demo-mine", "mine", "abc", "failed", True, "OOMKilled")

@@ -23,6 +23,7 @@ import prometheus_client as prom
 from pydantic import ValidationError
 
 from peg.config import RunConfig
+from peg.k8s.render import job_phase
 from peg.operator import api
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION
 from peg.operator.reconcile import HASH_LABEL, STAGE_LABEL, Child, Delete, Event, StoreState, claim_keys, claimed_by, reconcile
@@ -54,8 +55,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def job_observation(body: kopf.Body) -> Child:
     """A stage job as reconcile sees it: its stage, stage hash label and phase."""
-    from peg.k8s.render import job_phase
-
     labels = body.metadata.labels
     status = body.get("status") or {}
     message = status.get("message") or status.get("reason") or ""
