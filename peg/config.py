@@ -424,7 +424,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("model", "data", "pretrain", "train"),  # the corpus; engine settings from train
     "train": ("model", "data", "loss", "batch", "train"),
     "eval": ("model", "data", "encode", "eval"),
-    "export": ("model", "data", "loss", "eval"),  # sample queries of data.eval_split (passages without eval); the model card
+    "export": ("model", "data", "loss", "eval"),  # sample eval queries (corpus passages without eval); model card
     "report": ("model", "data", "loss", "batch", "train", "eval"),
 }
 
