@@ -1,8 +1,9 @@
 """Render charts/peg offline with the real Helm library (helm-python-sdk: Helm's Go SDK in-process).
 
-`helm.Chart.render` exposes no API versions or Kubernetes version, which the chart's CRD check
-(`.Capabilities.APIVersions.Has`) needs; the SDK's native render call takes them as the same
-JSON options `helm template --api-versions/--kube-version` sets, so `render` passes them there.
+`helm.Chart.render` and `helm.Config.render` expose no API versions or Kubernetes version, which
+the chart's CRD check (`.Capabilities.APIVersions.Has`) needs; the SDK's native render calls take
+them as the same JSON options `helm template --api-versions/--kube-version` sets, so `render` and
+`render_against` pass them there.
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def render(
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(values or {})
         return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values or {}), json.dumps(opts)))
+
+
+def render_against(kubeconfig: str, values: dict[str, Any], name: str = "demo", namespace: str = "ml") -> dict[str, str]:
+    """Like `render`, but `lookup` reads the live objects of the API server `kubeconfig` names
+    (Helm's cluster-aware render: nothing is created)."""
+    opts = {"name": name, "namespace": namespace, "is_install": True, "api_versions": list(ALL_APIS)}
+    with helm.Config(kubeconfig_content=kubeconfig, namespace=namespace) as config, helm.Chart.load(CHART) as chart:
+        payload = _native.call_string(
+            "helm_render_with_config", config._raw(), chart._raw(), json.dumps(values), json.dumps(opts)
+        )
+    return json.loads(payload)
 
 
 def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:

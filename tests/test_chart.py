@@ -4,6 +4,7 @@ bundled S3 server's and `helm test` pod's commands run for real against this mac
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import importlib.util
@@ -12,17 +13,32 @@ import os
 import re
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import helm_python as helm
+import kmock
 import pytest
 import yaml
-from chart_render import ALL_APIS, CHART, KUBE_VERSION, PYTORCHJOB, RAYJOB, TRAINJOB, by_kind, ci_values, objects, render
+from chart_render import (
+    ALL_APIS,
+    CHART,
+    KUBE_VERSION,
+    PYTORCHJOB,
+    RAYJOB,
+    TRAINJOB,
+    by_kind,
+    ci_values,
+    objects,
+    render,
+    render_against,
+)
 from k8s_validation import CHECKOV, CHECKOV_SKIPS, checkov_failures, validate_object
 from minio import Minio
 from s3server import free_ports, weed_binary
 
-from peg.config import parse_config
+from peg.config import ClusterConfig, parse_config
+from peg.k8s.backend import API as BACKEND_APIS
 from peg.k8s.render import render_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +78,9 @@ def render_fails(values: dict, api_versions=ALL_APIS) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("values_name", ["default", "kind", "gpu"])
+@pytest.mark.parametrize("values_name", ["default", "kind", "gpu", "persistent"])
 def test_lint_strict_is_clean(values_name):
-    values = None if values_name == "default" else ci_values(values_name)
+    values = value_sets()[values_name] or None
     report = helm.lint(CHART, values, strict=True, kube_version=KUBE_VERSION)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], report
@@ -85,15 +101,33 @@ def test_default_values_install_the_platform_only():
     assert job_account["automountServiceAccountToken"] is False
 
 
-def test_rbac_is_namespaced_least_privilege():
+# kubernetes client method prefix -> RBAC verb
+CLIENT_VERBS = {"create": "create", "get": "get", "read": "get", "list": "list", "replace": "update",
+                "patch": "patch", "delete": "delete"}  # fmt: skip
+
+
+def backend_api_calls() -> set[tuple[str, str, str]]:
+    """(API group, resource, verb) of every Kubernetes call in peg's cluster backend."""
+    source = (ROOT / "peg" / "k8s" / "backend.py").read_text()
+    calls = set()
+    for client, method in re.findall(r"self\.(core|custom)\.(\w+)", source):
+        verb, _, resource = method.partition("_namespaced_")
+        if client == "custom":
+            assert resource == "custom_object", method
+            calls |= {(group, plural, CLIENT_VERBS[verb]) for group, _, plural in BACKEND_APIS.values()}
+        else:
+            plural = {"config_map": "configmaps", "pod": "pods", "pod_log": "pods/log"}[resource]
+            calls.add(("", plural, CLIENT_VERBS[verb]))
+    return calls
+
+
+def test_rbac_grants_exactly_the_backends_calls_in_this_namespace():
     docs = objects(render())
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     (role,) = by_kind(docs, "Role")
-    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    for group, resource in [("trainer.kubeflow.org", "trainjobs"), ("kubeflow.org", "pytorchjobs"), ("ray.io", "rayjobs")]:
-        assert granted[(group, resource)] == {"create", "get", "list", "watch", "delete"}
-    assert "secrets" not in {r for _, r in granted}
-    assert all("*" not in verbs for verbs in granted.values())
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == backend_api_calls()
+    assert ("", "pods/log", "get") in granted and not any(r == "secrets" for _, r, _ in granted)
     (binding,) = by_kind(docs, "RoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-peg-launcher", "namespace": "ml"}]
 
@@ -120,6 +154,39 @@ def test_bundled_s3_server_and_its_generated_keys():
 def test_bundled_s3_image_is_the_server_version_the_tests_run():
     version = subprocess.run([weed_binary(), "version"], capture_output=True, text=True).stdout.split()
     assert yaml.safe_load((CHART / "values.yaml").read_text())["seaweedfs"]["image"]["tag"] in version
+
+
+def test_an_upgrade_keeps_the_generated_s3_keys():
+    """The chart `lookup`s its Secret: against a live API (kmock's in-process Kubernetes emulator
+    on 127.0.0.1) a second render reuses the keys the first one generated, so an upgrade never
+    locks the run out of the data the bundled server holds."""
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+            for path, kind in [("v1/secrets", "Secret"), ("v1/namespaces", "Namespace")]:
+                resource = k8s.resources[path]
+                resource.kind, resource.namespaced = kind, kind == "Secret"
+                resource.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+            kubeconfig = yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "c",
+                "clusters": [{"name": "k", "cluster": {"server": str(server.url)}}],
+                "users": [{"name": "u", "user": {"token": "x"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            })  # fmt: skip
+
+            def secret() -> dict:
+                return yaml.safe_load(render_against(kubeconfig, ci_values("kind"))["peg/templates/s3-secret.yaml"])
+
+            first, other = await asyncio.to_thread(secret), await asyncio.to_thread(secret)
+            from kubernetes import client
+
+            api = client.CoreV1Api(client.ApiClient(client.Configuration(host=str(server.url))))
+            await asyncio.to_thread(api.create_namespaced_secret, "ml", first)  # what the install created
+            return first, other, await asyncio.to_thread(secret)
+
+    first, other, upgrade = asyncio.run(scenario())
+    assert other["data"] != first["data"]  # no Secret yet: fresh random keys each time
+    assert upgrade["data"] == first["data"]
 
 
 def test_persistence_keeps_the_s3_data_in_a_claim():
@@ -226,6 +293,7 @@ def test_missing_crds_fail_with_what_to_install():
 
 
 def test_missing_crd_of_the_runs_trainer_api_fails():
+    assert ClusterConfig.model_fields["trainer_api"].default == "trainjob"  # what "peg.trainerApi" assumes
     message = render_fails(kind_with_run(), api_versions=(PYTORCHJOB, RAYJOB))
     assert "TrainJob (trainer.kubeflow.org/v1alpha1), which run.cluster.trainer_api=trainjob uses" in message
     assert "RayJob" not in message
@@ -482,3 +550,13 @@ def test_values_schema_rejects_what_peg_rejects(run, error):
         render(kind_with_run(run))
     with pytest.raises(ValueError):
         parse_config(yaml.safe_dump(run))
+
+
+def test_chart_app_version_is_peg_version_the_images_are_tagged_with():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == version  # image tags default to appVersion; images/build.sh tags this
+    docs = objects(render(kind_with_run({**TINY_RUN, "cluster": {}})))
+    config = run_config(docs)
+    assert config["cluster"]["image"] == f"ghcr.io/peg-dev/peg-trainer:{version}-cpu"
+    assert ClusterConfig.model_fields["image"].default.rsplit(":", 1) == ["ghcr.io/peg-dev/peg-trainer", version]

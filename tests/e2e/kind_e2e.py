@@ -3,11 +3,12 @@
     python tests/e2e/kind_e2e.py            # or: PEG_E2E=1 pytest -m e2e tests/e2e
 Needs docker (with a running daemon), kind and kubectl on PATH, and network access to pull the
 base images and the KubeRay / Kubeflow Trainer charts. Steps:
- 1. create the kind cluster $PEG_E2E_CLUSTER (default peg-e2e; reused when it exists);
+ 1. create the kind cluster $PEG_E2E_CLUSTER (default peg-e2e; it must not exist yet);
  2. build the CPU images and `kind load` them (images/build.sh cpu --kind ...);
  3. install KubeRay (kuberay-operator 1.7.0) and Kubeflow Trainer (kubeflow-trainer 2.3.0, with
     its torch-distributed ClusterTrainingRuntime), with the Helm SDK peg's tests use;
- 4. install charts/peg with ci/kind-values.yaml (bundled SeaweedFS S3), run `helm test`;
+ 4. install charts/peg with ci/kind-values.yaml (bundled SeaweedFS S3) into a namespace that
+    enforces the restricted Pod Security Standard, run `helm test`;
  5. `prepare` the tiny BEIR dataset from this machine into the bundled S3 (kubectl port-forward),
     as `peg pipeline run --backend k8s` does on a laptop;
  6. upgrade the release with the tiny run under `run:`: the chart's launcher Job runs the rest of
@@ -162,10 +163,12 @@ def main() -> int:
     kubeconfig = work / "kubeconfig"
     created = False
     try:
-        clusters = sh("kind", "get", "clusters", capture_output=True).stdout.split()
-        if CLUSTER not in clusters:
-            sh("kind", "create", "cluster", "--name", CLUSTER, "--wait", "180s")
-            created = True
+        if CLUSTER in sh("kind", "get", "clusters", capture_output=True).stdout.split():
+            print(f"kind cluster {CLUSTER} exists (kept by PEG_E2E_KEEP=1?): kind delete cluster --name {CLUSTER}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        sh("kind", "create", "cluster", "--name", CLUSTER, "--wait", "180s")
+        created = True
         kubeconfig.write_text(sh("kind", "get", "kubeconfig", "--name", CLUSTER, capture_output=True).stdout)
         sh("bash", str(ROOT / "images" / "build.sh"), "cpu", "--kind", CLUSTER)
 
@@ -180,12 +183,15 @@ def main() -> int:
                         namespace="kubeflow-system", create_namespace=True, chart_version=version,
                         wait="watcher", timeout=900)  # fmt: skip
 
+            # The namespace enforces the restricted Pod Security Standard: the API server rejects
+            # any pod of the chart or of the run's jobs that breaks it.
+            kubectl("create", "namespace", NAMESPACE)
+            kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
             values = yaml.safe_load((ROOT / "charts/peg/ci/kind-values.yaml").read_text())
             if VIA == "operator":
                 values["operator"] = {"enabled": True, "interval": 5}
             print(f"+ helm install peg charts/peg (platform, bundled S3{', operator' if VIA == 'operator' else ''})", flush=True)
-            cfg.install(str(ROOT / "charts/peg"), RELEASE, values, namespace=NAMESPACE, create_namespace=True,
-                        wait="watcher", timeout=600)  # fmt: skip
+            cfg.install(str(ROOT / "charts/peg"), RELEASE, values, namespace=NAMESPACE, wait="watcher", timeout=600)
             print("+ helm test peg", flush=True)
             print(cfg.test(RELEASE, timeout=300, logs=True).get("logs", ""))
 

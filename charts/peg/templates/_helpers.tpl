@@ -189,7 +189,8 @@ endpoint/TLS/uri). Keys the run sets are kept as they are.
 {{- end }}
 
 {{/*
-The training API the run uses (run.cluster.trainer_api; peg's default is trainjob).
+The training API the run uses: run.cluster.trainer_api, else peg's default (ClusterConfig;
+tests/test_chart.py checks the two agree).
 */}}
 {{- define "peg.trainerApi" -}}
 {{- ((.Values.run | default dict).cluster | default dict).trainer_api | default "trainjob" }}
