@@ -95,7 +95,7 @@ class Cluster:
         return None
 
     def pipeline(self) -> dict:
-        return self.objects(PLURAL)["demo"]
+        return self.objects(PLURAL).get("demo", {})
 
     async def wait(self, what, timeout: float = 20.0):
         deadline = asyncio.get_running_loop().time() + timeout
@@ -242,6 +242,10 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                                         and cluster.pipeline()["status"])
             await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))
             await cluster.wait(lambda: metric("peg_operator_pipelines", phase="Succeeded") == 1)  # a tick later
+            assert cluster.pipeline()["metadata"]["finalizers"] == ["peg.dev/operator"]
+            # deleting the pipeline: the operator stops its timer and releases its finalizer
+            await asyncio.to_thread(as_test_client().delete_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, "demo")
+            await cluster.wait(lambda: "demo" not in cluster.objects(PLURAL), timeout=60)
             stop.set()
             await asyncio.wait_for(operator, 30)
 
