@@ -29,10 +29,10 @@ class _RateColumn(TextColumn):
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; shows a bar with count, rate and ETA when `enabled`."""
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[..., None]]:
+    """Yield `advance(n, status=None)`; shows a bar with count, rate, ETA and the latest status when `enabled`."""
     if not enabled:
-        yield lambda n: None
+        yield lambda n, status=None: None
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -43,7 +43,12 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
     )
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int, status: str | None = None) -> None:
+            progress.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield advance
