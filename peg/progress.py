@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 
@@ -30,22 +33,26 @@ class _RateColumn(TextColumn):
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[..., None]]:
-    """Yield `advance(n, status=None)`; shows a bar with count, rate, ETA and the latest status when `enabled`."""
+    """Yield `advance(n, status=None)`; shows a bar with count, rate, ETA and the latest status on
+    stderr when `enabled`.
+
+    `unit="bytes"` shows sizes and transfer speed (kB, MB) instead of a count and a rate.
+    """
     if not enabled:
         yield lambda n, status=None: None
         return
+    counts = (DownloadColumn(), TaskProgressColumn(), TransferSpeedColumn()) if unit == "bytes" else (
+        MofNCompleteColumn(), TaskProgressColumn(), _RateColumn(unit))
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        _RateColumn(unit),
+        *counts,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=total, status="")
 
         def advance(n: int, status: str | None = None) -> None:

@@ -30,10 +30,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from peg.data.errors import DataError
 from peg.data.pairs import parse_example
+from peg.errors import PegError
 from peg.losses import Chunks, passage_ids_from_texts
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BLOCK_BYTES = 16 << 20
 
 
-class BatchError(ValueError):
+class BatchError(PegError, ValueError):
     """A batch shape that cannot be used with this world size or data."""
 
 
