@@ -21,8 +21,10 @@ from peg.config import ConfigError, RunConfig, load_config, parse_config
 from peg.data import DataError
 from peg.model.encoder import resolve_model_path
 from peg.train import BatchError, BatchPlan, PairFile
+from peg.train.batches import Prefetcher
 from peg.train.metrics import read_metrics
 from peg.train.schedule import warmup_linear_decay
+from peg.train.telemetry import model_shape, peak_flops, step_flops, throughput
 from peg.train.trainer import runs_in_process, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,6 +246,33 @@ def test_indexing_split_across_ranks_equals_one_process(tmp_path):
     assert len(whole.blocks) > 3 and split.blocks == whole.blocks
     assert whole.examples == 39  # line 6 has too few negatives
     assert load_dataset(path, 2, need_scores=False, block_bytes=500, limit=10).examples == 10
+
+
+def test_prefetcher_keeps_order_and_raises_the_workers_error():
+    def produce(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad item 3")
+        return i * i
+
+    batches = Prefetcher(iter(range(5)), produce, depth=2)
+    assert [next(batches) for _ in range(3)] == [(0, 0), (1, 1), (2, 4)]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(batches)
+    batches.close()
+
+
+def test_mfu_counts_6n_plus_attention_of_the_real_tokens(monkeypatch):
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64))  # fmt: skip
+    params, layers, hidden = model_shape(model)
+    assert params == sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    assert (layers, hidden) == (2, 32)
+    flops = step_flops((params, 2, 32), tokens=10 + 20, lengths_sq=10**2 + 20**2)  # two texts of 10 and 20 tokens
+    assert flops == 6 * params * 30 + 12 * 2 * 32 * 500
+    assert peak_flops(torch.device("cpu")) is None  # no MFU on CPU unless a peak is given
+    monkeypatch.setenv("PEG_PEAK_TFLOPS", "100")
+    rates = throughput(2.0, passages=8, tokens=30, flops=flops, world_size=2, peak=peak_flops(torch.device("cpu")))
+    assert rates == {"step_s": 2.0, "passages_per_s": 4.0, "tokens_per_s": 15.0, "mfu": flops / (2.0 * 2 * 100e12)}
 
 
 def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):

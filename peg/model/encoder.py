@@ -112,17 +112,18 @@ class Encoder(torch.nn.Module):
         so a batch pads to similar lengths. On a GPU the model runs in bf16 autocast, batches go
         through pinned memory and the embeddings stay on the device until the end.
         """
+        if len(texts) == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        if not texts:
-            return np.empty((0, self.dim), dtype=np.float32)
         features = self.tokenize(texts, kind, padding=False)
         order = np.argsort([-len(ids) for ids in features["input_ids"]], kind="stable")
         on_gpu = device.type == "cuda"
         parts = []
+        description = description or ("encode queries" if kind == "query" else "encode passages")
         with (
-            progress_bar(len(texts), description or ("encode queries" if kind == "query" else "encode passages"), enabled=show_progress) as advance,
+            progress_bar(len(texts), description, enabled=show_progress) as advance,
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu),
         ):
             for start in range(0, len(texts), batch_size):
