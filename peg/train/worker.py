@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peg.config import ConfigError, load_config
 from peg.data import DataError
+from peg.process import die_with_parent
 from peg.train.batches import BatchError
 from peg.train.trainer import TrainError, run_worker
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    die_with_parent()  # torchrun starts workers in their own sessions: a group kill would miss them
     try:
         run_worker(load_config(args.config), Path(args.output_dir), args.resume)
     except (ConfigError, DataError, BatchError, TrainError) as e:
