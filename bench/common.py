@@ -1,81 +1,135 @@
-"""Shared pieces of the SciFact quality benchmarks: data, the base model's cached embeddings,
-seeded query subsets and a dev split carved from the TRAIN queries (never the test split).
+"""Shared pieces of the benchmarks: generated texts, the machine, and writing JSON + markdown + PNG.
 
-Embeddings go through peg's own encode cache (`peg.mine.encode`), in a local store
-(`--store`, default /tmp/peg-quality), so every benchmark and rerun encodes the corpus once.
+Each benchmark runs peg and its peer in ONE run on the same machine and writes
+bench/results/<name>.json, .md and .png as rows finish (a cut-short run keeps what it measured).
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import platform
 import random
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
-from peg.config import RunConfig
-from peg.data import BeirDataset
-from peg.eval.retrieval import search
-
-ROOT = Path(__file__).resolve().parents[1]
-SCIFACT = Path(os.environ.get("PEG_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))  # ../shared beside the repo
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_STORE = "/tmp/peg-quality"
-RUN_NAME = "scifact-bench"
-
-
-def bench_config(store: str, model: str = MINILM, **sections) -> RunConfig:
-    """A RunConfig over SciFact for the benchmarks (encode with one 2-thread actor); `sections`
-    update the sections they name key by key."""
-    config = {
-        "name": RUN_NAME,
-        "data": {"beir": str(SCIFACT)},
-        "model": {"name_or_path": model},
-        "encode": {"num_actors": 1, "actor_cpus": 2.0, "batch_size": 32},
-        "store": {"uri": store},
-    }
-    for name, values in sections.items():
-        config[name] = {**config.get(name, {}), **values}
-    return RunConfig.model_validate(config)
+WORDS = (
+    "cell protein gene expression patients study results increased associated treatment disease clinical "
+    "risk analysis data model effect levels response group control human mice tumor cancer receptor "
+    "signaling pathway activity function role factor development significant observed reduced compared "
+    "trial therapy dose outcome population infection immune virus mutation sequence binding structure "
+    "mechanism regulation growth tissue blood brain neurons memory learning network method approach"
+).split()
 
 
-def seeded_subset(ids: list[str], size: int | None, seed: int) -> list[str]:
-    """The first `size` ids of a `random.Random(seed)` shuffle (all if size is None): a smaller
-    size gives a prefix of a larger one's list, so cached per-query work carries over."""
-    shuffled = sorted(ids)
-    random.Random(seed).shuffle(shuffled)
-    return shuffled[:size]
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def dev_split(train: BeirDataset, size: int, seed: int = 0) -> list[str]:
-    """A dev split carved from the train queries (settings are chosen here, never on test)."""
-    return seeded_subset(list(train.queries), size, seed)
+def passage_lengths(rng: random.Random, count: int, mean_words: int) -> list[int]:
+    """Word counts spread like abstracts (log-normal around `mean_words`, 10..4x mean)."""
+    return [max(10, min(4 * mean_words, int(rng.lognormvariate(0, 0.6) * mean_words))) for _ in range(count)]
 
 
-def embed_split(config: RunConfig, data: BeirDataset) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """(query ids, query embeddings, passage ids, passage embeddings), through the encode cache."""
-    from peg.mine.encode import encode_corpus, encode_queries
-    from peg.mine.session import ray_session
-    from peg.store import open_store
+def training_pairs(path: Path, queries: int, negatives: int, query_words: int, mean_words: int, seed: int = 0) -> Path:
+    """A training-pair JSONL of generated texts: queries of `query_words` words, passages spread around `mean_words`."""
+    import numpy as np
 
-    store = open_store(config.store)
-    with ray_session(num_cpus=2):
-        corpus = encode_corpus(config, store, data.corpus.values(), show_progress=True)
-        queries = encode_queries(config, store, data.queries, show_progress=True)
-    return queries.ids, queries.matrix, corpus.ids, corpus.matrix
+    rng = random.Random(seed)
+    picks = np.random.default_rng(seed)
+    vocab = np.array(WORDS)
+
+    def text(n: int) -> str:
+        return " ".join(vocab[picks.integers(0, len(vocab), n)])
+
+    with path.open("w") as f:
+        for i in range(queries):
+            lengths = passage_lengths(rng, 1 + negatives, mean_words)
+            row = {"query": f"{i} " + text(query_words), "pos": [f"{i} " + text(lengths[0])],
+                   "neg": [f"{i}.{j} " + text(n) for j, n in enumerate(lengths[1:])]}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    return path
 
 
-def top_k(query_emb: np.ndarray, passage_emb: np.ndarray, passage_ids: list[str], k: int) -> list[list[tuple[str, float]]]:
-    """Each query's top `k` (passage id, cosine) by exact search."""
-    scores, rows = search(query_emb, passage_emb, k)
-    return [[(passage_ids[j], float(s)) for j, s in zip(r, sc) if j >= 0] for r, sc in zip(rows, scores)]
+def machine() -> dict:
+    info = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 1)}  # fmt: skip
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
 
 
-if __name__ == "__main__":  # warm the cache: base embeddings of the corpus, test and train queries
-    import sys
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    store = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_STORE
-    config = bench_config(store)
-    for split in ("test", "train"):
-        ids, _, pids, _ = embed_split(config, BeirDataset.load(SCIFACT, split))
-        print(f"{split}: {len(ids)} queries, {len(pids)} passages embedded", flush=True)
+
+def run_json(args: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
+    """Run `python args...` in a fresh process; its last stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=REPO)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Results:
+    """Rows of one benchmark, rewritten to results/<name>.json and .md after every row."""
+
+    def __init__(self, name: str, title: str, settings: dict, columns: list[str]):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.name, self.title, self.columns = name, title, columns
+        self.data = {"benchmark": name, "machine": machine(), "settings": settings, "rows": [], "notes": []}
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.write()
+
+    def note(self, text: str) -> None:
+        self.data["notes"].append(text)
+        self.write()
+
+    def write(self) -> None:
+        (RESULTS / f"{self.name}.json").write_text(json.dumps(self.data, indent=1) + "\n")
+        m = self.data["machine"]
+        lines = [f"## {self.title}", "", f"{m['date']}, {m.get('gpu') or str(m['cpus']) + ' CPUs'}, load {m['load_1min']} "
+                 f"at start; settings: `{json.dumps(self.data['settings'])}`", "",
+                 "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]  # fmt: skip
+        for row in self.data["rows"]:
+            lines.append("| " + " | ".join(_cell(row.get(c)) for c in self.columns) + " |")
+        lines += [""] + [f"- {n}" for n in self.data["notes"]]
+        (RESULTS / f"{self.name}.md").write_text("\n".join(lines) + "\n")
+
+    def bar_chart(self, label: str, value: str, ylabel: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.data["rows"] if isinstance(r.get(value), (int, float))]
+        fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.4))
+        bars = ax.bar([str(r[label]) for r in rows], [r[value] for r in rows], color="#4878a8")
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(self.title, fontsize=10)
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{self.name}.png", dpi=100)
+        plt.close(fig)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return "" if value is None else str(value)

@@ -36,7 +36,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from bench.common import DEFAULT_STORE, RUN_NAME, ROOT, SCIFACT, bench_config, embed_split
+from bench.scifact import DEFAULT_STORE, RUN_NAME, ROOT, SCIFACT, bench_config, embed_split
 from peg.config import RunConfig
 from peg.data import BeirDataset, iter_examples, write_examples
 from peg.eval import evaluate_embeddings

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_STORE, ROOT, SCIFACT, bench_config, dev_split, embed_split, seeded_subset, top_k
+from bench.scifact import DEFAULT_STORE, ROOT, SCIFACT, bench_config, dev_split, embed_split, seeded_subset, top_k
 from peg.config import LLMConfig, ScoreConfig
 from peg.data import BeirDataset
 from peg.eval.metrics import compute_metrics

@@ -20,6 +20,7 @@ sentence-transformers folder, which `train` then starts from.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from peg.config import PretrainConfig, RunConfig
 from peg.data import iter_corpus
 from peg.model.encoder import Encoder, pool, resolve_model_path
 from peg.progress import progress_bar
-from peg.train.batches import BatchPlan
+from peg.train.batches import BatchError
 from peg.train.metrics import MetricsLog, plot_metrics
 from peg.train.trainer import (
     TrainError,
@@ -129,6 +130,13 @@ def corpus_texts(config: RunConfig) -> list[str]:
     return texts
 
 
+def epoch_order(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The passages of each global batch of `epoch`: a seeded shuffle cut into full batches."""
+    order = list(range(count))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+
+
 def step_masks(tokenizer, texts: list[str], p: PretrainConfig, seed: int) -> dict[str, torch.Tensor]:
     """Tokenize a rank's passages and draw both masks from a generator seeded by `seed`."""
     batch = tokenizer(texts, padding=True, truncation=True, max_length=p.max_length, return_tensors="pt",
@@ -159,8 +167,10 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Pa
     ckpt_dir = output_dir / "checkpoints"
 
     texts = corpus_texts(config)
-    plan = BatchPlan({"corpus": texts}, p.batch_size, world_size, p.seed)
-    total_steps = p.max_steps or p.epochs * plan.steps_per_epoch
+    if p.batch_size % world_size or len(texts) < p.batch_size:
+        raise BatchError(f"pretrain.batch_size ({p.batch_size}) must divide across {world_size} ranks and "
+                         f"not exceed the {len(texts)} passages")
+    total_steps = p.max_steps or p.epochs * (len(texts) // p.batch_size)
     _seed_all(p.seed)
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -175,14 +185,14 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Pa
 
     engine.train()
     per_rank = p.batch_size // world_size
-    batches = plan.epoch_batches(epoch)
+    batches = epoch_order(len(texts), p.batch_size, p.seed, epoch)
     with progress_bar(total_steps, "pretrain", enabled=rank == 0, unit="step") as advance:
         advance(step)
         while step < total_steps:
             if index >= len(batches):
                 epoch, index = epoch + 1, 0
-                batches = plan.epoch_batches(epoch)
-            _, indices = batches[index]
+                batches = epoch_order(len(texts), p.batch_size, p.seed, epoch)
+            indices = batches[index]
             mine = [texts[i] for i in indices[rank * per_rank : (rank + 1) * per_rank]]
             inputs = step_masks(tokenizer, mine, p, seed=p.seed * 1_000_003 + step * 1009 + rank)
             lr = engine.get_lr()[0]
