@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from peg.config import RunConfig
-from peg.pipeline.stages import STAGES, Stage, StageContext, enabled_stages
+from peg.pipeline.stages import STAGES, Stage, StageContext, enabled_stages, primary_node
 from peg.pipeline.state import StageRecord, is_complete, read_record, record_key, verified_outputs, write_record
 from peg.store import ArtifactStore, open_store
 
@@ -98,19 +98,28 @@ def run_pipeline(config: RunConfig, config_path: Path, backend: Backend, log=pri
 
 
 def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> None:
-    """The body of `peg pipeline stage NAME CONFIG`: run one stage and mark it complete."""
+    """The body of `peg pipeline stage NAME CONFIG`: run one stage and mark it complete.
+
+    Stages after `prepare` see `data.*` pointing at local copies of the data in the store. On the
+    other nodes of a multi-node training job only the stage's work runs: node 0 keeps the record.
+    """
     stages = {s.name: s for s in enabled_stages(config)}
     if name not in stages:
         raise ValueError(f"stage {name!r} is not enabled in {config_path} (enabled: {', '.join(stages)})")
     stage = stages[name]
     store = open_store(config.store)
     stage_hash = stage_hashes(config)[name]
+    context = StageContext(config, config_path, store, stage_hash)
+    if name != "prepare":
+        context = StageContext(context.data_config(), config_path, store, stage_hash)
+    if not primary_node():
+        stage.run(context)
+        return
     prefix = f"{config.name}/{name}"
     record = read_record(store, prefix)
     if record is not None and record.hash != stage_hash:
         store.delete(prefix)  # outputs of another config: never resume from them
     write_record(store, prefix, StageRecord(name, stage_hash, "running", {}))
-    context = StageContext(config, config_path, store, stage_hash)
     extra = stage.run(context)
     outputs = sorted((set(store.list(prefix)) - {record_key(prefix)}) | set(extra))
     write_record(store, prefix, StageRecord(name, stage_hash, "complete", verified_outputs(store, outputs, name)))

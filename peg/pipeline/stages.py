@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peg.config import RunConfig
+from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
 
@@ -30,11 +31,15 @@ class StageContext:
     def key(self, stage: str, name: str) -> str:
         return f"{self.config.name}/{stage}/{name}"
 
-    def work_dir(self, stage: str) -> Path:
-        """A local scratch directory kept across reruns of the same stage config (train checkpoints)."""
+    def run_dir(self) -> Path:
+        """This run's local scratch root ($PEG_WORK_DIR, default ~/.cache/peg/work), per store."""
         root = Path(os.environ.get("PEG_WORK_DIR", Path.home() / ".cache" / "peg" / "work"))
         store_id = hashlib.sha256(self.store.describe().encode()).hexdigest()[:8]
-        path = root / f"{self.config.name}-{store_id}" / f"{stage}-{self.stage_hash[:16]}"
+        return root / f"{self.config.name}-{store_id}"
+
+    def work_dir(self, stage: str) -> Path:
+        """A local scratch directory kept across reruns of the same stage config (train inputs, checkpoints)."""
+        path = self.run_dir() / f"{stage}-{self.stage_hash[:16]}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -51,10 +56,27 @@ class StageContext:
             keys.append(key)
         return keys
 
-    def fetch_dir(self, stage: str, name: str, dest: Path) -> Path:
-        """Materialise `<run>/<stage>/<name>/...` as a local directory."""
+    def data_config(self) -> RunConfig:
+        """The config with `data.beir` / `data.train_files` pointing at local copies of the data
+        `prepare` put in the store: every later stage reads its data only from the store."""
+        config = self.config.model_copy(deep=True)
+        local = self.fetch_dir("prepare", DATA, self.run_dir() / DATA, verified_once=True)
+        if config.data.beir:
+            config.data.beir = str(local / "beir")
+        config.data.train_files = [str(local / "train_files" / stored_train_file(i, f)) for i, f in enumerate(config.data.train_files)]
+        return config
+
+    def fetch_dir(self, stage: str, name: str, dest: Path, verified_once: bool = False) -> Path:
+        """Materialise `<run>/<stage>/<name>/...` as a local directory (`verified_once`: skip the
+        copy when `dest` already holds exactly these artifacts, by their sha256)."""
         prefix = self.key(stage, name)
-        for key in self.store.list(prefix):
+        keys = self.store.list(prefix)
+        stamp, want = dest / ".peg-fetched.json", ""
+        if verified_once:
+            want = json.dumps({k: self.store.require_manifest(k).sha256 for k in keys}, sort_keys=True)
+            if stamp.is_file() and stamp.read_text() == want:
+                return dest
+        for key in keys:
             target = dest / key[len(prefix) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
             local = self.store.local_path(key)
@@ -62,6 +84,9 @@ class StageContext:
                 shutil.copyfile(local, target)
             else:
                 self.store.get_file(key, target)
+        if verified_once:
+            dest.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(want)
         return dest
 
 
@@ -74,18 +99,41 @@ class Stage:
     enabled: Callable[[RunConfig], bool] = field(default=lambda config: True)
 
 
+DATA = "data"  # <run>/prepare/data/{beir/..., train_files/...}: the run's inputs, in the store
+
+
+def stored_train_file(index: int, path: str) -> str:
+    return f"{index}-{Path(path).name}"
+
+
+def primary_node() -> bool:
+    """False on the other nodes of a multi-node training job (PET_NODE_RANK > 0): they train
+    but leave stage records and outputs to node 0."""
+    return os.environ.get("PET_NODE_RANK", "0") == "0"
+
+
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data (train and eval splits) and record its counts."""
+    """Validate the BEIR data (train and eval splits), record its counts and put the data (and
+    any data.train_files) into the store, where every later stage reads it."""
     from peg.data import BeirDataset
 
     config = ctx.config
     if not config.data.beir:
         raise ValueError("data.beir: the pipeline needs a BEIR folder")
     summary = {}
-    for split in dict.fromkeys([config.data.train_split, config.data.eval_split]):
+    splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split]))
+    for split in splits:
         data = BeirDataset.load(config.data.beir, split)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
         summary["passages"] = len(data.corpus)
+    beir = Path(config.data.beir)
+    files = {f"beir/{name}": beir / name for name in ("corpus.jsonl", "queries.jsonl", *(f"qrels/{s}.tsv" for s in splits))}
+    for i, path in enumerate(config.data.train_files):
+        files[f"train_files/{stored_train_file(i, path)}"] = Path(path)
+    with progress_bar(len(files), "upload data", unit="file") as advance:
+        for name, path in files.items():
+            ctx.store.put_file(ctx.key("prepare", f"{DATA}/{name}"), path, producer="prepare", config_hash=ctx.stage_hash)
+            advance(1)
     ctx.store.put_bytes(ctx.key("prepare", "data.json"), json.dumps(summary, indent=2).encode(), "prepare", ctx.stage_hash)
     return []
 
@@ -137,23 +185,30 @@ def training_inputs(config: RunConfig) -> list[str]:
 
 
 def _train(ctx: StageContext) -> list[str]:
-    """Train on the upstream JSONL; checkpoints in the work dir make a killed run resume."""
+    """Train on the upstream JSONL (+ data.train_files). Checkpoints go to the store as each one
+    completes and are restored from it, so a rescheduled pod resumes exactly where it stopped."""
     from peg.train import train
+    from peg.train.checkpoints import restore_checkpoint
 
     work = ctx.work_dir("train")
     inputs = work / "inputs"
     inputs.mkdir(exist_ok=True)
     config = ctx.config.model_copy(deep=True)
-    config.data.train_files = [str(ctx.fetch(k, inputs)) for k in training_inputs(ctx.config)]
+    upstream = [str(ctx.fetch(k, inputs)) for k in training_inputs(ctx.config)]
+    config.data.train_files = upstream + list(ctx.config.data.train_files)
     output = work / "output"
-    resume = (output / "checkpoints" / "latest").exists()
-    model_dir = train(config, output, resume=resume)
+    checkpoints = ctx.key("train", "checkpoints")
+    resume = restore_checkpoint(ctx.store, checkpoints, output / "checkpoints")
+    model_dir = train(config, output, resume=resume, checkpoint_key=checkpoints)
+    if not primary_node():
+        return []
     keys = ctx.put_dir("train", "model", model_dir)
     for name in ("metrics.jsonl", "training.png"):
         if (output / name).is_file():
             key = ctx.key("train", name)
             ctx.store.put_file(key, output / name, producer="train", config_hash=ctx.stage_hash)
             keys.append(key)
+    ctx.store.delete(checkpoints)  # the model is stored: the checkpoints have done their job
     return keys
 
 
