@@ -12,13 +12,29 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from peg.config import ConfigError, RunConfig, json_schema, load_config
 from peg.data import BeirDataset, DataError
+from peg.data.fetch import DATASETS
+from peg.errors import PegError
 
-app = typer.Typer(help="peg: train dense text-retrieval embedding models.", no_args_is_help=True, add_completion=False)
+
+class PegCommands(TyperGroup):
+    """The root command group: every `PegError` raised by any command becomes one line and exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PegError as e:
+            fail(str(e))
+
+
+app = typer.Typer(
+    cls=PegCommands, help="peg: train dense text-retrieval embedding models.", no_args_is_help=True, add_completion=False
+)
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
-data_app = typer.Typer(help="Check datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Check and fetch datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
@@ -84,6 +100,24 @@ def data_check(
         console.print(f"[bold red]{len(report.problems)} problem(s)[/]")
         raise typer.Exit(1)
     console.print("[bold green]ok[/]")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help=f"BEIR dataset: {', '.join(DATASETS)}.")],
+    to: Annotated[
+        Path | None, typer.Option("--to", help="Parent folder for NAME/ (default: $PEG_DATA_DIR or ~/.cache/peg/datasets).")
+    ] = None,
+) -> None:
+    """Download a BEIR dataset (checksum verified, unpacked atomically, cached) and print its folder."""
+    from peg.data.fetch import dataset_folder, fetch_dataset
+
+    cached = dataset_folder(name, to).is_dir()  # a FetchError (a PegError) is one line, exit 2
+    folder = fetch_dataset(name, to)
+    if not cached:
+        spec = DATASETS[name]
+        console.print(f"{name}: licence {spec.licence}; see {spec.homepage}", highlight=False, markup=False)
+    print(folder)
 
 
 @app.command("eval")

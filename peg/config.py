@@ -15,8 +15,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from peg.errors import PegError
 
-class ConfigError(ValueError):
+BEIR_PREFIX = "beir:"
+"""`data.beir: beir:NAME` names a BEIR dataset fetched into the cache (see `peg.data.fetch`)."""
+
+
+class ConfigError(PegError, ValueError):
     """A run configuration that cannot be used; the message names file, key path and line."""
 
 
@@ -27,7 +32,11 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where the training and evaluation data live (BEIR folders, training-pair JSONL)."""
 
-    beir: str | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    beir: str | None = Field(
+        None,
+        description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or beir:NAME "
+        "(e.g. beir:scifact) for a BEIR dataset downloaded on first use into the cache ($PEG_DATA_DIR).",
+    )
     train_split: str = Field("train", description="qrels split whose pairs become training data.")
     eval_split: str = Field("test", description="qrels split used by `eval`.")
     train_files: list[str] = Field(
@@ -434,10 +443,13 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
-    """Make relative local paths in the config relative to the config file's directory."""
+    """Make relative local paths in the config relative to the config file's directory.
+
+    URLs and `beir:NAME` dataset names are left as they are.
+    """
 
     def resolve(value: str | None) -> str | None:
-        if value is None or "://" in value or Path(value).is_absolute():
+        if value is None or "://" in value or value.startswith(BEIR_PREFIX) or Path(value).is_absolute():
             return value
         candidate = base / value
         return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 
@@ -30,20 +33,23 @@ class _RateColumn(TextColumn):
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; shows a bar with count, rate and ETA when `enabled`."""
+    """Yield `advance(n)`; shows a bar with count, rate and ETA on stderr when `enabled`.
+
+    `unit="bytes"` shows sizes and transfer speed (kB, MB) instead of a count and a rate.
+    """
     if not enabled:
         yield lambda n: None
         return
+    counts = (DownloadColumn(), TaskProgressColumn(), TransferSpeedColumn()) if unit == "bytes" else (
+        MofNCompleteColumn(), TaskProgressColumn(), _RateColumn(unit))
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        _RateColumn(unit),
+        *counts,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)

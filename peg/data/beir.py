@@ -1,5 +1,7 @@
 """BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
 
+`BeirDataset.load` and `iter_corpus` also take `beir:NAME` (fetched on first use, `peg.data.fetch`).
+
 Readers stream and validate. Each takes `on_error`: by default the first problem raises a
 `DataError` naming file and line; `peg data check` passes a collector to see every problem.
 """
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peg.data.errors import DataError, OnError, iter_jsonl, raise_error, require_text
+from peg.data.fetch import resolve_beir
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Passage:
 
 def iter_corpus(folder: str | Path, on_error: OnError = raise_error) -> Iterator[Passage]:
     """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty."""
-    path = Path(folder) / "corpus.jsonl"
+    path = resolve_beir(folder) / "corpus.jsonl"
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path, on_error):
         try:
@@ -104,7 +107,7 @@ class BeirDataset:
     @classmethod
     def load(cls, folder: str | Path, split: str, on_error: OnError = raise_error) -> BeirDataset:
         """Load and cross-check; queries are restricted to those with qrels in `split`."""
-        folder = Path(folder)
+        folder = resolve_beir(folder)
         if not folder.is_dir():
             raise DataError(folder, None, "not a directory (expected a BEIR folder)")
         corpus = {p.id: p for p in iter_corpus(folder, on_error)}

@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from peg.errors import PegError
 
-class DataError(ValueError):
+
+class DataError(PegError, ValueError):
     """Bad input data. `str()` reads `file:line: message`."""
 
     def __init__(self, path: str | Path, line: int | None, message: str):

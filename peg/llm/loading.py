@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from peg.errors import PegError
 from peg.config import LLMConfig
 
 
-class LLMError(ValueError):
+class LLMError(PegError, ValueError):
     """An LLM that cannot be loaded or used as configured; the message names the path or key."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from peg.errors import PegError
 from peg.config import ConfigError, LLMConfig
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
@@ -28,7 +29,7 @@ FAIL_SHARDS_ENV = "PEG_LLM_FAIL_SHARDS"
 Processor = Callable[[int, list], dict[str, str]]
 
 
-class ShardsFailed(RuntimeError):
+class ShardsFailed(PegError, RuntimeError):
     """Some shards of a stage failed; `failed` maps shard number -> error text."""
 
     def __init__(self, stage: str, failed: dict[int, str], stored: int):

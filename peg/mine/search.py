@@ -16,10 +16,12 @@ import faiss
 import numpy as np
 import ray
 
+from peg.errors import PegError
+
 IndexKind = Literal["flat", "ivf", "hnsw"]
 
 
-class EmptyShardError(ValueError):
+class EmptyShardError(PegError, ValueError):
     """A corpus shard would hold no passages (more shards than passages, or an empty corpus)."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from peg.errors import PegError
 from peg.config import ConfigError, MiningConfig, RunConfig
 from peg.data import BeirDataset, TrainingExample, write_examples
 from peg.mine.encode import EmbeddingSet, encode_corpus, encode_queries
@@ -42,7 +43,7 @@ from peg.store import ArtifactStore
 FAIL_SHARDS_ENV = "PEG_MINE_FAIL_SHARDS"
 
 
-class MiningError(RuntimeError):
+class MiningError(PegError, RuntimeError):
     """One or more query shards failed; `failed` maps shard number -> error text."""
 
     def __init__(self, failed: dict[int, str], stored: int):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from peg.errors import PegError
 from peg.config import RunConfig
 from peg.pipeline.stages import STAGES, Stage, StageContext, enabled_stages, primary_node
 from peg.pipeline.state import StageRecord, is_complete, read_record, record_key, verified_outputs, write_record
@@ -27,7 +28,7 @@ class Backend(Protocol):
         """Run `peg pipeline stage <stage.name> <config_path>` to completion or raise."""
 
 
-class StageFailed(RuntimeError):
+class StageFailed(PegError, RuntimeError):
     """A stage's entrypoint exited non-zero."""
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peg.config import RunConfig
+from peg.config import BEIR_PREFIX, RunConfig
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
@@ -113,20 +113,27 @@ def primary_node() -> bool:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data (train and eval splits), record its counts and put the data (and
-    any data.train_files) into the store, where every later stage reads it."""
+    """Validate the BEIR data (train and eval splits; `beir:NAME` fetched first), record its counts
+    and put the data (and any data.train_files) into the store, where every later stage reads it."""
+    from peg.data.fetch import resolve_beir
     from peg.data import BeirDataset
 
     config = ctx.config
     if not config.data.beir:
         raise ValueError("data.beir: the pipeline needs a BEIR folder")
     summary = {}
+    if config.data.beir.startswith(BEIR_PREFIX):
+        from peg.data.fetch import archive
+
+        spec = archive(config.data.beir.removeprefix(BEIR_PREFIX))
+        summary["source"] = {"dataset": config.data.beir, "licence": spec.licence, "homepage": spec.homepage}
+        print(f"{config.data.beir}: licence {spec.licence}; see {spec.homepage}", flush=True)
     splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split]))
     for split in splits:
         data = BeirDataset.load(config.data.beir, split)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
         summary["passages"] = len(data.corpus)
-    beir = Path(config.data.beir)
+    beir = resolve_beir(config.data.beir)
     files = {f"beir/{name}": beir / name for name in ("corpus.jsonl", "queries.jsonl", *(f"qrels/{s}.tsv" for s in splits))}
     for i, path in enumerate(config.data.train_files):
         files[f"train_files/{stored_train_file(i, path)}"] = Path(path)

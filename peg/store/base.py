@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from peg.errors import PegError
+
 MANIFEST_SUFFIX = ".manifest.json"
 TEMP_PREFIX = ".peg-tmp-"
 CHUNK_SIZE = 1 << 20
@@ -29,7 +31,7 @@ CHUNK_SIZE = 1 << 20
 _COMPONENT = re.compile(r"^[A-Za-z0-9_.=+@,-]+$")
 
 
-class StoreError(RuntimeError):
+class StoreError(PegError, RuntimeError):
     """An artifact store operation that failed; the message names the store and the key."""
 
 

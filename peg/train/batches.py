@@ -13,13 +13,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from peg.errors import PegError
 from peg.data.errors import DataError, iter_jsonl
 from peg.data.pairs import parse_example
 
 logger = logging.getLogger(__name__)
 
 
-class BatchError(ValueError):
+class BatchError(PegError, ValueError):
     """A batch shape that cannot be used with this world size or data."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import yaml
 
+from peg.errors import PegError
 from peg.config import RunConfig
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
@@ -40,7 +41,7 @@ from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
 
 
-class TrainError(RuntimeError):
+class TrainError(PegError, RuntimeError):
     """Training could not run or a worker failed."""
 
 
