@@ -105,22 +105,25 @@ def complete(cluster, stage: str) -> bool:
     return is_complete(store, f"{cfg.name}/{stage}", stage_hashes(cfg)[stage])
 
 
-def test_ray_stages_run_as_rayjob_drivers_against_a_ray_cluster(cluster):
-    """KubeRay runs the entrypoint on the head with RAY_ADDRESS naming the cluster."""
+def test_ray_stage_runs_as_a_rayjob_driver_against_a_ray_cluster(cluster, monkeypatch):
+    """KubeRay runs the entrypoint on the head with RAY_ADDRESS naming the cluster (encode here;
+    mine, which training needs, runs in this process on the same cluster)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         address = ray.get_runtime_context().gcs_address
-        for stage in ("encode", "mine"):
-            (job,) = render_stage(cluster["cfg"], stage)
-            head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-            command = job["spec"]["entrypoint"].split()
-            # The job supervisor starts the entrypoint with the head's Ray settings (RAY_AUTH_MODE...).
-            ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
-            env = pod_env(cluster, f"{stage}-head", head["env"], {**ray_env, "RAY_ADDRESS": address})
-            run_pods([(pod_command(cluster, command), env)])
-            assert complete(cluster, stage)
+        (job,) = render_stage(cluster["cfg"], "encode")
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        # The job supervisor starts the entrypoint with the head's Ray settings (RAY_AUTH_MODE...).
+        ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+        env = pod_env(cluster, "encode-head", head["env"], {**ray_env, "RAY_ADDRESS": address})
+        run_pods([(pod_command(cluster, job["spec"]["entrypoint"].split()), env)])
+        assert complete(cluster, "encode")
+        pod_config = cluster["pod_config"]
+        monkeypatch.setenv("PEG_WORK_DIR", str(cluster["root"] / "scratch" / "mine"))
+        run_stage_entrypoint(load_config(pod_config), pod_config, "mine")
+        assert complete(cluster, "mine")
     finally:
         ray.shutdown()
 
@@ -141,7 +144,7 @@ def _free_port() -> int:
 
 def test_training_as_trainjob_pods_and_as_pytorchjob_pods_gives_the_same_model(cluster):
     if not complete(cluster, "mine"):
-        pytest.skip("needs the mine stage of test_ray_stages_run_as_rayjob_drivers_against_a_ray_cluster")
+        pytest.skip("needs the mine stage of test_ray_stage_runs_as_a_rayjob_driver_against_a_ray_cluster")
     cfg = cluster["cfg"]
 
     # Kubeflow Trainer v2, torch-distributed runtime: the torch plugin sets PET_* on every node.
