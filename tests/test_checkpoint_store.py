@@ -29,3 +29,18 @@ def test_restore_latest_checkpoint_onto_a_fresh_disk(tmp_path):
     (ckpt / "step00000004" / "rng-rank1.pt").write_bytes(b"truncated")  # a half-written local copy is replaced
     assert restore_checkpoint(store, key, ckpt) is True
     assert (ckpt / "step00000004" / "rng-rank1.pt").read_bytes() == b"newrng-rank1.pt"
+
+
+def test_a_newer_local_checkpoint_wins_only_on_a_single_node(tmp_path):
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    key = "run/train/checkpoints"
+    store.put_bytes(f"{key}/step00000002/rng-rank0.pt", b"stored", producer="train")
+    store.put_bytes(f"{key}/latest", b"step00000002", producer="train")
+    ckpt = tmp_path / "disk" / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    (ckpt / "step00000004" / "rng-rank0.pt").write_bytes(b"local, killed before its upload")
+    (ckpt / "latest").write_text("step00000004")
+    assert restore_checkpoint(store, key, ckpt, trust_local=True) is True
+    assert (ckpt / "latest").read_text() == "step00000004"  # one node: its own newer checkpoint
+    assert restore_checkpoint(store, key, ckpt, trust_local=False) is True
+    assert (ckpt / "latest").read_text() == "step00000002"  # several nodes: only what all can get

@@ -26,7 +26,7 @@ import numpy as np
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
-from peg.llm.shards import input_identity, put_json, put_text, read_text, run_shards
+from peg.llm.shards import input_identity, run_shards
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -114,8 +114,7 @@ def default_input_key(config: RunConfig) -> str:
 def load_input_examples(store: ArtifactStore, key: str, tmp: Path) -> list[TrainingExample]:
     if not store.exists(key):
         raise DataError(key, None, "input artifact not found in the store (run the stage that writes it first)")
-    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
-    return list(iter_examples(path))
+    return list(iter_examples(store.materialise(key, tmp)))
 
 
 def run_judge(
@@ -127,7 +126,7 @@ def run_judge(
     check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
     base = f"{config.name}/judge"
-    config_hash = config.section_hash("judge") + ":" + input_identity(store, input_key)
+    config_hash = config.stage_config_hash("judge") + ":" + input_identity(store, input_key)
     with tempfile.TemporaryDirectory(prefix="peg-judge-") as tmpdir, ray_session():
         tmp = Path(tmpdir)
         examples = load_input_examples(store, input_key, tmp)
@@ -140,9 +139,9 @@ def run_judge(
         stats = {"examples": 0, "negatives": 0, "dropped": 0}
         train, judgments = [], []
         for s in shards:
-            train.append(read_text(store, f"{base}/shard-{s:05d}.jsonl", tmp))
-            judgments.append(read_text(store, f"{base}/shard-{s:05d}.judgments.jsonl", tmp))
-            for k, v in json.loads(read_text(store, f"{base}/shard-{s:05d}.stats.json", tmp)).items():
+            train.append(store.read_text(f"{base}/shard-{s:05d}.jsonl"))
+            judgments.append(store.read_text(f"{base}/shard-{s:05d}.judgments.jsonl"))
+            for k, v in store.read_json(f"{base}/shard-{s:05d}.stats.json").items():
                 stats[k] += v
         stats.update({
             "drop_rate": stats["dropped"] / stats["negatives"] if stats["negatives"] else 0.0,
@@ -153,7 +152,7 @@ def run_judge(
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         })
-        put_text(store, f"{base}/judgments.jsonl", "".join(judgments), tmp, "judge", config_hash)
-        put_json(store, f"{base}/report.json", stats, tmp, "judge", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(train), tmp, "judge", config_hash)
+        store.put_text(f"{base}/judgments.jsonl", "".join(judgments), "judge", config_hash)
+        store.put_json(f"{base}/report.json", stats, "judge", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(train), "judge", config_hash)
     return stats

@@ -8,11 +8,8 @@ does not stop the others; the stage then raises `ShardsFailed` naming every fail
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -131,9 +128,7 @@ def run_shards(
     pending: dict[Any, tuple[int, Any]] = {}
     failed: dict[int, str] = {}
     total = sum(len(items[s * size : (s + 1) * size]) for s in todo)
-    with tempfile.TemporaryDirectory(prefix=f"peg-{stage}-") as tmpdir, progress_bar(
-        total, f"{stage} shards", enabled=show_progress, unit="items"
-    ) as advance:
+    with progress_bar(total, f"{stage} shards", enabled=show_progress, unit="items") as advance:
         while queue or pending:
             while queue and idle:
                 s, actor = queue.pop(0), idle.pop()
@@ -154,10 +149,7 @@ def run_shards(
                 continue
             idle.append(actor)
             for part in parts:  # the last part marks the shard as done
-                path = Path(tmpdir) / f"shard-{s:05d}.{part}"
-                path.write_text(outputs[part], encoding="utf-8")
-                store.put_file(shard_key(base, s, part), path, producer=stage, config_hash=config_hash)
-                path.unlink()
+                store.put_text(shard_key(base, s, part), outputs[part], producer=stage, config_hash=config_hash)
             advance(len(items[s * size : (s + 1) * size]))
     for actor in idle:
         ray.kill(actor)
@@ -165,19 +157,3 @@ def run_shards(
         raise ShardsFailed(stage, failed, stored=len(shards) - len(failed))
     return todo, reused
 
-
-def read_text(store: ArtifactStore, key: str, tmp: Path) -> str:
-    """The text of a stored artifact (verified), read in place for a local store."""
-    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
-    return Path(path).read_text(encoding="utf-8")
-
-
-def put_text(store: ArtifactStore, key: str, text: str, tmp: Path, producer: str, config_hash: str) -> None:
-    path = tmp / Path(key).name
-    path.write_text(text, encoding="utf-8")
-    store.put_file(key, path, producer=producer, config_hash=config_hash)
-    path.unlink()
-
-
-def put_json(store: ArtifactStore, key: str, obj: Any, tmp: Path, producer: str, config_hash: str) -> None:
-    put_text(store, key, json.dumps(obj, indent=2, sort_keys=True) + "\n", tmp, producer, config_hash)

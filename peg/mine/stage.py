@@ -150,11 +150,6 @@ def _write_jsonl(path: Path, objs) -> Path:
     return path
 
 
-def _read_text(store: ArtifactStore, key: str, tmp: Path) -> str:
-    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
-    return Path(path).read_text(encoding="utf-8")
-
-
 @dataclass
 class MiningQueries:
     """The queries that have positives, aligned lists: ids, embeddings, positive rows and scores."""
@@ -189,7 +184,7 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
     """Mine hard negatives for the train split; resumable per query shard (see the module docstring)."""
     started = time.monotonic()
     dataset = load_train_split(config)
-    config_hash = config.section_hash("model", "data", "mining")
+    config_hash = config.stage_config_hash("mine")
     with ray_session(), tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
         tmp = Path(tmpdir)
         corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)
@@ -296,14 +291,14 @@ def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_
     with train_path.open("w", encoding="utf-8") as train, scores_path.open("w", encoding="utf-8") as all_scores:
         for s in shards:
             keys_s = _shard_keys(config, s)
-            train.write(_read_text(store, keys_s["examples"], tmp))
-            shard_scores = _read_text(store, keys_s["scores"], tmp)
+            train.write(store.read_text(keys_s["examples"]))
+            shard_scores = store.read_text(keys_s["scores"])
             all_scores.write(shard_scores)
             for line in shard_scores.splitlines():
                 record = json.loads(line)
                 pos_scores.extend(record["pos_scores"])
                 neg_scores.extend(record["neg_scores"])
-            shard_stats = json.loads(_read_text(store, keys_s["stats"], tmp))
+            shard_stats = store.read_json(keys_s["stats"])
             for name in ("queries", "candidates", "kept", "not_selected", "queries_short"):
                 totals[name] += shard_stats[name]
             totals["dropped"].update(shard_stats["dropped"])

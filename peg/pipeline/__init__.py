@@ -1,7 +1,16 @@
 """The pipeline: stages declared once, run locally or on a cluster through a backend."""
 
-from peg.pipeline.runner import LocalBackend, StageFailed, pipeline_status, run_pipeline, run_stage_entrypoint, stage_hashes
-from peg.pipeline.stages import STAGES, Stage, StageContext, enabled_stages
+from peg.pipeline.context import StageContext
+from peg.pipeline.runner import (
+    LocalBackend,
+    StageFailed,
+    current_lease,
+    pipeline_status,
+    run_pipeline,
+    run_stage_entrypoint,
+    stage_hashes,
+)
+from peg.pipeline.stages import STAGES, Stage, enabled_stages
 
 __all__ = [
     "STAGES",
@@ -9,6 +18,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StageFailed",
+    "current_lease",
     "enabled_stages",
     "pipeline_status",
     "run_pipeline",

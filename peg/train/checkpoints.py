@@ -36,21 +36,27 @@ def stored_tags(store: ArtifactStore, key: str) -> list[str]:
     return sorted(tags - {LATEST})
 
 
-def restore_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path) -> bool:
-    """Make `ckpt_dir` hold the store's latest complete checkpoint; False if the store has none.
+def restore_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, trust_local: bool = False) -> bool:
+    """Make `ckpt_dir` hold the newest complete checkpoint; False if there is none.
 
-    The store decides: a local checkpoint that never reached the store is not resumed from
-    (another node may not have it)."""
-    if not store.exists(f"{key}/{LATEST}"):
+    The store's latest is restored onto this disk. With `trust_local` (a single-node run: no
+    other node could lack it), a newer complete local checkpoint that did not reach the store
+    before the process died is resumed from instead.
+    """
+    local = ckpt_dir / LATEST
+    local_tag = local.read_text().strip() if local.is_file() else None
+    stored_tag = store.get_bytes(f"{key}/{LATEST}").decode().strip() if store.exists(f"{key}/{LATEST}") else None
+    if trust_local and local_tag and (ckpt_dir / local_tag).is_dir() and (stored_tag is None or local_tag > stored_tag):
+        return True
+    if stored_tag is None:
         return False
-    tag = store.get_bytes(f"{key}/{LATEST}").decode().strip()
-    for item in store.list(f"{key}/{tag}"):
+    for item in store.list(f"{key}/{stored_tag}"):
         target = ckpt_dir / item[len(key) + 1 :]
         if not (target.is_file() and target.stat().st_size == store.require_manifest(item).size):
             target.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(item, target)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / LATEST)
+    tmp.write_text(stored_tag)
+    os.replace(tmp, local)
     return True

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from peg.store.files import atomic_output, write_atomically
+from peg.train.telemetry import PHASES
 
 
 class MetricsLog:
@@ -16,9 +18,7 @@ class MetricsLog:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
@@ -42,7 +42,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """One panel each for loss, lr, beta(t) and the query-weight statistics over steps."""
+    """One panel each over steps: loss, lr, beta(t), query weights; passages/s, time split, peak memory, MFU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,13 +51,19 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
     weight_keys = sorted({k for r in records for k in r if k.startswith("weight")})
-    panels = [("loss", ["loss", "infonce"]), ("learning rate", ["lr"]), ("beta(t)", ["beta"]), ("query weights", weight_keys)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
+    time_keys = [f"time_{name}_s" for name in PHASES]
+    panels = [
+        ("loss", ["loss", "infonce"]), ("learning rate", ["lr"]), ("beta(t)", ["beta"]), ("query weights", weight_keys),
+        ("passages/s", ["passages_per_s"]), ("time per step (s)", ["step_s", *time_keys]),
+        ("peak memory (GiB)", ["peak_memory_gib"]), ("MFU", ["mfu"]),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.4))
+    for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             values = [r.get(key) for r in records]
             if any(v is not None for v in values):
-                ax.plot(steps, [float("nan") if v is None else v for v in values], label=key)
+                label = key.removeprefix("time_").removesuffix("_s") if key.startswith("time_") else key
+                ax.plot(steps, [float("nan") if v is None else v for v in values], label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1 and ax.lines:
@@ -65,7 +71,6 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
         if not ax.lines:
             ax.text(0.5, 0.5, "not used", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_output(png_path) as out:
+        fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)

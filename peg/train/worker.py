@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peg.config import ConfigError, load_config
 from peg.data import DataError
+from peg.process import die_with_parent
 from peg.train.batches import BatchError
 from peg.train.trainer import TrainError, run_worker
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--checkpoint-key", help="Store key prefix each checkpoint is also uploaded to.")
     args = parser.parse_args(argv)
+    die_with_parent()  # torchrun starts workers in their own sessions: a group kill would miss them
     try:
         run_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
     except (ConfigError, DataError, BatchError, TrainError) as e:
