@@ -22,8 +22,7 @@ import yaml
 from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
 from peg.k8s.render import CONFIG_PATH, S3_DIR
-from peg.pipeline import run_stage_entrypoint, stage_hashes
-from peg.pipeline.state import is_complete
+from peg.pipeline import pipeline_status, run_stage_entrypoint
 from peg.store import open_store
 from s3server import ADMIN
 from tiny import make_tiny_beir, make_tiny_model
@@ -100,9 +99,8 @@ def run_pods(pods: list[tuple[list[str], dict[str, str]]], timeout: int = 600) -
 
 
 def complete(cluster, stage: str) -> bool:
-    cfg = cluster["cfg"]
     store = open_store(load_config(cluster["pod_config"]).store)
-    return is_complete(store, f"{cfg.name}/{stage}", stage_hashes(cfg)[stage])
+    return {s.name: s.state for s in pipeline_status(cluster["cfg"], store)}[stage] == "complete"
 
 
 def test_ray_stage_runs_as_a_rayjob_driver_against_a_ray_cluster(cluster, monkeypatch):
