@@ -438,3 +438,36 @@ def train_command(
     except (ConfigError, DataError, BatchError, TrainError) as e:
         fail(str(e))
     console.print(f"model: {model_dir}")
+
+
+operator_app = typer.Typer(help="The pipeline operator: its CRD and EmbeddingPipeline manifests.", no_args_is_help=True)
+app.add_typer(operator_app, name="operator")
+OutputFile = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+
+
+def _write(text: str, output: Path | None) -> None:
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@operator_app.command("crd")
+def operator_crd(output: OutputFile = None) -> None:
+    """Write the EmbeddingPipeline CRD (generated from the run config and the operator's models)."""
+    from peg.operator.crd import crd_yaml
+
+    _write(crd_yaml(), output)
+
+
+@operator_app.command("manifest")
+def operator_manifest(path: ConfigPath, output: OutputFile = None) -> None:
+    """Write an EmbeddingPipeline that runs CONFIG (name: the run name; namespace: cluster.namespace)."""
+    from peg.operator.crd import pipeline_manifest
+
+    config = read_config(path)
+    run = yaml.safe_load(path.read_text())
+    manifest = pipeline_manifest(run, config.cluster.namespace, config.name)
+    header = f"# EmbeddingPipeline for {path.name} (`peg operator manifest {path.name}`); kubectl apply -f this file.\n"
+    _write(header + yaml.safe_dump(manifest, sort_keys=False), output)

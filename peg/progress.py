@@ -32,13 +32,14 @@ class _RateColumn(TextColumn):
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; shows a bar with count, rate and ETA on stderr when `enabled`.
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[..., None]]:
+    """Yield `advance(n, status=None)`; shows a bar with count, rate, ETA and the latest status on
+    stderr when `enabled`.
 
     `unit="bytes"` shows sizes and transfer speed (kB, MB) instead of a count and a rate.
     """
     if not enabled:
-        yield lambda n: None
+        yield lambda n, status=None: None
         return
     counts = (DownloadColumn(), TaskProgressColumn(), TransferSpeedColumn()) if unit == "bytes" else (
         MofNCompleteColumn(), TaskProgressColumn(), _RateColumn(unit))
@@ -49,7 +50,12 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
     )
     with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int, status: str | None = None) -> None:
+            progress.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield advance

@@ -8,9 +8,9 @@ Where it runs, decided from the environment:
 - otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
 Output directory layout:
     config.yaml            the resolved run config the workers read
-    metrics.jsonl          one record a step (loss, lr, beta, weight statistics), rank 0
+    metrics.jsonl          one record a step (loss, lr, beta, weight statistics, throughput), rank 0
     tensorboard/           the same scalars as TensorBoard events
-    training.png           loss / lr / beta(t) / weights over steps, after the run
+    training.png           loss / lr / beta(t) / weights / throughput / time split over steps, after the run
     checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt), every checkpoint_every steps
     model/                 the final model as a sentence-transformers folder
 """
@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
 from peg.store.files import atomic_output, write_atomically
-from peg.train.batches import BatchError, BatchPlan, load_dataset
+from peg.train.batches import BatchError, BatchPlan, PairFile, Prefetcher, prepare_step
 from peg.train.metrics import MetricsLog, plot_metrics
+from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_gib, progress_text, step_flops, throughput
 
 
 class TrainError(PegError, RuntimeError):
@@ -148,7 +150,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     import torch.distributed as dist
 
     from peg.losses import build_loss
-    from peg.train.engine import build_engine, train_step
+    from peg.train.engine import auto_chunk_size, build_engine, train_step
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -162,9 +164,17 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     files = list(config.data.train_files)
     if not files:
         raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
-    datasets = {f: load_dataset(f, config.batch.hard_negatives, need_scores) for f in files}
-    if config.data.max_train_queries:
-        datasets = {f: qs[: config.data.max_train_queries] for f, qs in datasets.items()}
+
+    def gather(obj: object) -> list[object]:
+        parts: list[object] = [None] * world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    datasets = {
+        f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
+                          block_bytes=config.data.block_bytes, shard=rank, shards=world_size, gather=gather)
+        for f in files
+    }  # fmt: skip
     plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
     total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
 
@@ -172,6 +182,9 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     encoder = Encoder(config.model)
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss)
+    chunk_size = config.batch.chunk_size
+    if chunk_size is None and engine.device.type == "cuda":
+        chunk_size = auto_chunk_size(encoder, engine.device)
 
     step, epoch, index = 0, 0, 0
     if resume and (ckpt_dir / "latest").is_file():
@@ -186,27 +199,52 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
 
     engine.train()
-    batches = plan.epoch_batches(epoch)
-    with progress_bar(total_steps, "train", enabled=rank == 0, unit="step") as advance:
-        advance(step)
-        while step < total_steps:
-            if index >= len(batches):
-                epoch, index = epoch + 1, 0
-                batches = plan.epoch_batches(epoch)
-            dataset, indices = batches[index]
-            batch = plan.rank_batch(dataset, indices, rank)
-            loss_fn.set_progress(step, total_steps)
-            lr = engine.get_lr()[0]
-            loss = train_step(engine, loss_fn, batch, config.batch.chunk_size)
-            dist.all_reduce(loss)
-            step, index = step + 1, index + 1
-            if metrics is not None and (step % config.train.log_every == 0 or step == total_steps):
-                record = {"step": step, "loss": float(loss) / world_size, "lr": lr}
-                record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
-                metrics.log(record)
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
-            advance(1)
+    device = engine.device
+    shape, peak = model_shape(encoder.model), peak_flops(device)
+    pin = device.type == "cuda"
+
+    def prepare(position: tuple[int, int, str, int]):
+        ep, _, dataset, number = position
+        group = chunk_size if config.batch.group_by_length else None  # None: one batch padded to its longest
+        return prepare_step(encoder, plan.rank_batch(ep, dataset, number, rank), group, pin_memory=pin)
+
+    positions = plan.positions(epoch, index)
+    batches = Prefetcher(positions, prepare, config.train.prefetch) if config.train.prefetch else (
+        (p, prepare(p)) for p in positions)  # fmt: skip
+    try:
+        with progress_bar(total_steps, "train", enabled=rank == 0, unit="step") as advance:
+            advance(step)
+            while step < total_steps:
+                timer = StepTimer(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                with timer.phase("data"):
+                    (epoch, index, _, _), inputs = next(batches)
+                loss_fn.set_progress(step, total_steps)
+                lr = engine.get_lr()[0]
+                loss = train_step(engine, loss_fn, inputs, chunk_size, timer)
+                counts = torch.tensor(
+                    [float(loss), inputs.passage_count, inputs.tokens, step_flops(shape, inputs.tokens, inputs.lengths_sq)],
+                    dtype=torch.float64, device=device,
+                )
+                dist.all_reduce(counts)
+                seconds = time.perf_counter() - start
+                step, index = step + 1, index + 1
+                rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size, peak)
+                rates["peak_memory_gib"] = peak_memory_gib(device)
+                if metrics is not None and (step % config.train.log_every == 0 or step == total_steps):
+                    record = {"step": step, "loss": float(counts[0]) / world_size, "lr": lr}
+                    record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
+                    record.update(rates)
+                    record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
+                    metrics.log(record)
+                if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
+                    _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                advance(1, status=progress_text(rates))
+    finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
 
     if metrics is not None:
         metrics.close()
