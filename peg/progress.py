@@ -15,6 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from peg.console import console
+
 
 class _RateColumn(TextColumn):
     def __init__(self, unit: str):
@@ -44,6 +46,7 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=False) as progress:
+    # redirect_*=False: other libraries' prints (Ray's worker logs, tqdm) stay out of the console
+    with Progress(*columns, transient=False, console=console(), redirect_stdout=False, redirect_stderr=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)

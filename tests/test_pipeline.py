@@ -114,6 +114,6 @@ def test_changed_stage_config_invalidates_it_and_downstream_only(assets):
     changed = load_config(write_config(root, data, model, str(root / "h"), **{"mining.top_k": 30}))
     a, b = stage_hashes(base), stage_hashes(changed)
     assert [s for s in a if a[s] == b[s]] == ["prepare", "encode"]
-    eval_only = load_config(write_config(root, data, model, str(root / "h"), **{"eval.batch_size": 8}))
+    eval_only = load_config(write_config(root, data, model, str(root / "h"), **{"eval.k_values": [10, 20]}))
     c = stage_hashes(eval_only)
     assert [s for s in a if a[s] != c[s]] == ["eval", "export", "report"]

@@ -1,4 +1,4 @@
-"""LLM false-negative judge: drop mined negatives that the LLM finds relevant to their query.
+"""LLM false-negative judge: drop mined negatives the LLM finds relevant to their query (docs/methods.md §6).
 
 Every negative is scored with the query by the LLM scorer (`judge.llm`), as are the query's
 positives. A negative is judged a false negative, and dropped, when its score passes the threshold:
@@ -26,7 +26,7 @@ import numpy as np
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
-from peg.llm.shards import input_identity, put_json, put_text, read_text, run_shards
+from peg.runtime.shards import input_identity, put_json, put_text, read_text, run_shards
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -122,7 +122,7 @@ def run_judge(
     config: RunConfig, store: ArtifactStore, input_key: str | None = None, show_progress: bool = True
 ) -> dict:
     """The `judge` stage: judge the negatives of `input_key` (default: the mine output) on Ray."""
-    from peg.mine import ray_session
+    from peg.runtime import ray_session
 
     check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
@@ -134,7 +134,8 @@ def run_judge(
         computed, reused = run_shards(
             stage="judge", store=store, base=base, items=examples, parts=PARTS,
             build=partial(JudgeProcessor, config.judge.model_dump(mode="json")),
-            llm=config.judge.llm, config_hash=config_hash, show_progress=show_progress,
+            shard_size=config.judge.llm.shard_size, pool=config.judge.llm, config_hash=config_hash,
+            show_progress=show_progress,
         )
         shards = sorted(computed + reused)
         stats = {"examples": 0, "negatives": 0, "dropped": 0}

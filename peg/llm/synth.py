@@ -1,4 +1,5 @@
-"""Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage.
+"""Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage
+(docs/methods.md §7).
 
 For each source passage and each type in `synth.query_types` (question, claim, keywords, title,
 web_query) the LLM gets a few-shot chat (two worked examples, then the passage cut to
@@ -29,7 +30,7 @@ from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConf
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.loading import LLMError, check_model_source, load_causal_lm
 from peg.llm.scorer import left_pad
-from peg.llm.shards import missing_shards, put_json, put_text, read_text, run_shards
+from peg.runtime.shards import missing_shards, put_json, put_text, read_text, run_shards
 from peg.llm.teacher import check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
@@ -210,13 +211,13 @@ def _same_model(a: LLMConfig, b: LLMConfig) -> bool:
 
 def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> dict:
     """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
-    from peg.mine import ShardedIndex, encode_corpus, ray_session
+    from peg.runtime import ShardedIndex, encode_corpus, ray_session
 
     check_model_source(config.synth.llm)  # bad paths fail here, not once per Ray actor
     check_teacher(config.score)
     if not config.data.beir:
         raise ConfigError("data.beir: synth needs a BEIR corpus; set data.beir in the run config")
-    corpus = list(iter_corpus(config.data.beir))
+    corpus = list(iter_corpus(config.data.beir, allow_empty=config.data.allow_empty_passages))
     if not corpus:
         raise DataError(Path(config.data.beir) / "corpus.jsonl", None, "the corpus has no passages")
     sources = corpus[: config.synth.num_passages] if config.synth.num_passages else corpus
@@ -239,7 +240,7 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
         try:
             computed, reused = run_shards(
                 stage="synth", store=store, base=base, items=sources, parts=PARTS, build=build,
-                llm=llm, config_hash=config_hash, show_progress=show_progress,
+                shard_size=llm.shard_size, pool=llm, config_hash=config_hash, show_progress=show_progress,
             )
         finally:
             if index is not None:

@@ -96,6 +96,4 @@ def write_report(ctx: StageContext) -> list[str]:
             key = ctx.key("report", name)
             store.put_file(key, path, producer="report", config_hash=ctx.stage_hash)
             keys.append(key)
-    local = store.local_path(ctx.key("report", "report.html"))
-    print(f"report: {local or ctx.key('report', 'report.html')}", flush=True)
     return keys

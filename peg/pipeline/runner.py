@@ -9,15 +9,17 @@ the store, writes outputs and marks the stage complete, so a pod runs exactly wh
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from peg.errors import PegError
 from peg.config import RunConfig
+from peg.errors import PegError
 from peg.pipeline.stages import STAGES, Stage, StageContext, enabled_stages
 from peg.pipeline.state import StageRecord, is_complete, read_record, record_key, verified_outputs, write_record
 from peg.store import ArtifactStore, open_store
@@ -29,17 +31,27 @@ class Backend(Protocol):
 
 
 class StageFailed(PegError, RuntimeError):
-    """A stage's entrypoint exited non-zero."""
+    """A stage's entrypoint exited non-zero; `reported`: it printed its own one-line error (exit 2)."""
+
+    def __init__(self, message: str, reported: bool = False):
+        self.reported = reported
+        super().__init__(message)
 
 
 class LocalBackend:
-    """Runs each stage's entrypoint as a child process on this machine (embedded Ray, torchrun)."""
+    """Runs each stage's entrypoint as a child process on this machine (embedded Ray, torchrun).
+
+    The child inherits this process's output streams and `peg.console` environment: its noise
+    goes to the same log file, its progress bars and its error line to the same console.
+    """
 
     def run_stage(self, stage: Stage, config_path: Path) -> None:
         command = [sys.executable, "-m", "peg", "pipeline", "stage", stage.name, str(config_path)]
         result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if result.returncode != 0:
-            raise StageFailed(f"stage {stage.name} failed (exit code {result.returncode}); rerun to resume it")
+            raise StageFailed(
+                f"stage {stage.name} failed (exit code {result.returncode})", reported=result.returncode == 2
+            )
 
 
 def stage_hashes(config: RunConfig) -> dict[str, str]:
@@ -80,21 +92,22 @@ def pipeline_status(config: RunConfig, store: ArtifactStore) -> list[StageStatus
     return rows
 
 
-def run_pipeline(config: RunConfig, config_path: Path, backend: Backend, log=print) -> list[str]:
-    """Run every enabled stage that is not complete; return the names of the stages run."""
+def run_pipeline(config: RunConfig, config_path: Path, backend: Backend, log=print) -> dict[str, float]:
+    """Run every enabled stage that is not complete, one `log` line each; return {stage run: seconds}."""
     store = open_store(config.store)
     hashes = stage_hashes(config)
-    ran = []
+    ran: dict[str, float] = {}
     for stage in enabled_stages(config):
         prefix = f"{config.name}/{stage.name}"
         if is_complete(store, prefix, hashes[stage.name]):
             log(f"[skip] {stage.name}: complete")
             continue
         log(f"[run]  {stage.name}")
+        started = time.monotonic()
         backend.run_stage(stage, config_path)
         if not is_complete(store, prefix, hashes[stage.name]):
             raise StageFailed(f"stage {stage.name} exited without verified outputs in {store.describe()}")
-        ran.append(stage.name)
+        ran[stage.name] = time.monotonic() - started
     return ran
 
 
@@ -115,3 +128,24 @@ def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> Non
     extra = stage.run(context)
     outputs = sorted((set(store.list(prefix)) - {record_key(prefix)}) | set(extra))
     write_record(store, prefix, StageRecord(name, stage_hash, "complete", verified_outputs(store, outputs, name)))
+
+
+def result_lines(config: RunConfig, store: ArtifactStore) -> list[str]:
+    """What a finished pipeline shows its user: the metrics table, the nDCG@10 change and where
+    the exported model and the report are."""
+    summary_key = f"{config.name}/eval/summary.json"
+    if not store.exists(summary_key):
+        return []
+    from peg.eval.retrieval import markdown_table
+
+    summary = json.loads(store.get_bytes(summary_key))
+    results = summary["metrics"]
+    base, tuned = results["base"]["ndcg@10"], results["fine-tuned"]["ndcg@10"]
+    lines = [markdown_table(results).rstrip("\n"),
+             f"nDCG@10 on {summary['split']}: base {base:.4f} -> fine-tuned {tuned:.4f} ({tuned - base:+.4f})"]
+    for label, key in (("model", f"{config.name}/export/model/modules.json"), ("report", f"{config.name}/report/report.html")):
+        if store.exists(key):
+            local = store.local_path(key)
+            where = (local.parent if label == "model" else local) if local else f"{store.describe()}/{key}"
+            lines.append(f"{label}: {where}")
+    return lines

@@ -83,7 +83,7 @@ def _prepare(ctx: StageContext) -> list[str]:
         raise ValueError("data.beir: the pipeline needs a BEIR folder")
     summary = {}
     for split in dict.fromkeys([config.data.train_split, config.data.eval_split]):
-        data = BeirDataset.load(config.data.beir, split)
+        data = BeirDataset.load(config.data.beir, split, allow_empty=config.data.allow_empty_passages)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
         summary["passages"] = len(data.corpus)
     ctx.store.put_bytes(ctx.key("prepare", "data.json"), json.dumps(summary, indent=2).encode(), "prepare", ctx.stage_hash)
@@ -98,12 +98,12 @@ def _synth(ctx: StageContext) -> list[str]:
 
 
 def _encode(ctx: StageContext) -> list[str]:
-    from peg.mine.session import ray_session
+    from peg.runtime import ray_session
     from peg.mine.stage import run_encode
 
     with ray_session():
-        run_encode(ctx.config, ctx.store)
-    return []
+        corpus, queries = run_encode(ctx.config, ctx.store)
+    return [key for folder in (corpus.key, queries.key) for key in ctx.store.list(folder)]
 
 
 def _mine(ctx: StageContext) -> list[str]:

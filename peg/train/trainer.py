@@ -11,12 +11,19 @@ Output directory layout:
     metrics.jsonl          one record a step (loss, lr, beta, weight statistics), rank 0
     tensorboard/           the same scalars as TensorBoard events
     training.png           loss / lr / beta(t) / weights over steps, after the run
-    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt), every checkpoint_every steps
+    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt, plan.json), every checkpoint_every steps
+
+A checkpoint records the training plan it belongs to (`plan.json`: seed, batch shape, world
+size, total steps, the training data's sha256); `--resume` with another plan is refused, naming
+what differs, instead of continuing at a batch index of another plan.
     model/                 the final model as a sentence-transformers folder
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
@@ -30,13 +37,16 @@ import numpy as np
 import torch
 import yaml
 
-from peg.errors import PegError
 from peg.config import RunConfig
+from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
-from peg.train.batches import BatchError, BatchPlan, load_dataset
+from peg.store.base import hash_file
+from peg.train.batches import BatchPlan, load_dataset
 from peg.train.metrics import MetricsLog, plot_metrics
+
+logger = logging.getLogger(__name__)
 
 
 class TrainError(PegError, RuntimeError):
@@ -65,13 +75,58 @@ def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, r
     return [*cmd, "--resume"] if resume else cmd
 
 
+def training_plan(config: RunConfig, world_size: int) -> tuple[BatchPlan, int, dict]:
+    """Load and check the training data: (batch plan, total steps, the plan's identity).
+
+    Raises `DataError` / `BatchError` / `TrainError` naming the file, line or key at fault.
+    """
+    files = list(config.data.train_files)
+    if not files:
+        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
+    need_scores = config.loss.kind == "listwise"
+    datasets = {f: load_dataset(f, config.batch.hard_negatives, need_scores) for f in files}
+    if config.data.max_train_queries:
+        datasets = {f: qs[: config.data.max_train_queries] for f, qs in datasets.items()}
+    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
+    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(hash_file(Path(f))[1].encode())
+    identity = {
+        "train.seed": config.train.seed,
+        "batch.queries_per_step": config.batch.queries_per_step,
+        "batch.hard_negatives": config.batch.hard_negatives,
+        "world size": world_size,
+        "total steps": total_steps,
+        "data.max_train_queries": config.data.max_train_queries,
+        "training data sha256": digest.hexdigest(),
+    }
+    return plan, total_steps, identity
+
+
+def check_resume(ckpt_dir: Path, identity: dict) -> str | None:
+    """The newest checkpoint's tag (None without one); refuses, naming what differs, one written
+    for another training plan."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    record = ckpt_dir / tag / "plan.json"
+    if not record.is_file():
+        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it has no plan.json (written by another peg version)")
+    stored = json.loads(record.read_text())
+    differs = [f"{k} {stored.get(k)} -> {v}" for k, v in identity.items() if stored.get(k) != v]
+    if differs:
+        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it belongs to another training plan ({'; '.join(differs)})")
+    return tag
+
+
 def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
-    """Start `nproc_per_node` workers with torch.distributed.run on this machine and wait."""
+    """Check the data and the plan here, then start `nproc_per_node` workers with torch.distributed.run."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
-    if config.batch.queries_per_step % world_size:
-        raise BatchError(
-            f"batch.queries_per_step ({config.batch.queries_per_step}) does not divide across {world_size} ranks"
-        )
+    _, _, identity = training_plan(config, world_size)
+    if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
+        logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "config.yaml"
     tmp = config_path.with_suffix(".tmp")
@@ -83,7 +138,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise TrainError(f"training workers failed (exit status {rc}); see their output above")
+        raise TrainError(f"training workers failed (exit status {rc})")
     return output_dir / "model"
 
 
@@ -129,15 +184,9 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = output_dir / "checkpoints"
 
-    need_scores = config.loss.kind == "listwise"
-    files = list(config.data.train_files)
-    if not files:
-        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
-    datasets = {f: load_dataset(f, config.batch.hard_negatives, need_scores) for f in files}
-    if config.data.max_train_queries:
-        datasets = {f: qs[: config.data.max_train_queries] for f, qs in datasets.items()}
-    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
-    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+    plan, total_steps, identity = training_plan(config, world_size)
+    if resume:
+        check_resume(ckpt_dir, identity)
 
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
@@ -151,7 +200,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
         tag = (ckpt_dir / "latest").read_text().strip()
         _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
         if rank == 0:
-            print(f"peg train: resumed from checkpoint {tag} at step {step}", file=sys.stderr, flush=True)
+            logger.info("train: resumed from checkpoint %s at step %d", tag, step)
     else:
         _seed_all(config.train.seed + 1000 * rank)
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
@@ -176,7 +225,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
                 record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
                 metrics.log(record)
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints, identity)
             advance(1)
 
     if metrics is not None:
@@ -187,8 +236,9 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     return model_dir
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> None:
-    """DeepSpeed checkpoint + every rank's RNG state; `latest` moves only once all are written."""
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int,
+                     identity: dict) -> None:
+    """DeepSpeed checkpoint + every rank's RNG state + the plan; `latest` moves only once all are written."""
     import torch.distributed as dist
 
     tag = f"step{step:08d}"
@@ -196,6 +246,10 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, 
     rng_path = ckpt_dir / tag / f"rng-rank{rank}.pt"
     torch.save(_rng_state(), rng_path.with_suffix(".tmp"))
     os.replace(rng_path.with_suffix(".tmp"), rng_path)
+    if rank == 0:
+        plan_path = ckpt_dir / tag / "plan.json"
+        plan_path.with_suffix(".tmp").write_text(json.dumps(identity, indent=2) + "\n")
+        os.replace(plan_path.with_suffix(".tmp"), plan_path)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
     dist.barrier()

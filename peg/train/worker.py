@@ -11,10 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from peg.config import ConfigError, load_config
-from peg.data import DataError
-from peg.train.batches import BatchError
-from peg.train.trainer import TrainError, run_worker
+from peg.config import load_config
+from peg.console import LOG_FILE_ENV, capture
+from peg.errors import PegError
+from peg.train.trainer import run_worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,10 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if LOG_FILE_ENV in os.environ:  # started by a peg command: its log file; the launcher talks to the user
+        capture("train", show_logs=False)
     try:
         run_worker(load_config(args.config), Path(args.output_dir), args.resume)
-    except (ConfigError, DataError, BatchError, TrainError) as e:
-        if os.environ.get("RANK", "0") == "0":
+    except PegError as e:
+        if rank0:
             print(f"peg train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

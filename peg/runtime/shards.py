@@ -1,9 +1,14 @@
-"""Sharded LLM stages on Ray: each shard of items is processed by an actor holding the model.
+"""One sharded-task runner on Ray, used by every sharded stage (mine, judge, score, synth).
 
-A shard's outputs are put to the store as `<base>/shard-NNNNN.<part>` the moment it finishes
-(the last part listed marks the shard as done). A rerun skips shards stored with the same config
-hash, so a killed stage, or one with a failed shard, redoes only what is missing. A failing shard
-does not stop the others; the stage then raises `ShardsFailed` naming every failed shard.
+Items are cut into shards of `shard_size`; a pool of Ray actors builds its processor once (loads
+a model, holds index handles) and processes one shard per call. A shard's outputs are put to the
+store as `<base>/shard-NNNNN.<part>` the moment it finishes (the last part listed marks the shard
+as done). A rerun skips shards stored with the same config hash, so a killed stage, or one with a
+failed shard, redoes only what is missing. A failing shard does not stop the others; the stage
+then raises `ShardsFailed` naming every failed shard.
+
+Fault injection (tests, drills): `PEG_FAIL_SHARDS="3,mine:1"` makes shard 3 of every stage and
+shard 1 of `mine` raise inside its Ray call.
 """
 
 from __future__ import annotations
@@ -12,37 +17,54 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
+from peg.config import ConfigError
 from peg.errors import PegError
-from peg.config import ConfigError, LLMConfig
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
-# Fault injection for tests and drills: comma-separated shard numbers whose Ray call raises.
-FAIL_SHARDS_ENV = "PEG_LLM_FAIL_SHARDS"
+FAIL_SHARDS_ENV = "PEG_FAIL_SHARDS"
 
-# A shard processor: (shard number, items) -> {part: file content}. Built inside the actor.
-Processor = Callable[[int, list], dict[str, str]]
+# A shard processor: (shard number, items) -> a result. Built inside the actor.
+Processor = Callable[[int, list], Any]
 
 
 class ShardsFailed(PegError, RuntimeError):
-    """Some shards of a stage failed; `failed` maps shard number -> error text."""
+    """Some shards of a stage failed; `failed` maps shard number -> error text. One line."""
 
     def __init__(self, stage: str, failed: dict[int, str], stored: int):
         self.stage = stage
         self.failed = failed
-        lines = [f"{stage} shard {s:05d} failed: {err}" for s, err in sorted(failed.items())]
+        first, *others = sorted(failed)
+        more = f" (also failed: {', '.join(f'{s:05d}' for s in others)})" if others else ""
         super().__init__(
-            "\n".join(lines) + f"\n{stored} other shard(s) are stored; rerun `peg {stage}` to redo only the failed shard(s)"
+            f"{stage} shard {first:05d} failed: {failed[first]}{more}; "
+            f"{stored} other shard(s) are stored and will be reused"
         )
 
 
+class Pool(Protocol):
+    """How many actors run shards and what each one reserves (an `LLMConfig` is one)."""
+
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+
+
+@dataclass(frozen=True)
+class WorkerPool:
+    num_actors: int = 1
+    actor_cpus: float = 0.5
+    actor_gpus: float = 0.0
+
+
 class ShardWorker:
-    """Ray actor: builds its processor (loads the model) once, then processes shards."""
+    """Ray actor: builds its processor once, then processes shards."""
 
     def __init__(self, build: Callable[[], Processor], threads: int):
         import torch
@@ -50,22 +72,31 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.process = build()
 
-    def run(self, shard: int, items: list, fail: bool) -> dict[str, str]:
+    def run(self, stage: str, shard: int, items: list, fail: bool) -> Any:
         if fail:
-            raise RuntimeError(f"injected failure ({FAIL_SHARDS_ENV}) in shard {shard:05d}")
+            raise RuntimeError(f"injected failure ({FAIL_SHARDS_ENV}) in {stage} shard {shard:05d}")
         return self.process(shard, items)
 
 
-def failed_shards_from_env() -> set[int]:
+def failed_shards_from_env(stage: str) -> set[int]:
+    """Shard numbers of `stage` that `PEG_FAIL_SHARDS` asks to fail."""
     value = os.environ.get(FAIL_SHARDS_ENV, "").strip()
-    try:
-        return {int(s) for s in value.split(",") if s.strip()}
-    except ValueError:
-        raise ConfigError(f"{FAIL_SHARDS_ENV}={value!r}: expected comma-separated shard numbers") from None
+    shards = set()
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        name, _, number = entry.rpartition(":")
+        if not number.isdigit():
+            raise ConfigError(f"{FAIL_SHARDS_ENV}={value!r}: expected comma-separated [stage:]shard numbers")
+        if name in ("", stage):
+            shards.add(int(number))
+    return shards
 
 
 def shard_key(base: str, shard: int, part: str) -> str:
     return f"{base}/shard-{shard:05d}.{part}"
+
+
+def num_shards(num_items: int, shard_size: int) -> int:
+    return (num_items + shard_size - 1) // shard_size
 
 
 def is_stored(store: ArtifactStore, keys: Sequence[str], config_hash: str) -> bool:
@@ -80,7 +111,7 @@ def missing_shards(
     store: ArtifactStore, base: str, num_items: int, shard_size: int, parts: Sequence[str], config_hash: str
 ) -> list[int]:
     """Shard numbers not yet stored (with this config hash) for `num_items` items."""
-    shards = range((num_items + shard_size - 1) // shard_size)
+    shards = range(num_shards(num_items, shard_size))
     return [s for s in shards if not is_stored(store, [shard_key(base, s, p) for p in parts], config_hash)]
 
 
@@ -103,45 +134,52 @@ def run_shards(
     store: ArtifactStore,
     base: str,
     items: Sequence[Any],
+    shard_size: int,
     parts: Sequence[str],
     build: Callable[[], Processor],
-    llm: LLMConfig,
+    pool: Pool,
     config_hash: str,
+    to_files: Callable[[int, Any], dict[str, str]] = lambda shard, result: result,
     show_progress: bool = True,
+    unit: str = "items",
 ) -> tuple[list[int], list[int]]:
-    """Process `items` in shards of `llm.shard_size` on `llm.num_actors` Ray actors.
+    """Process `items` in shards of `shard_size` on `pool.num_actors` Ray actors.
 
-    Needs a Ray session (`peg.mine.ray_session`). Returns (shards computed now, shards reused).
-    Raises `ShardsFailed` after the other shards finished if any shard failed.
+    Each result goes through `to_files(shard, result)` on the driver ({part: file text}) and is
+    stored at once. Needs a Ray session (`peg.runtime.ray_session`). Returns (shards computed now,
+    shards reused). Raises `ShardsFailed` after the other shards finished if any shard failed.
     """
-    size = llm.shard_size
-    shards = list(range((len(items) + size - 1) // size))
-    todo = missing_shards(store, base, len(items), size, parts, config_hash)
+    shards = list(range(num_shards(len(items), shard_size)))
+    todo = missing_shards(store, base, len(items), shard_size, parts, config_hash)
     reused = [s for s in shards if s not in todo]
     if not todo:
         return [], reused
-    fail = failed_shards_from_env()
+    fail = failed_shards_from_env(stage)
     actor_class = ray.remote(ShardWorker).options(
-        num_cpus=llm.actor_cpus, num_gpus=llm.actor_gpus, max_restarts=0, max_task_retries=0
+        num_cpus=pool.actor_cpus, num_gpus=pool.actor_gpus, max_restarts=0, max_task_retries=0
     )
     build_ref = ray.put(build)
-    threads = max(1, round(llm.actor_cpus))
-    idle = [actor_class.remote(build_ref, threads) for _ in range(min(llm.num_actors, len(todo)))]
+    threads = max(1, round(pool.actor_cpus))
+    idle = [actor_class.remote(build_ref, threads) for _ in range(min(pool.num_actors, len(todo)))]
     queue = list(todo)
     pending: dict[Any, tuple[int, Any]] = {}
     failed: dict[int, str] = {}
-    total = sum(len(items[s * size : (s + 1) * size]) for s in todo)
+
+    def shard_items(s: int) -> list:
+        return list(items[s * shard_size : (s + 1) * shard_size])
+
+    total = sum(len(shard_items(s)) for s in todo)
     with tempfile.TemporaryDirectory(prefix=f"peg-{stage}-") as tmpdir, progress_bar(
-        total, f"{stage} shards", enabled=show_progress, unit="items"
+        total, f"{stage} shards", enabled=show_progress, unit=unit
     ) as advance:
         while queue or pending:
             while queue and idle:
                 s, actor = queue.pop(0), idle.pop()
-                pending[actor.run.remote(s, list(items[s * size : (s + 1) * size]), s in fail)] = (s, actor)
+                pending[actor.run.remote(stage, s, shard_items(s), s in fail)] = (s, actor)
             [ref], _ = ray.wait(list(pending), num_returns=1)
             s, actor = pending.pop(ref)
             try:
-                outputs = ray.get(ref)
+                result = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the actor died (or failed to load): replace it
                 failed[s] = root_cause(e)
                 ray.kill(actor)
@@ -153,12 +191,10 @@ def run_shards(
                 idle.append(actor)
                 continue
             idle.append(actor)
+            files = to_files(s, result)
             for part in parts:  # the last part marks the shard as done
-                path = Path(tmpdir) / f"shard-{s:05d}.{part}"
-                path.write_text(outputs[part], encoding="utf-8")
-                store.put_file(shard_key(base, s, part), path, producer=stage, config_hash=config_hash)
-                path.unlink()
-            advance(len(items[s * size : (s + 1) * size]))
+                put_text(store, shard_key(base, s, part), files[part], Path(tmpdir), stage, config_hash)
+            advance(len(shard_items(s)))
     for actor in idle:
         ray.kill(actor)
     if failed:
