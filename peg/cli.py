@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from typer.core import TyperGroup
 from peg.config import ConfigError, RunConfig, json_schema, load_config
 from peg.console import capture, console, forget_log_file, log_file
 from peg.data import BeirDataset, DataError
+from peg.data.fetch import DATASETS
 from peg.errors import PegError
 
 
@@ -33,7 +35,7 @@ app = typer.Typer(
     cls=PegCommands, help="peg: train dense text-retrieval embedding models.", no_args_is_help=True, add_completion=False
 )
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
-data_app = typer.Typer(help="Check datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Check and fetch datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
@@ -66,9 +68,16 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def read_config(path: Path) -> RunConfig:
+def read_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config; `overrides` are KEY=VALUE strings (VALUE parsed as YAML)."""
     try:
-        return load_config(path)
+        parsed = {}
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+            parsed[key] = yaml.safe_load(value)
+        return load_config(path, parsed)
     except ConfigError as e:
         fail(str(e))
 
@@ -114,6 +123,24 @@ def data_check(
         console().print(f"[bold red]{len(report.problems)} problem(s)[/]")
         raise typer.Exit(1)
     console().print("[bold green]ok[/]")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help=f"BEIR dataset: {', '.join(DATASETS)}.")],
+    to: Annotated[
+        Path | None, typer.Option("--to", help="Parent folder for NAME/ (default: $PEG_DATA_DIR or ~/.cache/peg/datasets).")
+    ] = None,
+) -> None:
+    """Download a BEIR dataset (checksum verified, unpacked atomically, cached) and print its folder."""
+    from peg.data.fetch import dataset_folder, fetch_dataset
+
+    cached = dataset_folder(name, to).is_dir()  # a FetchError (a PegError) is one line, exit 2
+    folder = fetch_dataset(name, to)
+    if not cached:
+        spec = DATASETS[name]
+        say(f"{name}: licence {spec.licence}; see {spec.homepage}")
+    print(folder)
 
 
 @app.command("eval")
@@ -265,8 +292,16 @@ pipeline_app = typer.Typer(help="Run the whole pipeline: prepare -> ... -> repor
 app.add_typer(pipeline_app, name="pipeline")
 
 
+class BackendName(str, Enum):
+    local = "local"
+    k8s = "k8s"
+
+
 @pipeline_app.command("run")
-def pipeline_run(path: ConfigPath) -> None:
+def pipeline_run(
+    path: ConfigPath,
+    backend: Annotated[BackendName, typer.Option(help="local: processes here; k8s: each stage as its cluster job.")] = BackendName.local,
+) -> None:
     """Run every stage that is not complete (a rerun skips completed stages)."""
     from peg.pipeline import LocalBackend, StageFailed, pipeline_results, run_pipeline
     from peg.store import open_store
@@ -274,8 +309,16 @@ def pipeline_run(path: ConfigPath) -> None:
     config = read_config(path)
     log = begin("pipeline")
     say(f"peg pipeline {config.name}: store {config.store.uri}; full log: {log}")
+    if backend is BackendName.k8s:
+        from peg.k8s import check_renderable
+        from peg.k8s.backend import K8sBackend
+
+        check_renderable(config)
+        runner_backend = K8sBackend(config, log=say)
+    else:
+        runner_backend = LocalBackend()
     try:
-        seconds = run_pipeline(config, path.resolve(), LocalBackend(), log=say)
+        seconds = run_pipeline(config, path.resolve(), runner_backend, log=say)
     except StageFailed as e:
         if e.reported:  # the stage printed its own one-line error
             raise typer.Exit(2) from None
@@ -284,6 +327,53 @@ def pipeline_run(path: ConfigPath) -> None:
         say("ran " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
     for line in pipeline_results(config, open_store(config.store)):
         say(line)
+
+
+@app.command("render")
+def render_command(
+    path: ConfigPath,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one YAML file per object here (default: stdout).")] = None,
+    stage: Annotated[str | None, typer.Option(help="Only this stage's job(s) and the ConfigMap.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE config override (YAML value), repeatable.")] = None,
+) -> None:
+    """Render kubectl-ready objects: the config's ConfigMap and each cluster stage's TrainJob /
+    PyTorchJob / RayJob (`prepare` runs where the data is: `peg pipeline stage prepare CONFIG`)."""
+    from peg.k8s import render_config_map, render_run, render_stage
+    from peg.k8s.render import manifest_files
+
+    config = read_config(path, overrides)
+    try:
+        objects = [render_config_map(config), *render_stage(config, stage)] if stage else render_run(config)
+    except ConfigError as e:
+        fail(str(e))
+    files = manifest_files(objects)
+    if output is None:
+        sys.stdout.write("---\n".join(files.values()))
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        tmp = output / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(output / name)
+    say(f"wrote {len(files)} files to {output}")
+
+
+@app.command("submit")
+def submit_command(
+    path: ConfigPath,
+    stage: Annotated[str, typer.Option(help="The stage to run on the cluster.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow status and logs until the job ends.")] = True,
+) -> None:
+    """Create a stage's job on the cluster (kubeconfig) and follow its status and logs."""
+    from peg.k8s.backend import ClusterError, K8sBackend
+    from peg.pipeline import StageFailed
+
+    config = read_config(path)
+    try:
+        phase = K8sBackend(config, log=say).submit(stage, wait)
+    except (ConfigError, ClusterError, StageFailed) as e:
+        fail(str(e))
+    say(f"stage {stage}: {phase}")
 
 
 @pipeline_app.command("status")

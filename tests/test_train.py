@@ -251,7 +251,7 @@ def test_zero3_with_gradient_checkpointing_is_a_config_error():
 def test_paper_scale_examples_load(name):
     config: RunConfig = load_config(REPO / "examples" / name)
     t, b = config.train, config.batch
-    world = t.nproc_per_node * config.cluster.train_workers
+    world = t.nproc_per_node * config.cluster.nodes
     assert b.queries_per_step % world == 0
     assert t.precision == "bf16" and b.chunk_size
     if name == "peg-paper-scale.yaml":

@@ -1,5 +1,7 @@
 """BEIR folders: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
 
+`BeirDataset.load` and `iter_corpus` also take `beir:NAME` (fetched on first use, `peg.data.fetch`).
+
 Readers stream and validate. Each takes `on_error`: by default the first problem raises a
 `DataError` naming file and line; `peg data check` passes a collector to see every problem.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peg.data.errors import DataError, OnError, iter_jsonl, iter_lines, raise_error, require_text
+from peg.data.fetch import resolve_beir
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class Passage:
 def iter_corpus(folder: str | Path, on_error: OnError = raise_error, allow_empty: bool = False) -> Iterator[Passage]:
     """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty
     (`allow_empty`: a passage whose title and text are both empty is yielded as it is)."""
-    path = Path(folder) / "corpus.jsonl"
+    path = resolve_beir(folder) / "corpus.jsonl"
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path, on_error):
         try:
@@ -123,7 +126,7 @@ class BeirDataset:
         string, as peers do, so metrics stay comparable with trec_eval on the full qrels) and
         counted in `empty_passages` with a logged warning; otherwise the first one is an error.
         """
-        folder = Path(folder)
+        folder = resolve_beir(folder)
         if not folder.is_dir():
             raise DataError(folder, None, "not a directory (expected a BEIR folder)")
         corpus = {p.id: p for p in iter_corpus(folder, on_error, allow_empty)}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from peg.data.beir import check_qrels_ids, iter_corpus, load_qrels, load_queries
 from peg.data.errors import DataError
+from peg.data.fetch import resolve_beir
 from peg.data.pairs import iter_examples
 
 
@@ -17,8 +18,8 @@ class CheckReport:
 
 
 def check_path(path: str | Path, splits: list[str] | None = None) -> CheckReport:
-    """Check a BEIR folder (all qrels splits unless `splits`) or a training-pair JSONL file."""
-    path = Path(path)
+    """Check a BEIR folder or `beir:NAME` (all qrels splits unless `splits`) or a training-pair JSONL file."""
+    path = resolve_beir(path)
     report = CheckReport()
     collect = report.problems.append
     if path.is_file():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peg.config import RunConfig
+from peg.config import BEIR_PREFIX, RunConfig
 from peg.store import ArtifactStore
 
 
@@ -75,13 +75,19 @@ class Stage:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data (train and eval splits) and record its counts."""
+    """Validate the BEIR data (train and eval splits; `beir:NAME` fetched first) and record its counts."""
     from peg.data import BeirDataset
 
     config = ctx.config
     if not config.data.beir:
         raise ValueError("data.beir: the pipeline needs a BEIR folder")
     summary = {}
+    if config.data.beir.startswith(BEIR_PREFIX):
+        from peg.data.fetch import archive
+
+        spec = archive(config.data.beir.removeprefix(BEIR_PREFIX))
+        summary["source"] = {"dataset": config.data.beir, "licence": spec.licence, "homepage": spec.homepage}
+        print(f"{config.data.beir}: licence {spec.licence}; see {spec.homepage}", flush=True)
     for split in dict.fromkeys([config.data.train_split, config.data.eval_split]):
         data = BeirDataset.load(config.data.beir, split, allow_empty=config.data.allow_empty_passages)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}

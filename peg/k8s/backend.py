@@ -1,0 +1,175 @@
+"""The cluster backend: run a stage as its rendered job through the Kubernetes API and follow it.
+
+Jobs are created with the official `kubernetes` client's CustomObjectsApi (TrainJob, PyTorchJob,
+RayJob are custom resources; no Kubeflow SDK is needed: both SDKs install a `kubeflow` package
+and pin old clients). A job already on the cluster for the same stage hash is followed rather
+than created twice; one for another hash, or one that has finished, is replaced.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from peg.config import RunConfig
+from peg.errors import PegError
+from peg.k8s.render import LABEL_HASH, LOCAL_STAGES, job_phase, render_config_map, render_stage
+from peg.pipeline import LocalBackend, Stage, StageFailed
+
+API = {  # kind -> (group, version, plural)
+    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "RayJob": ("ray.io", "v1", "rayjobs"),
+}
+
+
+class ClusterError(PegError, RuntimeError):
+    """The Kubernetes API refused a request, or is unreachable."""
+
+
+def primary_pod_selector(obj: dict) -> str:
+    """Label selector of the pod whose log is the stage's output (Ray submitter, master, node 0)."""
+    name = obj["metadata"]["name"]
+    return {
+        "RayJob": f"job-name={name}",  # KubeRay's submitter Job, named after the RayJob, tails the driver
+        "PyTorchJob": f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
+        "TrainJob": f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0",
+    }[obj["kind"]]
+
+
+def kubernetes_apis() -> tuple[Any, Any]:
+    """(CustomObjectsApi, CoreV1Api) from the kubeconfig, or the in-cluster service account."""
+    from kubernetes import client, config
+
+    try:
+        config.load_kube_config()
+    except (config.ConfigException, FileNotFoundError, TypeError):
+        try:
+            config.load_incluster_config()
+        except config.ConfigException as e:
+            raise ClusterError(f"no Kubernetes access: no usable kubeconfig and not in a cluster ({e})") from None
+    return client.CustomObjectsApi(), client.CoreV1Api()
+
+
+class K8sBackend:
+    """Runs `prepare` here (it uploads this machine's data) and every other stage as its job."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        apis: tuple[Any, Any] | None = None,
+        log: Callable[[str], None] = print,
+        poll_seconds: float = 10.0,
+        follow_logs: bool = True,
+    ):
+        self.config = config
+        self.custom, self.core = apis or kubernetes_apis()
+        self.log = log
+        self.poll_seconds = poll_seconds
+        self.follow_logs = follow_logs
+
+    def run_stage(self, stage: Stage, config_path: Path) -> None:
+        if stage.name in LOCAL_STAGES:
+            LocalBackend().run_stage(stage, config_path)
+            return
+        self.submit(stage.name, wait=True)
+
+    def submit(self, stage: str, wait: bool = True) -> str:
+        """Create (or find) the stage's job; with `wait`, follow it to the end. Returns the phase."""
+        self.apply_config_map()
+        phase = "pending"
+        for obj in render_stage(self.config, stage):
+            self._create_or_reuse(obj)
+            if wait:
+                phase = self.follow(obj)
+                if phase == "failed":
+                    raise StageFailed(f"stage {stage}: {obj['kind']} {obj['metadata']['name']} failed; see its log above")
+        return phase
+
+    def apply_config_map(self) -> None:
+        cm = render_config_map(self.config)
+        ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
+        try:
+            self.core.create_namespaced_config_map(ns, cm)
+        except ApiException as e:
+            if e.status != 409:
+                raise ClusterError(f"cannot create ConfigMap {ns}/{name}: {e}") from None
+            self.core.replace_namespaced_config_map(name, ns, cm)
+
+    def _create_or_reuse(self, obj: dict) -> None:
+        group, version, plural = API[obj["kind"]]
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            existing = self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise ClusterError(f"cannot read {obj['kind']} {ns}/{name}: {e}") from None
+            existing = None
+        if existing is not None:
+            same = existing["metadata"].get("labels", {}).get(LABEL_HASH) == obj["metadata"]["labels"][LABEL_HASH]
+            if same and job_phase(existing) in ("pending", "running"):
+                self.log(f"[k8s] {obj['kind']} {ns}/{name} is already {job_phase(existing)}: following it")
+                return
+            self.log(f"[k8s] replacing {obj['kind']} {ns}/{name} ({'finished' if same else 'another config'})")
+            self.custom.delete_namespaced_custom_object(group, version, ns, plural, name, propagation_policy="Foreground")
+            self._wait_deleted(group, version, ns, plural, name)
+        try:
+            self.custom.create_namespaced_custom_object(group, version, ns, plural, obj)
+        except ApiException as e:
+            raise ClusterError(f"cannot create {obj['kind']} {ns}/{name}: {e}") from None
+        self.log(f"[k8s] created {obj['kind']} {ns}/{name}")
+
+    def _wait_deleted(self, group: str, version: str, ns: str, plural: str, name: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
+            except ApiException as e:
+                if e.status == 404:
+                    return
+                raise
+            time.sleep(min(self.poll_seconds, 2.0))
+        raise ClusterError(f"{plural} {ns}/{name} was not deleted within {timeout:.0f} s")
+
+    def follow(self, obj: dict) -> str:
+        """Poll the job until it succeeds or fails, printing phase changes and its main pod's log."""
+        group, version, plural = API[obj["kind"]]
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        last, streamer = None, None
+        while True:
+            current = self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
+            phase = job_phase(current)
+            if phase != last:
+                self.log(f"[k8s] {obj['kind']} {ns}/{name}: {phase}")
+                last = phase
+            if self.follow_logs and streamer is None and phase == "running":
+                streamer = self._stream_logs(ns, primary_pod_selector(obj))
+            if phase in ("succeeded", "failed"):
+                if streamer is not None:
+                    streamer.join(timeout=30)
+                return phase
+            time.sleep(self.poll_seconds)
+
+    def _stream_logs(self, ns: str, selector: str) -> threading.Thread | None:
+        pods = self.core.list_namespaced_pod(ns, label_selector=selector).items
+        if not pods:
+            return None
+        pod = pods[0].metadata.name
+
+        def stream() -> None:
+            from kubernetes import watch
+
+            try:
+                for line in watch.Watch().stream(self.core.read_namespaced_pod_log, pod, ns):
+                    self.log(line)
+            except Exception as e:  # noqa: BLE001 - a log stream ending early must not fail the stage
+                self.log(f"[k8s] log of {ns}/{pod} ended: {e}")
+
+        thread = threading.Thread(target=stream, daemon=True, name=f"log-{pod}")
+        thread.start()
+        return thread

@@ -1,0 +1,90 @@
+"""Every Kubernetes API call the controller makes, declared once, and the appliers that make them.
+
+`API_CALLS` is what the chart's RBAC must grant, no more and no less (tests/test_operator_rbac.py
+compares them; the emulator test checks that every request the running operator sends is in it).
+kopf itself watches the resources the handlers name, patches the pipelines (finalizer, status,
+annotations), posts events and scans the CRDs it serves; the appliers create, replace and delete
+the stage jobs and the run config's ConfigMap through the official `kubernetes` client.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from peg.operator.model import GROUP, PLURAL, VERSION
+from peg.operator.reconcile import Apply, Create, Delete
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of stage job the renderers make."""
+
+    group: str
+    version: str
+    kind: str
+    plural: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+JOB_KINDS = (
+    JobKind("ray.io", "v1", "RayJob", "rayjobs"),
+    JobKind("trainer.kubeflow.org", "v1alpha1", "TrainJob", "trainjobs"),
+    JobKind("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs"),
+)
+
+# (API group, resource, verbs): what the controller calls, and why.
+API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (GROUP, PLURAL, ("list", "watch", "patch")),  # kopf: watch pipelines; finalizer + status patches
+    (GROUP, f"{PLURAL}/status", ("patch",)),  # kopf patches the status subresource
+    *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
+    ("", "configmaps", ("create", "patch")),  # Apply: the run config a stage's pods mount
+    ("", "events", ("create",)),  # kopf.event: one per transition
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf: which resources exist
+)
+
+
+def job_kind(api_version: str, kind: str) -> JobKind:
+    for k in JOB_KINDS:
+        if (k.api_version, k.kind) == (api_version, kind):
+            return k
+    raise ValueError(f"{kind} ({api_version}) is not a stage job kind the operator manages")
+
+
+def connect() -> None:
+    """Configure the kubernetes client: in-cluster credentials in a pod, else the kubeconfig."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now, not at import
+
+
+def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
+    """Make one reconcile action's API call; 409 on create and 404 on delete count as done."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    try:
+        if isinstance(action, Create):
+            k = job_kind(action.obj["apiVersion"], action.obj["kind"])
+            client.CustomObjectsApi().create_namespaced_custom_object(k.group, k.version, namespace, k.plural, action.obj)
+        elif isinstance(action, Apply):
+            core = client.CoreV1Api()
+            try:
+                core.create_namespaced_config_map(namespace, action.obj)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                core.patch_namespaced_config_map(action.obj["metadata"]["name"], namespace, action.obj)
+        else:
+            k = job_kind(action.api_version, action.kind)
+            body = client.V1DeleteOptions(propagation_policy="Background")
+            client.CustomObjectsApi().delete_namespaced_custom_object(k.group, k.version, namespace, k.plural, action.name, body=body)
+    except ApiException as e:
+        if not ((isinstance(action, Create) and e.status == 409) or (isinstance(action, Delete) and e.status == 404)):
+            raise

@@ -1,0 +1,119 @@
+"""kopf handlers: observe the pipelines, their jobs and the store; call `reconcile`; apply its actions.
+
+Run with kopf's CLI (the chart's Deployment does):
+
+    kopf run -m peg.operator.handlers --all-namespaces --standalone --liveness=http://0.0.0.0:8080/healthz
+
+Nothing here decides anything and nothing is kept only in memory: kopf's indexes mirror the
+pipelines and their jobs from the API server (rebuilt by a restarted controller before any
+handler runs), the stage records live in the artifact store, the rest in `status`. One timer per
+pipeline reconciles every `PEG_OPERATOR_INTERVAL` seconds (default 10): stages run for minutes
+to hours, so a poll costs little latency and makes a missed watch event harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from peg.config import RunConfig
+from peg.operator import api
+from peg.operator.model import GROUP, KIND, PLURAL, VERSION
+from peg.operator.reconcile import HASH_LABEL, STAGE_LABEL, Child, Delete, Event, StoreState, claim_keys, claimed_by, reconcile
+from peg.pipeline import pipeline_status
+from peg.store import StoreError, open_store
+
+INTERVAL = float(os.environ.get("PEG_OPERATOR_INTERVAL", "10"))
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.loggers = False  # only the transitions reconcile emits become events
+    api.connect()
+
+
+def job_observation(body: kopf.Body) -> Child:
+    """A stage job as reconcile sees it: its stage, stage hash label and phase."""
+    from peg.k8s.render import job_phase
+
+    labels = body.metadata.labels
+    status = body.get("status") or {}
+    message = status.get("message") or status.get("reason") or ""
+    return Child(
+        api_version=body["apiVersion"], kind=body["kind"], name=body.metadata.name, stage=labels[STAGE_LABEL],
+        stage_hash=labels.get(HASH_LABEL, ""), phase=job_phase(dict(body)),
+        deleting=bool(body.metadata.get("deletionTimestamp")), message=message,
+    )
+
+
+def _index_jobs(body: kopf.Body, namespace: str, **_: Any) -> dict | None:
+    owner = next((r for r in body.metadata.get("ownerReferences", []) if r.get("kind") == KIND), None)
+    return {(namespace, owner["name"]): job_observation(body)} if owner else None
+
+
+for _kind in api.JOB_KINDS:
+    kopf.index(_kind.group, _kind.version, _kind.plural, id=_kind.plural, labels={STAGE_LABEL: kopf.PRESENT})(_index_jobs)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def pipeline_claims(namespace: str, name: str, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> dict | None:
+    """Claim key -> (created, "namespace/name") of every pipeline: who owns a store prefix / job names."""
+    try:
+        config = RunConfig.model_validate(spec.get("run"))
+    except ValidationError:
+        return None
+    return {key: (meta.get("creationTimestamp") or "", f"{namespace}/{name}") for key in claim_keys(namespace, config)}
+
+
+def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> StoreState:
+    """The store's view of the run (stage records, eval summary), or why it cannot be read."""
+    try:
+        config = RunConfig.model_validate(spec.get("run"))
+    except ValidationError:
+        return StoreState()  # reconcile reports the invalid spec
+    holder = claimed_by(f"{namespace}/{name}", {k: list(v) for k, v in claims.items()}, claim_keys(namespace, config))
+    if holder:
+        return StoreState(claimed_by=holder)
+    try:
+        store = open_store(config.store)
+        stages = {row.name: row.state for row in pipeline_status(config, store)}
+        summary = None
+        if stages.get("eval") == "complete":
+            summary = json.loads(store.get_bytes(f"{config.name}/eval/summary.json"))
+    except (StoreError, OSError, ValueError) as e:
+        return StoreState(error=str(e))
+    return StoreState(stages=stages, eval_summary=summary)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, id="reconcile")
+def reconcile_pipeline(
+    body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str, name: str,
+    patch: kopf.Patch, logger: kopf.Logger, pipeline_claims: kopf.Index, **indexes: Any,
+) -> None:
+    children = [job for k in api.JOB_KINDS for job in indexes[k.plural].get((namespace, name), [])]
+    spec_dict = json.loads(json.dumps(dict(spec)))
+    store = observe_store(spec_dict, namespace, name, pipeline_claims)
+    actions, new_status = reconcile(
+        spec_dict, meta.get("generation"), children, store, dict(status), datetime.now(timezone.utc),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+    for action in actions:  # API calls first: if one fails, kopf retries and nothing is reported as done
+        if not isinstance(action, Event):
+            if not isinstance(action, Delete):
+                action.obj["metadata"]["namespace"] = namespace  # owner references work within a namespace
+                kopf.adopt(action.obj, owner=body)
+            api.apply_action(action, namespace)
+    for action in actions:
+        if isinstance(action, Event):
+            kopf.event(body, type=action.type, reason=action.reason, message=action.message)
+            logger.info(f"{action.reason}: {action.message}")
+    if new_status != {k: status.get(k) for k in new_status}:
+        patch.status.update(new_status)

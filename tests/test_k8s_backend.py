@@ -1,0 +1,128 @@
+"""The cluster backend's control flow against an in-memory Kubernetes API (no cluster here):
+create, follow to the end, reuse a running job of the same stage hash, replace a stale one."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from peg.config import load_config
+from peg.k8s.backend import K8sBackend, primary_pod_selector
+from peg.k8s.render import LABEL_HASH
+from peg.pipeline import STAGES, StageFailed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeCustomObjects:
+    """CustomObjectsApi over a dict; each get of a job advances it along its scripted statuses."""
+
+    def __init__(self, statuses: list[dict]):
+        self.objects: dict[tuple, dict] = {}
+        self.statuses = statuses
+        self.calls: list[str] = []
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        key = (plural, ns, body["metadata"]["name"])
+        if key in self.objects:
+            raise ApiException(status=409)
+        self.calls.append(f"create {plural}/{key[2]}")
+        self.objects[key] = {**copy.deepcopy(body), "_gets": 0}
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        obj = self.objects.get((plural, ns, name))
+        if obj is None:
+            raise ApiException(status=404)
+        if obj.get("_scripted", True):
+            obj["status"] = self.statuses[min(obj["_gets"], len(self.statuses) - 1)]
+            obj["_gets"] += 1
+        return copy.deepcopy(obj)
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
+        self.calls.append(f"delete {plural}/{name}")
+        del self.objects[(plural, ns, name)]
+
+
+class FakeCore:
+    def __init__(self):
+        self.config_maps: dict[str, dict] = {}
+
+    def create_namespaced_config_map(self, ns, body):
+        if body["metadata"]["name"] in self.config_maps:
+            raise ApiException(status=409)
+        self.config_maps[body["metadata"]["name"]] = body
+
+    def replace_namespaced_config_map(self, name, ns, body):
+        self.config_maps[name] = body
+
+    def list_namespaced_pod(self, ns, label_selector):
+        return type("PodList", (), {"items": []})()
+
+
+RUNNING = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+DONE = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+FAILED = {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}
+
+
+def backend(statuses: list[dict]) -> tuple[K8sBackend, FakeCustomObjects, FakeCore, list[str]]:
+    config = load_config(REPO / "examples" / "k8s-quickstart.yaml")
+    custom, core, lines = FakeCustomObjects(statuses), FakeCore(), []
+    return K8sBackend(config, apis=(custom, core), log=lines.append, poll_seconds=0), custom, core, lines
+
+
+def test_submit_creates_config_map_and_job_and_follows_it_to_success():
+    k8s, custom, core, lines = backend([{}, RUNNING, RUNNING, DONE])
+    assert k8s.submit("encode") == "succeeded"
+    assert custom.calls == ["create rayjobs/quickstart-encode"]
+    assert "run.yaml" in core.config_maps["quickstart-config"]["data"]
+    assert [line for line in lines if ": " in line and line.startswith("[k8s] RayJob")] == [
+        "[k8s] RayJob peg/quickstart-encode: pending",
+        "[k8s] RayJob peg/quickstart-encode: running",
+        "[k8s] RayJob peg/quickstart-encode: succeeded",
+    ]
+    k8s.submit("mine")  # a second stage updates the ConfigMap in place
+    assert custom.calls[-1] == "create rayjobs/quickstart-mine"
+
+
+def test_failed_job_fails_the_stage():
+    k8s, _, _, _ = backend([RUNNING, FAILED])
+    with pytest.raises(StageFailed, match="stage mine: RayJob quickstart-mine failed"):
+        k8s.submit("mine")
+
+
+def test_running_job_of_same_hash_is_followed_not_recreated():
+    k8s, custom, _, lines = backend([RUNNING, DONE])
+    k8s.submit("encode", wait=False)
+    custom.objects[("rayjobs", "peg", "quickstart-encode")]["_gets"] = 0
+    assert k8s.submit("encode") == "succeeded"
+    assert custom.calls == ["create rayjobs/quickstart-encode"]
+    assert any("already running: following it" in line for line in lines)
+
+
+def test_job_of_another_config_or_finished_is_replaced():
+    k8s, custom, _, lines = backend([RUNNING, DONE])
+    k8s.submit("encode", wait=False)
+    custom.objects[("rayjobs", "peg", "quickstart-encode")]["metadata"]["labels"][LABEL_HASH] = "0" * 32
+    k8s.submit("encode")
+    assert custom.calls == ["create rayjobs/quickstart-encode", "delete rayjobs/quickstart-encode", "create rayjobs/quickstart-encode"]
+    assert any("another config" in line for line in lines)
+
+
+def test_prepare_runs_here_and_train_as_trainjob(monkeypatch):
+    k8s, custom, _, _ = backend([{"conditions": [{"type": "Complete", "status": "True"}]}])
+    ran = []
+    monkeypatch.setattr("peg.pipeline.LocalBackend.run_stage", lambda self, stage, path: ran.append(stage.name))
+    stages = {s.name: s for s in STAGES}
+    k8s.run_stage(stages["prepare"], Path("cfg.yaml"))
+    k8s.run_stage(stages["train"], Path("cfg.yaml"))
+    assert ran == ["prepare"] and custom.calls == ["create trainjobs/quickstart-train"]
+
+
+def test_primary_pod_selectors():
+    meta = {"name": "run-train"}
+    assert primary_pod_selector({"kind": "RayJob", "metadata": meta}) == "job-name=run-train"
+    assert "replica-type=master" in primary_pod_selector({"kind": "PyTorchJob", "metadata": meta})
+    assert "job-completion-index=0" in primary_pod_selector({"kind": "TrainJob", "metadata": meta})

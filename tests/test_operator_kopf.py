@@ -1,0 +1,255 @@
+"""The real kopf operator against an in-process Kubernetes API emulator (kmock) over HTTP.
+
+An EmbeddingPipeline is created through the official kubernetes client; the operator creates the
+stage jobs with the real renderers; the test plays the job controllers (patches a job's status
+to succeeded) and the stage pods (writes the stage record into a real S3 store on 127.0.0.1);
+the pipeline ends Succeeded with its metrics and report URI in the status. The controller is
+stopped and started again in the middle: it continues without creating any job twice.
+
+What the emulator does not model (tested elsewhere or not at all): schema validation, pruning
+and defaulting (the CRD is validated offline in test_operator_crd.py), garbage collection by
+owner references (asserted here only as the references the jobs carry), uid / generation /
+resourceVersion / creationTimestamp (the test sets them), label selectors on the server side
+(kopf filters labels itself), RBAC (test_operator_rbac.py compares the calls below with the
+chart's rules), and the real job controllers (KubeRay, Kubeflow Trainer): the kind e2e covers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections import Counter
+
+import pytest
+
+os.environ["PEG_OPERATOR_INTERVAL"] = "0.3"  # before the handlers module reads it
+
+kopf = pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+
+from s3server import ADMIN  # noqa: E402
+
+from peg.config import RunConfig, StoreConfig  # noqa: E402
+from peg.operator import handlers  # noqa: E402, F401  (registers the handlers)
+from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
+from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
+from peg.pipeline import stage_hashes  # noqa: E402
+from peg.pipeline.state import StageRecord, write_record  # noqa: E402
+from peg.store import open_store  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+NAMESPACE = "team"
+RESOURCES = {
+    f"{GROUP}/{VERSION}/{PLURAL}": (KIND, True, {"status"}),
+    **{f"{k.group}/{k.version}/{k.plural}": (k.kind, True, set()) for k in JOB_KINDS},
+    "v1/configmaps": ("ConfigMap", True, set()),
+    "v1/events": ("Event", True, set()),
+    "v1/namespaces": ("Namespace", False, set()),  # kopf waits for it in discovery, never calls it
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
+}
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+TEST_AGENT = "peg-operator-test"  # the test's own API calls carry it; the operator's do not
+SUMMARY = {"split": "test", "metrics": {"base": {"ndcg@10": 0.645}, "fine-tuned": {"ndcg@10": 0.702}}}
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch):
+    name = f"op-{uuid.uuid4().hex[:8]}"
+    s3_server.client().make_bucket(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+    return name
+
+
+def run_config(s3_server, bucket: str) -> dict:
+    return {
+        "name": "demo",
+        "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"},
+        "data": {"beir": "/data/scifact"},
+        "store": {"uri": f"s3://{bucket}/peg", "endpoint": s3_server.endpoint, "secure": False},
+        "cluster": {"namespace": NAMESPACE, "s3_secret": "peg-s3", "image": "peg-trainer:0.1.0-cpu",
+                    "ray_image": "peg-ray:0.1.0-cpu"},
+    }
+
+
+class Cluster:
+    """The emulator plus the helpers the test drives it with."""
+
+    def __init__(self, k8s):
+        self.k8s = k8s
+
+    def objects(self, resource: str) -> dict[str, dict]:
+        return {name: obj.raw for (res, ns, name), obj in self.k8s.objects.items()
+                if str(res.plural) == resource.rsplit("/", 1)[-1] and not obj.deleted}
+
+    def job(self, stage: str) -> tuple[str, dict] | None:
+        for k in JOB_KINDS:
+            for name, obj in self.objects(k.plural).items():
+                if obj["metadata"]["labels"]["peg.dev/stage"] == stage:
+                    return k.plural, obj
+        return None
+
+    def pipeline(self) -> dict:
+        return self.objects(PLURAL)["demo"]
+
+    async def wait(self, what, timeout: float = 20.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (result := what()) is None or result is False:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting; pipeline status: {json.dumps(self.pipeline().get('status'), indent=1)}")
+            await asyncio.sleep(0.05)
+        return result
+
+    def creates(self) -> Counter:
+        """How many times each job was created (POSTs that reached the emulator)."""
+        return Counter(r.data["metadata"]["name"] for r in self.k8s
+                       if r.method == "POST" and r.resource is not None and str(r.resource.plural) in {k.plural for k in JOB_KINDS})
+
+    def events(self) -> list[tuple[str, str]]:
+        """(reason, message) of every event posted (the emulator answers 409 to all but the first:
+        it ignores generateName; the requests still show what the operator reported)."""
+        return [(r.data["reason"], r.data["message"]) for r in self.k8s
+                if r.method == "POST" and r.resource is not None and str(r.resource.plural) == "events"]
+
+    def calls(self) -> set[tuple[str, str, str]]:
+        """(group, resource, verb) of every request, as RBAC names them."""
+        verbs = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+        out = set()
+        for r in self.k8s:
+            if r.resource is None or r.resource.plural is None or r.headers.get("User-Agent") == TEST_AGENT:
+                continue  # discovery (allowed to every authenticated user), or the test's own calls
+            if r.method == "GET":
+                verb = "watch" if r.params.get("watch") in ("true", "1") else "get" if r.name else "list"
+            else:
+                verb = verbs[str(r.method.value)]
+            plural = str(r.resource.plural) + (f"/{r.subresource}" if r.subresource else "")
+            out.add((str(r.resource.group or ""), plural, verb))
+        return out
+
+
+@kopf.on.login()
+def login_to_emulator(**kwargs):
+    """kopf reads the kubeconfig path only at import time; the test's kubeconfig comes later."""
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+def finish_stage(store, config: RunConfig, stage: str) -> None:
+    """What a stage's pod leaves behind: its outputs and a complete record for its hash."""
+    if stage == "eval":
+        store.put_bytes("demo/eval/summary.json", json.dumps(SUMMARY).encode(), "eval", "h")
+    write_record(store, f"demo/{stage}", StageRecord(stage, stage_hashes(config)[stage], "complete", {}))
+
+
+def as_test_client():
+    from kubernetes import client
+
+    api = client.ApiClient()
+    api.user_agent = TEST_AGENT
+    return client.CustomObjectsApi(api)
+
+
+async def succeed(cluster: Cluster, plural: str, job: dict) -> None:
+    """Play the job controller: the job's status says it succeeded."""
+    from kubernetes import client
+
+    status = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"} if job["kind"] == "RayJob" else {
+        "conditions": [{"type": "Complete" if job["kind"] == "TrainJob" else "Succeeded", "status": "True"}]}
+    group, version = job["apiVersion"].split("/")
+    await asyncio.to_thread(as_test_client().patch_namespaced_custom_object_status,
+                            group, version, NAMESPACE, plural, job["metadata"]["name"], {"status": status})
+
+
+def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path, monkeypatch):
+    spec = {"run": run_config(s3_server, bucket), "retries": {"limit": 1, "backoffSeconds": 1}}
+    config = RunConfig.model_validate(spec["run"])
+    store = open_store(StoreConfig.model_validate(spec["run"]["store"]))
+    finish_stage(store, config, "prepare")  # `peg pipeline stage prepare` ran where the data is
+    uid = str(uuid.uuid4())
+
+    async def main():
+        from kubernetes import client, config as kube_config
+
+        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+            for key, (kind, namespaced, subresources) in RESOURCES.items():
+                k8s.resources[key].kind = kind
+                k8s.resources[key].namespaced = namespaced
+                k8s.resources[key].verbs = VERBS
+                k8s.resources[key].subresources = subresources
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(server.url).rstrip("/")}}],
+                "users": [{"name": "kmock", "user": {"token": "test"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+            }))
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+            kube_config.load_kube_config(str(kubeconfig))
+            cluster = Cluster(k8s)
+
+            stop = asyncio.Event()
+            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
+                    "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": uid, "generation": 1, "resourceVersion": "1",
+                                 "creationTimestamp": "2026-11-30T12:00:00Z"}}
+            await asyncio.to_thread(as_test_client().create_namespaced_custom_object,
+                                    GROUP, VERSION, NAMESPACE, PLURAL, body)
+
+            plural, encode = await cluster.wait(lambda: cluster.job("encode"))
+            assert plural == "rayjobs" and encode["metadata"]["name"] == "demo-encode"
+            assert encode["metadata"]["ownerReferences"] == [
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": "demo", "uid": uid,
+                 "controller": True, "blockOwnerDeletion": True}]
+            config_map = cluster.objects("configmaps")["demo-config"]
+            assert config_map["metadata"]["ownerReferences"][0]["uid"] == uid
+            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("stage") == "encode" and cluster.pipeline()["status"])
+            assert status["phase"] == "Running"
+
+            for stage in ("encode", "mine"):
+                plural, job = cluster.job(stage)
+                finish_stage(store, config, stage)
+                await succeed(cluster, plural, job)
+                nxt = {"encode": "mine", "mine": "train"}[stage]
+                await cluster.wait(lambda: cluster.job(nxt))
+
+            # restart the controller while train runs: it must continue, not start train again
+            started = ("StageStarted", "stage train: created TrainJob demo-train (attempt 1/2)")
+            await cluster.wait(lambda: started in cluster.events())  # kopf drops events queued at exit
+            stop.set()
+            await asyncio.wait_for(operator, 30)
+            assert cluster.creates()["demo-train"] == 1
+            stop = asyncio.Event()
+            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+            await asyncio.sleep(1.5)  # several reconcile intervals of the new controller
+            assert cluster.creates()["demo-train"] == 1
+            assert cluster.pipeline()["status"]["stage"] == "train"
+
+            for stage, nxt in (("train", "eval"), ("eval", "export"), ("export", "report"), ("report", None)):
+                plural, job = cluster.job(stage)
+                finish_stage(store, config, stage)
+                await succeed(cluster, plural, job)
+                if nxt:
+                    await cluster.wait(lambda: cluster.job(nxt))
+            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Succeeded"
+                                        and cluster.pipeline()["status"])
+            await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))
+            stop.set()
+            await asyncio.wait_for(operator, 30)
+
+            assert cluster.creates() == Counter({f"demo-{s}": 1 for s in ("encode", "mine", "train", "eval", "export", "report")})
+            assert cluster.job("train")[0] == "trainjobs"
+            assert status["metrics"]["ndcgAt10"] == 0.702 and status["metrics"]["baseNdcgAt10"] == 0.645
+            assert status["artifacts"]["report"] == f"s3://{bucket}/peg/demo/report/report.html"
+            assert [c["status"] for c in status["conditions"]] == ["True", "False", "False"]
+            reasons = Counter(reason for reason, _ in cluster.events())
+            assert reasons["StageStarted"] == 6 and reasons["StageSucceeded"] == 7 and reasons["PipelineSucceeded"] == 1
+            # every call is declared (so the chart's RBAC grants it); the declared ones this run never
+            # needed are deleting jobs (no retry here) and creating PyTorchJobs (trainer_api: trainjob)
+            declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
+            assert cluster.calls() <= declared, cluster.calls() - declared
+            unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create")}
+            assert declared - cluster.calls() == unused
+
+    asyncio.run(main())
