@@ -7,7 +7,8 @@ this up once per process: it points file descriptors 1 and 2 at the log file (so
 processes, native code and other libraries write there too) and keeps a duplicate of the
 original stderr as the console. Child processes inherit `PEG_LOG_FILE`, and `PEG_CONSOLE` names
 the console to reopen, so a stage process or a training rank writes its progress bar to the
-same terminal. With `verbose` nothing is redirected: the console shows everything.
+same terminal. With `verbose`, and in a Kubernetes pod (whose log is the place for everything),
+nothing is redirected: the console shows everything.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def capture(name: str, verbose: bool = False, show_logs: bool = True) -> Path:
     `show_logs`: peg's INFO and WARNING records are shown on the console (off for ranks > 0).
     """
     global _console, _log_file
-    verbose = verbose or os.environ.get(VERBOSE_ENV) == "1"
+    # in a pod everything goes to the pod's log (kubectl logs), as with -v
+    verbose = verbose or os.environ.get(VERBOSE_ENV) == "1" or "KUBERNETES_SERVICE_HOST" in os.environ
     path = Path(os.environ.get(LOG_FILE_ENV) or _default_log_file(name))
     path.parent.mkdir(parents=True, exist_ok=True)
     _log_file = path

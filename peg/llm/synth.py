@@ -30,7 +30,7 @@ from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConf
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.loading import LLMError, check_model_source, load_causal_lm
 from peg.llm.scorer import left_pad
-from peg.runtime.shards import missing_shards, put_json, put_text, read_text, run_shards
+from peg.runtime.shards import missing_shards, put_json, put_text, read_shards, run_shards
 from peg.llm.teacher import check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
@@ -245,12 +245,10 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
         finally:
             if index is not None:
                 index.close()
+        stored = read_shards(store, base, sorted(computed + reused), PARTS, tmp)
         counts = {t: dict.fromkeys(OUTCOMES, 0) for t in config.synth.query_types}
-        train, queries = [], []
-        for s in sorted(computed + reused):
-            train.append(read_text(store, f"{base}/shard-{s:05d}.jsonl", tmp))
-            queries.append(read_text(store, f"{base}/shard-{s:05d}.queries.jsonl", tmp))
-            for t, by_outcome in json.loads(read_text(store, f"{base}/shard-{s:05d}.stats.json", tmp)).items():
+        for text in stored["stats.json"]:
+            for t, by_outcome in json.loads(text).items():
                 for outcome, n in by_outcome.items():
                     counts[t][outcome] += n
         report = {
@@ -263,7 +261,7 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         }
-        put_text(store, f"{base}/queries.jsonl", "".join(queries), tmp, "synth", config_hash)
+        put_text(store, f"{base}/queries.jsonl", "".join(stored["queries.jsonl"]), tmp, "synth", config_hash)
         put_json(store, f"{base}/report.json", report, tmp, "synth", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(train), tmp, "synth", config_hash)
+        put_text(store, f"{base}/train.jsonl", "".join(stored["jsonl"]), tmp, "synth", config_hash)
     return report

@@ -25,7 +25,7 @@ from peg.config import RunConfig, ScoreConfig
 from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
-from peg.runtime.shards import input_identity, put_json, put_text, read_text, run_shards
+from peg.runtime.shards import input_identity, put_json, put_text, read_shards, run_shards
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
@@ -173,16 +173,15 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
             shard_size=config.score.llm.shard_size, pool=config.score.llm, config_hash=config_hash,
             show_progress=show_progress,
         )
+        stored = read_shards(store, base, sorted(computed + reused), PARTS, tmp)
         stats = {"examples": 0, "pairs": 0}
-        train = []
-        for s in sorted(computed + reused):
-            train.append(read_text(store, f"{base}/shard-{s:05d}.jsonl", tmp))
-            for k, v in json.loads(read_text(store, f"{base}/shard-{s:05d}.stats.json", tmp)).items():
+        for text in stored["stats.json"]:
+            for k, v in json.loads(text).items():
                 stats[k] += v
         stats.update({
             "teacher": config.score.teacher, "list_size": config.score.list_size, "input": input_key,
             "shards_computed": len(computed), "shards_reused": len(reused),
         })
         put_json(store, f"{base}/report.json", stats, tmp, "score", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(train), tmp, "score", config_hash)
+        put_text(store, f"{base}/train.jsonl", "".join(stored["jsonl"]), tmp, "score", config_hash)
     return stats

@@ -202,6 +202,13 @@ def run_shards(
     return todo, reused
 
 
+def read_shards(
+    store: ArtifactStore, base: str, shards: Sequence[int], parts: Sequence[str], tmp: Path
+) -> dict[str, list[str]]:
+    """Each part's stored text, one entry a shard in the order of `shards`."""
+    return {part: [read_text(store, shard_key(base, s, part), tmp) for s in shards] for part in parts}
+
+
 def read_text(store: ArtifactStore, key: str, tmp: Path) -> str:
     """The text of a stored artifact (verified), read in place for a local store."""
     path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
