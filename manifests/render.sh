@@ -6,3 +6,4 @@ PEG=${PEG:-peg}
 rm -rf rendered pytorchjob
 $PEG render run.yaml -o rendered
 $PEG render run.yaml --stage train --set cluster.trainer_api=pytorchjob -o pytorchjob
+$PEG operator manifest run.yaml -o embeddingpipeline.yaml

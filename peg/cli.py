@@ -222,12 +222,34 @@ def store_ls(
     config = read_config(path)
     try:
         store = open_store(config.store)
-        for key in store.list(prefix):
+        keys = store.list(prefix)
+        for key in keys:
             m = store.manifest(key)
             if m is not None:
                 print(f"{m.size:>14,}  {m.producer:<10}  {m.created}  {key}")
     except StoreError as e:
         fail(str(e))
+    if not keys:
+        say(f"no artifacts under {prefix or '(the whole store)'!r} in {store.describe()}")
+
+
+@store_app.command("get")
+def store_get(
+    path: ConfigPath,
+    prefix: Annotated[str, typer.Argument(help="Key prefix to copy, e.g. 'myrun/export/model'.")],
+    dest: Annotated[Path, typer.Argument(help="Local folder to create (must not exist).")],
+) -> None:
+    """Copy the artifacts under PREFIX into a plain folder: verified, without the store's manifests."""
+    from peg.store import StoreError, open_store
+
+    config = read_config(path)
+    if dest.exists():
+        fail(f"{dest}: already exists (give a new folder)")
+    try:
+        open_store(config.store).materialise_prefix(prefix, dest)
+    except StoreError as e:
+        fail(str(e))
+    say(f"wrote {dest}")
 
 
 InputKey = Annotated[
@@ -301,10 +323,12 @@ class BackendName(str, Enum):
 def pipeline_run(
     path: ConfigPath,
     backend: Annotated[BackendName, typer.Option(help="local: processes here; k8s: each stage as its cluster job.")] = BackendName.local,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait while another process runs this run.")] = 0,
 ) -> None:
-    """Run every stage that is not complete (a rerun skips completed stages)."""
+    """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
     from peg.pipeline import LocalBackend, StageFailed, pipeline_results, run_pipeline
     from peg.store import open_store
+    from peg.store.lease import LeaseHeld
 
     config = read_config(path)
     log = begin("pipeline")
@@ -318,15 +342,20 @@ def pipeline_run(
     else:
         runner_backend = LocalBackend()
     try:
-        seconds = run_pipeline(config, path.resolve(), runner_backend, log=say)
+        seconds = run_pipeline(config, path.resolve(), runner_backend, log=say, wait=wait)
     except StageFailed as e:
         if e.reported:  # the stage printed its own one-line error
             raise typer.Exit(2) from None
-        raise
+        fail(f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
+    except LeaseHeld as e:
+        fail(str(e))
+    except PegError as e:
+        fail(str(e) if e.bad_input else f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
     if seconds:
         say("ran " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
     for line in pipeline_results(config, open_store(config.store)):
         say(line)
+    say(f"the model as a plain folder: peg store get {path} {config.name}/export/model DEST")
 
 
 @app.command("render")
@@ -340,6 +369,7 @@ def render_command(
     PyTorchJob / RayJob (`prepare` runs where the data is: `peg pipeline stage prepare CONFIG`)."""
     from peg.k8s import render_config_map, render_run, render_stage
     from peg.k8s.render import manifest_files
+    from peg.store.files import write_atomically
 
     config = read_config(path, overrides)
     try:
@@ -352,9 +382,7 @@ def render_command(
         return
     output.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        tmp = output / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(output / name)
+        write_atomically(output / name, text)
     say(f"wrote {len(files)} files to {output}")
 
 
@@ -379,20 +407,25 @@ def submit_command(
 @pipeline_app.command("status")
 def pipeline_status_command(path: ConfigPath) -> None:
     """Show each stage's state: complete, partial (interrupted), stale (config changed) or pending."""
+    from rich.console import Console
     from rich.table import Table
 
-    from peg.pipeline import pipeline_status
+    from peg.pipeline import current_lease, pipeline_status
     from peg.store import StoreError, open_store
 
     config = read_config(path)
     try:
-        rows = pipeline_status(config, open_store(config.store))
+        store = open_store(config.store)
+        rows = pipeline_status(config, store)
+        holder = current_lease(config, store)
     except StoreError as e:
         fail(str(e))
-    table = Table("stage", "state", "outputs")
+    table = Table("stage", "state", "outputs", "detail")
     for row in rows:
-        table.add_row(row.name, row.state, str(row.outputs))
-    console().print(table)
+        table.add_row(row.name, row.state, str(row.outputs), row.detail)
+    Console().print(table)  # a result: stdout
+    if holder is not None:
+        say(f"in use by {holder.describe()}")
 
 
 @pipeline_app.command("stage")
@@ -407,7 +440,7 @@ def pipeline_stage(
     begin(f"stage-{name}")
     try:
         run_stage_entrypoint(config, path.resolve(), name)
-    except PegError as e:
+    except (PegError, ValueError) as e:  # every stage's own errors are PegErrors: no heavy imports here
         fail(f"stage {name}: {e}")
 
 
@@ -425,3 +458,36 @@ def train_command(
     log = begin("train")
     model_dir = train(config, output, resume=resume)
     say(f"model: {model_dir}\nlog: {log}")
+
+
+operator_app = typer.Typer(help="The pipeline operator: its CRD and EmbeddingPipeline manifests.", no_args_is_help=True)
+app.add_typer(operator_app, name="operator")
+OutputFile = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+
+
+def _write(text: str, output: Path | None) -> None:
+    if output:
+        output.write_text(text)
+        say(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@operator_app.command("crd")
+def operator_crd(output: OutputFile = None) -> None:
+    """Write the EmbeddingPipeline CRD (generated from the run config and the operator's models)."""
+    from peg.operator.crd import crd_yaml
+
+    _write(crd_yaml(), output)
+
+
+@operator_app.command("manifest")
+def operator_manifest(path: ConfigPath, output: OutputFile = None) -> None:
+    """Write an EmbeddingPipeline that runs CONFIG (name: the run name; namespace: cluster.namespace)."""
+    from peg.operator.crd import pipeline_manifest
+
+    config = read_config(path)
+    run = yaml.safe_load(path.read_text())
+    manifest = pipeline_manifest(run, config.cluster.namespace, config.name)
+    header = f"# EmbeddingPipeline for {path.name} (`peg operator manifest {path.name}`); kubectl apply -f this file.\n"
+    _write(header + yaml.safe_dump(manifest, sort_keys=False), output)

@@ -302,7 +302,13 @@ class StoreConfig(Section):
     max_attempts: int = Field(5, ge=1, description="Attempts per S3 operation on transient errors (reset, 5xx, SlowDown).")
     backoff_seconds: float = Field(0.5, gt=0, description="Delay before the first retry; doubles on each retry.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a TCP connection to the endpoint.")
-    read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for data on an open connection.")
+    request_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for the answer to a small request (manifest, listing, lease)."
+    )
+    read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for data of an object transfer.")
+    lease_seconds: float = Field(
+        60.0, ge=10, description="A run's lease in the store expires this long after its last renewal."
+    )
     part_size_mib: int = Field(64, ge=5, le=5120, description="Multipart upload part size (MiB) for large files.")
 
     @model_validator(mode="after")
@@ -449,6 +455,27 @@ class RunConfig(Section):
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    def stage_config_hash(self, stage: str) -> str:
+        """The hash of the sections stage `stage` reads (STAGE_SECTIONS): the pipeline's stage hash and
+        the stage's own shard-reuse hash are both built from it."""
+        return self.section_hash(*STAGE_SECTIONS[stage])
+
+
+# The config sections each pipeline stage reads: the one declaration of a stage's config contract.
+# A change in any of them reruns the stage (and, through its outputs, what follows).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data",),
+    "synth": ("model", "data", "encode", "mining", "synth", "score"),  # encoder + index for the round trip
+    "encode": ("model", "data", "encode"),
+    "mine": ("model", "data", "encode", "mining"),
+    "judge": ("judge",),  # + the identity of its input file
+    "score": ("score",),  # + the identity of its input file
+    "train": ("model", "data", "loss", "batch", "train"),
+    "eval": ("model", "data", "encode", "eval"),
+    "export": ("model", "data", "loss"),  # sample queries of data.eval_split; the model card
+    "report": ("model", "loss", "batch", "train"),
+}
+
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each mapping key path in a YAML document to its 1-based line."""
@@ -558,21 +585,33 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
-    """Make relative local paths in the config relative to the config file's directory.
+    """Resolve relative local paths against the config file's directory: the one rule, whatever the
+    working directory. URLs and `beir:NAME` dataset names stay as written; model and LLM names are
+    paths when they start with ./ or ../ or exist beside the config, else hub (or packaged) ids."""
 
-    URLs and `beir:NAME` dataset names are left as they are.
-    """
-
-    def resolve(value: str | None) -> str | None:
-        if value is None or "://" in value or value.startswith(BEIR_PREFIX) or Path(value).is_absolute():
+    def path(value: str | None) -> str | None:
+        if value is None or "://" in value or value.startswith(BEIR_PREFIX):
             return value
-        candidate = base / value
-        return str(candidate.resolve()) if candidate.exists() or value.startswith(".") else value
+        if Path(value).expanduser().is_absolute():
+            return str(Path(value).expanduser())
+        return str((base / value).resolve())
 
-    config.data.beir = resolve(config.data.beir)
-    config.data.train_files = [resolve(f) for f in config.data.train_files]
-    config.model.name_or_path = resolve(config.model.name_or_path)
-    config.store.uri = resolve(config.store.uri)
+    def model(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        local = value.startswith(("./", "../")) or value in (".", "..") or (base / value).exists()
+        return path(value) if local else value
+
+    config.data.beir = path(config.data.beir)
+    config.data.train_files = [path(f) for f in config.data.train_files]
+    config.model.name_or_path = model(config.model.name_or_path)
+    config.store.uri = path(config.store.uri)
+    config.store.credentials_file = path(config.store.credentials_file)
+    config.score.cross_encoder_path = path(config.score.cross_encoder_path)
+    for llm in (config.judge.llm, config.score.llm, config.synth.llm):
+        llm.path = model(llm.path)
+        if llm.path is None:
+            llm.gguf_file = path(llm.gguf_file)
     return config
 
 

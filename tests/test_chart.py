@@ -59,9 +59,10 @@ def kind_with_run(run: dict | None = None) -> dict:
 
 
 def value_sets() -> dict[str, dict]:
-    """The values every validation renders: defaults, kind with a run, GPU, persistent S3."""
+    """The values every validation renders: defaults, kind with a run, GPU, persistent S3 with the operator."""
     persistent = ci_values("kind")
     persistent["seaweedfs"]["persistence"] = {"enabled": True, "size": "5Gi", "storageClass": "standard"}
+    persistent["operator"] = {"enabled": True}
     return {"default": {}, "kind": kind_with_run(), "gpu": ci_values("gpu"), "persistent": persistent}
 
 
@@ -500,11 +501,11 @@ def test_checkov_passes_the_chart_and_rejects_an_unrestricted_pod():
 
 
 def test_only_the_api_clients_mount_a_token():
-    docs = objects(render(kind_with_run()))
+    docs = objects(render({**kind_with_run(), "operator": {"enabled": True}}))
     pods = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "Pod")}
     pods.update({d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Job", "Deployment")})
     mounts_token = {name for name, spec in pods.items() if spec.get("automountServiceAccountToken", True)}
-    assert mounts_token == {"demo-peg-launch-r1", "demo-peg-test"}
+    assert mounts_token == {"demo-peg-launch-r1", "demo-peg-test", "demo-peg-operator"}
 
 
 def load_schema_generator():

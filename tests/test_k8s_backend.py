@@ -114,11 +114,24 @@ def test_job_of_another_config_or_finished_is_replaced():
 def test_prepare_runs_here_and_train_as_trainjob(monkeypatch):
     k8s, custom, _, _ = backend([{"conditions": [{"type": "Complete", "status": "True"}]}])
     ran = []
-    monkeypatch.setattr("peg.pipeline.LocalBackend.run_stage", lambda self, stage, path: ran.append(stage.name))
+    monkeypatch.setattr("peg.pipeline.LocalBackend.run_stage", lambda self, stage, path, env: ran.append(stage.name))
     stages = {s.name: s for s in STAGES}
-    k8s.run_stage(stages["prepare"], Path("cfg.yaml"))
-    k8s.run_stage(stages["train"], Path("cfg.yaml"))
+    k8s.run_stage(stages["prepare"], Path("cfg.yaml"), {"PEG_RUN_LEASE": "owner-1"})
+    k8s.run_stage(stages["train"], Path("cfg.yaml"), {"PEG_RUN_LEASE": "owner-1"})
     assert ran == ["prepare"] and custom.calls == ["create trainjobs/quickstart-train"]
+    job = custom.objects[("trainjobs", "peg", "quickstart-train")]
+    containers = [c for c in _all_containers(job)]
+    assert containers and all({"name": "PEG_RUN_LEASE", "value": "owner-1"} in c["env"] for c in containers)
+
+
+def _all_containers(obj):
+    if isinstance(obj, dict):
+        yield from obj.get("containers", []) if isinstance(obj.get("containers"), list) else []
+        for value in obj.values():
+            yield from _all_containers(value)
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from _all_containers(item)
 
 
 def test_primary_pod_selectors():

@@ -29,12 +29,14 @@ os.environ["PEG_OPERATOR_INTERVAL"] = "0.3"  # before the handlers module reads 
 kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
+import prometheus_client as prom  # noqa: E402
 from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
-from peg.operator import handlers  # noqa: E402, F401  (registers the handlers)
+from peg.operator import handlers  # noqa: E402, F401  (importing registers the handlers)
 from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
+from peg.operator.reconcile import Child, StoreState, claim_keys  # noqa: E402
 from peg.pipeline import stage_hashes  # noqa: E402
 from peg.pipeline.state import StageRecord, write_record  # noqa: E402
 from peg.store import open_store  # noqa: E402
@@ -128,6 +130,10 @@ class Cluster:
             plural = str(r.resource.plural) + (f"/{r.subresource}" if r.subresource else "")
             out.add((str(r.resource.group or ""), plural, verb))
         return out
+
+
+def metric(name: str, **labels) -> float:
+    return prom.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @kopf.on.login()
@@ -235,6 +241,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Succeeded"
                                         and cluster.pipeline()["status"])
             await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))
+            await cluster.wait(lambda: metric("peg_operator_pipelines", phase="Succeeded") == 1)  # a tick later
             stop.set()
             await asyncio.wait_for(operator, 30)
 
@@ -247,9 +254,32 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             assert reasons["StageStarted"] == 6 and reasons["StageSucceeded"] == 7 and reasons["PipelineSucceeded"] == 1
             # every call is declared (so the chart's RBAC grants it); the declared ones this run never
             # needed are deleting jobs (no retry here) and creating PyTorchJobs (trainer_api: trainjob)
+            assert metric("peg_operator_actions_total", action="create") >= 6
+            assert metric("peg_operator_transitions_total", reason="StageSucceeded") >= 7
             declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
             assert cluster.calls() <= declared, cluster.calls() - declared
             unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create")}
             assert declared - cluster.calls() == unused
 
     asyncio.run(main())
+
+
+def test_observe_store_reports_the_older_claimant_and_an_unreachable_store():
+    run = {"name": "demo", "model": {"name_or_path": "m"},
+           "store": {"uri": "s3://bucket/peg", "endpoint": "127.0.0.1:9", "secure": False, "max_attempts": 1,
+                     "connect_timeout": 0.5}}  # fmt: skip
+    config = RunConfig.model_validate(run)
+    claims = {key: [("2026-11-30T10:00:00Z", "a/first"), ("2026-11-30T11:00:00Z", "b/second")]
+              for key in claim_keys("a", config)[:1]}  # fmt: skip
+    assert handlers.observe_store({"run": run}, "b", "second", claims).claimed_by == "a/first (" + claim_keys("b", config)[0] + ")"
+    unreachable = handlers.observe_store({"run": run}, "a", "first", claims)
+    assert unreachable.claimed_by is None and unreachable.error
+    assert handlers.observe_store({"run": {"name": "demo"}}, "a", "first", {}) == StoreState()  # invalid: reconcile says why
+
+
+def test_job_observation_reads_stage_hash_and_phase():
+    body = kopf.Body({"apiVersion": "ray.io/v1", "kind": "RayJob",
+                      "metadata": {"name": "demo-mine", "labels": {"peg.dev/stage": "mine", "peg.dev/stage-hash": "abc"},
+                                   "deletionTimestamp": "2026-11-30T12:00:00Z"},
+                      "status": {"jobDeploymentStatus": "Failed", "message": "OOMKilled"}})  # fmt: skip
+    assert handlers.job_observation(body) == Child("ray.io/v1", "RayJob", "demo-mine", "mine", "abc", "failed", True, "OOMKilled")

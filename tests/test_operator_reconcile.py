@@ -375,3 +375,10 @@ def test_whole_run_creates_each_stage_once_and_reports_metrics():
     assert status["artifacts"]["report"] == "s3://bucket/peg/demo/report/report.html"
     assert status["artifacts"]["model"] == "s3://bucket/peg/demo/export/model/"
     assert status["conditions"][0]["message"] == "all 7 stages complete; nDCG@10 0.7000"
+
+
+def test_status_keys_of_another_version_are_ignored():
+    s, status = running_at("encode")
+    old = {**status, "kopf": {"progress": {}}, "stages": [{**x, "legacy": 1} for x in status["stages"]]}
+    actions, new = run(s, [job(s, "encode", "running")], store("prepare"), old)
+    assert actions == [] and "kopf" not in new and "legacy" not in new["stages"][0]

@@ -179,7 +179,7 @@ def test_unreachable_endpoint_fails_at_once(credentials):
 
 
 def test_transient_errors_are_retried_with_backoff(store, monkeypatch, tmp_path):
-    real_put = store._client.fput_object
+    real_put = store._transfer.fput_object
     attempts = []
 
     def flaky_put(*args, **kwargs):
@@ -190,7 +190,7 @@ def test_transient_errors_are_retried_with_backoff(store, monkeypatch, tmp_path)
             raise S3Error(urllib3.HTTPResponse(status=503), "SlowDown", "Please reduce your request rate.", "/", "r", "h")
         return real_put(*args, **kwargs)
 
-    monkeypatch.setattr(store._client, "fput_object", flaky_put)
+    monkeypatch.setattr(store._transfer, "fput_object", flaky_put)
     store.backoff_seconds = 0.05
     data = write_random(tmp_path / "f", 100)
     store.put_file("run/x/flaky", tmp_path / "f", producer="x")
@@ -206,7 +206,7 @@ def test_persistent_transient_errors_give_up_after_max_attempts(store, monkeypat
         attempts.append(1)
         raise S3Error(urllib3.HTTPResponse(status=503), "SlowDown", "Please reduce your request rate.", "/", "r", "h")
 
-    monkeypatch.setattr(store._client, "fput_object", always_busy)
+    monkeypatch.setattr(store._transfer, "fput_object", always_busy)
     store.backoff_seconds, store.max_attempts = 0.01, 4
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(StoreError, match=r"put 'run/x/busy' failed after 4 attempts: SlowDown"):
@@ -223,7 +223,7 @@ def test_server_killed_mid_upload_leaves_no_partial_object(tmp_path, credentials
         store = open_store(s3_config(server, "crash", "run", part_size_mib=5, max_attempts=3, backoff_seconds=0.1))
         store.put_bytes("kept/a.txt", b"survives", producer="t")
         write_random(tmp_path / "big.bin", 30 << 20)  # 6 parts
-        real_upload_part = store._client._upload_part
+        real_upload_part = store._transfer._upload_part
         parts_sent = []
 
         def upload_part_then_crash(*args):
@@ -232,7 +232,7 @@ def test_server_killed_mid_upload_leaves_no_partial_object(tmp_path, credentials
                 server.kill()  # the server dies while the multipart upload is in flight
             return real_upload_part(*args)
 
-        store._client._upload_part = upload_part_then_crash
+        store._transfer._upload_part = upload_part_then_crash
         with pytest.raises(StoreError, match=rf"http://{server.endpoint} bucket 'crash'.*put 'big/model.bin' failed after 3 attempts: cannot reach the endpoint"):
             store.put_file("big/model.bin", tmp_path / "big.bin", producer="train")
         assert len(parts_sent) >= 2
@@ -290,7 +290,7 @@ def test_missing_credentials_and_endpoint_are_clear_errors(monkeypatch):
 def test_dropped_download_is_retried_and_leaves_no_partial_file(store, monkeypatch, tmp_path):
     data = write_random(tmp_path / "f", 3 << 20)
     store.put_file("run/x/dl", tmp_path / "f", producer="x")
-    real_get = store._client.get_object
+    real_get = store._transfer.get_object
     calls = []
 
     class DropsAfterOneChunk:
@@ -316,7 +316,7 @@ def test_dropped_download_is_retried_and_leaves_no_partial_file(store, monkeypat
         calls.append(object_name)
         return DropsAfterOneChunk(response) if len(calls) == 1 else response
 
-    monkeypatch.setattr(store._client, "get_object", get_object)
+    monkeypatch.setattr(store._transfer, "get_object", get_object)
     store.backoff_seconds = 0.01
     out = tmp_path / "dl" / "out.bin"
     assert store.get_file("run/x/dl", out).read_bytes() == data
@@ -337,7 +337,7 @@ from peg.config import StoreConfig
 from peg.store import open_store
 
 store = open_store(StoreConfig(**json.loads(sys.argv[1])))
-real_upload_part = store._client._upload_part
+real_upload_part = store._transfer._upload_part
 parts = []
 
 def upload_part_then_die(*args):
@@ -346,7 +346,7 @@ def upload_part_then_die(*args):
         os.kill(os.getpid(), signal.SIGKILL)  # the peg process dies (OOM, preemption) mid-upload
     return real_upload_part(*args)
 
-store._client._upload_part = upload_part_then_die
+store._transfer._upload_part = upload_part_then_die
 store.put_file("big/model.bin", sys.argv[2], producer="train")
 """
 

@@ -171,7 +171,7 @@ def test_launch_mode_follows_the_environment(tmp_path):
     cfg, out = tmp_path / "c.yaml", tmp_path / "out"
     assert not runs_in_process({})  # a workstation: start torchrun here
     local = torchrun_command(2, cfg, out, True, {})
-    assert local[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert local[1:6] == ["-m", "peg.process", "torch.distributed.run", "--nproc_per_node", "2"]  # dies with us
     assert "--master_addr" in local and local[-3:] == [str(cfg), str(out), "--resume"]
     assert runs_in_process({"LOCAL_RANK": "0", "RANK": "3", "WORLD_SIZE": "8"})  # inside torchrun
     assert runs_in_process({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "job-master-0"})  # pod per rank

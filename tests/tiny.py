@@ -58,3 +58,23 @@ def make_tiny_beir(path: Path, passages_per_topic: int = 10, seed: int = 0) -> P
         lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{p}\t1" for q, p in pairs]
         (path / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return path
+
+
+def flip_stored_byte(store, key: str) -> None:
+    """Change one byte in the middle of a stored object behind the store's back (same size)."""
+    from peg.store import LocalStore
+
+    if isinstance(store, LocalStore):
+        path = store.local_path(key)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        return
+    import io
+
+    name = f"{store.prefix}/{key}" if store.prefix else key
+    response = store._client.get_object(store.bucket, name)
+    data = bytearray(response.read())
+    response.close()
+    data[len(data) // 2] ^= 0x01
+    store._client.put_object(store.bucket, name, io.BytesIO(bytes(data)), len(data))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peg.data.errors import DataError, OnError, iter_jsonl, raise_error, require_text
+from peg.store.files import atomic_output
 
 _KNOWN = {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids", "pos_scores", "neg_scores", "query_type"}
 
@@ -110,19 +109,9 @@ def iter_examples(path: str | Path, on_error: OnError = raise_error) -> Iterator
 
 def write_examples(path: str | Path, examples: Iterable[TrainingExample]) -> int:
     """Write examples atomically (temp file + rename); returns the count written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for example in examples:
-                f.write(example.to_json() + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(example.to_json() + "\n")
+            count += 1
     return count

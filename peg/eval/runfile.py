@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from peg.data.errors import DataError
 from peg.eval.metrics import Run, top_k
+from peg.store.files import atomic_output
 
 
 def write_run(path: str | Path, run: Run, tag: str = "peg") -> None:
     """Write `run` atomically; ranks follow trec_eval's order (score desc, docid desc)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for qid, docs in top_k(run, max((len(d) for d in run.values()), default=0)).items():
-                for rank, (docid, score) in enumerate(docs.items(), start=1):
-                    f.write(f"{qid} Q0 {docid} {rank} {score!r} {tag}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "w", encoding="utf-8") as f:
+        for qid, docs in top_k(run, max((len(d) for d in run.values()), default=0)).items():
+            for rank, (docid, score) in enumerate(docs.items(), start=1):
+                f.write(f"{qid} Q0 {docid} {rank} {score!r} {tag}\n")
 
 
 def read_run(path: str | Path) -> Run:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +73,21 @@ class K8sBackend:
         self.poll_seconds = poll_seconds
         self.follow_logs = follow_logs
 
-    def run_stage(self, stage: Stage, config_path: Path) -> None:
+    def run_stage(self, stage: Stage, config_path: Path, env: Mapping[str, str]) -> None:
         if stage.name in LOCAL_STAGES:
-            LocalBackend().run_stage(stage, config_path)
+            LocalBackend().run_stage(stage, config_path, env)
             return
-        self.submit(stage.name, wait=True)
+        self.submit(stage.name, wait=True, env=env)
 
-    def submit(self, stage: str, wait: bool = True) -> str:
-        """Create (or find) the stage's job; with `wait`, follow it to the end. Returns the phase."""
+    def submit(self, stage: str, wait: bool = True, env: Mapping[str, str] | None = None) -> str:
+        """Create (or find) the stage's job; with `wait`, follow it to the end. Returns the phase.
+
+        `env` is added to every container (the pipeline's run lease, handed to its stages).
+        """
         self.apply_config_map()
         phase = "pending"
         for obj in render_stage(self.config, stage):
+            _add_env(obj, env or {})
             self._create_or_reuse(obj)
             if wait:
                 phase = self.follow(obj)
@@ -173,3 +177,15 @@ class K8sBackend:
         thread = threading.Thread(target=stream, daemon=True, name=f"log-{pod}")
         thread.start()
         return thread
+
+
+def _add_env(obj: Any, env: Mapping[str, str]) -> None:
+    """Append `env` to the env list of every container in a rendered object (in place)."""
+    if isinstance(obj, dict):
+        for container in obj.get("containers", []) if isinstance(obj.get("containers"), list) else []:
+            container.setdefault("env", []).extend({"name": k, "value": v} for k, v in env.items())
+        for value in obj.values():
+            _add_env(value, env)
+    elif isinstance(obj, list):
+        for item in obj:
+            _add_env(item, env)

@@ -19,9 +19,12 @@ _DROP = {"title", "$schema", "$defs", "definitions", "const", "discriminator", "
 
 def run_config_schema(for_helm: bool = False) -> dict[str, Any]:
     """RunConfig as a structural OpenAPI v3 schema (`for_helm`: JSON Schema for values.schema.json)."""
-    raw = json_schema()
-    defs = raw.get("$defs", {})
-    return _convert(raw, defs, for_helm)
+    return structural_schema(json_schema(), for_helm)
+
+
+def structural_schema(model_schema: dict[str, Any], for_helm: bool = False) -> dict[str, Any]:
+    """Any pydantic model's JSON schema (`Model.model_json_schema()`) converted the same way."""
+    return _convert(model_schema, model_schema.get("$defs", {}), for_helm)
 
 
 def _convert(node: Any, defs: dict[str, Any], for_helm: bool) -> Any:
@@ -64,6 +67,11 @@ def _convert(node: Any, defs: dict[str, Any], for_helm: bool) -> Any:
         out["type"] = _json_type(out["enum"][0])
     if out.get("default", 0) is None:
         del out["default"]
+    if not for_helm:  # OpenAPI v3.0: a boolean next to minimum/maximum (JSON Schema 2020: the bound)
+        for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            if not isinstance(out.get(flag, True), bool):
+                out[bound] = out[flag]
+                out[flag] = True
     if nullable:
         if for_helm:
             out["type"] = [out["type"], "null"]

@@ -26,7 +26,7 @@ import numpy as np
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
-from peg.runtime.shards import input_identity, put_json, put_text, read_shards, run_shards
+from peg.runtime.shards import input_identity, read_shards, run_shards
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -114,8 +114,7 @@ def default_input_key(config: RunConfig) -> str:
 def load_input_examples(store: ArtifactStore, key: str, tmp: Path) -> list[TrainingExample]:
     if not store.exists(key):
         raise DataError(key, None, "input artifact not found in the store (run the stage that writes it first)")
-    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
-    return list(iter_examples(path))
+    return list(iter_examples(store.materialise(key, tmp)))
 
 
 def run_judge(
@@ -127,7 +126,7 @@ def run_judge(
     check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
     base = f"{config.name}/judge"
-    config_hash = config.section_hash("judge") + ":" + input_identity(store, input_key)
+    config_hash = config.stage_config_hash("judge") + ":" + input_identity(store, input_key)
     with tempfile.TemporaryDirectory(prefix="peg-judge-") as tmpdir, ray_session():
         tmp = Path(tmpdir)
         examples = load_input_examples(store, input_key, tmp)
@@ -137,7 +136,7 @@ def run_judge(
             shard_size=config.judge.llm.shard_size, pool=config.judge.llm, config_hash=config_hash,
             show_progress=show_progress,
         )
-        stored = read_shards(store, base, sorted(computed + reused), PARTS, tmp)
+        stored = read_shards(store, base, sorted(computed + reused), PARTS)
         stats = {"examples": 0, "negatives": 0, "dropped": 0}
         for text in stored["stats.json"]:
             for k, v in json.loads(text).items():
@@ -151,7 +150,7 @@ def run_judge(
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         })
-        put_text(store, f"{base}/judgments.jsonl", "".join(stored["judgments.jsonl"]), tmp, "judge", config_hash)
-        put_json(store, f"{base}/report.json", stats, tmp, "judge", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(stored["jsonl"]), tmp, "judge", config_hash)
+        store.put_text(f"{base}/judgments.jsonl", "".join(stored["judgments.jsonl"]), "judge", config_hash)
+        store.put_json(f"{base}/report.json", stats, "judge", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "judge", config_hash)
     return stats

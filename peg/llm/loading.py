@@ -10,7 +10,6 @@ the same file twice.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -22,6 +21,7 @@ from filelock import FileLock
 
 from peg.errors import PegError
 from peg.config import LLMConfig
+from peg.store.files import dir_mode, file_sha256
 
 
 class LLMError(PegError, ValueError):
@@ -56,19 +56,11 @@ def gguf_path(config: LLMConfig) -> Path | None:
     return Path(config.path) / config.gguf_file if config.path else Path(config.gguf_file)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_gguf(path: Path) -> Path:
     """Return the cached fp32 transformers folder for GGUF file `path`, converting it once."""
     if not path.is_file():
         raise LLMError(f"GGUF file not found: {path}")
-    target = cache_dir() / "gguf" / _file_sha256(path)
+    target = cache_dir() / "gguf" / file_sha256(path)[1]
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +80,7 @@ def convert_gguf(path: Path) -> Path:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            tmp.chmod(0o755)
+            tmp.chmod(dir_mode())
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

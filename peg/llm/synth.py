@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConf
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.loading import LLMError, check_model_source, load_causal_lm
 from peg.llm.scorer import left_pad
-from peg.runtime.shards import missing_shards, put_json, put_text, read_shards, run_shards
+from peg.runtime.shards import missing_shards, read_shards, run_shards
 from peg.llm.teacher import check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
@@ -222,10 +221,9 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
         raise DataError(Path(config.data.beir) / "corpus.jsonl", None, "the corpus has no passages")
     sources = corpus[: config.synth.num_passages] if config.synth.num_passages else corpus
     base = f"{config.name}/synth"
-    config_hash = config.section_hash("synth", "score", "model", "data")
+    config_hash = config.stage_config_hash("synth")
     llm = config.synth.llm
-    with tempfile.TemporaryDirectory(prefix="peg-synth-") as tmpdir, ray_session():
-        tmp = Path(tmpdir)
+    with ray_session():
         index = None
         if missing_shards(store, base, len(sources), llm.shard_size, PARTS, config_hash):
             embeddings = encode_corpus(config, store, corpus, show_progress)
@@ -245,7 +243,7 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
         finally:
             if index is not None:
                 index.close()
-        stored = read_shards(store, base, sorted(computed + reused), PARTS, tmp)
+        stored = read_shards(store, base, sorted(computed + reused), PARTS)
         counts = {t: dict.fromkeys(OUTCOMES, 0) for t in config.synth.query_types}
         for text in stored["stats.json"]:
             for t, by_outcome in json.loads(text).items():
@@ -261,7 +259,7 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         }
-        put_text(store, f"{base}/queries.jsonl", "".join(stored["queries.jsonl"]), tmp, "synth", config_hash)
-        put_json(store, f"{base}/report.json", report, tmp, "synth", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(stored["jsonl"]), tmp, "synth", config_hash)
+        store.put_text(f"{base}/queries.jsonl", "".join(stored["queries.jsonl"]), "synth", config_hash)
+        store.put_json(f"{base}/report.json", report, "synth", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "synth", config_hash)
     return report

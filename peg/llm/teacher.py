@@ -25,7 +25,7 @@ from peg.config import RunConfig, ScoreConfig
 from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
-from peg.runtime.shards import input_identity, put_json, put_text, read_shards, run_shards
+from peg.runtime.shards import input_identity, read_shards, run_shards
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
@@ -163,7 +163,7 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
     check_teacher(config.score)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
     base = f"{config.name}/score"
-    config_hash = config.section_hash("score") + ":" + input_identity(store, input_key)
+    config_hash = config.stage_config_hash("score") + ":" + input_identity(store, input_key)
     with tempfile.TemporaryDirectory(prefix="peg-score-") as tmpdir, ray_session():
         tmp = Path(tmpdir)
         examples = load_input_examples(store, input_key, tmp)
@@ -173,7 +173,7 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
             shard_size=config.score.llm.shard_size, pool=config.score.llm, config_hash=config_hash,
             show_progress=show_progress,
         )
-        stored = read_shards(store, base, sorted(computed + reused), PARTS, tmp)
+        stored = read_shards(store, base, sorted(computed + reused), PARTS)
         stats = {"examples": 0, "pairs": 0}
         for text in stored["stats.json"]:
             for k, v in json.loads(text).items():
@@ -182,6 +182,6 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
             "teacher": config.score.teacher, "list_size": config.score.list_size, "input": input_key,
             "shards_computed": len(computed), "shards_reused": len(reused),
         })
-        put_json(store, f"{base}/report.json", stats, tmp, "score", config_hash)
-        put_text(store, f"{base}/train.jsonl", "".join(stored["jsonl"]), tmp, "score", config_hash)
+        store.put_json(f"{base}/report.json", stats, "score", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "score", config_hash)
     return stats

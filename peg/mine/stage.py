@@ -34,7 +34,7 @@ from peg.data import BeirDataset, TrainingExample
 from peg.mine.select import RULES, select_negatives
 from peg.runtime import EmbeddingSet, ShardedIndex, encode_corpus, encode_queries, ray_session
 from peg.runtime.index import search_shards
-from peg.runtime.shards import WorkerPool, put_json, read_text, run_shards, shard_key
+from peg.runtime.shards import WorkerPool, run_shards, shard_key
 from peg.store import ArtifactStore
 
 # A query shard's files; the examples file goes last: its presence marks the shard as done.
@@ -129,7 +129,7 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
     started = time.monotonic()
     dataset = load_train_split(config)
     mining = config.mining
-    config_hash = config.section_hash("model", "data", "mining")
+    config_hash = config.stage_config_hash("mine")
     base = f"{config.name}/mine"
     with ray_session(), tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
         tmp = Path(tmpdir)
@@ -193,14 +193,14 @@ def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_
     pos_scores, neg_scores = [], []
     with train_path.open("w", encoding="utf-8") as train, scores_path.open("w", encoding="utf-8") as all_scores:
         for s in shards:
-            train.write(read_text(store, shard_key(base, s, "jsonl"), tmp))
-            shard_scores = read_text(store, shard_key(base, s, "scores.jsonl"), tmp)
+            train.write(store.read_text(shard_key(base, s, "jsonl")))
+            shard_scores = store.read_text(shard_key(base, s, "scores.jsonl"))
             all_scores.write(shard_scores)
             for line in shard_scores.splitlines():
                 record = json.loads(line)
                 pos_scores.extend(record["pos_scores"])
                 neg_scores.extend(record["neg_scores"])
-            shard_stats = json.loads(read_text(store, shard_key(base, s, "stats.json"), tmp))
+            shard_stats = store.read_json(shard_key(base, s, "stats.json"))
             for name in ("queries", "candidates", "kept", "not_selected", "queries_short"):
                 totals[name] += shard_stats[name]
             totals["dropped"].update(shard_stats["dropped"])
@@ -214,7 +214,7 @@ def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_
         "mining": config.mining.model_dump(mode="json"),
     }
     _plot_histogram(tmp / "scores.png", pos_scores, neg_scores, config.mining)
-    put_json(store, keys["stats"], stats, tmp, "mine", config_hash)
+    store.put_json(keys["stats"], stats, producer="mine", config_hash=config_hash)
     for name, path in (("train", train_path), ("scores", scores_path), ("histogram", tmp / "scores.png")):
         store.put_file(keys[name], path, producer="mine", config_hash=config_hash)
     return stats, keys

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from peg.model.encoder import Encoder
+from peg.store.files import dir_mode
 
 _POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 
@@ -39,6 +40,7 @@ def export_sentence_transformers(encoder: Encoder, path: str | Path, state_dict:
         prompts = {"query": cfg.query_prefix, "passage": cfg.passage_prefix}
         st = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.st."))
+        tmp.chmod(dir_mode())  # readable by other users, like any folder
         try:
             st.save(str(tmp))
             if path.exists():

@@ -19,9 +19,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import kopf
+import prometheus_client as prom
 from pydantic import ValidationError
 
 from peg.config import RunConfig
+from peg.k8s.render import job_phase
 from peg.operator import api
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION
 from peg.operator.reconcile import HASH_LABEL, STAGE_LABEL, Child, Delete, Event, StoreState, claim_keys, claimed_by, reconcile
@@ -29,6 +31,15 @@ from peg.pipeline import pipeline_status
 from peg.store import StoreError, open_store
 
 INTERVAL = float(os.environ.get("PEG_OPERATOR_INTERVAL", "10"))
+
+# Prometheus metrics (kopf has none): served on PEG_OPERATOR_METRICS_PORT when it is set.
+RECONCILES = prom.Counter("peg_operator_reconciles_total", "Reconcile calls, by outcome.", ["outcome"])
+RECONCILE_SECONDS = prom.Histogram("peg_operator_reconcile_seconds", "Time of one reconcile (observe + decide + apply).")
+ACTIONS = prom.Counter("peg_operator_actions_total", "API actions applied, by kind (create, apply, delete).", ["action"])
+TRANSITIONS = prom.Counter("peg_operator_transitions_total", "Stage and pipeline transitions (the events posted), by reason.",
+                           ["reason"])
+PIPELINES = prom.Gauge("peg_operator_pipelines", "EmbeddingPipelines in the cluster, by status.phase.", ["phase"])
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Refused")
 
 
 @kopf.on.startup()
@@ -38,12 +49,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.loggers = False  # only the transitions reconcile emits become events
     api.connect()
+    if os.environ.get("PEG_OPERATOR_METRICS_PORT"):
+        prom.start_http_server(int(os.environ["PEG_OPERATOR_METRICS_PORT"]))
 
 
 def job_observation(body: kopf.Body) -> Child:
     """A stage job as reconcile sees it: its stage, stage hash label and phase."""
-    from peg.k8s.render import job_phase
-
     labels = body.metadata.labels
     status = body.get("status") or {}
     message = status.get("message") or status.get("reason") or ""
@@ -73,6 +84,12 @@ def pipeline_claims(namespace: str, name: str, meta: kopf.Meta, spec: kopf.Spec,
     return {key: (meta.get("creationTimestamp") or "", f"{namespace}/{name}") for key in claim_keys(namespace, config)}
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def pipeline_phases(status: kopf.Status, **_: Any) -> dict:
+    """status.phase -> pipelines in it (the peg_operator_pipelines gauge)."""
+    return {status.get("phase", "Pending"): True}
+
+
 def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> StoreState:
     """The store's view of the run (stage records, eval summary), or why it cannot be read."""
     try:
@@ -82,6 +99,8 @@ def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> 
     holder = claimed_by(f"{namespace}/{name}", {k: list(v) for k, v in claims.items()}, claim_keys(namespace, config))
     if holder:
         return StoreState(claimed_by=holder)
+    if os.environ.get("PEG_OPERATOR_S3_CREDENTIALS"):  # the operator's own keys (a mounted Secret)
+        config.store.credentials_file = os.environ["PEG_OPERATOR_S3_CREDENTIALS"]
     try:
         store = open_store(config.store)
         stages = {row.name: row.state for row in pipeline_status(config, store)}
@@ -98,6 +117,17 @@ def reconcile_pipeline(
     body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str, name: str,
     patch: kopf.Patch, logger: kopf.Logger, pipeline_claims: kopf.Index, **indexes: Any,
 ) -> None:
+    with RECONCILE_SECONDS.time():
+        try:
+            _reconcile(body, spec, meta, status, namespace, name, patch, logger, pipeline_claims, indexes)
+        except Exception:
+            RECONCILES.labels("error").inc()
+            raise
+    RECONCILES.labels("ok").inc()
+
+
+def _reconcile(body, spec, meta, status, namespace, name, patch, logger, pipeline_claims, indexes) -> None:
+    pipeline_phases = indexes.pop("pipeline_phases")
     children = [job for k in api.JOB_KINDS for job in indexes[k.plural].get((namespace, name), [])]
     spec_dict = json.loads(json.dumps(dict(spec)))
     store = observe_store(spec_dict, namespace, name, pipeline_claims)
@@ -111,9 +141,13 @@ def reconcile_pipeline(
                 action.obj["metadata"]["namespace"] = namespace  # owner references work within a namespace
                 kopf.adopt(action.obj, owner=body)
             api.apply_action(action, namespace)
+            ACTIONS.labels(type(action).__name__.lower()).inc()
     for action in actions:
         if isinstance(action, Event):
             kopf.event(body, type=action.type, reason=action.reason, message=action.message)
             logger.info(f"{action.reason}: {action.message}")
+            TRANSITIONS.labels(action.reason).inc()
     if new_status != {k: status.get(k) for k in new_status}:
         patch.status.update(new_status)
+    for phase in PHASES:
+        PIPELINES.labels(phase).set(len(pipeline_phases.get(phase, ())))

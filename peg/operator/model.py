@@ -33,6 +33,13 @@ class Resource(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
 
+class StatusPart(Resource):
+    """Status models ignore keys they do not know: a status written by another operator version
+    must not stop this one (the API server prunes unknown keys; the emulator does not)."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+
 class RetryPolicy(Resource):
     """How a failed stage is started again: `limit` retries, the n-th after backoff * 2^(n-1) seconds."""
 
@@ -52,7 +59,7 @@ class PipelineSpec(Resource):
     retries: RetryPolicy = Field(RetryPolicy(), description="Retries of a failed stage.")
 
 
-class ChildRef(Resource):
+class ChildRef(StatusPart):
     """The Kubernetes object that runs a stage (a RayJob, TrainJob or PyTorchJob)."""
 
     api_version: str
@@ -60,7 +67,7 @@ class ChildRef(Resource):
     name: str
 
 
-class StageStatus(Resource):
+class StageStatus(StatusPart):
     """One stage: its phase for the stage hash it was computed for, attempts made and its job."""
 
     name: str
@@ -74,7 +81,7 @@ class StageStatus(Resource):
     retry_at: str | None = Field(None, description="When the next attempt may start (phase Retrying).")
 
 
-class Condition(Resource):
+class Condition(StatusPart):
     """A Kubernetes-style condition: Ready, Progressing or Failed."""
 
     type: Literal["Ready", "Progressing", "Failed"]
@@ -85,7 +92,7 @@ class Condition(Resource):
     observed_generation: int | None = None
 
 
-class Metrics(Resource):
+class Metrics(StatusPart):
     """Evaluation of the fine-tuned and the base model (the eval stage's summary.json)."""
 
     ndcg_at10: float | None = Field(None, alias="ndcgAt10", description="nDCG@10 of the fine-tuned model.")
@@ -95,7 +102,7 @@ class Metrics(Resource):
     base: dict[str, float] = Field(default_factory=dict, description="Every metric of the base model.")
 
 
-class Artifacts(Resource):
+class Artifacts(StatusPart):
     """Where the run's outputs are (URIs in the artifact store)."""
 
     store_prefix: str = Field(..., description="<store uri>/<run name>: everything the run wrote.")
@@ -104,7 +111,7 @@ class Artifacts(Resource):
     eval_summary: str | None = Field(None, description="Base vs fine-tuned metrics, JSON (eval stage).")
 
 
-class PipelineStatus(Resource):
+class PipelineStatus(StatusPart):
     """Everything the controller decided, so a restarted controller continues from here."""
 
     observed_generation: int | None = None

@@ -235,10 +235,9 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
         entries.append(entry)
     status.stages = entries
     status.artifacts = _artifacts(config, status)
-
-    if store.error:
-        step.finish(status.phase if status.phase != "Succeeded" else "Running", status.stage, "StoreUnavailable",
-                    f"cannot read the artifact store: {store.error}")
+    if store.error:  # nothing can be decided; a Succeeded pipeline stays as it is
+        if status.phase != "Succeeded":
+            step.finish(status.phase, status.stage, "StoreUnavailable", f"cannot read the artifact store: {store.error}")
         return
 
     by_stage: dict[str, list[Child]] = {}
@@ -268,7 +267,7 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
         elif entry.phase == "Succeeded":  # its outputs left the store
             step.set_stage(entry, "Pending", "StagePending", "outputs no longer complete in the store")
 
-    status.artifacts = _artifacts(config, status)
+    status.artifacts = _artifacts(config, status)  # again: stages may have succeeded above
     status.metrics = _metrics(store.eval_summary) if store.stages.get("eval") == "complete" else None
     if current is None:
         ndcg = f"; nDCG@10 {status.metrics.ndcg_at10:.4f}" if status.metrics and status.metrics.ndcg_at10 is not None else ""

@@ -1,15 +1,17 @@
 """The pipeline: stages declared once, run locally or on a cluster through a backend."""
 
+from peg.pipeline.context import StageContext
 from peg.pipeline.runner import (
     LocalBackend,
     StageFailed,
+    current_lease,
     pipeline_status,
     run_pipeline,
     run_stage_entrypoint,
     stage_hashes,
 )
 from peg.pipeline.runner import result_lines as pipeline_results
-from peg.pipeline.stages import STAGES, Stage, StageContext, enabled_stages
+from peg.pipeline.stages import STAGES, Stage, enabled_stages
 
 __all__ = [
     "STAGES",
@@ -17,6 +19,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StageFailed",
+    "current_lease",
     "enabled_stages",
     "pipeline_results",
     "pipeline_status",

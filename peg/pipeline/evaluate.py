@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from peg.config import RunConfig
 from peg.data import BeirDataset
 from peg.eval import evaluate_embeddings
 from peg.eval.retrieval import EvalResult, markdown_table
-from peg.pipeline.stages import StageContext
+from peg.pipeline.context import StageContext
+from peg.store.files import write_atomically
 
 LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
@@ -40,19 +40,19 @@ def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
     from peg.runtime import ray_session
 
     data = eval_split(ctx.config)
-    model_dir = ctx.fetch_dir("train", "model", ctx.work_dir("eval") / "model")
+    model_dir = ctx.materialise_dir("train", "model", ctx.work_dir() / "model")
     results = {}
     with ray_session(), tempfile.TemporaryDirectory(prefix="peg-eval-") as tmp:
         for name, config in (("base", ctx.config), ("finetuned", finetuned_config(ctx, model_dir))):
             result = _evaluate(config, ctx, data)
             paths = result.write(Path(tmp) / name, title=LABELS[name])
             for path in paths.values():
-                ctx.store.put_file(ctx.key("eval", f"{name}/{path.name}"), path, "eval", ctx.stage_hash)
+                ctx.store.put_file(ctx.output_key(f"{name}/{path.name}"), path, "eval", ctx.stage_hash)
             results[LABELS[name]] = result.metrics
     table = markdown_table(results)
     summary = {"split": ctx.config.data.eval_split, "metrics": results}
-    ctx.store.put_bytes(ctx.key("eval", "metrics.md"), table.encode(), "eval", ctx.stage_hash)
-    ctx.store.put_bytes(ctx.key("eval", "summary.json"), json.dumps(summary, indent=2).encode(), "eval", ctx.stage_hash)
+    ctx.store.put_text(ctx.output_key("metrics.md"), table, "eval", ctx.stage_hash)
+    ctx.store.put_json(ctx.output_key("summary.json"), summary, "eval", ctx.stage_hash)
     return []
 
 
@@ -67,18 +67,17 @@ def export_model(ctx: StageContext) -> list[str]:
 
     from peg.model import Encoder
 
-    work = ctx.work_dir("export")
-    model_dir = ctx.fetch_dir("train", "model", work / "model")
+    model_dir = ctx.materialise_dir("train", "model", ctx.work_dir() / "model")
     data = eval_split(ctx.config)
     sample = list(data.queries.values())[:16]
     ours = Encoder(finetuned_config(ctx, model_dir).model).encode(sample, "query")
     theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=ctx.config.model.query_prefix or None)
     if not np.allclose(ours, theirs, atol=1e-5):
         raise RuntimeError(f"export check failed: sentence-transformers embeddings differ from peg's by {np.abs(ours - theirs).max():.2e}")
-    summary = json.loads(ctx.store.get_bytes(ctx.key("eval", "summary.json")))
+    summary = ctx.store.read_json(ctx.key("eval", "summary.json"))
     card = model_card(ctx.config, summary)
-    (model_dir / "README.md").write_text(card)
-    return ctx.put_dir("export", "model", model_dir)
+    write_atomically(model_dir / "README.md", card)
+    return ctx.put_dir("model", model_dir)
 
 
 def model_card(config: RunConfig, summary: dict) -> str:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import tempfile
 from pathlib import Path
 
-from peg.pipeline.stages import StageContext
+from peg.pipeline.context import StageContext
 
 
 def _metrics_chart(metrics: dict[str, dict[str, float]], path: Path) -> None:
@@ -53,19 +52,54 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
 
 
+SHOWN_IDS = 10  # short-query ids listed in the report; the rest are counted
+
+
+def _rows(rows: list[tuple[str, object]]) -> str:
+    """A two-column table (name, value)."""
+    body = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(_fmt(value))}</td></tr>" for name, value in rows)
+    return f"<table>{body}</table>"
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def mining_tables(stats: dict) -> str:
+    """Mining statistics as tables: counts, drops by rule, the settings, a few short query ids."""
+    counts = [(name.replace("_", " "), stats[name]) for name in
+              ("queries", "queries_without_positives", "candidates", "kept", "not_selected", "queries_short",
+               "query_shards") if name in stats]
+    dropped = [(rule.replace("_", " "), n) for rule, n in stats.get("dropped", {}).items()]
+    settings = list(stats.get("mining", {}).items())
+    short = stats.get("short_query_ids", [])
+    parts = ["<h3>Counts</h3>", _rows(counts), "<h3>Dropped by rule</h3>", _rows(dropped or [("none", 0)]),
+             "<h3>Settings</h3>", _rows(settings)]
+    if short:
+        listed = ", ".join(short[:SHOWN_IDS]) + (f" and {len(short) - SHOWN_IDS:,} more" if len(short) > SHOWN_IDS else "")
+        parts.append(f"<p>Queries short of negatives: {html.escape(listed)}</p>")
+    return "\n".join(parts)
+
+
 def write_report(ctx: StageContext) -> list[str]:
     """Build report.html from the eval, train and mine artifacts; print where it is."""
     config, store = ctx.config, ctx.store
-    summary = json.loads(store.get_bytes(ctx.key("eval", "summary.json")))
+    summary = store.read_json(ctx.key("eval", "summary.json"))
     metrics = summary["metrics"]
-    mine_stats = json.loads(store.get_bytes(ctx.key("mine", "stats.json")))
+    mine_stats = store.read_json(ctx.key("mine", "stats.json"))
     with tempfile.TemporaryDirectory(prefix="peg-report-") as tmp:
         tmp = Path(tmp)
         images = {"metrics.png": tmp / "metrics.png"}
         _metrics_chart(metrics, images["metrics.png"])
         for stage, name in (("train", "training.png"), ("mine", "scores.png")):
             if store.exists(ctx.key(stage, name)):
-                images[name] = ctx.fetch(ctx.key(stage, name), tmp)
+                images[name] = store.materialise(ctx.key(stage, name), tmp)
         sections = [
             f"<h1>peg run <code>{html.escape(config.name)}</code></h1>",
             f"<p>Model <code>{html.escape(config.model.name_or_path)}</code>, loss {config.loss.kind}"
@@ -79,21 +113,21 @@ def write_report(ctx: StageContext) -> list[str]:
             sections += ["<h2>Training</h2>", _img(images["training.png"], "training curves")]
         sections += [
             "<h2>Hard-negative mining</h2>",
-            f"<pre>{html.escape(json.dumps(mine_stats, indent=2))}</pre>",
+            mining_tables(mine_stats),
         ]
         if "scores.png" in images:
             sections.append(_img(images["scores.png"], "positive vs negative scores"))
         page = (
             "<!doctype html><meta charset='utf-8'><title>peg report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%;display:block}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{text-align:left}img{max-width:100%;display:block}"
             "</style>" + "\n".join(sections)
         )
         report = tmp / "report.html"
         report.write_text(page)
         keys = []
         for name, path in {"report.html": report, **images}.items():
-            key = ctx.key("report", name)
+            key = ctx.output_key(name)
             store.put_file(key, path, producer="report", config_hash=ctx.stage_hash)
             keys.append(key)
     return keys

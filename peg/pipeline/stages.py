@@ -8,70 +8,36 @@ returns any extra output keys it made elsewhere. Heavy imports happen inside `ru
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from peg.config import BEIR_PREFIX, RunConfig
-from peg.store import ArtifactStore
+from peg.config import BEIR_PREFIX, STAGE_SECTIONS, RunConfig
+from peg.pipeline.context import StageContext
 
 
-@dataclass
-class StageContext:
-    config: RunConfig
-    config_path: Path
-    store: ArtifactStore
-    stage_hash: str
-
-    def key(self, stage: str, name: str) -> str:
-        return f"{self.config.name}/{stage}/{name}"
-
-    def work_dir(self, stage: str) -> Path:
-        """A local scratch directory kept across reruns of the same stage config (train checkpoints)."""
-        root = Path(os.environ.get("PEG_WORK_DIR", Path.home() / ".cache" / "peg" / "work"))
-        store_id = hashlib.sha256(self.store.describe().encode()).hexdigest()[:8]
-        path = root / f"{self.config.name}-{store_id}" / f"{stage}-{self.stage_hash[:16]}"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def fetch(self, key: str, dest_dir: Path) -> Path:
-        """A local file holding the artifact: the store's own file if local, else a verified copy."""
-        return self.store.local_path(key) or self.store.get_file(key, dest_dir / Path(key).name)
-
-    def put_dir(self, stage: str, name: str, directory: Path) -> list[str]:
-        """Put every file under `directory` at `<run>/<stage>/<name>/<relative path>`."""
-        keys = []
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            key = self.key(stage, f"{name}/{path.relative_to(directory).as_posix()}")
-            self.store.put_file(key, path, producer=stage, config_hash=self.stage_hash)
-            keys.append(key)
-        return keys
-
-    def fetch_dir(self, stage: str, name: str, dest: Path) -> Path:
-        """Materialise `<run>/<stage>/<name>/...` as a local directory."""
-        prefix = self.key(stage, name)
-        for key in self.store.list(prefix):
-            target = dest / key[len(prefix) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            local = self.store.local_path(key)
-            if local is not None:
-                shutil.copyfile(local, target)
-            else:
-                self.store.get_file(key, target)
-        return dest
+EMBEDDING_CACHE = "encode"  # = peg.runtime.embeddings.CACHE_PREFIX (tests/test_architecture.py checks)
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage: what it needs, how it runs, when it is enabled, and where else it writes.
+
+    Its config sections are `STAGE_SECTIONS[name]` (peg/config.py), the declaration the stage's
+    own shard-reuse hash uses too. `writes` names stages whose prefixes it may add to besides its
+    own; `shared` names store-wide prefixes it may add to (`EMBEDDING_CACHE`, which every run in
+    the store shares).
+    """
+
     name: str
-    sections: tuple[str, ...]
     needs: tuple[str, ...]
     run: Callable[[StageContext], list[str]]
     enabled: Callable[[RunConfig], bool] = field(default=lambda config: True)
+    writes: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return STAGE_SECTIONS[self.name]
 
 
 def _prepare(ctx: StageContext) -> list[str]:
@@ -92,7 +58,7 @@ def _prepare(ctx: StageContext) -> list[str]:
         data = BeirDataset.load(config.data.beir, split, allow_empty=config.data.allow_empty_passages)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
         summary["passages"] = len(data.corpus)
-    ctx.store.put_bytes(ctx.key("prepare", "data.json"), json.dumps(summary, indent=2).encode(), "prepare", ctx.stage_hash)
+    ctx.store.put_json(ctx.output_key("data.json"), summary, "prepare", ctx.stage_hash)
     return []
 
 
@@ -104,8 +70,8 @@ def _synth(ctx: StageContext) -> list[str]:
 
 
 def _encode(ctx: StageContext) -> list[str]:
-    from peg.runtime import ray_session
     from peg.mine.stage import run_encode
+    from peg.runtime import ray_session
 
     with ray_session():
         corpus, queries = run_encode(ctx.config, ctx.store)
@@ -133,31 +99,33 @@ def _score(ctx: StageContext) -> list[str]:
     return []
 
 
-def training_inputs(config: RunConfig) -> list[str]:
+def training_inputs(ctx: StageContext) -> list[str]:
     """Store keys of the training JSONL: the last of mine/judge/score, plus synthetic queries."""
+    config = ctx.config
     last = "score" if config.score.enabled else "judge" if config.judge.enabled else "mine"
-    keys = [f"{config.name}/{last}/train.jsonl"]
+    keys = [ctx.key(last, "train.jsonl")]
     if config.synth.enabled:
-        keys.append(f"{config.name}/synth/train.jsonl")
+        keys.append(ctx.key("synth", "train.jsonl"))
     return keys
 
 
 def _train(ctx: StageContext) -> list[str]:
-    """Train on the upstream JSONL; checkpoints in the work dir make a killed run resume."""
+    """Train on the upstream JSONL and the user's own `data.train_files` (kept, after the pipeline's);
+    checkpoints in the work dir make a killed run resume."""
     from peg.train import train
 
-    work = ctx.work_dir("train")
+    work = ctx.work_dir()
     inputs = work / "inputs"
-    inputs.mkdir(exist_ok=True)
     config = ctx.config.model_copy(deep=True)
-    config.data.train_files = [str(ctx.fetch(k, inputs)) for k in training_inputs(ctx.config)]
+    fetched = [str(ctx.store.materialise(k, inputs)) for k in training_inputs(ctx)]
+    config.data.train_files = [*fetched, *ctx.config.data.train_files]
     output = work / "output"
     resume = (output / "checkpoints" / "latest").exists()
     model_dir = train(config, output, resume=resume)
-    keys = ctx.put_dir("train", "model", model_dir)
+    keys = ctx.put_dir("model", model_dir)
     for name in ("metrics.jsonl", "training.png"):
         if (output / name).is_file():
-            key = ctx.key("train", name)
+            key = ctx.output_key(name)
             ctx.store.put_file(key, output / name, producer="train", config_hash=ctx.stage_hash)
             keys.append(key)
     return keys
@@ -182,16 +150,16 @@ def _report(ctx: StageContext) -> list[str]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", ("data",), (), _prepare),
-    Stage("synth", ("model", "data", "synth", "score"), ("prepare",), _synth, lambda c: c.synth.enabled),
-    Stage("encode", ("model", "data", "encode"), ("prepare",), _encode),
-    Stage("mine", ("mining",), ("encode",), _mine),
-    Stage("judge", ("judge",), ("mine",), _judge, lambda c: c.judge.enabled),
-    Stage("score", ("score",), ("mine", "judge"), _score, lambda c: c.score.enabled),
-    Stage("train", ("loss", "batch", "train"), ("mine", "judge", "score", "synth"), _train),
-    Stage("eval", ("eval",), ("train",), _eval),
-    Stage("export", (), ("train", "eval"), _export),
-    Stage("report", (), ("mine", "train", "eval"), _report),
+    Stage("prepare", (), _prepare),
+    Stage("synth", ("prepare",), _synth, lambda c: c.synth.enabled, shared=(EMBEDDING_CACHE,)),
+    Stage("encode", ("prepare",), _encode, shared=(EMBEDDING_CACHE,)),
+    Stage("mine", ("encode",), _mine, shared=(EMBEDDING_CACHE,)),
+    Stage("judge", ("mine",), _judge, lambda c: c.judge.enabled),
+    Stage("score", ("mine", "judge"), _score, lambda c: c.score.enabled),
+    Stage("train", ("mine", "judge", "score", "synth"), _train),
+    Stage("eval", ("train",), _eval, shared=(EMBEDDING_CACHE,)),
+    Stage("export", ("train", "eval"), _export),
+    Stage("report", ("mine", "train", "eval"), _report),
 )
 
 

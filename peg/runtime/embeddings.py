@@ -33,8 +33,8 @@ from peg.data import DataError, Passage, iter_corpus
 from peg.model import Encoder, resolve_model_path
 from peg.progress import progress_bar
 from peg.runtime.session import ray_session
-from peg.runtime.shards import put_json
 from peg.store import ArtifactStore
+from peg.store.files import file_sha256
 
 Kind = Literal["query", "passage"]
 
@@ -64,11 +64,7 @@ def _file_sha256(path: Path) -> str:
     stat = path.stat()
     cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if cache_key not in _file_digests:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _file_digests[cache_key] = h.hexdigest()
+        _file_digests[cache_key] = file_sha256(path)[1]
     return _file_digests[cache_key]
 
 
@@ -137,8 +133,7 @@ def _shard_key(folder: str, shard: int) -> str:
 
 
 def _read_shard(store: ArtifactStore, key: str, tmp: Path) -> tuple[list[str], np.ndarray]:
-    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(store.materialise(key, tmp), allow_pickle=False) as data:
         return [str(i) for i in data["ids"]], np.asarray(data["embeddings"], dtype=np.float32)
 
 
@@ -186,7 +181,7 @@ def encode_texts(
                 "settings": encoding_settings(config.model, kind),
                 "data_sha256": data_digest(ids, texts),
             }
-            put_json(store, index_key, index, tmp, "encode", digest)
+            store.put_json(index_key, index, producer="encode", config_hash=digest)
     if matrix is None:
         matrix = np.empty((0, 0), dtype=np.float32)
     return EmbeddingSet(ids, matrix, folder)

@@ -13,12 +13,9 @@ shard 1 of `mine` raise inside its Ray call.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import ray
@@ -169,9 +166,7 @@ def run_shards(
         return list(items[s * shard_size : (s + 1) * shard_size])
 
     total = sum(len(shard_items(s)) for s in todo)
-    with tempfile.TemporaryDirectory(prefix=f"peg-{stage}-") as tmpdir, progress_bar(
-        total, f"{stage} shards", enabled=show_progress, unit=unit
-    ) as advance:
+    with progress_bar(total, f"{stage} shards", enabled=show_progress, unit=unit) as advance:
         while queue or pending:
             while queue and idle:
                 s, actor = queue.pop(0), idle.pop()
@@ -193,7 +188,7 @@ def run_shards(
             idle.append(actor)
             files = to_files(s, result)
             for part in parts:  # the last part marks the shard as done
-                put_text(store, shard_key(base, s, part), files[part], Path(tmpdir), stage, config_hash)
+                store.put_text(shard_key(base, s, part), files[part], producer=stage, config_hash=config_hash)
             advance(len(shard_items(s)))
     for actor in idle:
         ray.kill(actor)
@@ -202,25 +197,6 @@ def run_shards(
     return todo, reused
 
 
-def read_shards(
-    store: ArtifactStore, base: str, shards: Sequence[int], parts: Sequence[str], tmp: Path
-) -> dict[str, list[str]]:
-    """Each part's stored text, one entry a shard in the order of `shards`."""
-    return {part: [read_text(store, shard_key(base, s, part), tmp) for s in shards] for part in parts}
-
-
-def read_text(store: ArtifactStore, key: str, tmp: Path) -> str:
-    """The text of a stored artifact (verified), read in place for a local store."""
-    path = store.local_path(key) or store.get_file(key, tmp / Path(key).name)
-    return Path(path).read_text(encoding="utf-8")
-
-
-def put_text(store: ArtifactStore, key: str, text: str, tmp: Path, producer: str, config_hash: str) -> None:
-    path = tmp / Path(key).name
-    path.write_text(text, encoding="utf-8")
-    store.put_file(key, path, producer=producer, config_hash=config_hash)
-    path.unlink()
-
-
-def put_json(store: ArtifactStore, key: str, obj: Any, tmp: Path, producer: str, config_hash: str) -> None:
-    put_text(store, key, json.dumps(obj, indent=2, sort_keys=True) + "\n", tmp, producer, config_hash)
+def read_shards(store: ArtifactStore, base: str, shards: Sequence[int], parts: Sequence[str]) -> dict[str, list[str]]:
+    """Each part's stored text (verified), one entry a shard in the order of `shards`."""
+    return {part: [store.read_text(shard_key(base, s, part)) for s in shards] for part in parts}

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from peg.config import StoreConfig
-from peg.store.base import ArtifactStore, Manifest, StoreError
+from peg.store.base import ArtifactStore, IntegrityError, Manifest, StoreError, artifact_key
 from peg.store.local import LocalStore
 
 
@@ -24,4 +24,4 @@ def open_store(config: StoreConfig) -> ArtifactStore:
     return LocalStore(uri)
 
 
-__all__ = ["ArtifactStore", "LocalStore", "Manifest", "StoreError", "open_store"]
+__all__ = ["ArtifactStore", "IntegrityError", "LocalStore", "Manifest", "StoreError", "artifact_key", "open_store"]

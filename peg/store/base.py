@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import json
 import re
 import tempfile
 from abc import ABC, abstractmethod
@@ -18,21 +18,31 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from peg.errors import PegError
+from peg.store.files import CHUNK_SIZE, TEMP_PREFIX, copy_stream_atomically
 
 MANIFEST_SUFFIX = ".manifest.json"
-TEMP_PREFIX = ".peg-tmp-"
-CHUNK_SIZE = 1 << 20
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9_.=+@,-]+$")
 
 
 class StoreError(PegError, RuntimeError):
     """An artifact store operation that failed; the message names the store and the key."""
+
+
+class IntegrityError(StoreError):
+    """An artifact whose content does not match its manifest (changed or corrupted after it was stored)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):
+        return (IntegrityError, (self.key, str(self)))
 
 
 class Manifest(BaseModel):
@@ -46,6 +56,7 @@ class Manifest(BaseModel):
     producer: str
     config_hash: str
     created: str  # ISO 8601, UTC
+    etag: str | None = None  # S3: the object's ETag at upload (a cheap check that it was not replaced)
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode() + b"\n"
@@ -58,9 +69,15 @@ class Manifest(BaseModel):
             raise StoreError(f"{where}: invalid manifest: {e.errors()[0]['msg']}") from None
 
 
-def new_manifest(key: str, size: int, sha256: str, producer: str, config_hash: str) -> Manifest:
+def new_manifest(key: str, size: int, sha256: str, producer: str, config_hash: str, etag: str | None = None) -> Manifest:
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return Manifest(key=key, size=size, sha256=sha256, producer=producer, config_hash=config_hash, created=created)
+    return Manifest(key=key, size=size, sha256=sha256, producer=producer, config_hash=config_hash, created=created,
+                    etag=etag)
+
+
+def artifact_key(run: str, stage: str, name: str) -> str:
+    """The key of artifact `name` (a relative path) that stage `stage` of run `run` makes."""
+    return check_key(f"{run}/{stage}/{name}")
 
 
 def check_key(key: str) -> str:
@@ -90,17 +107,6 @@ def check_prefix(prefix: str) -> str:
 
 def under_prefix(key: str, prefix: str) -> bool:
     return not prefix or key == prefix or key.startswith(prefix + "/")
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 class VerifyingReader(io.RawIOBase):
@@ -142,48 +148,26 @@ class VerifyingReader(io.RawIOBase):
         self._checked = True
         m = self._manifest
         if self._size != m.size:
-            raise StoreError(f"{self._where}: size mismatch: read {self._size} bytes, manifest says {m.size}")
+            raise IntegrityError(m.key, f"{self._where}: size mismatch: read {self._size} bytes, manifest says {m.size}")
         if self._digest.hexdigest() != m.sha256:
-            raise StoreError(
+            raise IntegrityError(
+                m.key,
                 f"{self._where}: sha256 mismatch: content {self._digest.hexdigest()}, manifest {m.sha256} "
                 "(the object was changed or corrupted after it was stored)"
             )
-
-
-def write_stream_atomically(source: BinaryIO, target: Path) -> None:
-    """Copy `source` to `target` through a temp file in the same directory (fsync + os.replace).
-
-    On any error the temp file is removed and `target` is left as it was.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := source.read(CHUNK_SIZE):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ArtifactStore(ABC):
     """Keyed artifacts with manifests, in a local directory or an S3 bucket.
 
     Writes are atomic: a reader sees either the previous artifact or the complete new one, never
-    a partial object. `list`/`delete` take a path prefix: '' means everything, `a/b` matches
-    `a/b` itself and keys below `a/b/` (not `a/bc`).
+    a partial object. Every read verifies the content against the manifest's size and sha256 as
+    it streams (one pass; `IntegrityError` naming the key on a mismatch). `list`/`delete` take a
+    path prefix: '' means everything, `a/b` matches `a/b` itself and keys below `a/b/` (not `a/bc`).
+
+    Besides artifacts, a store holds small *control objects* without manifests (a run's lease):
+    `create_object` writes one only if it is absent, `replace_object`/`remove_object` only if it
+    still holds the content read earlier (compare-and-swap on the token `read_object` returned).
     """
 
     @abstractmethod
@@ -208,16 +192,45 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def local_path(self, key: str) -> Path | None:
-        """The artifact's file if the store is a local directory, else None."""
+        """Where the artifact's file lies if the store is a local directory, else None (for messages:
+        read artifacts through the store, which verifies them)."""
 
     @abstractmethod
     @contextmanager
     def open_binary(self, key: str) -> Iterator[BinaryIO]:
-        """Stream the artifact's bytes; reading to the end verifies size and sha256 (StoreError)."""
+        """Stream the artifact's bytes; reading to the end verifies size and sha256 (IntegrityError)."""
 
     @abstractmethod
     def describe(self) -> str:
         """Where the store is, for messages (a directory, or endpoint and bucket)."""
+
+    @abstractmethod
+    def create_object(self, key: str, data: bytes) -> str | None:
+        """Write control object `key` only if it does not exist; its new token, or None if it exists."""
+
+    @abstractmethod
+    def read_object(self, key: str) -> tuple[bytes, str] | None:
+        """A control object's content and a token for `replace_object`/`remove_object`, or None."""
+
+    @abstractmethod
+    def replace_object(self, key: str, data: bytes, token: str) -> str | None:
+        """Replace control object `key` only if it still is what `token` was read from; the new token or None."""
+
+    @abstractmethod
+    def remove_object(self, key: str, token: str) -> bool:
+        """Remove control object `key` only if it still is what `token` was read from."""
+
+    def verify(self, key: str) -> Manifest:
+        """Check the stored object against its manifest (IntegrityError if it differs); return the manifest.
+
+        The default streams the whole object through the sha256; a backend may use a cheaper
+        check it can trust (S3: size and the ETag recorded at upload).
+        """
+        found = self.require_manifest(key)
+        with self.open_binary(key) as source:
+            while source.read(CHUNK_SIZE):
+                pass
+        return found
 
     def require_manifest(self, key: str) -> Manifest:
         found = self.manifest(key)
@@ -227,10 +240,23 @@ class ArtifactStore(ABC):
 
     def get_file(self, key: str, local_path: str | Path) -> Path:
         """Copy the artifact to `local_path` (atomically), verifying sha256 against the manifest."""
-        target = Path(local_path)
         with self.open_binary(key) as source:
-            write_stream_atomically(source, target)
-        return target
+            return copy_stream_atomically(source, local_path)
+
+    def materialise(self, key: str, directory: str | Path) -> Path:
+        """A verified local copy of the artifact at `directory/<file name>` (one read of the object)."""
+        return self.get_file(key, Path(directory) / Path(key).name)
+
+    def materialise_prefix(self, prefix: str, directory: str | Path) -> Path:
+        """Every artifact under `prefix` as a plain, verified local folder (no manifests): `directory/<rest of key>`."""
+        directory = Path(directory)
+        prefix = check_prefix(prefix)
+        keys = self.list(prefix)
+        if not keys:
+            raise StoreError(f"{self.describe()}: no artifacts under {prefix!r}")
+        for key in keys:
+            self.get_file(key, directory / key[len(prefix) :].lstrip("/"))
+        return directory
 
     @contextmanager
     def open_text(self, key: str, encoding: str = "utf-8") -> Iterator[io.TextIOBase]:
@@ -245,7 +271,22 @@ class ArtifactStore(ABC):
             path.write_bytes(data)
             return self.put_file(key, path, producer, config_hash)
 
+    def put_text(self, key: str, text: str, producer: str, config_hash: str = "") -> Manifest:
+        return self.put_bytes(key, text.encode("utf-8"), producer, config_hash)
+
+    def put_json(self, key: str, obj: Any, producer: str, config_hash: str = "") -> Manifest:
+        """Store `obj` as indented, key-sorted JSON."""
+        return self.put_text(key, json.dumps(obj, indent=2, sort_keys=True) + "\n", producer, config_hash)
+
     def get_bytes(self, key: str) -> bytes:
         """Read a small artifact fully into memory, verified."""
         with self.open_binary(key) as source:
             return source.read()
+
+    def read_text(self, key: str) -> str:
+        """A small artifact's text (UTF-8), verified."""
+        return self.get_bytes(key).decode("utf-8")
+
+    def read_json(self, key: str) -> Any:
+        """A small JSON artifact, verified."""
+        return json.loads(self.get_bytes(key))

@@ -13,20 +13,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from peg.store.base import (
-    CHUNK_SIZE,
     MANIFEST_SUFFIX,
-    TEMP_PREFIX,
     ArtifactStore,
     Manifest,
     StoreError,
     VerifyingReader,
     check_key,
     check_prefix,
-    fsync_dir,
     new_manifest,
     under_prefix,
-    write_stream_atomically,
 )
+from peg.store.files import CHUNK_SIZE, TEMP_PREFIX, atomic_output, file_mode, fsync_dir, write_atomically
 
 
 class LocalStore(ArtifactStore):
@@ -34,14 +31,14 @@ class LocalStore(ArtifactStore):
 
     `put_file` copies through a temp file in the target directory (fsync, os.replace) and writes
     the manifest last; an interrupted write leaves the previous artifact (or nothing) in place.
+    Opening creates nothing: the directory appears with the first write, so a mistyped path in a
+    read-only command (`status`, `store ls`) reads as an empty store instead of making a folder.
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"local store {self.root}: cannot create the directory: {e.strerror}") from None
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"local store {self.root}: not a directory")
 
     def describe(self) -> str:
         return f"local store {self.root}"
@@ -56,34 +53,24 @@ class LocalStore(ArtifactStore):
         target = self._object_path(key)
         manifest_path = self._manifest_path(key)
         source = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
+        digest = hashlib.sha256()
+        size = 0
+        # The old manifest goes just before the new object replaces the old: meanwhile the key
+        # reads as absent, never as the old manifest describing the new object.
         try:
-            digest = hashlib.sha256()
-            size = 0
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
+            with atomic_output(target, before_replace=lambda: manifest_path.unlink(missing_ok=True)) as out, \
+                    open(source, "rb") as f:
                 while chunk := f.read(CHUNK_SIZE):
                     digest.update(chunk)
                     size += len(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            # Drop the old manifest first: between these two steps the key reads as absent,
-            # never as the old manifest describing the new object.
-            manifest_path.unlink(missing_ok=True)
-            os.replace(tmp, target)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise StoreError(f"{self.describe()}: cannot write {key!r} from {source}: {e}") from e
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         manifest = new_manifest(key, size, digest.hexdigest(), producer, config_hash)
         try:
-            write_stream_atomically(io.BytesIO(manifest.to_json()), manifest_path)
+            write_atomically(manifest_path, manifest.to_json())
         except OSError as e:
             raise StoreError(f"{self.describe()}: cannot write the manifest of {key!r}: {e}") from e
-        fsync_dir(target.parent)
         return manifest
 
     def manifest(self, key: str) -> Manifest | None:
@@ -109,7 +96,8 @@ class LocalStore(ArtifactStore):
     def list(self, prefix: str = "") -> list[str]:
         prefix = check_prefix(prefix)
         keys = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        start = self.root / prefix if prefix and (self.root / prefix).is_dir() else self.root
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(TEMP_PREFIX)]
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
@@ -122,6 +110,8 @@ class LocalStore(ArtifactStore):
 
     def delete(self, prefix: str) -> None:
         prefix = check_prefix(prefix)
+        if not self.root.is_dir():
+            return
         if not prefix:
             for child in self.root.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -146,3 +136,62 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"{self.describe()}: artifact {key!r} has a manifest but no object at {path}") from None
         with raw, io.BufferedReader(VerifyingReader(raw, found, f"{self.describe()}: {key}"), CHUNK_SIZE) as reader:
             yield reader
+
+    # --- control objects (a run's lease) ---------------------------------------------------------
+    # Create: link a complete temp file into place (fails if the name exists). Compare-and-swap:
+    # rename the current file to a private name, compare it with the token, then put the new
+    # content in place (or the old one back). While the name is moved aside another process can
+    # find it absent; see README "Integrity" for that window.
+
+    def _control_path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def create_object(self, key: str, data: bytes) -> str | None:
+        path = self._control_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, file_mode())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return None
+            fsync_dir(path.parent)
+            return hashlib.sha256(data).hexdigest()
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def read_object(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._control_path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _swap(self, key: str, token: str, data: bytes | None) -> str | None:
+        path = self._control_path(key)
+        aside = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        try:
+            if hashlib.sha256(aside.read_bytes()).hexdigest() != token:
+                try:
+                    os.link(aside, path)  # not ours to change: put it back (unless a new one appeared)
+                except FileExistsError:
+                    pass
+                return None
+            return token if data is None else self.create_object(key, data)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def replace_object(self, key: str, data: bytes, token: str) -> str | None:
+        return self._swap(key, token, data)
+
+    def remove_object(self, key: str, token: str) -> bool:
+        return self._swap(key, token, None) is not None

@@ -6,6 +6,14 @@ object only once it is completed), and the manifest is put only after the object
 succeeded. Transient failures (connection reset, timeouts, 5xx, SlowDown) are retried with
 exponential backoff; authentication errors, a missing bucket and an unreachable endpoint (when
 the store is opened) fail at once with a StoreError naming the endpoint and bucket.
+
+Timeouts: opening probes the bucket with `connect_timeout` for connecting AND reading and no
+retry, so an endpoint that accepts connections but never answers fails at open within seconds.
+Small requests (manifests, stats, listings, control objects) wait `request_timeout` for data;
+only object transfers wait `read_timeout`.
+
+Control objects (the run lease) use S3 conditional writes: `If-None-Match: *` to create and
+`If-Match: <ETag>` to replace or remove (AWS S3, MinIO and SeaweedFS honour both).
 """
 
 from __future__ import annotations
@@ -28,19 +36,18 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from peg.config import StoreConfig
 from peg.progress import progress_bar
 from peg.store.base import (
-    CHUNK_SIZE,
     MANIFEST_SUFFIX,
     ArtifactStore,
+    IntegrityError,
     Manifest,
     StoreError,
     VerifyingReader,
     check_key,
     check_prefix,
-    hash_file,
     new_manifest,
     under_prefix,
-    write_stream_atomically,
 )
+from peg.store.files import CHUNK_SIZE, copy_stream_atomically, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -165,21 +172,24 @@ class S3Store(ArtifactStore):
         self.backoff_seconds = config.backoff_seconds
         self.part_size = config.part_size_mib << 20
         access_key, secret_key = load_credentials(config)
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout),
-            retries=False,  # retries are ours (see _call): classified, bounded, with backoff
-            maxsize=10,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        )
-        self._client = Minio(
-            config.endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=config.secure,
-            region=config.region,
-            http_client=http,
-        )
+
+        def client(read_timeout: float) -> Minio:
+            http = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=config.connect_timeout, read=read_timeout),
+                retries=False,  # retries are ours (see _call): classified, bounded, with backoff
+                maxsize=10,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            )
+            return Minio(config.endpoint, access_key=access_key, secret_key=secret_key, secure=config.secure,
+                         region=config.region, http_client=http)
+
+        try:
+            self._probe = client(config.connect_timeout)
+            self._client = client(config.request_timeout)  # small requests
+            self._transfer = client(config.read_timeout)  # object bodies
+        except ValueError as e:  # e.g. a port that is not a number
+            raise StoreError(f"store.endpoint {config.endpoint!r}: {e}") from None
         self.check_bucket()
 
     def __reduce__(self):
@@ -189,12 +199,20 @@ class S3Store(ArtifactStore):
         return self._where + (f" prefix {self.prefix!r}" if self.prefix else "")
 
     def check_bucket(self) -> None:
-        """One listing request: fails at once on bad credentials, a missing bucket or no endpoint."""
-        self._call(
-            "open",
-            lambda: next(iter(self._client.list_objects(self.bucket, prefix=self._name_prefix(""))), None),
-            retry_unreachable=False,
-        )
+        """One listing request, no retry: fails within `connect_timeout` (x2 with the region lookup)
+        on bad credentials, a missing bucket, no endpoint, or an endpoint that never answers."""
+
+        def probe() -> None:
+            try:
+                next(iter(self._probe.list_objects(self.bucket, prefix=self._name_prefix(""))), None)
+            except urllib3.exceptions.ReadTimeoutError:
+                raise StoreError(
+                    f"{self.describe()}: open failed: the endpoint accepted the connection but sent no answer to "
+                    f"a bucket listing within {self.config.connect_timeout:g} s (store.connect_timeout); is it an "
+                    "S3 server, and is it up?"
+                ) from None
+
+        self._call("open", probe, retry_unreachable=False)
 
     # --- names -------------------------------------------------------------------------------
 
@@ -259,21 +277,21 @@ class S3Store(ArtifactStore):
         name = self._name(key)
         source = Path(local_path)
         try:
-            size, sha256 = hash_file(source)
+            size, sha256 = file_sha256(source)
         except OSError as e:
             raise StoreError(f"{self.describe()}: cannot read {source} to put {key!r}: {e.strerror}") from None
-        manifest = new_manifest(key, size, sha256, producer, config_hash)
-        data = manifest.to_json()
         # The old manifest goes first, so while the object is replaced the key reads as absent.
         self._call(f"put {key!r}", lambda: self._client.remove_object(self.bucket, name + MANIFEST_SUFFIX))
 
-        def upload() -> None:
+        def upload() -> str:
             with progress_bar(size, f"upload {key}", enabled=size >= PROGRESS_MIN_BYTES, unit="B") as advance:
-                self._client.fput_object(
+                return self._transfer.fput_object(
                     self.bucket, name, str(source), part_size=self.part_size, progress=_MinioProgress(advance)
-                )
+                ).etag
 
-        self._call(f"put {key!r}", upload)
+        etag = self._call(f"put {key!r}", upload)
+        manifest = new_manifest(key, size, sha256, producer, config_hash, etag=(etag or "").strip('"') or None)
+        data = manifest.to_json()
         self._call(
             f"put the manifest of {key!r}",
             lambda: self._client.put_object(
@@ -298,6 +316,22 @@ class S3Store(ArtifactStore):
     def manifest(self, key: str) -> Manifest | None:
         data = self._manifest_bytes(key)
         return None if data is None else Manifest.from_json(data, f"{self.describe()}: {key}{MANIFEST_SUFFIX}")
+
+    def verify(self, key: str) -> Manifest:
+        """Size and ETag against the manifest (one HEAD); a manifest without an ETag: a full read."""
+        found = self.require_manifest(key)
+        if found.etag is None:
+            return super().verify(key)
+        stat = self._call(f"stat {key!r}", lambda: self._client.stat_object(self.bucket, self._name(key)), missing=None)
+        if stat is None:
+            raise IntegrityError(key, f"{self.describe()}: artifact {key!r} has a manifest but no object")
+        if stat.size != found.size or (stat.etag or "").strip('"') != found.etag:
+            raise IntegrityError(
+                key,
+                f"{self.describe()}: {key}: the object was replaced after it was stored (size {stat.size}, ETag "
+                f"{stat.etag}; manifest: size {found.size}, ETag {found.etag})",
+            )
+        return found
 
     def exists(self, key: str) -> bool:
         data = self._manifest_bytes(key)
@@ -356,7 +390,7 @@ class S3Store(ArtifactStore):
     def open_binary(self, key: str) -> Iterator[BinaryIO]:
         found = self.require_manifest(key)
         name = self._name(key)
-        response = self._call(f"get {key!r}", lambda: self._client.get_object(self.bucket, name), missing=None)
+        response = self._call(f"get {key!r}", lambda: self._transfer.get_object(self.bucket, name), missing=None)
         if response is None:
             raise StoreError(f"{self.describe()}: artifact {key!r} has a manifest but no object")
         try:
@@ -373,15 +407,59 @@ class S3Store(ArtifactStore):
         target = Path(local_path)
 
         def download() -> None:
-            response = self._client.get_object(self.bucket, name)
+            response = self._transfer.get_object(self.bucket, name)
             enabled = found.size >= PROGRESS_MIN_BYTES
             try:
                 with progress_bar(found.size, f"download {key}", enabled=enabled, unit="B") as advance:
                     verifying = VerifyingReader(response, found, f"{self.describe()}: {key}", advance)
-                    write_stream_atomically(io.BufferedReader(verifying, CHUNK_SIZE), target)
+                    copy_stream_atomically(io.BufferedReader(verifying, CHUNK_SIZE), target)
             finally:
                 response.close()
                 response.release_conn()
 
         self._call(f"get {key!r}", download)
         return target
+
+    # --- control objects (the run lease): S3 conditional writes ------------------------------------
+
+    def _conditional(self, method: str, key: str, headers: dict[str, str], data: bytes = b"") -> str | None:
+        """One conditional request: the new ETag (or "" for DELETE), None when the precondition failed
+        (412 PreconditionFailed, 409 ConditionalRequestConflict, or 404 for If-Match on a missing object)."""
+        name = self._name(key)
+        if method == "PUT":
+            headers = {**headers, "Content-Length": str(len(data)), "Content-Type": "application/json"}
+
+        def request() -> str | None:
+            try:
+                response = self._client._execute(
+                    method, self.bucket, name, body=data if method == "PUT" else None, headers=headers
+                )
+            except S3Error as e:
+                if e.code in ("PreconditionFailed", "NoSuchKey") or e.response.status in (409, 412):
+                    return None
+                raise
+            return response.headers.get("ETag", "")
+
+        return self._call(f"{method.lower()} {key!r}", request)
+
+    def create_object(self, key: str, data: bytes) -> str | None:
+        return self._conditional("PUT", key, {"If-None-Match": "*"}, data)
+
+    def read_object(self, key: str) -> tuple[bytes, str] | None:
+        name = self._name(key)
+
+        def fetch() -> tuple[bytes, str]:
+            response = self._client.get_object(self.bucket, name)
+            try:
+                return response.read(), response.headers.get("ETag", "")
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"read {key!r}", fetch, missing=None)
+
+    def replace_object(self, key: str, data: bytes, token: str) -> str | None:
+        return self._conditional("PUT", key, {"If-Match": token}, data)
+
+    def remove_object(self, key: str, token: str) -> bool:
+        return self._conditional("DELETE", key, {"If-Match": token}) is not None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from peg.store.files import atomic_output, write_atomically
 
 
 class MetricsLog:
@@ -16,9 +17,7 @@ class MetricsLog:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
@@ -65,7 +64,6 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
         if not ax.lines:
             ax.text(0.5, 0.5, "not used", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_output(png_path) as out:
+        fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)

@@ -21,6 +21,7 @@ what differs, instead of continuing at a batch index of another plan.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
-from peg.store.base import hash_file
+from peg.store.files import atomic_output, file_sha256, write_atomically
 from peg.train.batches import BatchPlan, load_dataset
 from peg.train.metrics import MetricsLog, plot_metrics
 
@@ -68,7 +69,8 @@ def runs_in_process(env: Mapping[str, str]) -> bool:
 
 def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str]) -> list[str]:
     """The torch.distributed.run command line that starts the workers."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
+    # peg.process runs torchrun so that it dies with this process (and its workers die with it)
+    cmd = [sys.executable, "-m", "peg.process", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
     if "PET_NNODES" not in env:  # a PyTorchJob pod's PET_* variables give torchrun nodes and master
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     cmd += ["-m", "peg.train.worker", str(config_path), str(output_dir)]
@@ -91,7 +93,7 @@ def training_plan(config: RunConfig, world_size: int) -> tuple[BatchPlan, int, d
     total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
     digest = hashlib.sha256()
     for f in files:
-        digest.update(hash_file(Path(f))[1].encode())
+        digest.update(file_sha256(Path(f))[1].encode())
     identity = {
         "train.seed": config.train.seed,
         "batch.queries_per_step": config.batch.queries_per_step,
@@ -128,10 +130,8 @@ def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
         logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = output_dir / "config.yaml"
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, config_path)
+    check_no_live_writer(output_dir)
+    config_path = write_atomically(output_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -140,6 +140,33 @@ def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     if rc != 0:
         raise TrainError(f"training workers failed (exit status {rc})")
     return output_dir / "model"
+
+
+WRITER_LOCK = ".writer.lock"
+
+
+def claim_output_dir(output_dir: Path) -> int:
+    """Hold a shared lock on `output_dir` for the life of this process (a training worker).
+
+    Returns the lock's file descriptor; the kernel releases the lock when the process dies.
+    """
+    fd = os.open(output_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def check_no_live_writer(output_dir: Path) -> None:
+    """Raise TrainError if a live process (a worker of an earlier launch) still writes `output_dir`."""
+    fd = os.open(output_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TrainError(
+            f"{output_dir} is still being written by a live training process (an earlier launch's worker); "
+            "it must exit before training resumes there"
+        ) from None
+    finally:
+        os.close(fd)  # closing drops the probe's lock
 
 
 def _free_port() -> int:
@@ -182,6 +209,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     output_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output_dir)
     ckpt_dir = output_dir / "checkpoints"
 
     plan, total_steps, identity = training_plan(config, world_size)
@@ -243,13 +271,10 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, 
 
     tag = f"step{step:08d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    rng_path = ckpt_dir / tag / f"rng-rank{rank}.pt"
-    torch.save(_rng_state(), rng_path.with_suffix(".tmp"))
-    os.replace(rng_path.with_suffix(".tmp"), rng_path)
+    with atomic_output(ckpt_dir / tag / f"rng-rank{rank}.pt") as out:
+        torch.save(_rng_state(), out)
     if rank == 0:
-        plan_path = ckpt_dir / tag / "plan.json"
-        plan_path.with_suffix(".tmp").write_text(json.dumps(identity, indent=2) + "\n")
-        os.replace(plan_path.with_suffix(".tmp"), plan_path)
+        write_atomically(ckpt_dir / tag / "plan.json", json.dumps(identity, indent=2) + "\n")
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
     dist.barrier()

@@ -14,6 +14,7 @@ from pathlib import Path
 from peg.config import load_config
 from peg.console import LOG_FILE_ENV, capture
 from peg.errors import PegError
+from peg.process import die_with_parent
 from peg.train.trainer import run_worker
 
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    die_with_parent()  # torchrun starts workers in their own sessions: a group kill would miss them
     rank0 = os.environ.get("RANK", "0") == "0"
     if LOG_FILE_ENV in os.environ:  # started by a peg command: its log file; the launcher talks to the user
         capture("train", show_logs=False)

@@ -13,8 +13,12 @@ base images and the KubeRay / Kubeflow Trainer charts. Steps:
     as `peg pipeline run --backend k8s` does on a laptop;
  6. upgrade the release with the tiny run under `run:`: the chart's launcher Job runs the rest of
     the pipeline in the cluster (RayJobs, a TrainJob);
- 7. wait for the launcher, then check from here that every stage is complete in the bundled S3
-    (`peg pipeline status`) and the exported model's files are there.
+    or, with PEG_E2E_VIA=operator: the chart is installed with operator.enabled (its CRD and the
+    peg operator), and `kubectl apply` of an EmbeddingPipeline (spec.run: the run config the chart
+    would give its launcher) makes the operator run the pipeline; `kubectl get embeddingpipelines`
+    is printed while it runs, and its status must end Succeeded with a report URI;
+ 7. wait for the launcher (or the pipeline), then check from here that every stage is complete in
+    the bundled S3 (`peg pipeline status`) and the exported model's files are there.
 The cluster is deleted at the end unless PEG_E2E_KEEP=1. Exit 0 only when every check passed.
 """
 
@@ -42,6 +46,7 @@ RELEASE = "peg"
 KUBERAY = ("kuberay-operator", "https://ray-project.github.io/kuberay-helm/", "1.7.0")
 TRAINER = ("oci://ghcr.io/kubeflow/charts/kubeflow-trainer", None, "2.3.0")
 LAUNCH_TIMEOUT_S = 3600
+VIA = os.environ.get("PEG_E2E_VIA", "launcher")  # launcher | operator
 TOOLS = ("docker", "kind", "kubectl")
 
 
@@ -120,6 +125,31 @@ def wait_for_job(name: str, timeout_s: float) -> None:
     raise RuntimeError(f"job {name} did not succeed; its last log lines:\n{logs}")
 
 
+def operator_run_config(values: dict, run: dict) -> dict:
+    """The run config the chart would give its launcher (platform facts filled in): the pipeline's spec.run."""
+    from chart_render import by_kind, objects, render
+
+    docs = objects(render({**values, "run": run}, name=RELEASE, namespace=NAMESPACE))
+    (config_map,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-run")]
+    return yaml.safe_load(config_map["data"]["run.yaml"])
+
+
+def wait_for_pipeline(name: str, timeout_s: float) -> dict:
+    """Wait until EmbeddingPipeline `name` is Succeeded (printing `kubectl get`); its status."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        kubectl("-n", NAMESPACE, "get", "embeddingpipelines")
+        status = json.loads(kubectl("-n", NAMESPACE, "get", "embeddingpipeline", name, "-o", "json",
+                                    capture_output=True).stdout).get("status", {})  # fmt: skip
+        if status.get("phase") == "Succeeded":
+            return status
+        if status.get("phase") in ("Failed", "Refused"):
+            break
+        time.sleep(15)
+    kubectl("-n", NAMESPACE, "describe", "embeddingpipeline", name)
+    raise RuntimeError(f"pipeline {name} did not succeed: {json.dumps(status.get('conditions'), indent=1)}")
+
+
 def main() -> int:
     missing = missing_tools()
     if missing:
@@ -158,7 +188,9 @@ def main() -> int:
             kubectl("create", "namespace", NAMESPACE)
             kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
             values = yaml.safe_load((ROOT / "charts/peg/ci/kind-values.yaml").read_text())
-            print("+ helm install peg charts/peg (platform, bundled S3)", flush=True)
+            if VIA == "operator":
+                values["operator"] = {"enabled": True, "interval": 5}
+            print(f"+ helm install peg charts/peg (platform, bundled S3{', operator' if VIA == 'operator' else ''})", flush=True)
             cfg.install(str(ROOT / "charts/peg"), RELEASE, values, namespace=NAMESPACE, wait="watcher", timeout=600)
             print("+ helm test peg", flush=True)
             print(cfg.test(RELEASE, timeout=300, logs=True).get("logs", ""))
@@ -174,10 +206,19 @@ def main() -> int:
                 local.write_text(yaml.safe_dump({**run, "store": store}))
                 sh(sys.executable, "-m", "peg", "pipeline", "stage", "prepare", str(local), env=env)
 
-            print("+ helm upgrade peg (run: e2e)", flush=True)
-            cfg.upgrade(str(ROOT / "charts/peg"), RELEASE, {**values, "run": run}, namespace=NAMESPACE,
-                        wait="watcher", timeout=600)  # fmt: skip
-            wait_for_job(f"{RELEASE}-launch-r2", LAUNCH_TIMEOUT_S)
+            if VIA == "operator":
+                pipeline = {"apiVersion": "peg.dev/v1alpha1", "kind": "EmbeddingPipeline",
+                            "metadata": {"name": run["name"], "namespace": NAMESPACE},
+                            "spec": {"run": operator_run_config(values, run)}}  # fmt: skip
+                (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+                kubectl("apply", "-f", str(work / "pipeline.yaml"))
+                status = wait_for_pipeline(run["name"], LAUNCH_TIMEOUT_S)
+                print(f"report: {status['artifacts']['report']}; nDCG@10 {status['metrics']['ndcgAt10']}")
+            else:
+                print("+ helm upgrade peg (run: e2e)", flush=True)
+                cfg.upgrade(str(ROOT / "charts/peg"), RELEASE, {**values, "run": run}, namespace=NAMESPACE,
+                            wait="watcher", timeout=600)  # fmt: skip
+                wait_for_job(f"{RELEASE}-launch-r2", LAUNCH_TIMEOUT_S)
 
         with port_forward(f"{RELEASE}-s3", 8333) as endpoint:
             local.write_text(yaml.safe_dump({**run, "store": {**store, "endpoint": endpoint}}))

@@ -1,0 +1,126 @@
+"""What a running stage gets: the config, a store it may write only where it declared, and keys.
+
+Every artifact key a stage builds goes through `StageContext.key` (`<run>/<stage>/<name>`). The
+context's store refuses writes outside the stage's own prefix and the prefixes it declares in
+`Stage.writes` (the embedding cache the eval stage adds to), so one stage cannot overwrite
+another's verified outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from peg.config import RunConfig
+from peg.store import ArtifactStore, Manifest, StoreError, artifact_key
+from peg.store.base import under_prefix
+
+
+class ScopedStore(ArtifactStore):
+    """A store that reads everything but writes and deletes only under `prefixes`."""
+
+    def __init__(self, inner: ArtifactStore, stage: str, prefixes: tuple[str, ...]):
+        self.inner, self.stage, self.prefixes = inner, stage, prefixes
+
+    def _check_write(self, key: str) -> None:
+        if not any(under_prefix(key, p) for p in self.prefixes):
+            raise StoreError(
+                f"stage {self.stage} may not write {key!r}: it writes only under {', '.join(self.prefixes)} "
+                "(declare other prefixes in the stage's `writes`)"
+            )
+
+    def put_file(self, key: str, local_path: str | Path, producer: str, config_hash: str = "") -> Manifest:
+        self._check_write(key)
+        return self.inner.put_file(key, local_path, producer, config_hash)
+
+    def delete(self, prefix: str) -> None:
+        self._check_write(prefix)
+        self.inner.delete(prefix)
+
+    def manifest(self, key: str) -> Manifest | None:
+        return self.inner.manifest(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def local_path(self, key: str) -> Path | None:
+        return self.inner.local_path(key)
+
+    @contextmanager
+    def open_binary(self, key: str) -> Iterator[BinaryIO]:
+        with self.inner.open_binary(key) as source:
+            yield source
+
+    def verify(self, key: str) -> Manifest:
+        return self.inner.verify(key)
+
+    def get_file(self, key: str, local_path: str | Path) -> Path:
+        return self.inner.get_file(key, local_path)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def create_object(self, key: str, data: bytes) -> str | None:
+        self._check_write(key)
+        return self.inner.create_object(key, data)
+
+    def read_object(self, key: str) -> tuple[bytes, str] | None:
+        return self.inner.read_object(key)
+
+    def replace_object(self, key: str, data: bytes, token: str) -> str | None:
+        self._check_write(key)
+        return self.inner.replace_object(key, data, token)
+
+    def remove_object(self, key: str, token: str) -> bool:
+        self._check_write(key)
+        return self.inner.remove_object(key, token)
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    config_path: Path
+    store: ArtifactStore  # a ScopedStore when the pipeline runs the stage
+    stage: str
+    stage_hash: str
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> digest of its outputs
+
+    def key(self, stage: str, name: str) -> str:
+        """The key of artifact `name` of `stage` in this run."""
+        return artifact_key(self.config.name, stage, name)
+
+    def output_key(self, name: str) -> str:
+        return self.key(self.stage, name)
+
+    def work_dir(self) -> Path:
+        """A local scratch directory kept across reruns of the same stage config and inputs (train checkpoints)."""
+        root = Path(os.environ.get("PEG_WORK_DIR", Path.home() / ".cache" / "peg" / "work"))
+        store_id = hashlib.sha256(self.store.describe().encode()).hexdigest()[:8]
+        identity = hashlib.sha256(json.dumps([self.stage_hash, self.inputs], sort_keys=True).encode()).hexdigest()
+        path = root / f"{self.config.name}-{store_id}" / f"{self.stage}-{identity[:16]}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def put_dir(self, name: str, directory: Path) -> list[str]:
+        """Put every file under `directory` at `<run>/<this stage>/<name>/<relative path>`."""
+        keys = []
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            key = self.output_key(f"{name}/{path.relative_to(directory).as_posix()}")
+            self.store.put_file(key, path, producer=self.stage, config_hash=self.stage_hash)
+            keys.append(key)
+        return keys
+
+    def materialise_dir(self, stage: str, name: str, dest: Path) -> Path:
+        """`<run>/<stage>/<name>/...` as a plain local folder of verified copies (replacing `dest`)."""
+        shutil.rmtree(dest, ignore_errors=True)
+        return self.store.materialise_prefix(self.key(stage, name), dest)

@@ -1,0 +1,172 @@
+"""A run's lease: one writer per run, for a local store, S3, and processes on different nodes.
+
+The lease is a small control object `<run>/_lease.json` in the store: `{owner, host, pid, command,
+acquired, expires}` (expires: unix time). A holder renews it every third of `ttl` from a
+background thread. Another process:
+- creates it if absent (create-if-absent: S3 `If-None-Match: *`; locally a hard link that fails
+  if the name exists), so of two starters exactly one wins;
+- finds it live: waits up to `wait` seconds, then raises `LeaseHeld` naming the holder;
+- finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
+  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally rename aside, compare, put back on mismatch), so
+  of two takers exactly one wins.
+Remaining races (README, "Integrity"): expiry uses the holders' wall clocks, so clocks skewed by
+more than `ttl` break it; a holder stalled past `ttl` (SIGSTOP, a VM pause) loses the lease and
+learns it only at its next renewal (`lost` is then set and the pipeline stops before its next
+stage, but a stage already running finishes its current work); locally, during the instant a
+compare-and-swap holds the file aside, a third process can find the name free and create it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from peg.store.base import ArtifactStore, StoreError
+
+LEASE_NAME = "_lease.json"
+POLL_SECONDS = 1.0
+
+
+class LeaseHeld(StoreError):
+    """Another live process holds the run's lease; the message names it."""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    owner: str
+    host: str
+    pid: int
+    command: str
+    acquired: str
+    expires: float
+
+    def describe(self) -> str:
+        left = self.expires - time.time()
+        return (f"{self.command!r} (pid {self.pid} on {self.host}, since {self.acquired}, lease "
+                + (f"expires in {left:.0f} s)" if left > 0 else f"expired {-left:.0f} s ago)"))
+
+
+def _is_dead(record: LeaseRecord) -> bool:
+    """True if the lease expired, or its holder ran on this host and that process is gone."""
+    if record.expires < time.time():
+        return True
+    if record.host != socket.gethostname():
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def parse_lease(data: bytes) -> LeaseRecord | None:
+    """The record, or None if it is unreadable (a damaged lease counts as expired)."""
+    try:
+        return LeaseRecord(**json.loads(data))
+    except (ValueError, TypeError):
+        return None
+
+
+class Lease:
+    """`with Lease(store, run, ttl):` holds the run's lease, renewing it until the block exits."""
+
+    def __init__(self, store: ArtifactStore, run: str, ttl: float, command: str = ""):
+        self.store = store
+        self.key = f"{run}/{LEASE_NAME}"
+        self.ttl = ttl
+        self.owner = uuid.uuid4().hex
+        self.command = command or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+        self.acquired = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.lost = threading.Event()
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _payload(self) -> bytes:
+        record = LeaseRecord(self.owner, socket.gethostname(), os.getpid(), self.command, self.acquired,
+                             time.time() + self.ttl)
+        return json.dumps(asdict(record), indent=2).encode() + b"\n"
+
+    def _held_by_us(self) -> bool:
+        """After an ambiguous answer (a retried request), read back whose lease it is."""
+        current = self.store.read_object(self.key)
+        if current is not None and (record := parse_lease(current[0])) is not None and record.owner == self.owner:
+            self._token = current[1]
+            return True
+        return False
+
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lease, waiting up to `wait` seconds for a live holder; else raise LeaseHeld."""
+        deadline = time.monotonic() + wait
+        while True:
+            token = self.store.create_object(self.key, self._payload())
+            if token is not None or self._held_by_us():
+                self._token = token or self._token
+                break
+            current = self.store.read_object(self.key)
+            if current is None:
+                continue  # released in between: try to create it again
+            data, token = current
+            holder = parse_lease(data)
+            if holder is None or _is_dead(holder):  # dead, expired or damaged: take it over
+                new = self.store.replace_object(self.key, self._payload(), token)
+                if new is not None or self._held_by_us():
+                    self._token = new or self._token
+                    break
+                continue
+            if time.monotonic() >= deadline:
+                raise LeaseHeld(f"{self.store.describe()}: run {self.key.rsplit('/', 1)[0]!r} is in use by "
+                                f"{holder.describe()}; wait for it to finish, or stop it")
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())) or POLL_SECONDS)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name="peg-lease", daemon=True)
+        self._thread.start()
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and `lost` set) if it is no longer ours."""
+        if self._token is None:
+            return False
+        new = self.store.replace_object(self.key, self._payload(), self._token)
+        if new is None and not self._held_by_us():
+            self.lost.set()
+            return False
+        self._token = new or self._token
+        return True
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.renew():
+                    return
+            except StoreError:  # a store hiccup: try again at the next period, before the lease runs out
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._token is not None and not self.lost.is_set():
+            self.store.remove_object(self.key, self._token)
+        self._token = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def read_lease(store: ArtifactStore, run: str) -> LeaseRecord | None:
+    """The current lease record of `run`, if any (for `pipeline status`)."""
+    current = store.read_object(f"{run}/{LEASE_NAME}")
+    return parse_lease(current[0]) if current else None

@@ -1,0 +1,195 @@
+"""Stage contracts: derived from the one declaration (STAGE_SECTIONS), for every stage; the
+stage context's write scope; the pipeline keeps the user's settings; no import cycle in peg/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import peg
+from peg.config import STAGE_SECTIONS, RunConfig
+from peg.pipeline import STAGES, StageContext, stage_hashes
+from peg.pipeline.context import ScopedStore
+from peg.pipeline.state import StageRecord, check_stage, write_record
+from peg.store import LocalStore, StoreError
+
+ALL_ON = {
+    "name": "contract",
+    "data": {"beir": "/data/beir"},
+    "model": {"name_or_path": "/models/m"},
+    "synth": {"enabled": True},
+    "judge": {"enabled": True},
+    "score": {"enabled": True},
+}
+
+
+def _changed_value(model: BaseModel, name: str):
+    """A different valid-looking value for field `name` of `model`, or None."""
+    value = getattr(model, name)
+    annotation = type(model).model_fields[name].annotation
+    if isinstance(value, BaseModel):
+        return None
+    if typing.get_origin(annotation) is typing.Literal:
+        others = [v for v in typing.get_args(annotation) if v != value]
+        return others[0] if others else None
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [*value, max(value) + 1]  # eval.k_values
+    return None
+
+
+def mutations(config: RunConfig, section: str):
+    """Every single-field change of `section` (nested sections included) that still validates."""
+    base = config.model_dump(mode="json")
+
+    def walk(model: BaseModel, path: tuple[str, ...]):
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                yield from walk(value, (*path, name))
+                continue
+            new = _changed_value(model, name)
+            if new is None:
+                continue
+            data = json.loads(json.dumps(base))
+            node = data
+            for p in path:
+                node = node[p]
+            node[name] = new
+            try:
+                yield ".".join((*path, name)), RunConfig.model_validate(data)
+            except ValueError:
+                continue
+
+    yield from walk(getattr(config, section), (section,))
+
+
+@pytest.mark.parametrize("stage", [s.name for s in STAGES])
+def test_changing_any_section_a_stage_reads_reruns_it(stage, tmp_path):
+    config = RunConfig.model_validate(ALL_ON)
+    hashes = stage_hashes(config)
+    store = LocalStore(tmp_path / "store")
+    write_record(store, f"contract/{stage}", StageRecord(stage, hashes[stage], "complete", {}))
+    assert check_stage(store, f"contract/{stage}", hashes[stage], {}).state == "complete"
+    for section in STAGE_SECTIONS[stage]:
+        changes = list(mutations(config, section))
+        assert changes, f"no field of {section} could be changed"
+        for field, changed in changes:
+            assert changed.stage_config_hash(stage) != config.stage_config_hash(stage), field  # shard reuse
+            if stage not in stage_hashes(changed):  # `<stage>.enabled: false` switches the stage off
+                continue
+            new_hash = stage_hashes(changed)[stage]
+            assert new_hash != hashes[stage], field  # the pipeline's stage hash
+            assert check_stage(store, f"contract/{stage}", new_hash, {}).state == "stale", field
+
+
+def test_a_section_no_stage_upstream_reads_leaves_the_stage_alone():
+    config = RunConfig.model_validate(ALL_ON)
+    hashes = stage_hashes(config)
+    changed = RunConfig.model_validate({**ALL_ON, "eval": {"k_values": [5, 50]}})
+    moved = {s for s in hashes if stage_hashes(changed)[s] != hashes[s]}
+    assert moved == {"eval", "export", "report"}
+
+
+def test_synth_declares_mining_it_builds_its_index_with():
+    assert "mining" in STAGE_SECTIONS["synth"]
+    config = RunConfig.model_validate(ALL_ON)
+    changed = RunConfig.model_validate({**ALL_ON, "mining": {"index": "hnsw"}})
+    assert changed.stage_config_hash("synth") != config.stage_config_hash("synth")
+
+
+def test_every_stage_is_declared_once():
+    assert [s.name for s in STAGES] == list(STAGE_SECTIONS)
+    assert all(s.sections == STAGE_SECTIONS[s.name] for s in STAGES)
+
+
+def test_a_stage_writes_only_under_its_prefix_or_what_it_declares(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    scoped = ScopedStore(store, "eval", ("run/eval", "run/encode"))
+    scoped.put_text("run/eval/summary.json", "{}", "eval")
+    scoped.put_text("run/encode/query-abc/index.json", "{}", "eval")
+    with pytest.raises(StoreError, match="stage eval may not write 'run/train/model/x'"):
+        scoped.put_text("run/train/model/x", "bad", "eval")
+    with pytest.raises(StoreError, match="may not write"):
+        scoped.delete("run/mine")
+    assert store.list("run") == ["run/encode/query-abc/index.json", "run/eval/summary.json"]
+
+
+def test_train_stage_keeps_the_users_train_files(tmp_path, monkeypatch):
+    from peg.pipeline.stages import _train
+
+    store = LocalStore(tmp_path / "store")
+    store.put_text("contract/mine/train.jsonl", '{"query": "q", "pos": ["p"]}\n', "mine")
+    config = RunConfig.model_validate({**ALL_ON, "synth": {}, "judge": {}, "score": {},
+                                       "data": {"beir": "/b", "train_files": ["/mine/extra.jsonl"]}})
+    seen = {}
+
+    def fake_train(cfg, output, resume):
+        seen["files"] = cfg.data.train_files
+        (output / "model").mkdir(parents=True)
+        (output / "model" / "w.bin").write_bytes(b"w")
+        return output / "model"
+
+    monkeypatch.setitem(sys.modules, "peg.train", types.SimpleNamespace(train=fake_train))  # no torch import
+    monkeypatch.setenv("PEG_WORK_DIR", str(tmp_path / "work"))
+    ctx = StageContext(config, tmp_path / "c.yaml", ScopedStore(store, "train", ("contract/train",)), "train", "h" * 64)
+    keys = _train(ctx)
+    assert seen["files"][1:] == ["/mine/extra.jsonl"]  # the user's file is kept, after the pipeline's
+    assert Path(seen["files"][0]).read_text() == '{"query": "q", "pos": ["p"]}\n'
+    assert keys == ["contract/train/model/w.bin"]
+    assert config.data.train_files == ["/mine/extra.jsonl"]  # the run config is not changed
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts).removesuffix(".__init__")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module.split(".")[: -node.level] if not path.name == "__init__.py" else module.split(".")
+                base = ".".join(parent + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m == "peg" or m.startswith("peg.")}
+
+
+def test_no_import_cycle_in_peg():
+    root = Path(peg.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    graph = {m: {i for i in _imports(p, root) if i in modules and i != m} for m, p in modules.items()}
+    # a package import runs its __init__: importing peg.x.y imports peg.x too
+    for m in graph:
+        graph[m] |= {".".join(i.split(".")[:k]) for i in list(graph[m]) for k in range(2, i.count(".") + 1)} & set(modules)
+        graph[m].discard(m)
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1 and not m.startswith(n + "."):  # a package's own __init__ is not a cycle
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(n):], m, n]))
+            if n not in state:
+                visit(n, [*stack, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])

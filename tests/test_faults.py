@@ -1,0 +1,191 @@
+"""Fault injection on real runs (real processes, torchrun, Ray, real S3 on 127.0.0.1).
+
+One clean run per store kind, reused: the S3 run is the reference; the local run is killed with
+kill -9 of its process group during training and resumed. Then one byte of an output of every
+stage is flipped (and one `_stage.json` damaged): `status` names each bad artifact, a rerun
+redoes exactly those stages while a second, concurrent run is refused naming the holder, and
+the final outputs equal the clean run's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from s3server import ADMIN
+from tiny import flip_stored_byte, make_tiny_beir, make_tiny_model
+
+from peg.config import load_config
+from peg.pipeline import pipeline_status
+from peg.store import open_store
+
+MARK = "PEG_FAULT_TEST_MARK"
+# The output whose byte is flipped, per stage (a key prefix picks the first key under it; the
+# encode stage's outputs are the embedding cache every run in the store shares).
+FLIPPED = {
+    "prepare": "tiny/prepare/data.json",
+    "encode": "encode/passage-",
+    "mine": "tiny/mine/train.jsonl",
+    "train": "tiny/train/model/model.safetensors",
+    "eval": "tiny/eval/summary.json",
+    "export": "tiny/export/model/model.safetensors",
+}
+DAMAGED_RECORD = "report"  # its `_stage.json` gets a flipped byte
+
+
+def write_config(root: Path, data: Path, model: Path, store: dict, name: str) -> Path:
+    config = {
+        "name": "tiny",
+        "data": {"beir": str(data)},
+        "model": {"name_or_path": str(model), "query_max_length": 32, "passage_max_length": 48},
+        "batch": {"queries_per_step": 4, "hard_negatives": 1},
+        "train": {"epochs": 2, "learning_rate": 1e-3, "nproc_per_node": 1, "zero_stage": 0, "checkpoint_every": 2},
+        "encode": {"batch_size": 32, "num_actors": 1, "actor_cpus": 0.5},
+        "mining": {"num_shards": 1, "top_k": 20, "negatives_per_query": 1, "selection": "rank_window",
+                   "rank_window": [0, 20]},
+        "eval": {"k_values": [10]},
+        "store": store,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def peg(*args, env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "peg", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_to_end(config: Path, env) -> str:
+    process = peg("pipeline", "run", str(config), env=env)
+    output, _ = process.communicate(timeout=1200)
+    assert process.returncode == 0, output
+    return output
+
+
+def marked_processes(mark: str) -> list[str]:
+    """Live processes whose environment carries `mark` (every descendant of a test run does)."""
+    found = []
+    needle = f"{MARK}={mark}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                state = next((line for line in (proc / "status").read_text().splitlines() if line.startswith("State")), "")
+                if "zombie" not in state:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    found.append(f"{proc.name}: {command[:120]}")
+        except OSError:
+            continue
+    return found
+
+
+def outputs(store_config: Path, dest: Path) -> dict[str, bytes]:
+    """The final results as plain verified files: eval summary, metrics and the exported model."""
+    store = open_store(load_config(store_config).store)
+    found = {}
+    for prefix in ("tiny/eval", "tiny/export/model"):
+        folder = store.materialise_prefix(prefix, dest / prefix)
+        found |= {f"{prefix}/{p.relative_to(folder).as_posix()}": p.read_bytes()
+                  for p in sorted(folder.rglob("*")) if p.is_file()}
+    return found
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, s3_server):
+    root = tmp_path_factory.mktemp("faults")
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "PEG_WORK_DIR": str(root / "work"), "DS_ACCELERATOR": "cpu",
+           "TOKENIZERS_PARALLELISM": "false", MARK: mark,
+           "AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1]}
+    data, model = make_tiny_beir(root / "beir"), make_tiny_model(root / "model")
+    bucket = f"faults-{mark[:8]}"
+    s3_server.client().make_bucket(bucket)
+    s3 = write_config(root, data, model, {"uri": f"s3://{bucket}/runs", "endpoint": s3_server.endpoint,
+                                          "secure": False}, "s3")
+    local = write_config(root, data, model, {"uri": str(root / "store")}, "local")
+    return root, env, mark, s3, local
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    """A clean S3 run and its final outputs."""
+    root, env, _, s3, _ = assets
+    run_to_end(s3, env)
+    return outputs(s3, root / "reference")
+
+
+def test_kill_9_during_train_leaves_no_process_and_resume_equals_clean_run(assets, reference):
+    root, env, mark, _, local = assets
+    process = peg("pipeline", "run", str(local), env=env)
+    deadline = time.monotonic() + 900
+    while not list((root / "work").glob("tiny-*/train-*/output/checkpoints/latest")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert any("peg.train.worker" in p for p in marked_processes(mark))  # training is running
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    survivors = marked_processes(mark)
+    for _ in range(50):  # the kernel delivers the parent-death signals at once; give exits a moment
+        if not survivors:
+            break
+        time.sleep(0.1)
+        survivors = marked_processes(mark)
+    assert survivors == []
+    states = {s.name: s.state for s in pipeline_status(load_config(local), open_store(load_config(local).store))}
+    assert states["train"] == "partial" and states["mine"] == "complete"
+
+    output = run_to_end(local, env)
+    assert "[skip] mine: complete" in output and "resumed from checkpoint" in output
+    assert outputs(local, root / "resumed") == reference
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_flipped_byte_in_every_stage_is_found_and_healed_one_run_at_a_time(assets, reference, kind):
+    root, env, mark, s3, local = assets
+    config_path = local if kind == "local" else s3
+    config = load_config(config_path)
+    store = open_store(config.store)
+    assert {s.state for s in pipeline_status(config, store)} == {"complete"}  # after the earlier run(s)
+    flipped = {}
+    for stage, pattern in FLIPPED.items():
+        key = next(k for k in store.list(pattern.split("/")[0]) if k.startswith(pattern))
+        flip_stored_byte(store, key)
+        flipped[stage] = key
+    flip_stored_byte(store, f"tiny/{DAMAGED_RECORD}/_stage.json")
+
+    status = {s.name: s for s in pipeline_status(config, store)}
+    for stage, key in flipped.items():
+        assert status[stage].state == "invalid" and key in status[stage].detail, status[stage]
+    assert status[DAMAGED_RECORD].state == "partial" and "damaged record" in status[DAMAGED_RECORD].detail
+
+    first = peg("pipeline", "run", str(config_path), env=env)
+    deadline = time.monotonic() + 300
+    while store.read_object("tiny/_lease.json") is None:
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    second = peg("pipeline", "run", str(config_path), env=env)
+    refused, _ = second.communicate(timeout=300)
+    assert second.returncode == 2, refused
+    assert f"in use by 'peg pipeline run {config_path}' (pid {first.pid} on" in " ".join(refused.split())
+    output, _ = first.communicate(timeout=1200)
+    assert first.returncode == 0, output
+
+    for stage, key in flipped.items():
+        assert f"[redo] {stage}:" in output and key in output
+    assert f"[run]  {DAMAGED_RECORD} (partial: damaged record" in output
+    assert {s.state for s in pipeline_status(config, store)} == {"complete"}
+    for key in store.list("tiny"):
+        store.verify(key)
+    assert outputs(config_path, root / f"healed-{kind}") == reference
+    assert marked_processes(mark) == []

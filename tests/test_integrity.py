@@ -1,0 +1,244 @@
+"""Integrity pieces that need no pipeline run: verified reads, the run lease (local and S3),
+files written with the usual umask, clean copies, the silent-endpoint fail-fast, paths
+relative to the config file, read-only commands that create nothing, report tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peg.config import StoreConfig, load_config
+from peg.pipeline.report import mining_tables
+from peg.pipeline.state import StageRecord, check_stage, write_record
+from peg.store import IntegrityError, LocalStore, open_store
+from peg.store.lease import Lease, LeaseHeld, read_lease
+from s3server import ADMIN
+from tiny import flip_stored_byte
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    bucket = f"integrity-{os.urandom(4).hex()}"
+    server.client().make_bucket(bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+    return open_store(StoreConfig(uri=f"s3://{bucket}/p", endpoint=server.endpoint, secure=False))
+
+
+def test_every_read_verifies_and_names_the_key(store, tmp_path):
+    store.put_json("run/mine/stats.json", {"kept": 3}, "mine")
+    assert store.read_json("run/mine/stats.json") == {"kept": 3}
+    assert store.verify("run/mine/stats.json").size == len(store.read_text("run/mine/stats.json"))
+    flip_stored_byte(store, "run/mine/stats.json")
+    for read in (store.read_text, store.read_json, store.verify, lambda k: store.materialise(k, tmp_path / "m")):
+        with pytest.raises(IntegrityError) as caught:
+            read("run/mine/stats.json")
+        assert caught.value.key == "run/mine/stats.json"
+    assert not (tmp_path / "m" / "stats.json").exists()
+
+
+def test_a_damaged_stage_record_reads_as_partial(store):
+    write_record(store, "run/mine", StageRecord("mine", "h", "complete", {}))
+    assert check_stage(store, "run/mine", "h", {}).state == "complete"
+    flip_stored_byte(store, "run/mine/_stage.json")
+    check = check_stage(store, "run/mine", "h", {})
+    assert (check.state, "damaged record" in check.detail) == ("partial", True)
+
+
+def test_a_flipped_output_makes_its_stage_invalid_naming_the_artifact(store):
+    manifest = store.put_text("run/mine/train.jsonl", '{"query": "q"}\n', "mine")
+    write_record(store, "run/mine", StageRecord("mine", "h", "complete", {manifest.key: manifest.sha256}))
+    flip_stored_byte(store, "run/mine/train.jsonl")
+    check = check_stage(store, "run/mine", "h", {})
+    assert (check.state, check.record.failed) == ("invalid", "run/mine/train.jsonl")
+    assert "run/mine/train.jsonl" in check.detail
+
+
+def test_one_lease_holder_the_other_refused_naming_it(store):
+    first = Lease(store, "run", ttl=30, command="peg pipeline run a.yaml")
+    first.acquire()
+    try:
+        with pytest.raises(LeaseHeld, match=r"'peg pipeline run a.yaml' \(pid \d+ on .*expires in"):
+            Lease(store, "run", ttl=30).acquire(wait=0)
+        assert read_lease(store, "run").owner == first.owner
+        assert first.renew() and not first.lost.is_set()
+    finally:
+        first.release()
+    assert read_lease(store, "run") is None
+    second = Lease(store, "run", ttl=30)
+    second.acquire()
+    second.release()
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(store):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"owner": "dead", "host": socket.gethostname(), "pid": int(finished.stdout), "command": "peg pipeline run x",
+            "acquired": "then", "expires": time.time() + 600}
+    store.create_object("run/_lease.json", json.dumps(dead).encode())
+    lease = Lease(store, "run", ttl=30)
+    lease.acquire(wait=0)
+    assert read_lease(store, "run").owner == lease.owner
+    lease.release()
+
+
+def test_an_expired_lease_is_taken_over_by_exactly_one(store):
+    dead = {"owner": "dead", "host": "gone", "pid": 1, "command": "peg pipeline run x", "acquired": "then",
+            "expires": time.time() - 1}
+    store.create_object("run/_lease.json", json.dumps(dead).encode())
+    takers = [Lease(store, "run", ttl=30) for _ in range(4)]
+    results: list[str] = []
+
+    def take(lease: Lease) -> None:
+        try:
+            lease.acquire(wait=0)
+            results.append("won")
+        except LeaseHeld:
+            results.append("refused")
+
+    threads = [threading.Thread(target=take, args=(lease,)) for lease in takers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused"] * 3 + ["won"]
+    winner = next(lease for lease in takers if lease._token is not None)
+    assert read_lease(store, "run").owner == winner.owner
+    # the loser of a later race: a holder whose lease was taken learns it at its next renewal
+    current, token = store.read_object("run/_lease.json")
+    store.replace_object("run/_lease.json", current.replace(winner.owner.encode(), b"someone-else"), token)
+    assert not winner.renew() and winner.lost.is_set()
+    winner.release()
+    assert read_lease(store, "run").owner == "someone-else"  # a lost lease is not removed
+
+
+def test_files_are_written_with_the_usual_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = LocalStore(tmp_path / "store")
+        store.put_text("run/export/model/config.json", "{}", "export")
+        copy = store.materialise_prefix("run/export/model", tmp_path / "copy")
+    finally:
+        os.umask(old)
+    for path in (store.local_path("run/export/model/config.json"),
+                 Path(str(store.local_path("run/export/model/config.json")) + ".manifest.json"),
+                 copy / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_a_clean_copy_has_no_manifests(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    for name in ("config.json", "1_Pooling/config.json", "model.safetensors"):
+        store.put_text(f"run/export/model/{name}", name, "export")
+    copy = store.materialise_prefix("run/export/model", tmp_path / "copy")
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json", "config.json", "model.safetensors"]
+
+
+def _peg(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "peg", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+
+
+def test_a_silent_endpoint_fails_fast_saying_what_it_waited_for(tmp_path):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append((server.accept()[0], time.monotonic()))
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "store": {
+        "uri": "s3://bucket/run", "endpoint": f"127.0.0.1:{server.getsockname()[1]}", "secure": False}}))
+    try:
+        started = time.monotonic()
+        result = _peg("store", "ls", str(config))
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn, _ in held:
+            conn.close()
+        server.close()
+    assert result.returncode == 2, result.stderr
+    assert held, "the probe never connected"
+    # From the probe's connection to the error: the store.connect_timeout (5 s), no retry. Python's
+    # start and imports come before it (about 1.5 s on an idle machine; more on a loaded one).
+    waited = elapsed - (held[0][1] - started)
+    assert waited < 10, (waited, elapsed)
+    assert elapsed < 15 or waited < 10, elapsed
+    message = " ".join(result.stderr.split())
+    assert "sent no answer to a bucket listing within 5 s" in message and "Traceback" not in result.stderr
+
+
+def test_relative_paths_follow_the_config_file_not_the_working_directory(tmp_path):
+    (tmp_path / "proj" / "tiny").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "tiny").mkdir(parents=True)  # a decoy beside the working directory
+    config = tmp_path / "proj" / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": {"beir": "tiny", "train_files": ["pairs.jsonl"]},
+                                      "model": {"name_or_path": "org/hub-model"}, "store": {"uri": "out"}}))
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "elsewhere")
+        loaded = load_config(config)
+    finally:
+        os.chdir(cwd)
+    assert loaded.data.beir == str(tmp_path / "proj" / "tiny")
+    assert loaded.data.train_files == [str(tmp_path / "proj" / "pairs.jsonl")]  # not yet there: still beside the config
+    assert loaded.store.uri == str(tmp_path / "proj" / "out")
+    assert loaded.model.name_or_path == "org/hub-model"  # a hub id stays one
+
+
+def test_read_only_commands_create_nothing_and_say_when_empty(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"name": "r", "model": {"name_or_path": "m"}, "store": {"uri": "mistyped"}}))
+    status = _peg("pipeline", "status", str(config))
+    listing = _peg("store", "ls", str(config))
+    assert status.returncode == 0 and "pending" in status.stdout, status.stderr
+    assert listing.returncode == 0 and "no artifacts under '(the whole store)'" in listing.stderr
+    assert not (tmp_path / "mistyped").exists()
+
+
+def test_a_failed_prepare_leaves_no_running_record(tmp_path):
+    (tmp_path / "beir").mkdir()  # no corpus.jsonl
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"name": "r", "data": {"beir": "beir"}, "model": {"name_or_path": "m"},
+                                      "store": {"uri": "store"}}))
+    result = _peg("pipeline", "stage", "prepare", str(config))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    store = LocalStore(tmp_path / "store")
+    assert store.list("r") == [] and read_lease(store, "r") is None
+    assert "pending" in _peg("pipeline", "status", str(config)).stdout
+
+
+def test_report_renders_mining_statistics_as_tables():
+    stats = {"queries": 120, "candidates": 2400, "kept": 500, "not_selected": 7, "queries_short": 25,
+             "queries_without_positives": 2, "query_shards": 3,
+             "dropped": {"positive": 120, "duplicate": 4, "relative_margin": 30},
+             "short_query_ids": [f"q{i}" for i in range(25)], "mining": {"top_k": 20, "selection": "topk_percpos"}}
+    page = mining_tables(stats)
+    assert "<table>" in page and "{" not in page
+    assert "<tr><th>relative margin</th><td>30</td></tr>" in page
+    assert "<tr><th>candidates</th><td>2,400</td></tr>" in page
+    assert "q9, and" not in page and "q0, q1" in page and "and 15 more" in page and "q10" not in page
