@@ -63,6 +63,10 @@ class DataConfig(Section):
     @property
     def allow_empty_passages(self) -> bool:
         return self.empty_passages == "warn"
+    block_bytes: int = Field(
+        16 << 20, ge=256, description="Training-pair files stream in blocks of this size: the unit of shuffling "
+        "(blocks, then examples within a block) and what a rank holds in memory.",
+    )
 
 
 class ModelConfig(Section):
@@ -75,6 +79,9 @@ class ModelConfig(Section):
     passage_prefix: str = ""
     query_max_length: int = Field(64, ge=1)
     passage_max_length: int = Field(256, ge=1)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="transformers attention kernel; auto: its default (SDPA for BERT-family models)."
+    )
 
 
 class ProgressiveConfig(Section):
@@ -121,7 +128,13 @@ class BatchConfig(Section):
     queries_per_step: int = Field(32, ge=1, description="Global queries per optimizer step.")
     hard_negatives: int = Field(5, ge=0, description="Hard negatives per query.")
     chunk_size: int | None = Field(
-        None, ge=1, description="GradCache chunk (texts per forward); null disables caching."
+        None,
+        ge=1,
+        description="GradCache chunk (texts per forward). null: on a GPU, sized from its free memory; "
+        "on CPU, no caching (one graph over the batch).",
+    )
+    group_by_length: bool = Field(
+        True, description="GradCache chunks hold texts of similar length, each padded to its own longest text."
     )
 
 
@@ -143,6 +156,8 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (transformers' non-reentrant checkpointing)."
     )
+    compile: bool = Field(False, description="torch.compile the encoder's transformer (dynamic shapes).")
+    prefetch: int = Field(2, ge=0, description="Steps tokenised ahead in a background thread (0: inline).")
 
     @model_validator(mode="after")
     def _check_zero3_options(self) -> TrainConfig:

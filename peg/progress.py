@@ -35,13 +35,14 @@ class _RateColumn(TextColumn):
 
 
 @contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; shows a bar with count, rate and ETA on stderr when `enabled`.
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "it") -> Iterator[Callable[..., None]]:
+    """Yield `advance(n, status=None)`; shows a bar with count, rate, ETA and the latest status on
+    stderr when `enabled`.
 
     `unit="bytes"` shows sizes and transfer speed (kB, MB) instead of a count and a rate.
     """
     if not enabled:
-        yield lambda n: None
+        yield lambda n, status=None: None
         return
     counts = (DownloadColumn(), TaskProgressColumn(), TransferSpeedColumn()) if unit == "bytes" else (
         MofNCompleteColumn(), TaskProgressColumn(), _RateColumn(unit))
@@ -52,8 +53,13 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
     )
     # redirect_*=False: other libraries' prints (Ray's worker logs, tqdm) stay out of the console
     with Progress(*columns, transient=False, console=console(), redirect_stdout=False, redirect_stderr=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int, status: str | None = None) -> None:
+            progress.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield advance

@@ -103,7 +103,7 @@ def config_show(text: str):
 CASES = [
     ("utf8-config", bad_utf8_config, "cfg.yaml:4: invalid UTF-8 (byte 0xe9)", "store"),
     ("utf8-corpus", bad_utf8_corpus, "corpus.jsonl:2: invalid UTF-8", "out"),
-    ("utf8-pairs", bad_utf8_pairs, "pairs.jsonl:5: invalid UTF-8", "out"),
+    ("utf8-pairs", bad_utf8_pairs, "pairs.jsonl:5: not UTF-8 text", "out"),
     ("model-folder", lambda r: ["eval", "--model", "/no/such/dir", "--data", str(write_beir(r)), "--output", str(r / "out")],
      "model /no/such/dir: no such folder", "out"),
     ("hub-id-offline", lambda r: ["eval", "--model", "no-such-org/no-such-model", "--data", str(write_beir(r))],

@@ -14,9 +14,10 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from peg.config import ModelConfig
-from peg.losses import GradCache, passage_ids_from_texts
+from peg.losses import Chunks, GradCache, passage_ids_from_texts
 from peg.losses.gradcache import split_inputs
 from peg.model.encoder import Encoder, resolve_model_path
+from peg.train.batches import group_by_length
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -115,6 +116,61 @@ def test_chunk_size_none_is_the_plain_step_and_matches_caching_without_dropout(e
         encoder.train()
     torch.testing.assert_close(cached_loss, plain_loss)
     for n, grad in plain.items():
+        torch.testing.assert_close(cached[n], grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def chunkings(encoder: Encoder, texts: list[str], kind: str) -> list[Chunks]:
+    """Length-grouped chunks of 1, 4 and all rows, and a random grouping into chunks of 5."""
+    features = dict(encoder.tokenize(texts, kind, padding=False))
+    grouped = [group_by_length(features, size, encoder.pad) for size in (1, 4, len(texts))]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(len(texts))).tolist()
+    parts = [encoder.pad({k: [v[i] for i in order[s : s + 5]] for k, v in features.items()}) for s in range(0, len(order), 5)]
+    return [*grouped, Chunks(parts, torch.tensor(order))]
+
+
+def test_length_grouped_chunks_pad_to_their_own_longest_text(encoder):
+    texts = passages()
+    chunks = group_by_length(dict(encoder.tokenize(texts, "passage", padding=False)), 4, encoder.pad)
+    lengths = [int(n) for part in chunks.parts for n in part["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths, reverse=True)  # longest first
+    assert [part["input_ids"].shape[1] for part in chunks.parts] == [max(lengths[i : i + 4]) for i in range(0, 18, 4)]
+    assert sorted(chunks.rows.tolist()) == list(range(18))
+
+
+@pytest.mark.parametrize("name", ["progressive", "listwise"])
+def test_any_chunking_or_grouping_gives_the_full_batch_gradients(encoder, name):
+    """Without dropout, every chunking (length-grouped or random, cached or not) equals the plain step."""
+    encoder.eval()
+    try:
+        loss_fn = make_losses()[name]
+        q_inputs, p_inputs, extra = batch(encoder, name)
+        plain_loss = GradCache(loss_fn, None).step(encode_fn(encoder), q_inputs, p_inputs, extra)
+        plain = grads(encoder)
+        cases = list(zip(chunkings(encoder, QUERIES, "query"), chunkings(encoder, passages(), "passage")))
+        for chunk_size in (CHUNK, None):  # cached, and one graph over the same chunks
+            for q_chunks, p_chunks in cases:
+                loss = GradCache(loss_fn, chunk_size).step(encode_fn(encoder), q_chunks, p_chunks, extra)
+                got = grads(encoder)
+                torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+                for n, grad in plain.items():
+                    torch.testing.assert_close(got[n], grad, rtol=1e-4, atol=1e-6, msg=n)
+    finally:
+        encoder.train()
+
+
+def test_grouped_cached_equals_grouped_uncached_with_dropout(encoder):
+    """With dropout on, GradCache over length-grouped chunks replays each chunk's masks exactly."""
+    loss_fn = make_losses()["infonce"]
+    _, _, extra = batch(encoder, "infonce")
+    q_chunks, p_chunks = chunkings(encoder, QUERIES, "query")[1], chunkings(encoder, passages(), "passage")[1]
+    torch.manual_seed(11)
+    reference_loss = GradCache(loss_fn, None).step(encode_fn(encoder), q_chunks, p_chunks, extra)
+    reference = grads(encoder)
+    torch.manual_seed(11)
+    cached_loss = GradCache(loss_fn, CHUNK).step(encode_fn(encoder), q_chunks, p_chunks, extra)
+    cached = grads(encoder)
+    torch.testing.assert_close(cached_loss, reference_loss)
+    for n, grad in reference.items():
         torch.testing.assert_close(cached[n], grad, rtol=1e-4, atol=1e-6, msg=n)
 
 

@@ -20,9 +20,11 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from peg.config import ConfigError, RunConfig, load_config, parse_config
 from peg.data import DataError
 from peg.model.encoder import resolve_model_path
-from peg.train import BatchError, BatchPlan, load_dataset
+from peg.train import BatchError, BatchPlan, PairFile
+from peg.train.batches import Prefetcher
 from peg.train.metrics import read_metrics
 from peg.train.schedule import warmup_linear_decay
+from peg.train.telemetry import model_shape, peak_flops, step_flops, throughput
 from peg.train.trainer import runs_in_process, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_gradcache_matches_one_rank_full_batch_under_every_zero_stage(tmp_path):
 def _train_config(tmp_path: Path, model: str, files: list[str], **train) -> Path:
     config = {
         "name": "resume-test",
-        "data": {"train_files": files},
+        "data": {"train_files": files, "block_bytes": 600},
         "model": {"name_or_path": model, "query_max_length": 16, "passage_max_length": 24},
         "loss": {"kind": "infonce", "progressive": {"enabled": True}},
         "batch": {"queries_per_step": 4, "hard_negatives": 2, "chunk_size": 3},
@@ -110,8 +112,9 @@ def _train_config(tmp_path: Path, model: str, files: list[str], **train) -> Path
 
 
 def test_resume_after_sigkill_continues_exactly(tmp_path):
-    """Kill a 2-rank ZeRO-3 GradCache run (dropout on) with SIGKILL after a checkpoint, resume:
-    every step's loss and lr equal the uninterrupted run's."""
+    """Kill a 2-rank ZeRO-3 GradCache run (dropout on, files streamed in several blocks, batches
+    prefetched, chunks grouped by length) with SIGKILL after a checkpoint, resume: every step's
+    loss and lr equal the uninterrupted run's; every step logs its throughput."""
     model = make_tiny_bert(tmp_path / "tiny", dropout=0.1)
     files = [write_pairs(tmp_path / "a.jsonl", "alpha", 12, 2), write_pairs(tmp_path / "b.jsonl", "beta", 10, 3)]
     config = _train_config(tmp_path, model, files, max_steps=14, checkpoint_every=3)
@@ -125,6 +128,11 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "full" / "model" / "modules.json").is_file()
     assert reference[0]["beta"] == pytest.approx(-0.5) and reference[-1]["beta"] > 0.8  # beta(t) logged per step
+    for r in reference:  # telemetry: the step's global passages (4 queries x (1 + 2)) over its seconds
+        assert r["passages_per_s"] * r["step_s"] == pytest.approx(12, rel=1e-6)
+        assert r["tokens_per_s"] > r["passages_per_s"] > 0 and r["peak_memory_gib"] > 0.1 and "mfu" not in r
+        split = sum(r[f"time_{p}_s"] for p in ("data", "forward", "loss", "replay", "optimizer"))
+        assert 0 < split <= r["step_s"] and r["time_replay_s"] > 0
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([*cli, "--output", str(out)], env=ENV, cwd=REPO, start_new_session=True,
@@ -188,19 +196,92 @@ def test_schedule_warms_up_then_decays_to_min_ratio():
     assert f(10) == pytest.approx(0.1)
 
 
-def test_batches_come_from_one_dataset_and_slice_per_rank(tmp_path):
-    a = load_dataset(write_pairs(tmp_path / "a.jsonl", "alpha", 9, 2), 2, need_scores=False)
-    b = load_dataset(write_pairs(tmp_path / "b.jsonl", "beta", 8, 2), 2, need_scores=False)
+def load_dataset(path: str, hard_negatives: int, need_scores: bool, **kwargs) -> PairFile:
+    return PairFile.index(path, hard_negatives, need_scores, **kwargs)
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 300])
+def test_batches_come_from_one_dataset_and_slice_per_rank(tmp_path, block_bytes):
+    a = load_dataset(write_pairs(tmp_path / "a.jsonl", "alpha", 9, 2), 2, need_scores=False, block_bytes=block_bytes)
+    b = load_dataset(write_pairs(tmp_path / "b.jsonl", "beta", 8, 2), 2, need_scores=False, block_bytes=block_bytes)
+    assert (len(a.blocks) > 1) == (block_bytes == 300)
     plan = BatchPlan({"a": a, "b": b}, queries_per_step=4, world_size=2, seed=1)
     batches = plan.epoch_batches(0)
     assert plan.steps_per_epoch == len(batches) == 4  # 9 // 4 + 8 // 4
     assert batches == plan.epoch_batches(0) and batches != plan.epoch_batches(1)
-    for name, indices in batches:
-        parts = [plan.rank_batch(name, indices, r) for r in range(2)]
-        topic = "alpha" if name == "a" else "beta"
-        assert all(q.startswith(topic) for p in parts for q in p.queries)
-        assert [q for p in parts for q in p.queries] == [plan.datasets[name][i].query for i in indices]
-        assert all(len(p.passages) == 2 * 3 for p in parts)
+    assert sorted(batches) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    for epoch in (0, 1):
+        seen = {"a": [], "b": []}
+        for name, number in plan.epoch_batches(epoch):
+            parts = [plan.rank_batch(epoch, name, number, r) for r in range(2)]
+            topic = "alpha" if name == "a" else "beta"
+            assert all(q.startswith(topic) for p in parts for q in p.queries)
+            assert all(len(p.passages) == 2 * 3 for p in parts)
+            seen[name] += [q for p in parts for q in p.queries]
+        for name, n in (("a", 9), ("b", 8)):  # each epoch: distinct examples of the file, in a new order
+            assert len(set(seen[name])) == len(seen[name]) == 8
+            assert set(seen[name]) <= {f"{'alpha' if name == 'a' else 'beta'} question {i} about item {i * 7 % 13}" for i in range(n)}
+    # a fresh plan (a resumed run) reads any position directly, equal to the sequential read
+    fresh = BatchPlan({"a": a, "b": b}, queries_per_step=4, world_size=2, seed=1)
+    name, number = plan.epoch_batches(1)[2]
+    assert fresh.rank_batch(1, name, number, 1) == plan.rank_batch(1, name, number, 1)
+
+
+def test_indexing_split_across_ranks_equals_one_process(tmp_path):
+    path = write_pairs(tmp_path / "a.jsonl", "alpha", 40, 3, scores=False)
+    lines = Path(path).read_text().splitlines()
+    short = json.loads(lines[5])
+    short["neg"] = short["neg"][:1]
+    lines[5] = json.dumps(short)
+    Path(path).write_text("\n".join(lines) + "\n")
+    whole = load_dataset(path, 2, need_scores=False, block_bytes=500)
+
+    class Gathered(Exception):
+        pass
+
+    def scan_only(shard: int):  # what rank `shard` of 3 hands to all_gather_object
+        captured = []
+
+        def gather(obj):
+            captured.append(obj)
+            raise Gathered
+
+        with pytest.raises(Gathered):
+            PairFile.index(path, 2, False, block_bytes=500, shard=shard, shards=3, gather=gather)
+        return captured[0]
+
+    others = [scan_only(1), scan_only(2)]
+    split = PairFile.index(path, 2, False, block_bytes=500, shard=0, shards=3, gather=lambda obj: [obj, *others])
+    assert len(whole.blocks) > 3 and split.blocks == whole.blocks
+    assert whole.examples == 39  # line 6 has too few negatives
+    assert load_dataset(path, 2, need_scores=False, block_bytes=500, limit=10).examples == 10
+
+
+def test_prefetcher_keeps_order_and_raises_the_workers_error():
+    def produce(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad item 3")
+        return i * i
+
+    batches = Prefetcher(iter(range(5)), produce, depth=2)
+    assert [next(batches) for _ in range(3)] == [(0, 0), (1, 1), (2, 4)]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(batches)
+    batches.close()
+
+
+def test_mfu_counts_6n_plus_attention_of_the_real_tokens(monkeypatch):
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64))  # fmt: skip
+    params, layers, hidden = model_shape(model)
+    assert params == sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    assert (layers, hidden) == (2, 32)
+    flops = step_flops((params, 2, 32), tokens=10 + 20, lengths_sq=10**2 + 20**2)  # two texts of 10 and 20 tokens
+    assert flops == 6 * params * 30 + 12 * 2 * 32 * 500
+    assert peak_flops(torch.device("cpu")) is None  # no MFU on CPU unless a peak is given
+    monkeypatch.setenv("PEG_PEAK_TFLOPS", "100")
+    rates = throughput(2.0, passages=8, tokens=30, flops=flops, world_size=2, peak=peak_flops(torch.device("cpu")))
+    assert rates == {"step_s": 2.0, "passages_per_s": 4.0, "tokens_per_s": 15.0, "mfu": flops / (2.0 * 2 * 100e12)}
 
 
 def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):
@@ -258,5 +339,5 @@ def test_paper_scale_examples_load(name):
         assert b.queries_per_step * (1 + b.hard_negatives) >= 80_000 and b.hard_negatives == 5
         assert t.zero_stage == 2 and config.loss.progressive.enabled
     else:
-        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.loss.listwise.list_size == 20
+        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.score.list_size == 20
         assert config.loss.kind == "listwise"

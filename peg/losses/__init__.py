@@ -11,13 +11,14 @@ gathering: `peg.losses.distributed`; GradCache's contract: `peg.losses.gradcache
 
 from peg.losses.base import EmbeddingLoss, passage_ids_from_texts, positive_columns
 from peg.losses.factory import build_loss
-from peg.losses.gradcache import GradCache
+from peg.losses.gradcache import Chunks, GradCache
 from peg.losses.infonce import InfoNCELoss
 from peg.losses.listwise import ListwiseDistillationLoss
 from peg.losses.progressive import ProgressiveInfoNCELoss, schedule_fraction, self_paced_weights
 
 __all__ = [
     "EmbeddingLoss",
+    "Chunks",
     "GradCache",
     "InfoNCELoss",
     "ListwiseDistillationLoss",

@@ -28,6 +28,11 @@ Contract for the caller:
 - `extra` holds the loss's keyword arguments (`passage_ids`, `teacher_scores`, ...).
 - With `chunk_size=None`, `step` encodes all inputs at once with a graph and calls
   `backward_fn(loss)`: the uncached step with the same interface.
+- Inputs may come already chunked as `Chunks` (e.g. texts grouped by length, each chunk padded
+  to its own longest text): the chunks are used as given and the embeddings are put back in
+  batch order before the loss, so the loss sees the same batch whatever the chunking.
+- `phase(name)`, if given, returns a context manager timing each part of the step:
+  "forward" (the no-grad pass), "loss" (loss and its backward to the embeddings), "replay".
 Returns the loss value (detached).
 """
 
@@ -35,11 +40,29 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Chunks:
+    """A batch already cut into chunks: row i of the concatenated `parts` is row `rows[i]` of the batch."""
+
+    parts: list[Inputs]
+    rows: torch.Tensor  # int64 [n], a permutation of range(n)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Chunks:
+        return Chunks([_to(part, device, non_blocking) for part in self.parts], self.rows)
+
+
+def _to(inputs: Inputs, device: torch.device, non_blocking: bool) -> Inputs:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=non_blocking)
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 def num_rows(inputs: Inputs) -> int:
@@ -97,50 +120,78 @@ class GradCache:
     def step(
         self,
         encode_fn: Callable[[Inputs], torch.Tensor],
-        q_inputs: Inputs,
-        p_inputs: Inputs,
+        q_inputs: Inputs | Chunks,
+        p_inputs: Inputs | Chunks,
         extra: Mapping[str, Any] | None = None,
         backward_fn: Callable[[torch.Tensor], Any] | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        phase: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> torch.Tensor:
         backward_fn = backward_fn or torch.Tensor.backward
+        phase = phase or (lambda name: contextlib.nullcontext())
         extra = dict(extra or {})
-        if self.chunk_size is None:
-            loss = self.loss(encode_fn(q_inputs), encode_fn(p_inputs), **extra)
-            backward_fn(loss)
+        if self.chunk_size is None and not isinstance(q_inputs, Chunks) and not isinstance(p_inputs, Chunks):
+            with phase("forward"):
+                q_emb, p_emb = encode_fn(q_inputs), encode_fn(p_inputs)
+            with phase("loss"):
+                loss = self.loss(q_emb, p_emb, **extra)
+                backward_fn(loss)
             return loss.detach()
 
-        if num_rows(q_inputs) == 0 or num_rows(p_inputs) == 0:
+        q_chunks, q_rows = self._chunks(q_inputs)
+        p_chunks, p_rows = self._chunks(p_inputs)
+        if not q_chunks or not p_chunks:
             raise ValueError("GradCache.step needs at least one query and one passage")
-        q_chunks = split_inputs(q_inputs, self.chunk_size)
-        p_chunks = split_inputs(p_inputs, self.chunk_size)
+        if self.chunk_size is None:  # uncached, but chunked as given: one graph over all chunks
+            with phase("forward"):
+                q_emb = _batch_order(torch.cat([encode_fn(c) for c in q_chunks]), q_rows)
+                p_emb = _batch_order(torch.cat([encode_fn(c) for c in p_chunks]), p_rows)
+            with phase("loss"):
+                loss = self.loss(q_emb, p_emb, **extra)
+                backward_fn(loss)
+            return loss.detach()
+
         states: list[RngState] = []
-        with torch.no_grad():
-            q_leaf = self._encode_into_buffer(encode_fn, q_chunks, num_rows(q_inputs), states)
-            p_leaf = self._encode_into_buffer(encode_fn, p_chunks, num_rows(p_inputs), states)
-        loss = self.loss(q_leaf.requires_grad_(), p_leaf.requires_grad_(), **extra)
-        loss.backward()
+        with phase("forward"), torch.no_grad():
+            q_leaf = self._encode_into_buffer(encode_fn, q_chunks, states)
+            p_leaf = self._encode_into_buffer(encode_fn, p_chunks, states)
+        with phase("loss"):
+            q_emb = _batch_order(q_leaf.requires_grad_(), q_rows)
+            p_emb = _batch_order(p_leaf.requires_grad_(), p_rows)
+            loss = self.loss(q_emb, p_emb, **extra)
+            loss.backward()
         chunks = q_chunks + p_chunks
-        grads = list(q_leaf.grad.split(self.chunk_size)) + list(p_leaf.grad.split(self.chunk_size))
+        grads = list(q_leaf.grad.split([num_rows(c) for c in q_chunks]))
+        grads += list(p_leaf.grad.split([num_rows(c) for c in p_chunks]))
 
         last = len(chunks) - 1
-        for index, (chunk, state, grad) in enumerate(zip(chunks, states, grads, strict=True)):
-            sync = contextlib.nullcontext() if index == last or no_sync is None else no_sync()
-            with sync:
-                with state.replayed():
-                    embedding = encode_fn(chunk)
-                backward_fn((embedding * grad.to(embedding.dtype)).sum())
+        with phase("replay"):
+            for index, (chunk, state, grad) in enumerate(zip(chunks, states, grads, strict=True)):
+                sync = contextlib.nullcontext() if index == last or no_sync is None else no_sync()
+                with sync:
+                    with state.replayed():
+                        embedding = encode_fn(chunk)
+                    backward_fn((embedding * grad.to(embedding.dtype)).sum())
         return loss.detach()
+
+    def _chunks(self, inputs: Inputs | Chunks) -> tuple[list[Inputs], torch.Tensor | None]:
+        """(chunks in encoding order, their rows' batch positions or None when in batch order)."""
+        if isinstance(inputs, Chunks):
+            return [c for c in inputs.parts if num_rows(c)], inputs.rows
+        if num_rows(inputs) == 0:
+            return [], None
+        return split_inputs(inputs, self.chunk_size or num_rows(inputs)), None
 
     @staticmethod
     def _encode_into_buffer(
-        encode_fn: Callable[[Inputs], torch.Tensor], chunks: list[Inputs], rows: int, states: list[RngState]
+        encode_fn: Callable[[Inputs], torch.Tensor], chunks: list[Inputs], states: list[RngState]
     ) -> torch.Tensor:
         """Encode chunks one by one (RNG state saved before each) into one preallocated buffer.
 
         Writing into a single buffer instead of concatenating a list keeps the no-grad pass at
         one chunk's activations plus the final embeddings (no copy, no heap fragmentation).
         """
+        rows = sum(num_rows(c) for c in chunks)
         buffer = None
         start = 0
         for chunk in chunks:
@@ -152,3 +203,10 @@ class GradCache:
             start += embedding.size(0)
             del embedding
         return buffer
+
+
+def _batch_order(embeddings: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Embeddings in chunk order -> batch order (differentiable; identity when `rows` is None)."""
+    if rows is None:
+        return embeddings
+    return embeddings[torch.argsort(rows.to(embeddings.device))]

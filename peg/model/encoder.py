@@ -1,6 +1,6 @@
 """Encoder: transformers AutoModel + pooling (mean, cls, last) + optional L2 normalisation.
 
-Queries and passages get their own prefix and max length. `encode` sorts texts by length,
+Queries and passages get their own prefix and max length. `encode` sorts texts by token count,
 batches them without gradients and returns embeddings in the input order.
 """
 
@@ -121,18 +121,27 @@ class Encoder(torch.nn.Module):
         self.config = config
         path = resolve_model_path(config.name_or_path)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-        self.model = model or AutoModel.from_pretrained(path)
+        if model is None:
+            attn = {} if config.attn_implementation == "auto" else {"attn_implementation": config.attn_implementation}
+            model = AutoModel.from_pretrained(path, **attn)
+        self.model = model
         if config.pooling == "last":
             self.tokenizer.padding_side = "left"
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def tokenize(self, texts: Sequence[str], kind: Literal["query", "passage"]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], kind: Literal["query", "passage"], padding: bool = True):
+        """Padded tensors, or with `padding=False` unpadded token-id lists (see `pad`)."""
         prefix = self.config.query_prefix if kind == "query" else self.config.passage_prefix
         max_length = self.config.query_max_length if kind == "query" else self.config.passage_max_length
         return self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [prefix + t for t in texts], padding=padding, truncation=True, max_length=max_length,
+            return_tensors="pt" if padding else None,
         )
+
+    def pad(self, features: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
+        """Unpadded `tokenize(..., padding=False)` rows as tensors padded to their longest row."""
+        return dict(self.tokenizer.pad(features, return_tensors="pt"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
@@ -148,23 +157,38 @@ class Encoder(torch.nn.Module):
         show_progress: bool = False,
         description: str | None = None,
     ) -> np.ndarray:
-        """Embed `texts` (float32, shape [len(texts), dim]) in their input order."""
+        """Embed `texts` (float32, shape [len(texts), dim]) in their input order.
+
+        All texts are tokenised in one call, sorted by token count (longest first) and batched,
+        so a batch pads to similar lengths. On a GPU the model runs in bf16 autocast, batches go
+        through pinned memory and the embeddings stay on the device until the end.
+        """
+        if len(texts) == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out: np.ndarray | None = None
-        with progress_bar(len(texts), description or ("encode queries" if kind == "query" else "encode passages"), enabled=show_progress) as advance:
+        features = self.tokenize(texts, kind, padding=False)
+        order = np.argsort([-len(ids) for ids in features["input_ids"]], kind="stable")
+        on_gpu = device.type == "cuda"
+        parts = []
+        description = description or ("encode queries" if kind == "query" else "encode passages")
+        with (
+            progress_bar(len(texts), description, enabled=show_progress) as advance,
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu),
+        ):
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
-                batch = self.tokenize([texts[i] for i in idx], kind)
-                emb = self(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
-                if out is None:
-                    out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-                out[idx] = emb
+                batch = self.pad({k: [v[i] for i in idx] for k, v in features.items()})
+                if on_gpu:
+                    batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+                parts.append(self(**batch).float())
                 advance(len(idx))
+        embeddings = torch.cat(parts).cpu().numpy()
+        out = np.empty_like(embeddings)
+        out[order] = embeddings
         self.train(was_training)
-        return out if out is not None else np.empty((0, self.dim), dtype=np.float32)
+        return out
 
     @property
     def dim(self) -> int:

@@ -4,7 +4,7 @@
     model_dir = train(config, output_dir, resume=False)   # sentence-transformers folder
 """
 
-from peg.train.batches import BatchError, BatchPlan, RankBatch, load_dataset
+from peg.train.batches import BatchError, BatchPlan, PairFile, RankBatch, prepare_step
 from peg.train.trainer import TrainError, train
 
-__all__ = ["BatchError", "BatchPlan", "RankBatch", "TrainError", "load_dataset", "train"]
+__all__ = ["BatchError", "BatchPlan", "PairFile", "RankBatch", "TrainError", "prepare_step", "train"]

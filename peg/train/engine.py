@@ -18,10 +18,11 @@ from collections.abc import Iterator
 import torch
 
 from peg.config import RunConfig
-from peg.losses import EmbeddingLoss, GradCache, passage_ids_from_texts
+from peg.losses import EmbeddingLoss, GradCache
 from peg.model.encoder import Encoder
-from peg.train.batches import RankBatch
+from peg.train.batches import StepInputs
 from peg.train.schedule import warmup_linear_decay
+from peg.train.telemetry import StepTimer
 
 
 def use_bf16(config: RunConfig) -> bool:
@@ -85,6 +86,8 @@ def build_engine(
 
     if config.train.gradient_checkpointing:
         encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.train.compile:
+        encoder.model.compile(dynamic=True)  # in place: parameter names (checkpoints, export) unchanged
     optimizer = optimizer or adamw(encoder, config)
     t = config.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -96,12 +99,18 @@ def build_engine(
     return engine
 
 
-def batch_extras(batch: RankBatch, device: torch.device) -> dict:
-    """Loss keyword arguments: passage ids for dedup, teacher scores for listwise."""
-    extra = {"passage_ids": passage_ids_from_texts(batch.passages).to(device)}
-    if batch.teacher_scores is not None:
-        extra["teacher_scores"] = torch.tensor(batch.teacher_scores, dtype=torch.float32, device=device)
-    return extra
+def auto_chunk_size(encoder: Encoder, device: torch.device, free_fraction: float = 0.5) -> int:
+    """GradCache chunk whose activations fit `free_fraction` of the GPU's free memory.
+
+    Activation memory of one text of s tokens in training, 16-bit activations (Korthikanti et
+    al. 2022, no recomputation): layers x s x h x (34 + 5 x heads x s / h) bytes.
+    """
+    free, _ = torch.cuda.mem_get_info(device)
+    config = encoder.model.config
+    s = max(encoder.config.query_max_length, encoder.config.passage_max_length)
+    h, heads = config.hidden_size, config.num_attention_heads
+    per_text = config.num_hidden_layers * s * h * (34 + 5 * heads * s / h)
+    return int(max(8, min(8192, free_fraction * free // per_text)) // 8 * 8)
 
 
 @contextlib.contextmanager
@@ -114,27 +123,29 @@ def _not_a_boundary(engine) -> Iterator[None]:
         engine.set_gradient_accumulation_boundary(True)
 
 
-def train_step(engine, loss_fn: EmbeddingLoss, batch: RankBatch, chunk_size: int | None) -> torch.Tensor:
+def train_step(
+    engine, loss_fn: EmbeddingLoss, step: StepInputs, chunk_size: int | None, timer: StepTimer | None = None
+) -> torch.Tensor:
     """Forward + backward + `engine.step()` for this rank's part of one global batch.
 
-    With `chunk_size` the backward is GradCache (chunked, constant activation memory);
-    without it the whole batch goes through one graph. Returns the rank's detached loss.
+    With `chunk_size` the backward is GradCache over the step's length-grouped chunks (constant
+    activation memory); without it the whole batch goes through one graph. `timer` receives
+    the forward / loss / replay / optimizer split. Returns the rank's detached loss.
     """
-    encoder: Encoder = engine.module
-    device = engine.device
-    q_inputs = {k: v.to(device) for k, v in encoder.tokenize(batch.queries, "query").items()}
-    p_inputs = {k: v.to(device) for k, v in encoder.tokenize(batch.passages, "passage").items()}
-    extra = batch_extras(batch, device)
+    timer = timer or StepTimer(engine.device)
+    step = step.to(engine.device)
     engine.set_gradient_accumulation_boundary(True)
     coalesce = chunk_size is not None and engine.zero_optimization_stage() >= 2
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
         loss = GradCache(loss_fn, chunk_size).step(
             lambda inputs: engine(**inputs),
-            q_inputs,
-            p_inputs,
-            extra,
+            step.queries,
+            step.passages,
+            step.extra,
             backward_fn=engine.backward,
             no_sync=None if coalesce else (lambda: _not_a_boundary(engine)),
+            phase=timer.phase,
         )
-    engine.step()
+    with timer.phase("optimizer"):
+        engine.step()
     return loss

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from peg.store.files import atomic_output, write_atomically
+from peg.train.telemetry import PHASES
 
 
 class MetricsLog:
@@ -41,7 +42,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """One panel each for loss, lr, beta(t) and the query-weight statistics over steps."""
+    """One panel each over steps: loss, lr, beta(t), query weights; passages/s, time split, peak memory, MFU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,13 +51,19 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
     weight_keys = sorted({k for r in records for k in r if k.startswith("weight")})
-    panels = [("loss", ["loss", "infonce"]), ("learning rate", ["lr"]), ("beta(t)", ["beta"]), ("query weights", weight_keys)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
+    time_keys = [f"time_{name}_s" for name in PHASES]
+    panels = [
+        ("loss", ["loss", "infonce"]), ("learning rate", ["lr"]), ("beta(t)", ["beta"]), ("query weights", weight_keys),
+        ("passages/s", ["passages_per_s"]), ("time per step (s)", ["step_s", *time_keys]),
+        ("peak memory (GiB)", ["peak_memory_gib"]), ("MFU", ["mfu"]),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.4))
+    for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             values = [r.get(key) for r in records]
             if any(v is not None for v in values):
-                ax.plot(steps, [float("nan") if v is None else v for v in values], label=key)
+                label = key.removeprefix("time_").removesuffix("_s") if key.startswith("time_") else key
+                ax.plot(steps, [float("nan") if v is None else v for v in values], label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1 and ax.lines:

@@ -8,9 +8,9 @@ Where it runs, decided from the environment:
 - otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
 Output directory layout:
     config.yaml            the resolved run config the workers read
-    metrics.jsonl          one record a step (loss, lr, beta, weight statistics), rank 0
+    metrics.jsonl          one record a step (loss, lr, beta, weight statistics, throughput), rank 0
     tensorboard/           the same scalars as TensorBoard events
-    training.png           loss / lr / beta(t) / weights over steps, after the run
+    training.png           loss / lr / beta(t) / weights / throughput / time split over steps, after the run
     checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt, plan.json), every checkpoint_every steps
 
 A checkpoint records the training plan it belongs to (`plan.json`: seed, batch shape, world
@@ -31,7 +31,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,9 @@ from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
 from peg.store.files import atomic_output, file_sha256, write_atomically
-from peg.train.batches import BatchPlan, load_dataset
+from peg.train.batches import BatchPlan, PairFile, Prefetcher, prepare_step
 from peg.train.metrics import MetricsLog, plot_metrics
+from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_gib, progress_text, step_flops, throughput
 
 logger = logging.getLogger(__name__)
 
@@ -77,18 +79,25 @@ def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, r
     return [*cmd, "--resume"] if resume else cmd
 
 
-def training_plan(config: RunConfig, world_size: int) -> tuple[BatchPlan, int, dict]:
-    """Load and check the training data: (batch plan, total steps, the plan's identity).
+def training_plan(
+    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None
+) -> tuple[BatchPlan, int, dict]:
+    """Index and check the training data: (batch plan, total steps, the plan's identity).
 
-    Raises `DataError` / `BatchError` / `TrainError` naming the file, line or key at fault.
+    With `gather` (inside the workers) each rank scans its share of the blocks; without it (the
+    launcher, before any worker starts) this process scans them all. Raises `DataError` /
+    `BatchError` / `TrainError` naming the file, line or key at fault.
     """
     files = list(config.data.train_files)
     if not files:
         raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
     need_scores = config.loss.kind == "listwise"
-    datasets = {f: load_dataset(f, config.batch.hard_negatives, need_scores) for f in files}
-    if config.data.max_train_queries:
-        datasets = {f: qs[: config.data.max_train_queries] for f, qs in datasets.items()}
+    datasets = {
+        f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
+                          block_bytes=config.data.block_bytes, shard=rank if gather else 0,
+                          shards=world_size if gather else 1, gather=gather)
+        for f in files
+    }  # fmt: skip
     plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
     total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
     digest = hashlib.sha256()
@@ -101,6 +110,7 @@ def training_plan(config: RunConfig, world_size: int) -> tuple[BatchPlan, int, d
         "world size": world_size,
         "total steps": total_steps,
         "data.max_train_queries": config.data.max_train_queries,
+        "data.block_bytes": config.data.block_bytes,
         "training data sha256": digest.hexdigest(),
     }
     return plan, total_steps, identity
@@ -202,7 +212,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     import torch.distributed as dist
 
     from peg.losses import build_loss
-    from peg.train.engine import build_engine, train_step
+    from peg.train.engine import auto_chunk_size, build_engine, train_step
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -212,7 +222,12 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     claim_output_dir(output_dir)
     ckpt_dir = output_dir / "checkpoints"
 
-    plan, total_steps, identity = training_plan(config, world_size)
+    def gather(obj: object) -> list[object]:
+        parts: list[object] = [None] * world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    plan, total_steps, identity = training_plan(config, world_size, rank, gather)
     if resume:
         check_resume(ckpt_dir, identity)
 
@@ -220,6 +235,9 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     encoder = Encoder(config.model)
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss)
+    chunk_size = config.batch.chunk_size
+    if chunk_size is None and engine.device.type == "cuda":
+        chunk_size = auto_chunk_size(encoder, engine.device)
 
     step, epoch, index = 0, 0, 0
     if resume and (ckpt_dir / "latest").is_file():
@@ -234,27 +252,53 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
 
     engine.train()
-    batches = plan.epoch_batches(epoch)
-    with progress_bar(total_steps, "train", enabled=rank == 0, unit="step") as advance:
-        advance(step)
-        while step < total_steps:
-            if index >= len(batches):
-                epoch, index = epoch + 1, 0
-                batches = plan.epoch_batches(epoch)
-            dataset, indices = batches[index]
-            batch = plan.rank_batch(dataset, indices, rank)
-            loss_fn.set_progress(step, total_steps)
-            lr = engine.get_lr()[0]
-            loss = train_step(engine, loss_fn, batch, config.batch.chunk_size)
-            dist.all_reduce(loss)
-            step, index = step + 1, index + 1
-            if metrics is not None and (step % config.train.log_every == 0 or step == total_steps):
-                record = {"step": step, "loss": float(loss) / world_size, "lr": lr}
-                record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
-                metrics.log(record)
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints, identity)
-            advance(1)
+    device = engine.device
+    shape, peak = model_shape(encoder.model), peak_flops(device)
+    pin = device.type == "cuda"
+
+    def prepare(position: tuple[int, int, str, int]):
+        ep, _, dataset, number = position
+        group = chunk_size if config.batch.group_by_length else None  # None: one batch padded to its longest
+        return prepare_step(encoder, plan.rank_batch(ep, dataset, number, rank), group, pin_memory=pin)
+
+    positions = plan.positions(epoch, index)
+    batches = Prefetcher(positions, prepare, config.train.prefetch) if config.train.prefetch else (
+        (p, prepare(p)) for p in positions)  # fmt: skip
+    try:
+        with progress_bar(total_steps, "train", enabled=rank == 0, unit="step") as advance:
+            advance(step)
+            while step < total_steps:
+                timer = StepTimer(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                with timer.phase("data"):
+                    (epoch, index, _, _), inputs = next(batches)
+                loss_fn.set_progress(step, total_steps)
+                lr = engine.get_lr()[0]
+                loss = train_step(engine, loss_fn, inputs, chunk_size, timer)
+                counts = torch.tensor(
+                    [float(loss), inputs.passage_count, inputs.tokens, step_flops(shape, inputs.tokens, inputs.lengths_sq)],
+                    dtype=torch.float64, device=device,
+                )
+                dist.all_reduce(counts)
+                seconds = time.perf_counter() - start
+                step, index = step + 1, index + 1
+                rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size, peak)
+                rates["peak_memory_gib"] = peak_memory_gib(device)
+                if metrics is not None and (step % config.train.log_every == 0 or step == total_steps):
+                    record = {"step": step, "loss": float(counts[0]) / world_size, "lr": lr}
+                    record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
+                    record.update(rates)
+                    record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
+                    metrics.log(record)
+                if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
+                    _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints,
+                                     identity)
+                advance(1, status=progress_text(rates))
+    finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
 
     if metrics is not None:
         metrics.close()

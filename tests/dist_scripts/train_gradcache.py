@@ -15,7 +15,7 @@ import torch.distributed as dist
 from peg.config import RunConfig
 from peg.losses import build_loss, passage_ids_from_texts
 from peg.model.encoder import Encoder
-from peg.train.batches import RankBatch
+from peg.train.batches import RankBatch, prepare_step
 from peg.train.engine import build_engine, train_step
 
 model_dir, out_path = sys.argv[1], sys.argv[2]
@@ -87,7 +87,8 @@ for stage, kind, progressive, ckpt in CASES:
         before = full_params(engine)
         loss_fn = build_loss(config.loss)
         loss_fn.set_progress(3, 10)
-        loss = train_step(engine, loss_fn, batch if kind == "listwise" else RankBatch(batch.dataset, batch.queries, batch.passages, None), chunk)
+        rank_batch = batch if kind == "listwise" else RankBatch(batch.dataset, batch.queries, batch.passages, None)
+        loss = train_step(engine, loss_fn, prepare_step(encoder, rank_batch, chunk), chunk)  # chunks grouped by length
         dist.all_reduce(loss)
         after = full_params(engine)
         diff = max(float((b - a - g).abs().max()) for b, a, g in zip(before, after, ref_grads))

