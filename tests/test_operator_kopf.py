@@ -37,8 +37,8 @@ from peg.operator import handlers  # noqa: E402, F401  (importing registers the 
 from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
 from peg.operator.reconcile import Child, StoreState, claim_keys  # noqa: E402
-from peg.pipeline import stage_hashes  # noqa: E402
-from peg.pipeline.state import StageRecord, write_record  # noqa: E402
+from peg.pipeline import STAGES, stage_hashes  # noqa: E402
+from peg.pipeline.state import StageRecord, read_record, write_record  # noqa: E402
 from peg.store import open_store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,7 +95,7 @@ class Cluster:
         return None
 
     def pipeline(self) -> dict:
-        return self.objects(PLURAL)["demo"]
+        return self.objects(PLURAL).get("demo", {})
 
     async def wait(self, what, timeout: float = 20.0):
         deadline = asyncio.get_running_loop().time() + timeout
@@ -143,10 +143,14 @@ def login_to_emulator(**kwargs):
 
 
 def finish_stage(store, config: RunConfig, stage: str) -> None:
-    """What a stage's pod leaves behind: its outputs and a complete record for its hash."""
+    """What a stage's pod leaves behind: its outputs and a complete record for its hash, naming
+    the digests of the upstream records it read (as peg.pipeline.runner._run_stage writes it)."""
     if stage == "eval":
         store.put_bytes("demo/eval/summary.json", json.dumps(SUMMARY).encode(), "eval", "h")
-    write_record(store, f"demo/{stage}", StageRecord(stage, stage_hashes(config)[stage], "complete", {}))
+    hashes = stage_hashes(config)
+    needs = next(s.needs for s in STAGES if s.name == stage)
+    inputs = {n: read_record(store, f"demo/{n}").digest() for n in needs if n in hashes}
+    write_record(store, f"demo/{stage}", StageRecord(stage, hashes[stage], "complete", {}, inputs))
 
 
 def as_test_client():
@@ -242,11 +246,18 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                                         and cluster.pipeline()["status"])
             await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))
             await cluster.wait(lambda: metric("peg_operator_pipelines", phase="Succeeded") == 1)  # a tick later
+            assert cluster.pipeline()["metadata"]["finalizers"] == ["peg.dev/operator"]
+            # deleting the pipeline: the operator stops its timer and releases its finalizer
+            await asyncio.to_thread(as_test_client().delete_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, "demo")
+            await cluster.wait(lambda: "demo" not in cluster.objects(PLURAL))
             stop.set()
             await asyncio.wait_for(operator, 30)
 
             assert cluster.creates() == Counter({f"demo-{s}": 1 for s in ("encode", "mine", "train", "eval", "export", "report")})
             assert cluster.job("train")[0] == "trainjobs"
+            assert {x["name"]: x["attempts"] for x in status["stages"]} == {"prepare": 0, **{s: 1 for s in
+                    ("encode", "mine", "train", "eval", "export", "report")}}  # fmt: skip
+            assert not [e for e in cluster.events() if e[0] in ("JobMissing", "StageFailed")]
             assert status["metrics"]["ndcgAt10"] == 0.702 and status["metrics"]["baseNdcgAt10"] == 0.645
             assert status["artifacts"]["report"] == f"s3://{bucket}/peg/demo/report/report.html"
             assert [c["status"] for c in status["conditions"]] == ["True", "False", "False"]

@@ -9,6 +9,7 @@ import pytest
 from peg.config import RunConfig
 from peg.operator.reconcile import (
     HASH_LABEL,
+    JOB_VISIBLE_GRACE_SECONDS,
     Apply,
     Child,
     Create,
@@ -269,12 +270,22 @@ def test_spec_change_that_disables_a_stage_deletes_its_job():
 def test_job_deleted_by_hand_is_recreated_as_a_retry():
     s, status = running_at("train")
     done = store("prepare", "encode", "mine")
-    actions, status = run(s, [], done, status)
+    later = NOW + timedelta(minutes=5)
+    actions, status = run(s, [], done, status, later)
     assert kinds(actions) == ["event Warning JobMissing"]
     train = stage_of(status, "train")
     assert train["phase"] == "Retrying" and "job demo-train disappeared before the stage completed" in train["message"]
-    actions, status = run(s, [], done, status, NOW + timedelta(seconds=30))
+    actions, status = run(s, [], done, status, later + timedelta(seconds=30))
     assert "create TrainJob demo-train" in kinds(actions) and stage_of(status, "train")["attempts"] == 2
+
+
+def test_job_not_yet_observed_after_its_create_is_not_missing():
+    """The watch may lag behind the create: within the grace period the stage just waits."""
+    s, status = running_at("train")
+    done = store("prepare", "encode", "mine")
+    actions, new = run(s, [], done, status, NOW + timedelta(seconds=JOB_VISIBLE_GRACE_SECONDS - 1))
+    assert actions == [] and stage_of(new, "train")["phase"] == "Running"
+    assert stage_of(new, "train")["message"] == "waiting for job demo-train to be observed"
 
 
 def test_job_deleted_after_the_stage_completed_is_success():

@@ -3,6 +3,7 @@ ends with the same result as a clean run; a changed stage config invalidates dow
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,16 +79,17 @@ def test_killed_run_resumes_and_equals_clean_run(assets):
 
     resumed = write_config(root, data, model, str(root / "resumed"))
     process = peg("pipeline", "run", str(resumed), env=env)
-    work = root / "work"
-    before_runs = set(work.glob("tiny-*"))
+    store_root = root / "resumed"
     deadline = time.monotonic() + 600
-    while not any(any(p.glob("train-*/output/checkpoints/latest")) for p in set(work.glob("tiny-*")) - before_runs):
+    while not (store_root / "tiny" / "train" / "checkpoints" / "latest").is_file():  # a checkpoint reached the store
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    store_root = root / "resumed"
+    work = root / "work"
+    for run_dir in work.glob("tiny-*"):  # a rescheduled pod: no local disk survives, only the store
+        shutil.rmtree(run_dir)
     before = manifests(store_root, ["prepare", "encode", "mine"])
     assert {s.name: s.state for s in pipeline_status(load_config(resumed), open_store(load_config(resumed).store))} == {
         "prepare": "complete", "encode": "complete", "mine": "complete", "train": "partial",
@@ -97,7 +99,9 @@ def test_killed_run_resumes_and_equals_clean_run(assets):
     output = run_to_end(resumed, env)
     for stage in ("prepare", "encode", "mine"):
         assert f"[skip] {stage}: complete" in output
-    assert "[run]  train" in output and "resum" in output.lower()
+    assert "[run]  train" in output and "resumed from checkpoint" in output
+    assert not (store_root / "tiny" / "train" / "checkpoints").exists()  # dropped once the model is stored
+    assert (store_root / "tiny" / "prepare" / "data" / "beir" / "corpus.jsonl").is_file()
     assert manifests(store_root, ["prepare", "encode", "mine"]) == before  # untouched
 
     summary = lambda root: json.loads((root / "tiny" / "eval" / "summary.json").read_text())  # noqa: E731

@@ -17,7 +17,8 @@ cluster and the store, call it, and apply the actions. Rules, in the order they 
   that alters a stage's hash (its config sections or an upstream stage's) resets that entry to
   Pending and deletes its job if one runs: exactly the invalidated stages run again.
 - A failed job, a job that succeeded without a complete store record, and a job that vanished
-  before its stage completed (deleted by hand) all count as a failed attempt. A failed attempt
+  before its stage completed (deleted by hand; not observed for `JOB_VISIBLE_GRACE_SECONDS`
+  after its create) all count as a failed attempt. A failed attempt
   is retried after `spec.retries` backoff (the failed job is deleted first) until the retries
   are spent; then the stage and the pipeline are Failed and the last job is kept for its logs.
   Raising `spec.retries.limit` on a Failed pipeline retries the stage.
@@ -43,10 +44,13 @@ from peg.operator.model import Artifacts, ChildRef, Condition, Metrics, Pipeline
 from peg.pipeline import enabled_stages, stage_hashes
 
 STAGE_LABEL = "peg.dev/stage"
+# A job created less than this long ago and not observed yet is not "missing": the watch that
+# feeds the observations may lag behind the create (seen under load in the emulator test).
+JOB_VISIBLE_GRACE_SECONDS = 60
 HASH_LABEL = "peg.dev/stage-hash"
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
-StoreStageState = Literal["complete", "stale", "partial", "pending"]  # peg.pipeline.pipeline_status
+StoreStageState = Literal["complete", "stale", "partial", "pending", "invalid"]  # peg.pipeline.pipeline_status
 
 
 class Renderer(Protocol):
@@ -322,6 +326,10 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
         return
     if entry.phase == "Running":
         name = entry.child.name if entry.child else f"of stage {entry.name}"
+        started = datetime.fromisoformat(entry.started_at) if entry.started_at else step.now
+        if step.now - started < timedelta(seconds=JOB_VISIBLE_GRACE_SECONDS):
+            entry.message = f"waiting for job {name} to be observed"  # the watch lags behind our create
+            return
         _fail_attempt(step, spec, entry, f"job {name} disappeared before the stage completed (deleted by hand?)", "JobMissing")
         return
     if entry.phase == "Failed" and entry.attempts >= max_attempts:

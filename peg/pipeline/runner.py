@@ -25,7 +25,7 @@ from typing import Protocol
 
 from peg.config import RunConfig
 from peg.errors import PegError
-from peg.pipeline.context import ScopedStore, StageContext
+from peg.pipeline.context import ScopedStore, StageContext, primary_node
 from peg.pipeline.stages import STAGES, Stage, enabled_stages
 from peg.pipeline.state import (
     DamagedRecord,
@@ -195,6 +195,8 @@ def _explain_failure(store: ArtifactStore, config: RunConfig, message: str) -> s
 def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> None:
     """The body of `peg pipeline stage NAME CONFIG`: run one stage and mark it complete.
 
+    Stages after `prepare` see `data.*` pointing at local copies of the data in the store. On the
+    other nodes of a multi-node training job only the stage's work runs: node 0 keeps the record.
     Under `peg pipeline run` the run's lease is already held (PEG_RUN_LEASE names its owner);
     started on its own, the stage takes the lease for its duration.
     """
@@ -203,7 +205,7 @@ def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> Non
         raise ValueError(f"stage {name!r} is not enabled in {config_path} (enabled: {', '.join(stages)})")
     store = open_store(config.store)
     holder = current_lease(config, store)
-    if holder is not None and holder.owner == os.environ.get(LEASE_ENV):
+    if not primary_node() or (holder is not None and holder.owner == os.environ.get(LEASE_ENV)):
         _run_stage(config, config_path, stages[name], store)
         return
     lease = run_lease(config, store, f"peg pipeline stage {name} {config_path}")
@@ -225,6 +227,9 @@ def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: Artifa
         if upstream is None or upstream.status != "complete" or upstream.hash != hashes[need]:
             raise StageFailed(f"stage {name} needs stage {need}, which is not complete")
         inputs[need] = upstream.digest()  # its outputs are verified as this stage reads them
+    if not primary_node():  # another node of a multi-node job: node 0 holds the lease and the record
+        stage.run(StageContext(config, config_path, store, name, stage_hash, inputs).with_data())
+        return
     record = _record_or_none(store, prefix)
     if record is not None and (record.hash != stage_hash or (record.inputs and record.inputs != inputs)):
         store.delete(prefix)  # outputs of another config or other inputs: never resume from them
@@ -232,7 +237,7 @@ def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: Artifa
         store.delete(record.failed)
     write_record(store, prefix, StageRecord(name, stage_hash, "running", {}, inputs))
     prefixes = (prefix, *(_prefix(config, s) for s in stage.writes))
-    context = StageContext(config, config_path, ScopedStore(store, name, prefixes), name, stage_hash, inputs)
+    context = StageContext(config, config_path, ScopedStore(store, name, prefixes), name, stage_hash, inputs).with_data()
     try:
         extra = stage.run(context)
     except IntegrityError as e:

@@ -8,11 +8,14 @@ returns any extra output keys it made elsewhere. Heavy imports happen inside `ru
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peg.config import BEIR_PREFIX, STAGE_SECTIONS, RunConfig
-from peg.pipeline.context import StageContext
+from peg.pipeline.context import DATA, StageContext, primary_node, stored_train_file
+from peg.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class Stage:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data (train and eval splits; `beir:NAME` fetched first) and record its counts."""
+    """Validate the BEIR data (train and eval splits; `beir:NAME` fetched first), record its counts
+    and put the data (and any data.train_files) into the store, where every later stage reads it."""
+    from peg.data.fetch import resolve_beir
     from peg.data import BeirDataset
 
     config = ctx.config
@@ -49,10 +54,19 @@ def _prepare(ctx: StageContext) -> list[str]:
         spec = archive(config.data.beir.removeprefix(BEIR_PREFIX))
         summary["source"] = {"dataset": config.data.beir, "licence": spec.licence, "homepage": spec.homepage}
         print(f"{config.data.beir}: licence {spec.licence}; see {spec.homepage}", flush=True)
-    for split in dict.fromkeys([config.data.train_split, config.data.eval_split]):
+    splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split]))
+    for split in splits:
         data = BeirDataset.load(config.data.beir, split)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
         summary["passages"] = len(data.corpus)
+    beir = resolve_beir(config.data.beir)
+    files = {f"beir/{name}": beir / name for name in ("corpus.jsonl", "queries.jsonl", *(f"qrels/{s}.tsv" for s in splits))}
+    for i, path in enumerate(config.data.train_files):
+        files[f"train_files/{stored_train_file(i, path)}"] = Path(path)
+    with progress_bar(len(files), "upload data", unit="file") as advance:
+        for name, path in files.items():
+            ctx.store.put_file(ctx.key("prepare", f"{DATA}/{name}"), path, producer="prepare", config_hash=ctx.stage_hash)
+            advance(1)
     ctx.store.put_json(ctx.output_key("data.json"), summary, "prepare", ctx.stage_hash)
     return []
 
@@ -105,9 +119,10 @@ def training_inputs(ctx: StageContext) -> list[str]:
 
 
 def _train(ctx: StageContext) -> list[str]:
-    """Train on the upstream JSONL and the user's own `data.train_files` (kept, after the pipeline's);
-    checkpoints in the work dir make a killed run resume."""
+    """Train on the upstream JSONL (+ data.train_files). Checkpoints go to the store as each one
+    completes and are restored from it, so a rescheduled pod resumes exactly where it stopped."""
     from peg.train import train
+    from peg.train.checkpoints import restore_checkpoint
 
     work = ctx.work_dir()
     inputs = work / "inputs"
@@ -115,14 +130,19 @@ def _train(ctx: StageContext) -> list[str]:
     fetched = [str(ctx.store.materialise(k, inputs)) for k in training_inputs(ctx)]
     config.data.train_files = [*fetched, *ctx.config.data.train_files]
     output = work / "output"
-    resume = (output / "checkpoints" / "latest").exists()
-    model_dir = train(config, output, resume=resume)
+    checkpoints = ctx.output_key("checkpoints")
+    single_node = os.environ.get("PET_NNODES", "1") == "1"
+    resume = restore_checkpoint(ctx.store, checkpoints, output / "checkpoints", trust_local=single_node)
+    model_dir = train(config, output, resume=resume, checkpoint_key=checkpoints)
+    if not primary_node():
+        return []
     keys = ctx.put_dir("model", model_dir)
     for name in ("metrics.jsonl", "training.png"):
         if (output / name).is_file():
             key = ctx.output_key(name)
             ctx.store.put_file(key, output / name, producer="train", config_hash=ctx.stage_hash)
             keys.append(key)
+    ctx.store.delete(checkpoints)  # the model is stored: the checkpoints have done their job
     return keys
 
 

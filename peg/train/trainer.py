@@ -3,7 +3,7 @@
 Where it runs, decided from the environment:
 - inside torchrun (LOCAL_RANK set), or one process per pod (RANK and WORLD_SIZE set, no
   PET_NNODES): trains in the calling process;
-- in a Kubeflow PyTorchJob pod with PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / ...: starts
+- in a TrainJob or PyTorchJob pod (PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / PET_MASTER_PORT): starts
   torchrun with `config.train.nproc_per_node` processes, which reads the PET_* values itself;
 - otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
 Output directory layout:
@@ -37,8 +37,10 @@ from peg.config import RunConfig
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
+from peg.store import open_store
 from peg.store.files import atomic_output, write_atomically
 from peg.train.batches import BatchError, BatchPlan, PairFile, Prefetcher, prepare_step
+from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
 from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_gib, progress_text, step_flops, throughput
 
@@ -47,12 +49,13 @@ class TrainError(PegError, RuntimeError):
     """Training could not run or a worker failed."""
 
 
-def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
-    """Train, checkpoint and export to `output_dir`; returns the exported model directory."""
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None) -> Path:
+    """Train, checkpoint and export to `output_dir`; returns the exported model directory.
+    With `checkpoint_key`, each checkpoint is also uploaded to the store under that key."""
     output_dir = Path(output_dir)
     if runs_in_process(os.environ):
-        return run_worker(config, output_dir, resume)
-    return launch(config, output_dir, resume)
+        return run_worker(config, output_dir, resume, checkpoint_key)
+    return launch(config, output_dir, resume, checkpoint_key)
 
 
 def runs_in_process(env: Mapping[str, str]) -> bool:
@@ -60,17 +63,22 @@ def runs_in_process(env: Mapping[str, str]) -> bool:
     return "LOCAL_RANK" in env or ("RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env)
 
 
-def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str]) -> list[str]:
+def torchrun_command(
+    nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str],
+    checkpoint_key: str | None = None,
+) -> list[str]:
     """The torch.distributed.run command line that starts the workers."""
     # peg.process runs torchrun so that it dies with this process (and its workers die with it)
     cmd = [sys.executable, "-m", "peg.process", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
-    if "PET_NNODES" not in env:  # a PyTorchJob pod's PET_* variables give torchrun nodes and master
+    if "PET_NNODES" not in env:  # TrainJob / PyTorchJob pods: torchrun reads nodes, rank and master from PET_*
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     cmd += ["-m", "peg.train.worker", str(config_path), str(output_dir)]
+    if checkpoint_key:
+        cmd += ["--checkpoint-key", checkpoint_key]
     return [*cmd, "--resume"] if resume else cmd
 
 
-def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
+def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
     """Start `nproc_per_node` workers with torch.distributed.run on this machine and wait."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
     if config.batch.queries_per_step % world_size:
@@ -83,7 +91,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env)
+    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise TrainError(f"training workers failed (exit status {rc}); see their output above")
@@ -144,8 +152,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
-    """The per-rank training loop (inside torchrun)."""
+def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
+    """The per-rank training loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
     import deepspeed
     import torch.distributed as dist
 
@@ -240,7 +248,9 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
                     record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
                     metrics.log(record)
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                    tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                    if checkpoint_key:
+                        upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, config.train.keep_checkpoints)
                 advance(1, status=progress_text(rates))
     finally:
         if isinstance(batches, Prefetcher):
@@ -254,8 +264,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     return model_dir
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> None:
-    """DeepSpeed checkpoint + every rank's RNG state; `latest` moves only once all are written."""
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> str:
+    """DeepSpeed checkpoint + every rank's RNG state; `latest` moves only once all are written. Returns the tag."""
     import torch.distributed as dist
 
     tag = f"step{step:08d}"
@@ -265,10 +275,11 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, 
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
     dist.barrier()
-    if rank == 0:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # each node prunes its own disk
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    return tag
 
 
 def _export(engine, encoder: Encoder, model_dir: Path, rank: int) -> Path:

@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--checkpoint-key", help="Store key prefix each checkpoint is also uploaded to.")
     args = parser.parse_args(argv)
     die_with_parent()  # torchrun starts workers in their own sessions: a group kill would miss them
     try:
-        run_worker(load_config(args.config), Path(args.output_dir), args.resume)
+        run_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
     except (ConfigError, DataError, BatchError, TrainError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"peg train: error: {e}", file=sys.stderr, flush=True)
