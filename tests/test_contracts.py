@@ -47,6 +47,8 @@ def _changed_value(model: BaseModel, name: str):
         return value / 2 if value else 0.5
     if isinstance(value, str):
         return value + "x"
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [*value, max(value) + 1]  # eval.k_values
     return None
 
 

@@ -28,14 +28,15 @@ from peg.pipeline.state import read_record
 from peg.store import open_store
 
 MARK = "PEG_FAULT_TEST_MARK"
-# The output whose byte is flipped, per stage (a prefix picks the first key under it).
+# The output whose byte is flipped, per stage (a key prefix picks the first key under it; the
+# encode stage's outputs are the embedding cache every run in the store shares).
 FLIPPED = {
-    "prepare": "prepare/data.json",
+    "prepare": "tiny/prepare/data.json",
     "encode": "encode/passage-",
-    "mine": "mine/train.jsonl",
-    "train": "train/model/model.safetensors",
-    "eval": "eval/summary.json",
-    "export": "export/model/model.safetensors",
+    "mine": "tiny/mine/train.jsonl",
+    "train": "tiny/train/model/model.safetensors",
+    "eval": "tiny/eval/summary.json",
+    "export": "tiny/export/model/model.safetensors",
 }
 DAMAGED_RECORD = "report"  # its `_stage.json` gets a flipped byte
 
@@ -157,7 +158,8 @@ def heal(assets, kind: str) -> dict[str, bytes]:
     assert {s.state for s in pipeline_status(config, store)} == {"complete"}
     flipped = {}
     for stage, pattern in FLIPPED.items():  # an output the stage's record lists (eval adds to encode/ too)
-        key = next(k for k in sorted(read_record(store, f"tiny/{stage}").outputs) if k.startswith(f"tiny/{pattern}"))
+        outputs = sorted(read_record(store, f"tiny/{stage}").outputs)
+        key = next(k for k in outputs if k.startswith(pattern))
         flip_stored_byte(store, key)
         flipped[stage] = key
     flip_stored_byte(store, f"tiny/{DAMAGED_RECORD}/_stage.json")

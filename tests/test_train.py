@@ -154,10 +154,19 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert 4 <= killed_at < 14, "the run must be killed between its first checkpoint and its end"
     assert not (out / "model").exists()
 
+    # the checkpoint knows its plan: resuming with another batch shape is refused before any worker starts
+    other = json.loads(config.read_text())
+    other["batch"]["queries_per_step"] = 2
+    (tmp_path / "other.yaml").write_text(json.dumps(other))
+    refused = run([sys.executable, "-m", "peg", "train", str(tmp_path / "other.yaml"), "--output", str(out), "--resume"])
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "belongs to another training plan" in refused.stderr
+    assert "batch.queries_per_step 4 -> 2" in refused.stderr and "total steps" not in refused.stderr
+
     resumed = run([*cli, "--output", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "peg train: resumed from checkpoint step000000" in resumed.stderr
-    start = int(resumed.stderr.split("resumed from checkpoint step")[1].split()[0])
+    assert "train: resuming from checkpoint step000000" in resumed.stderr
+    start = int(resumed.stderr.split("resuming from checkpoint step")[1].split()[0])
     assert 3 <= start <= killed_at
     after = read_metrics(metrics)
     assert [r["step"] for r in after] == list(range(1, 15))
@@ -297,7 +306,7 @@ def test_cli_listwise_without_teacher_scores_fails_with_file_and_line(tmp_path):
     files = [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2, scores=False)]
     config = _train_config(tmp_path, model, files)
     data = json.loads(config.read_text())
-    data["loss"] = {"kind": "listwise", "listwise": {"list_size": 3}}
+    data["loss"] = {"kind": "listwise"}
     config.write_text(json.dumps(data))
     proc = run([sys.executable, "-m", "peg", "train", str(config), "--output", str(tmp_path / "out")])
     assert proc.returncode == 2
@@ -330,5 +339,5 @@ def test_paper_scale_examples_load(name):
         assert b.queries_per_step * (1 + b.hard_negatives) >= 80_000 and b.hard_negatives == 5
         assert t.zero_stage == 2 and config.loss.progressive.enabled
     else:
-        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.loss.listwise.list_size == 20
+        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.score.list_size == 20
         assert config.loss.kind == "listwise"

@@ -18,13 +18,17 @@ from peg.pipeline.context import DATA, StageContext, primary_node, stored_train_
 from peg.progress import progress_bar
 
 
+EMBEDDING_CACHE = "encode"  # = peg.runtime.embeddings.CACHE_PREFIX (tests/test_architecture.py checks)
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage: what it needs, how it runs, when it is enabled, and where else it writes.
 
     Its config sections are `STAGE_SECTIONS[name]` (peg/config.py), the declaration the stage's
     own shard-reuse hash uses too. `writes` names stages whose prefixes it may add to besides its
-    own (the embedding cache under `encode/`).
+    own; `shared` names store-wide prefixes it may add to (`EMBEDDING_CACHE`, which every run in
+    the store shares).
     """
 
     name: str
@@ -32,6 +36,7 @@ class Stage:
     run: Callable[[StageContext], list[str]]
     enabled: Callable[[RunConfig], bool] = field(default=lambda config: True)
     writes: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -56,7 +61,7 @@ def _prepare(ctx: StageContext) -> list[str]:
         print(f"{config.data.beir}: licence {spec.licence}; see {spec.homepage}", flush=True)
     splits = list(dict.fromkeys([config.data.train_split, config.data.eval_split]))
     for split in splits:
-        data = BeirDataset.load(config.data.beir, split)
+        data = BeirDataset.load(config.data.beir, split, allow_empty=config.data.allow_empty_passages)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
         summary["passages"] = len(data.corpus)
     beir = resolve_beir(config.data.beir)
@@ -79,12 +84,12 @@ def _synth(ctx: StageContext) -> list[str]:
 
 
 def _encode(ctx: StageContext) -> list[str]:
-    from peg.mine.session import ray_session
     from peg.mine.stage import run_encode
+    from peg.runtime import ray_session
 
     with ray_session():
-        run_encode(ctx.config, ctx.store)
-    return []
+        corpus, queries = run_encode(ctx.config, ctx.store)
+    return [key for folder in (corpus.key, queries.key) for key in ctx.store.list(folder)]
 
 
 def _mine(ctx: StageContext) -> list[str]:
@@ -166,13 +171,13 @@ def _report(ctx: StageContext) -> list[str]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", (), _prepare),
-    Stage("synth", ("prepare",), _synth, lambda c: c.synth.enabled, writes=("encode",)),
-    Stage("encode", ("prepare",), _encode),
-    Stage("mine", ("encode",), _mine, writes=("encode",)),
+    Stage("synth", ("prepare",), _synth, lambda c: c.synth.enabled, shared=(EMBEDDING_CACHE,)),
+    Stage("encode", ("prepare",), _encode, shared=(EMBEDDING_CACHE,)),
+    Stage("mine", ("encode",), _mine, shared=(EMBEDDING_CACHE,)),
     Stage("judge", ("mine",), _judge, lambda c: c.judge.enabled),
     Stage("score", ("mine", "judge"), _score, lambda c: c.score.enabled),
     Stage("train", ("mine", "judge", "score", "synth"), _train),
-    Stage("eval", ("train",), _eval, writes=("encode",)),
+    Stage("eval", ("train",), _eval, shared=(EMBEDDING_CACHE,)),
     Stage("export", ("train", "eval"), _export),
     Stage("report", ("mine", "train", "eval"), _report),
 )

@@ -11,13 +11,20 @@ Output directory layout:
     metrics.jsonl          one record a step (loss, lr, beta, weight statistics, throughput), rank 0
     tensorboard/           the same scalars as TensorBoard events
     training.png           loss / lr / beta(t) / weights / throughput / time split over steps, after the run
-    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt), every checkpoint_every steps
+    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt, plan.json), every checkpoint_every steps
+
+A checkpoint records the training plan it belongs to (`plan.json`: seed, batch shape, world
+size, total steps, the training data's sha256); `--resume` with another plan is refused, naming
+what differs, instead of continuing at a batch index of another plan.
     model/                 the final model as a sentence-transformers folder
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
@@ -25,24 +32,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from peg.errors import PegError
 from peg.config import RunConfig
+from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
 from peg.store import open_store
-from peg.store.files import atomic_output, write_atomically
-from peg.train.batches import BatchError, BatchPlan, PairFile, Prefetcher, prepare_step
+from peg.store.files import atomic_output, file_sha256, write_atomically
+from peg.train.batches import BatchPlan, PairFile, Prefetcher, prepare_step
 from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
 from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_gib, progress_text, step_flops, throughput
+
+logger = logging.getLogger(__name__)
 
 
 class TrainError(PegError, RuntimeError):
@@ -78,13 +87,66 @@ def torchrun_command(
     return [*cmd, "--resume"] if resume else cmd
 
 
+def training_plan(
+    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None
+) -> tuple[BatchPlan, int, dict]:
+    """Index and check the training data: (batch plan, total steps, the plan's identity).
+
+    With `gather` (inside the workers) each rank scans its share of the blocks; without it (the
+    launcher, before any worker starts) this process scans them all. Raises `DataError` /
+    `BatchError` / `TrainError` naming the file, line or key at fault.
+    """
+    files = list(config.data.train_files)
+    if not files:
+        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
+    need_scores = config.loss.kind == "listwise"
+    datasets = {
+        f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
+                          block_bytes=config.data.block_bytes, shard=rank if gather else 0,
+                          shards=world_size if gather else 1, gather=gather)
+        for f in files
+    }  # fmt: skip
+    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
+    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(file_sha256(Path(f))[1].encode())
+    identity = {
+        "train.seed": config.train.seed,
+        "batch.queries_per_step": config.batch.queries_per_step,
+        "batch.hard_negatives": config.batch.hard_negatives,
+        "world size": world_size,
+        "total steps": total_steps,
+        "data.max_train_queries": config.data.max_train_queries,
+        "data.block_bytes": config.data.block_bytes,
+        "training data sha256": digest.hexdigest(),
+    }
+    return plan, total_steps, identity
+
+
+def check_resume(ckpt_dir: Path, identity: dict) -> str | None:
+    """The newest checkpoint's tag (None without one); refuses, naming what differs, one written
+    for another training plan."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    record = ckpt_dir / tag / "plan.json"
+    if not record.is_file():
+        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it has no plan.json (written by another peg version)")
+    stored = json.loads(record.read_text())
+    differs = [f"{k} {stored.get(k)} -> {v}" for k, v in identity.items() if stored.get(k) != v]
+    if differs:
+        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it belongs to another training plan ({'; '.join(differs)})")
+    return tag
+
+
 def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
-    """Start `nproc_per_node` workers with torch.distributed.run on this machine and wait."""
+    """Check the data and the plan here, then start `nproc_per_node` workers with torch.distributed.run."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
-    if config.batch.queries_per_step % world_size:
-        raise BatchError(
-            f"batch.queries_per_step ({config.batch.queries_per_step}) does not divide across {world_size} ranks"
-        )
+    _, _, identity = training_plan(config, world_size)
+    if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
+        logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_no_live_writer(output_dir)
     config_path = write_atomically(output_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -94,7 +156,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise TrainError(f"training workers failed (exit status {rc}); see their output above")
+        raise TrainError(f"training workers failed (exit status {rc})")
     return output_dir / "model"
 
 
@@ -168,23 +230,14 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     claim_output_dir(output_dir)
     ckpt_dir = output_dir / "checkpoints"
 
-    need_scores = config.loss.kind == "listwise"
-    files = list(config.data.train_files)
-    if not files:
-        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
-
     def gather(obj: object) -> list[object]:
         parts: list[object] = [None] * world_size
         dist.all_gather_object(parts, obj)
         return parts
 
-    datasets = {
-        f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
-                          block_bytes=config.data.block_bytes, shard=rank, shards=world_size, gather=gather)
-        for f in files
-    }  # fmt: skip
-    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
-    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+    plan, total_steps, identity = training_plan(config, world_size, rank, gather)
+    if resume:
+        check_resume(ckpt_dir, identity)
 
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
@@ -201,7 +254,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         tag = (ckpt_dir / "latest").read_text().strip()
         _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
         if rank == 0:
-            print(f"peg train: resumed from checkpoint {tag} at step {step}", file=sys.stderr, flush=True)
+            logger.info("train: resumed from checkpoint %s at step %d", tag, step)
     else:
         _seed_all(config.train.seed + 1000 * rank)
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
@@ -248,7 +301,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                     record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
                     metrics.log(record)
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                    tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                    tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints,
+                                           identity)
                     if checkpoint_key:
                         upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, config.train.keep_checkpoints)
                 advance(1, status=progress_text(rates))
@@ -264,14 +318,18 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     return model_dir
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> str:
-    """DeepSpeed checkpoint + every rank's RNG state; `latest` moves only once all are written. Returns the tag."""
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int,
+                     identity: dict) -> str:
+    """DeepSpeed checkpoint + every rank's RNG state + the plan; `latest` moves only once all are written.
+    Returns the tag."""
     import torch.distributed as dist
 
     tag = f"step{step:08d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     with atomic_output(ckpt_dir / tag / f"rng-rank{rank}.pt") as out:
         torch.save(_rng_state(), out)
+    if rank == 0:
+        write_atomically(ckpt_dir / tag / "plan.json", json.dumps(identity, indent=2) + "\n")
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
     dist.barrier()

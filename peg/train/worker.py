@@ -11,11 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from peg.config import ConfigError, load_config
-from peg.data import DataError
+from peg.config import load_config
+from peg.console import LOG_FILE_ENV, capture
+from peg.errors import PegError
 from peg.process import die_with_parent
-from peg.train.batches import BatchError
-from peg.train.trainer import TrainError, run_worker
+from peg.train.trainer import run_worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-key", help="Store key prefix each checkpoint is also uploaded to.")
     args = parser.parse_args(argv)
     die_with_parent()  # torchrun starts workers in their own sessions: a group kill would miss them
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if LOG_FILE_ENV in os.environ:  # started by a peg command: its log file; the launcher talks to the user
+        capture("train", show_logs=False)
     try:
         run_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
-    except (ConfigError, DataError, BatchError, TrainError) as e:
-        if os.environ.get("RANK", "0") == "0":
+    except PegError as e:
+        if rank0:
             print(f"peg train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
