@@ -195,14 +195,13 @@ def heal(assets, kind: str) -> dict[str, bytes]:
     return outputs(config_path, root / f"healed-{kind}")
 
 
-@pytest.mark.xfail(strict=False, reason="since the streaming trainer merge a resumed run's eval scores differ in the "
-                   "last digits from a clean run's (the 2-node pod-contract equality is xfail for the same reason); "
-                   "cause not found yet")
 def test_a_clean_s3_run_equals_the_killed_and_resumed_local_run(assets):
     root, env, _, s3, _ = assets
     run_to_end(s3, env)
     RESULTS["s3"] = outputs(s3, root / "clean-s3")
-    assert RESULTS["s3"] == RESULTS["resumed"]
+    if RESULTS["s3"] != RESULTS["resumed"]:
+        pytest.xfail("known defect: since the streaming-trainer merge a resumed run's eval scores differ in the last "
+                     "digits from a clean run's (the 2-node pod-contract equality is xfail for the same reason)")
 
 
 def test_a_flipped_byte_in_every_stage_is_found_and_healed_local(assets):
