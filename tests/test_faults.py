@@ -199,9 +199,7 @@ def test_a_clean_s3_run_equals_the_killed_and_resumed_local_run(assets):
     root, env, _, s3, _ = assets
     run_to_end(s3, env)
     RESULTS["s3"] = outputs(s3, root / "clean-s3")
-    if RESULTS["s3"] != RESULTS["resumed"]:
-        pytest.xfail("known defect: since the streaming-trainer merge a resumed run's eval scores differ in the last "
-                     "digits from a clean run's (the 2-node pod-contract equality is xfail for the same reason)")
+    assert RESULTS["s3"] == RESULTS["resumed"]
 
 
 def test_a_flipped_byte_in_every_stage_is_found_and_healed_local(assets):
@@ -214,6 +212,4 @@ def test_a_flipped_byte_in_every_stage_is_found_and_healed_s3(assets):
 
 def healed_equals_clean(healed: dict[str, bytes]) -> None:
     assert healed.keys() == RESULTS["s3"].keys()
-    if healed != RESULTS["s3"]:
-        pytest.xfail("known defect: since the streaming-trainer merge two trainings of one config differ in the last "
-                     "digits, so a retrained stage's outputs differ from the clean run's (every heal check passed)")
+    assert healed == RESULTS["s3"]

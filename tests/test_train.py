@@ -227,6 +227,22 @@ def test_batches_come_from_one_dataset_and_slice_per_rank(tmp_path, block_bytes)
     assert fresh.rank_batch(1, name, number, 1) == plan.rank_batch(1, name, number, 1)
 
 
+def test_the_batches_do_not_depend_on_where_the_files_are(tmp_path):
+    """The same files under other paths (another pipeline work directory, a pod) give the same
+    batches: the plan is seeded by the datasets' order, never by their paths."""
+    plans = []
+    for where in ("run-a/inputs", "elsewhere/b"):
+        folder = tmp_path / where
+        folder.mkdir(parents=True)
+        files = [write_pairs(folder / "x.jsonl", "alpha", 9, 2), write_pairs(folder / "y.jsonl", "beta", 8, 2)]
+        datasets = {f: load_dataset(f, 2, need_scores=False, block_bytes=300) for f in files}
+        plans.append(BatchPlan(datasets, queries_per_step=4, world_size=2, seed=1))
+    for epoch in (0, 1):
+        read = [[p.rank_batch(epoch, name, number, r).queries
+                 for name, number in p.epoch_batches(epoch) for r in range(2)] for p in plans]
+        assert read[0] == read[1]
+
+
 def test_indexing_split_across_ranks_equals_one_process(tmp_path):
     path = write_pairs(tmp_path / "a.jsonl", "alpha", 40, 3, scores=False)
     lines = Path(path).read_text().splitlines()
