@@ -97,7 +97,7 @@ def st_worker(spec: dict) -> dict:
         start = time.perf_counter()
         columns = [[r["query"] for r in batch], [r["pos"][0] for r in batch]]
         columns += [[r["neg"][j] for r in batch] for j in range(n)]
-        features = [{k: v.to(device) for k, v in model.tokenize(col).items()} for col in columns]
+        features = [{k: v.to(device) for k, v in model.tokenize(col).items() if isinstance(v, torch.Tensor)} for col in columns]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(features, torch.zeros(q, dtype=torch.long, device=device))
         loss.backward()

@@ -10,11 +10,11 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
 from peg.config import ConfigError, RunConfig, json_schema, load_config
+from peg.console import capture, console, forget_log_file, log_file
 from peg.data import BeirDataset, DataError
 from peg.data.fetch import DATASETS
 from peg.errors import PegError
@@ -24,10 +24,11 @@ class PegCommands(TyperGroup):
     """The root command group: every `PegError` raised by any command becomes one line and exit 2."""
 
     def invoke(self, ctx):
+        forget_log_file()
         try:
             return super().invoke(ctx)
         except PegError as e:
-            fail(str(e))
+            fail(str(e) if e.bad_input or log_file() is None else f"{e} (full log: {log_file()})")
 
 
 app = typer.Typer(
@@ -38,13 +39,32 @@ data_app = typer.Typer(help="Check and fetch datasets.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True, soft_wrap=True)
-
 ConfigPath = Annotated[Path, typer.Argument(help="Run config YAML.")]
+_options = {"verbose": False}
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Show everything (library logs, Ray, torch, DeepSpeed, every rank) "
+                     "instead of only peg's lines, progress bars and results; the log file gets it either way."),
+    ] = False,
+) -> None:
+    _options["verbose"] = verbose
+
+
+def begin(name: str) -> Path:
+    """Start a long-running command: its noise goes to a log file (see `peg.console`)."""
+    return capture(name, _options["verbose"])
+
+
+def say(message: str, **style) -> None:
+    console().print(message, highlight=False, markup=False, **style)
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console().print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -75,7 +95,10 @@ def config_schema(
     """Write the run config's JSON schema."""
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as e:
+            fail(f"{output}: cannot write: {e.strerror}")
     else:
         sys.stdout.write(text)
 
@@ -93,13 +116,13 @@ def data_check(
     except DataError as e:
         fail(str(e))
     for name, count in report.counts.items():
-        console.print(f"{name}: {count:,}", highlight=False, markup=False)
+        say(f"{name}: {count:,}")
     for problem in report.problems:
-        console.print(f"problem: {problem}", style="red", highlight=False, markup=False)
+        say(f"problem: {problem}", style="red")
     if report.problems:
-        console.print(f"[bold red]{len(report.problems)} problem(s)[/]")
+        console().print(f"[bold red]{len(report.problems)} problem(s)[/]")
         raise typer.Exit(1)
-    console.print("[bold green]ok[/]")
+    console().print("[bold green]ok[/]")
 
 
 @data_app.command("fetch")
@@ -116,7 +139,7 @@ def data_fetch(
     folder = fetch_dataset(name, to)
     if not cached:
         spec = DATASETS[name]
-        console.print(f"{name}: licence {spec.licence}; see {spec.homepage}", highlight=False, markup=False)
+        say(f"{name}: licence {spec.licence}; see {spec.homepage}")
     print(folder)
 
 
@@ -132,54 +155,53 @@ def eval_command(
     """Evaluate a model on a BEIR split: nDCG@10, MAP@100, MRR@10, Recall@10/100."""
     from peg.eval import evaluate_model
     from peg.eval.retrieval import markdown_table
-    from peg.model import model_config_for
+    from peg.model import check_model, model_config_for
 
-    try:
-        overrides = {"pooling": pooling} if pooling else {}
-        model_config = model_config_for(model, **overrides)
-        dataset = BeirDataset.load(data, split)
-    except (DataError, ValueError) as e:
-        fail(str(e))
+    if output is not None and output.exists() and not output.is_dir():
+        fail(f"--output {output}: exists and is not a directory")
+    log = begin("eval")
+    check_model(model)
+    overrides = {"pooling": pooling} if pooling else {}
+    model_config = model_config_for(model, **overrides)
+    dataset = BeirDataset.load(data, split, allow_empty=True)
     result = evaluate_model(model_config, dataset, batch_size=batch_size)
-    print(markdown_table({model: result.metrics}), end="")
+    print(markdown_table({model: result.metrics}), end="", file=console().file)
     if output:
         paths = result.write(output, title=model)
-        console.print(f"wrote {paths['run']}, {paths['json']}, {paths['markdown']}", highlight=False)
+        say(f"wrote {paths['run']}, {paths['json']}, {paths['markdown']}")
+    say(f"log: {log}")
 
 
 @app.command("encode")
 def encode_command(path: ConfigPath) -> None:
     """Encode the corpus and the train-split queries (Ray Data; cached in the store by model + data hash)."""
     from peg.mine import run_encode
-    from peg.store import StoreError, open_store
+    from peg.store import open_store
 
     config = read_config(path)
-    try:
-        corpus, queries = run_encode(config, open_store(config.store))
-    except (ConfigError, DataError, StoreError, ValueError) as e:
-        fail(str(e))
+    log = begin("encode")
+    corpus, queries = run_encode(config, open_store(config.store))
     for name, emb in (("passages", corpus), ("queries", queries)):
-        console.print(f"{name}: {len(emb.ids):,} embeddings of dim {emb.matrix.shape[1]} at {emb.key}", highlight=False, markup=False)
+        say(f"{name}: {len(emb.ids):,} embeddings of dim {emb.matrix.shape[1]} at {emb.key}")
+    say(f"log: {log}")
 
 
 @app.command("mine")
 def mine_command(path: ConfigPath) -> None:
     """Mine hard negatives for the train split (sharded FAISS on Ray); resumes from stored query shards."""
-    from peg.mine import MiningError, run_mine
-    from peg.store import StoreError, open_store
+    from peg.mine import run_mine
+    from peg.store import open_store
 
     config = read_config(path)
-    try:
-        result = run_mine(config, open_store(config.store))
-    except (ConfigError, DataError, StoreError, MiningError, ValueError) as e:
-        fail(str(e))
+    log = begin("mine")
+    result = run_mine(config, open_store(config.store))
     stats = result.stats
-    console.print(
+    console().print(
         f"query shards: {len(result.computed)} mined, {len(result.reused)} reused; {result.seconds:.1f} s\n"
         f"queries: {stats['queries']:,}, negatives kept: {stats['kept']:,}, "
         f"queries short of {config.mining.negatives_per_query}: {stats['queries_short']:,}\n"
         f"dropped by rule: " + ", ".join(f"{k}={v:,}" for k, v in stats["dropped"].items()) + "\n"
-        f"wrote {', '.join(result.keys.values())}",
+        f"wrote {', '.join(result.keys.values())}\nlog: {log}",
         highlight=False,
         markup=False,
     )
@@ -208,8 +230,7 @@ def store_ls(
     except StoreError as e:
         fail(str(e))
     if not keys:
-        console.print(f"no artifacts under {prefix or '(the whole store)'!r} in {store.describe()}", highlight=False,
-                      markup=False)
+        say(f"no artifacts under {prefix or '(the whole store)'!r} in {store.describe()}")
 
 
 @store_app.command("get")
@@ -228,7 +249,7 @@ def store_get(
         open_store(config.store).materialise_prefix(prefix, dest)
     except StoreError as e:
         fail(str(e))
-    console.print(f"wrote {dest}", highlight=False, markup=False)
+    say(f"wrote {dest}")
 
 
 InputKey = Annotated[
@@ -239,18 +260,17 @@ InputKey = Annotated[
 @app.command("judge")
 def judge_command(path: ConfigPath, input_key: InputKey = None) -> None:
     """LLM false-negative judge: drop mined negatives the LLM scores as relevant (Ray; resumes from stored shards)."""
-    from peg.llm import LLMError, ShardsFailed, run_judge
-    from peg.store import StoreError, open_store
+    from peg.llm import run_judge
+    from peg.store import open_store
 
     config = read_config(path)
-    try:
-        stats = run_judge(config, open_store(config.store), input_key)
-    except (ConfigError, DataError, StoreError, LLMError, ShardsFailed, ValueError) as e:
-        fail(str(e))
-    console.print(
+    log = begin("judge")
+    stats = run_judge(config, open_store(config.store), input_key)
+    console().print(
         f"judged {stats['negatives']:,} negatives of {stats['examples']:,} queries ({stats['mode']}): "
         f"dropped {stats['dropped']:,} (drop rate {stats['drop_rate']:.1%}); shards: {stats['shards_computed']} "
-        f"computed, {stats['shards_reused']} reused\nwrote {config.name}/judge/train.jsonl, judgments.jsonl, report.json",
+        f"computed, {stats['shards_reused']} reused\nwrote {config.name}/judge/train.jsonl, judgments.jsonl, report.json"
+        f"\nlog: {log}",
         highlight=False, markup=False,
     )
 
@@ -258,18 +278,16 @@ def judge_command(path: ConfigPath, input_key: InputKey = None) -> None:
 @app.command("score")
 def score_command(path: ConfigPath, input_key: InputKey = None) -> None:
     """Teacher scores (cross-encoder or LLM) for each query's candidate list (Ray; resumes from stored shards)."""
-    from peg.llm import LLMError, ShardsFailed, run_score
-    from peg.store import StoreError, open_store
+    from peg.llm import run_score
+    from peg.store import open_store
 
     config = read_config(path)
-    try:
-        stats = run_score(config, open_store(config.store), input_key)
-    except (ConfigError, DataError, StoreError, LLMError, ShardsFailed, ValueError) as e:
-        fail(str(e))
-    console.print(
+    log = begin("score")
+    stats = run_score(config, open_store(config.store), input_key)
+    console().print(
         f"scored {stats['pairs']:,} pairs of {stats['examples']:,} queries with the {stats['teacher']} teacher; "
         f"shards: {stats['shards_computed']} computed, {stats['shards_reused']} reused\n"
-        f"wrote {config.name}/score/train.jsonl, report.json",
+        f"wrote {config.name}/score/train.jsonl, report.json\nlog: {log}",
         highlight=False, markup=False,
     )
 
@@ -277,19 +295,17 @@ def score_command(path: ConfigPath, input_key: InputKey = None) -> None:
 @app.command("synth")
 def synth_command(path: ConfigPath) -> None:
     """Synthetic queries from the corpus, round-trip filtered (Ray; resumes from stored shards)."""
-    from peg.llm import LLMError, ShardsFailed, run_synth
-    from peg.store import StoreError, open_store
+    from peg.llm import run_synth
+    from peg.store import open_store
 
     config = read_config(path)
-    try:
-        report = run_synth(config, open_store(config.store))
-    except (ConfigError, DataError, StoreError, LLMError, ShardsFailed, ValueError) as e:
-        fail(str(e))
+    log = begin("synth")
+    report = run_synth(config, open_store(config.store))
     lines = [f"{t:<10} " + ", ".join(f"{k}={v}" for k, v in c.items()) for t, c in report["by_type"].items()]
-    console.print(
+    console().print(
         f"{report['passages']:,} passages: kept {report['kept']:,}, dropped {report['dropped']:,}; shards: "
         f"{report['shards_computed']} computed, {report['shards_reused']} reused\n" + "\n".join(lines)
-        + f"\nwrote {config.name}/synth/train.jsonl, queries.jsonl, report.json",
+        + f"\nwrote {config.name}/synth/train.jsonl, queries.jsonl, report.json\nlog: {log}",
         highlight=False, markup=False,
     )
 
@@ -310,32 +326,36 @@ def pipeline_run(
     wait: Annotated[float, typer.Option(min=0, help="Seconds to wait while another process runs this run.")] = 0,
 ) -> None:
     """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
-    from peg.pipeline import LocalBackend, StageFailed, run_pipeline
-    from peg.store import StoreError
+    from peg.pipeline import LocalBackend, StageFailed, pipeline_results, run_pipeline
+    from peg.store import open_store
     from peg.store.lease import LeaseHeld
 
     config = read_config(path)
-    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-    try:
-        if backend is BackendName.k8s:
-            from peg.k8s import check_renderable
-            from peg.k8s.backend import ClusterError, K8sBackend
+    log = begin("pipeline")
+    say(f"peg pipeline {config.name}: store {config.store.uri}; full log: {log}")
+    if backend is BackendName.k8s:
+        from peg.k8s import check_renderable
+        from peg.k8s.backend import K8sBackend
 
-            check_renderable(config)
-            runner_backend = K8sBackend(config, log=log)
-        else:
-            ClusterError = StageFailed  # noqa: N806 - nothing cluster-specific can fail locally
-            runner_backend = LocalBackend()
-        run_pipeline(config, path.resolve(), runner_backend, log=log, wait=wait)
-    except (ConfigError, LeaseHeld) as e:
+        check_renderable(config)
+        runner_backend = K8sBackend(config, log=say)
+    else:
+        runner_backend = LocalBackend()
+    try:
+        seconds = run_pipeline(config, path.resolve(), runner_backend, log=say, wait=wait)
+    except StageFailed as e:
+        if e.reported:  # the stage printed its own one-line error
+            raise typer.Exit(2) from None
+        fail(f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
+    except LeaseHeld as e:
         fail(str(e))
-    except (StageFailed, StoreError, ClusterError, ValueError) as e:
-        fail(f"{e}; rerun `peg pipeline run {path}` to resume")
-    console.print(
-        f"report: {config.name}/report/report.html; the model as a plain folder: "
-        f"peg store get {path} {config.name}/export/model DEST",
-        highlight=False, markup=False,
-    )
+    except PegError as e:
+        fail(str(e) if e.bad_input else f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
+    if seconds:
+        say("ran " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
+    for line in pipeline_results(config, open_store(config.store)):
+        say(line)
+    say(f"the model as a plain folder: peg store get {path} {config.name}/export/model DEST")
 
 
 @app.command("render")
@@ -363,7 +383,7 @@ def render_command(
     output.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         write_atomically(output / name, text)
-    console.print(f"wrote {len(files)} files to {output}", highlight=False, markup=False)
+    say(f"wrote {len(files)} files to {output}")
 
 
 @app.command("submit")
@@ -378,15 +398,16 @@ def submit_command(
 
     config = read_config(path)
     try:
-        phase = K8sBackend(config, log=lambda m: console.print(m, markup=False, highlight=False)).submit(stage, wait)
+        phase = K8sBackend(config, log=say).submit(stage, wait)
     except (ConfigError, ClusterError, StageFailed) as e:
         fail(str(e))
-    console.print(f"stage {stage}: {phase}", highlight=False, markup=False)
+    say(f"stage {stage}: {phase}")
 
 
 @pipeline_app.command("status")
 def pipeline_status_command(path: ConfigPath) -> None:
     """Show each stage's state: complete, partial (interrupted), stale (config changed) or pending."""
+    from rich.console import Console
     from rich.table import Table
 
     from peg.pipeline import current_lease, pipeline_status
@@ -402,9 +423,9 @@ def pipeline_status_command(path: ConfigPath) -> None:
     table = Table("stage", "state", "outputs", "detail")
     for row in rows:
         table.add_row(row.name, row.state, str(row.outputs), row.detail)
-    Console().print(table)
+    Console().print(table)  # a result: stdout
     if holder is not None:
-        console.print(f"in use by {holder.describe()}", highlight=False, markup=False)
+        say(f"in use by {holder.describe()}")
 
 
 @pipeline_app.command("stage")
@@ -416,6 +437,7 @@ def pipeline_stage(
     from peg.pipeline import run_stage_entrypoint
 
     config = read_config(path)
+    begin(f"stage-{name}")
     try:
         run_stage_entrypoint(config, path.resolve(), name)
     except (PegError, ValueError) as e:  # every stage's own errors are PegErrors: no heavy imports here
@@ -430,15 +452,12 @@ def pretrain_command(
 ) -> None:
     """Masked auto-encoding pretraining on data.beir's corpus (RetroMAE-style, `pretrain` section),
     distributed like `peg train`; export the encoder to OUTPUT/model for `train` to start from."""
-    from peg.train import BatchError, TrainError
     from peg.train.pretrain import pretrain
 
     config = read_config(path)
-    try:
-        model_dir = pretrain(config, output, resume=resume)
-    except (ConfigError, DataError, BatchError, TrainError) as e:
-        fail(str(e))
-    console.print(f"model: {model_dir}")
+    log = begin("pretrain")
+    model_dir = pretrain(config, output, resume=resume)
+    say(f"model: {model_dir}\nlog: {log}")
 
 
 @app.command("train")
@@ -449,14 +468,12 @@ def train_command(
 ) -> None:
     """Train with DeepSpeed under torchrun (started here with train.nproc_per_node processes
     unless already inside torchrun / a PyTorchJob pod); export the model to OUTPUT/model."""
-    from peg.train import BatchError, TrainError, train
+    from peg.train import train
 
     config = read_config(path)
-    try:
-        model_dir = train(config, output, resume=resume)
-    except (ConfigError, DataError, BatchError, TrainError) as e:
-        fail(str(e))
-    console.print(f"model: {model_dir}")
+    log = begin("train")
+    model_dir = train(config, output, resume=resume)
+    say(f"model: {model_dir}\nlog: {log}")
 
 
 operator_app = typer.Typer(help="The pipeline operator: its CRD and EmbeddingPipeline manifests.", no_args_is_help=True)
@@ -467,7 +484,7 @@ OutputFile = Annotated[Path | None, typer.Option("--output", "-o", help="Write h
 def _write(text: str, output: Path | None) -> None:
     if output:
         output.write_text(text)
-        console.print(f"wrote {output}", highlight=False)
+        say(f"wrote {output}")
     else:
         sys.stdout.write(text)
 

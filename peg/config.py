@@ -24,9 +24,19 @@ BEIR_PREFIX = "beir:"
 class ConfigError(PegError, ValueError):
     """A run configuration that cannot be used; the message names file, key path and line."""
 
+    bad_input = True
+
+
+class KeyConflict(ValueError):
+    """A cross-field check that failed; `key` is the dotted key the message is reported at."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -50,6 +60,15 @@ class DataConfig(Section):
         "qrels), synthetic (the synth stage's kept queries; no human query or qrel is read, so a BEIR folder "
         "with only corpus.jsonl will do) or both.",
     )
+    empty_passages: Literal["warn", "error"] = Field(
+        "warn",
+        description="Passages whose title and text are both empty: warn (count them and encode them as empty "
+        "strings, as peers do) or error (refuse the corpus).",
+    )
+
+    @property
+    def allow_empty_passages(self) -> bool:
+        return self.empty_passages == "warn"
     block_bytes: int = Field(
         16 << 20, ge=256, description="Training-pair files stream in blocks of this size: the unit of shuffling "
         "(blocks, then examples within a block) and what a rank holds in memory.",
@@ -89,9 +108,10 @@ class ProgressiveConfig(Section):
 
 
 class ListwiseConfig(Section):
-    """Listwise distillation (Tamber et al.): KL(teacher || student) + a small InfoNCE term."""
+    """Listwise distillation (Tamber et al.): KL(teacher || student) + a small InfoNCE term.
 
-    list_size: int = Field(20, ge=2)
+    The list is each query's positive and its `batch.hard_negatives` negatives."""
+
     teacher_temperature: float = Field(0.3, gt=0)
     student_temperature: float = Field(0.05, gt=0)
     nce_weight: float = Field(0.1, ge=0)
@@ -202,6 +222,12 @@ class MiningConfig(Section):
 
     @model_validator(mode="after")
     def _check_window(self) -> MiningConfig:
+        if self.top_k < self.negatives_per_query:
+            raise KeyConflict(
+                "mining.top_k",
+                f"mining.top_k ({self.top_k}) is below mining.negatives_per_query ({self.negatives_per_query}): "
+                "selection can keep at most top_k candidates",
+            )
         start, end = self.rank_window
         if not 0 <= start < end:
             raise ValueError(f"rank_window must be [start, end) with 0 <= start < end, got {list(self.rank_window)}")
@@ -289,8 +315,17 @@ class SynthConfig(Section):
 
 class EvalConfig(Section):
     enabled: bool = Field(True, description="Evaluate on data.eval_split (reads only that split's queries and qrels).")
-    batch_size: int = Field(64, ge=1)
-    k_values: list[int] = [10, 100]
+    k_values: list[int] = Field(
+        [10, 100],
+        min_length=1,
+        description="Cut-offs of the reported recall@k (and map@max k); the search depth is max(10, max k).",
+    )
+
+    @model_validator(mode="after")
+    def _check_k_values(self) -> EvalConfig:
+        if any(k < 1 for k in self.k_values) or len(set(self.k_values)) != len(self.k_values):
+            raise ValueError(f"k_values must be distinct positive integers, got {self.k_values}")
+        return self
 
 
 class StoreConfig(Section):
@@ -323,6 +358,19 @@ class StoreConfig(Section):
         60.0, ge=10, description="A run's lease in the store expires this long after its last renewal."
     )
     part_size_mib: int = Field(64, ge=5, le=5120, description="Multipart upload part size (MiB) for large files.")
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> StoreConfig:
+        if self.endpoint is None:
+            return self
+        host, colon, port = self.endpoint.rpartition(":")
+        if "://" in self.endpoint or "/" in self.endpoint:
+            raise KeyConflict(
+                "store.endpoint", f"store.endpoint must be host:port without a scheme or path, got {self.endpoint!r}"
+            )
+        if colon and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise KeyConflict("store.endpoint", f"store.endpoint {self.endpoint!r}: the port must be a number 1-65535")
+        return self
 
 
 class ResourcesConfig(Section):
@@ -405,15 +453,54 @@ class RunConfig(Section):
     store: StoreConfig = StoreConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_list_lengths(cls, data: Any) -> Any:
+        """Fill the per-query list lengths the config leaves out from the ones it gives: mining keeps
+        `batch.hard_negatives` negatives, or training uses `mining.negatives_per_query` (when mining
+        runs: `data.beir` set); the teacher scores 1 + `batch.hard_negatives` candidates."""
+        if not isinstance(data, dict):
+            return data
+        sections = {name: data.get(name) or {} for name in ("data", "batch", "mining", "score")}
+        if not all(isinstance(v, dict) for v in sections.values()):
+            return data
+        source, batch, mining, score = (dict(sections[n]) for n in ("data", "batch", "mining", "score"))
+        if source.get("beir") is not None:
+            if "hard_negatives" not in batch and "negatives_per_query" in mining:
+                batch["hard_negatives"] = mining["negatives_per_query"]
+            elif "negatives_per_query" not in mining and "hard_negatives" in batch:
+                mining["negatives_per_query"] = max(1, batch["hard_negatives"])
+        if score.get("enabled") and "list_size" not in score:
+            score["list_size"] = batch.get("hard_negatives", BatchConfig.model_fields["hard_negatives"].default) + 1
+        derived = {"batch": batch, "mining": mining, "score": score}
+        return {**data, **{name: value for name, value in derived.items() if value or name in data}}
+
     @model_validator(mode="after")
-    def _check_cross_section(self) -> RunConfig:
-        if self.loss.kind == "listwise" and self.batch.hard_negatives + 1 > self.loss.listwise.list_size:
-            raise ValueError(
-                f"batch.hard_negatives + 1 ({self.batch.hard_negatives + 1}) exceeds loss.listwise.list_size "
-                f"({self.loss.listwise.list_size})"
+    def _check_list_lengths(self) -> RunConfig:
+        """The per-query list lengths that stages hand to each other agree (see docs/architecture.md)."""
+        negatives = self.batch.hard_negatives
+        if self.data.beir is not None and self.mining.negatives_per_query < negatives:
+            raise KeyConflict(
+                "batch.hard_negatives",
+                f"batch.hard_negatives ({negatives}) exceeds mining.negatives_per_query "
+                f"({self.mining.negatives_per_query}): training needs more negatives than mining keeps",
+            )
+        if self.score.enabled and self.score.list_size < negatives + 1:
+            raise KeyConflict(
+                "score.list_size",
+                f"score.list_size ({self.score.list_size}) is below batch.hard_negatives + 1 ({negatives + 1}): "
+                "the teacher must score the positive and every negative a training list holds",
+            )
+        if self.loss.kind == "listwise" and not self.score.enabled and not self.data.train_files:
+            raise KeyConflict(
+                "loss.kind",
+                "loss.kind listwise needs teacher scores: set score.enabled: true (or give data.train_files "
+                "that carry pos_scores/neg_scores)",
             )
         if self.data.train_queries != "human" and not self.synth.enabled:
-            raise ValueError(f"data.train_queries {self.data.train_queries!r} needs synth.enabled: true")
+            raise KeyConflict(
+                "data.train_queries", f"data.train_queries {self.data.train_queries!r} needs synth.enabled: true"
+            )
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -469,6 +556,10 @@ def _format_errors(err: ValidationError, source: str, key_lines: dict[tuple[str,
     messages = []
     for e in err.errors():
         path = tuple(str(p) for p in e["loc"])
+        conflict = (e.get("ctx") or {}).get("error")
+        if isinstance(conflict, KeyConflict):
+            path = tuple(conflict.key.split("."))
+            e = {**e, "msg": str(conflict)}
         line = None
         for n in range(len(path), 0, -1):  # nearest enclosing key that exists in the file
             if path[:n] in key_lines:
@@ -476,13 +567,31 @@ def _format_errors(err: ValidationError, source: str, key_lines: dict[tuple[str,
                 break
         where = f"{source}:{line}" if line else source
         key = ".".join(path) or "<root>"
-        messages.append(f"{where}: {key}: {e['msg']}")
-    return "\n".join(messages)
+        message = e["msg"].removeprefix("Value error, ")
+        messages.append(f"{where}: {message}" if isinstance(conflict, KeyConflict) else f"{where}: {key}: {message}")
+    return "; ".join(messages)
+
+
+def _reject_duplicate_keys(node: yaml.Node | None, source: str, path: tuple[str, ...] = ()) -> None:
+    """YAML keeps the last of two equal keys silently; a config with one is an error."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in first:
+                dotted = ".".join((*path, name))
+                raise ConfigError(f"{source}:{line}: {dotted}: duplicate key (first on line {first[name]})")
+            first[name] = line
+            _reject_duplicate_keys(value, source, (*path, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, source, (*path, str(i)))
 
 
 def parse_config(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None) -> RunConfig:
     """Validate YAML text as a `RunConfig`; errors name `source`, key path and line."""
     try:
+        _reject_duplicate_keys(yaml.compose(text), source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -504,11 +613,19 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     """Read and validate a run config file; `overrides` maps dotted keys to values."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-    config = parse_config(text, str(path), overrides)
-    return _resolve_paths(config, path.parent)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    config = _resolve_paths(parse_config(text, str(path), overrides), path.parent)
+    for i, file in enumerate(config.data.train_files):
+        if Path(file).is_file() and not Path(file).read_bytes()[:65536].strip():
+            raise ConfigError(f"{path}: data.train_files[{i}]: {file} is empty (no training examples)")
+    return config
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -9,4 +9,10 @@ from __future__ import annotations
 
 
 class PegError(Exception):
-    """An error the user can act on; `str()` is one line naming what is at fault."""
+    """An error the user can act on; `str()` is one line naming what is at fault.
+
+    `bad_input`: the cause is the user's input (config, data, model name), fully named in the
+    message; other errors also point at the command's log file.
+    """
+
+    bad_input = False

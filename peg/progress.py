@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,6 +17,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from peg.console import console
+
 
 class _RateColumn(TextColumn):
     def __init__(self, unit: str):
@@ -28,6 +29,8 @@ class _RateColumn(TextColumn):
         from rich.text import Text
 
         speed = task.finished_speed or task.speed
+        if not speed and task.completed and task.elapsed:  # too few updates for rich's estimate: the mean
+            speed = task.completed / task.elapsed
         return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
 
 
@@ -52,7 +55,8 @@ def progress_bar(total: int, description: str, enabled: bool = True, unit: str =
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
-    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
+    # redirect_*=False: other libraries' prints (Ray's worker logs, tqdm) stay out of the console
+    with Progress(*columns, transient=False, console=console(), redirect_stdout=False, redirect_stderr=False) as progress:
         task = progress.add_task(description, total=total, status="")
 
         def advance(n: int, status: str | None = None) -> None:

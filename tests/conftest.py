@@ -7,6 +7,14 @@ import pytest
 from s3server import WeedS3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def log_dir(tmp_path_factory):
+    """peg commands write their log files under the session's temp folder, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEG_LOG_DIR", str(tmp_path_factory.mktemp("peg-logs")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS) on 127.0.0.1 with enforced keys, started once per session."""

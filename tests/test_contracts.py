@@ -48,6 +48,8 @@ def _changed_value(model: BaseModel, name: str):
         return value / 2 if value else 0.5
     if isinstance(value, str):
         return value + "x"
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [*value, max(value) + 1]  # eval.k_values
     return None
 
 
@@ -137,13 +139,15 @@ def test_train_stage_keeps_the_users_train_files(tmp_path, monkeypatch):
                                        "data": {"beir": "/b", "train_files": ["/mine/extra.jsonl"]}})
     seen = {}
 
-    def fake_train(cfg, output, resume):
+    def fake_train(cfg, output, resume, checkpoint_key=None):
         seen["files"] = cfg.data.train_files
         (output / "model").mkdir(parents=True)
         (output / "model" / "w.bin").write_bytes(b"w")
         return output / "model"
 
     monkeypatch.setitem(sys.modules, "peg.train", types.SimpleNamespace(train=fake_train))  # no torch import
+    monkeypatch.setitem(sys.modules, "peg.train.checkpoints",
+                        types.SimpleNamespace(restore_checkpoint=lambda *a, **k: False))
     monkeypatch.setenv("PEG_WORK_DIR", str(tmp_path / "work"))
     ctx = StageContext(config, tmp_path / "c.yaml", ScopedStore(store, "train", ("contract/train",)), "train", "h" * 64)
     keys = _train(ctx)

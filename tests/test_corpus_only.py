@@ -53,7 +53,7 @@ def synthetic_config(assets, store: Path, **sections) -> dict:
                    "rank_window": [0, 24], "actor_cpus": 0.5},
         "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(assets["reranker"]),
                   "list_size": 4, "llm": {"shard_size": 64, "actor_cpus": 0.5}},
-        "loss": {"kind": "listwise", "listwise": {"list_size": 4}},
+        "loss": {"kind": "listwise"},
         "batch": {"queries_per_step": 4, "hard_negatives": 3},
         "train": {"max_steps": 2, "learning_rate": 1e-3, "nproc_per_node": 1, "zero_stage": 0},
         "pretrain": {"enabled": True, "batch_size": 4, "max_steps": 2, "max_length": 32},

@@ -10,11 +10,11 @@ import pytest
 import ray
 from tiny import make_tiny_model
 
-import peg.mine.encode as encode_module
+import peg.runtime.embeddings as encode_module
 from peg.config import RunConfig, StoreConfig
 from peg.data import DataError, Passage
-from peg.mine import encode_corpus
-from peg.mine.encode import cache_key
+from peg.runtime import encode_corpus
+from peg.runtime.embeddings import cache_key
 from peg.model import Encoder
 from peg.store import open_store
 

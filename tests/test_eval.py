@@ -3,13 +3,15 @@
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from reference_metrics import reference_metrics
 from typer.testing import CliRunner
 
 from peg.cli import app
 from peg.data import BeirDataset
-from peg.eval import compute_metrics, evaluate_model, read_run, write_run
+from peg.config import ConfigError, parse_config
+from peg.eval import compute_metrics, evaluate_embeddings, evaluate_model, read_run, write_run
 from peg.model import model_config_for
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
@@ -41,6 +43,30 @@ def test_metrics_match_reference_with_grades_ties_and_missing_queries(tmp_path):
     assert_same(compute_metrics(qrels, read_run(path)), expected)
 
 
+def test_reported_cut_offs_follow_eval_k_values():
+    rng = random.Random(1)
+    docs = [f"d{i}" for i in range(60)]
+    qrels = {f"q{i}": {d: 1 for d in rng.sample(docs, 4)} for i in range(20)}
+    run = {qid: {d: rng.random() for d in rng.sample(docs, 30)} for qid in qrels}
+    metrics = compute_metrics(qrels, run, (5, 20))
+    assert list(metrics) == ["ndcg@10", "map@20", "mrr@10", "recall@5", "recall@20"]  # no recall@100 on a top-20 run
+    assert_same(metrics, reference_metrics(qrels, run, (5, 20)))
+
+    # evaluate_embeddings searches max(10, max k) deep and reports at the configured cut-offs
+    vectors = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    result = evaluate_embeddings(list(qrels), vectors[:20], docs, vectors, qrels, k_values=(1, 3))
+    assert list(result.metrics) == ["ndcg@10", "map@3", "mrr@10", "recall@1", "recall@3"]
+    assert {len(docs_) for docs_ in result.run.values()} == {10}
+    assert_same(result.metrics, reference_metrics(qrels, result.run, (1, 3)))
+    assert load_config_text("eval: {k_values: [5, 20]}").eval.k_values == [5, 20]
+    with pytest.raises(ConfigError, match="k_values must be distinct positive integers"):
+        load_config_text("eval: {k_values: [5, 5]}")
+
+
+def load_config_text(text: str):
+    return parse_config("model: {name_or_path: m}\n" + text, "cfg.yaml")
+
+
 def test_run_file_ranks_in_trec_eval_order(tmp_path):
     path = tmp_path / "run.trec"
     write_run(path, {"q": {"a": 0.5, "b": 0.5, "c": 0.9}})
@@ -70,6 +96,6 @@ def test_minilm_on_scifact_slice_matches_reference_from_run_file(tmp_path):
 
 
 def test_cli_eval_errors_name_the_file(tmp_path):
-    result = CliRunner().invoke(app, ["eval", "--model", "x", "--data", str(SCIFACT), "--split", "dev"])
+    result = CliRunner().invoke(app, ["eval", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--data", str(SCIFACT), "--split", "dev"])
     assert result.exit_code == 2
     assert "no qrels for split 'dev'" in result.output

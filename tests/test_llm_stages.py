@@ -2,7 +2,7 @@
 
 Tiny models built in the test (a Llama with the SmolLM2 tokenizer, a BERT cross-encoder) keep
 them fast; the packaged MiniLM is the synth round trip's retriever. A failed shard (fault
-injection through PEG_LLM_FAIL_SHARDS) is named, and the rerun redoes only that shard and ends
+injection through PEG_FAIL_SHARDS) is named, and the rerun redoes only that shard and ends
 with the same artifacts as an uninterrupted run.
 """
 
@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from peg.cli import app
 from peg.config import JudgeConfig, LLMConfig, RunConfig
 from peg.data import TrainingExample, iter_examples, write_examples
-from peg.llm import LLMScorer, ShardsFailed, judge_examples, run_score, run_synth
-from peg.llm.shards import FAIL_SHARDS_ENV
+from peg.llm import LLMScorer, judge_examples, run_score, run_synth
+from peg.runtime.shards import FAIL_SHARDS_ENV, ShardsFailed
 from peg.store import LocalStore
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -132,6 +132,7 @@ def test_score_stage_writes_teacher_scores(ray_local, tiny_cross_encoder_dir, tm
     put_mined(store, tmp_path)
     config = RunConfig.model_validate({
         "name": "llmrun", "model": {"name_or_path": MINILM}, "store": {"uri": str(tmp_path / "store")},
+        "batch": {"hard_negatives": 2},
         "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(tiny_cross_encoder_dir),
                   "list_size": 3, "llm": {"shard_size": 3, "num_actors": 1}},
     })
@@ -185,7 +186,7 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
 
     # The second store starts with the first one's corpus embeddings (the encode cache), as a
     # rerun on the same store would; the synth shards are all computed anew.
-    shutil.copytree(tmp_path / "whole" / "llmrun" / "encode", tmp_path / "resumed" / "llmrun" / "encode")
+    shutil.copytree(tmp_path / "whole" / "encode", tmp_path / "resumed" / "encode")
     resumed_store = LocalStore(tmp_path / "resumed")
     resumed = synth_config(tmp_path, str(tmp_path / "resumed"), tiny_llama_dir)
     monkeypatch.setenv(FAIL_SHARDS_ENV, "0")

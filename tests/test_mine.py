@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from peg.cli import app
 from peg.config import load_config
 from peg.data import iter_examples
-from peg.mine import MiningError, run_mine
-from peg.mine.stage import FAIL_SHARDS_ENV
+from peg.mine import run_mine
+from peg.runtime import ShardsFailed
+from peg.runtime.shards import FAIL_SHARDS_ENV
 from peg.store import open_store
 
 WORDS = "alpha beta gamma delta protein cell gene virus star orbit bread oven market loan song chord".split()
@@ -131,7 +132,7 @@ def test_failed_shard_is_named_and_a_rerun_redoes_only_it(mined, monkeypatch):
     config, store = mined["config"], mined["store"]
     store.delete(f"{config.name}/mine")
     monkeypatch.setenv(FAIL_SHARDS_ENV, "1")
-    with pytest.raises(MiningError, match=r"query shard 00001 failed: .*injected failure") as failure:
+    with pytest.raises(ShardsFailed, match=r"mine shard 00001 failed: .*injected failure") as failure:
         run_mine(config, store, show_progress=False)
     assert failure.value.failed.keys() == {1}
     assert not store.exists(f"{config.name}/mine/shard-00001.jsonl")

@@ -12,7 +12,8 @@ import pytest
 import ray
 
 from peg.config import MiningConfig
-from peg.mine import EmptyShardError, ShardedIndex, select_negatives
+from peg.mine import select_negatives
+from peg.runtime import EmptyShardError, ShardedIndex
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_ray_session_joins_the_cluster_named_by_ray_address(ray_local):
     """What a KubeRay RayJob does: RAY_ADDRESS set -> connect to that cluster, start none."""
     address = ray.get_runtime_context().gcs_address
     code = (
-        "import ray\nfrom peg.mine import ray_session\n"
+        "import ray\nfrom peg.runtime import ray_session\n"
         "with ray_session():\n    print(ray.get_runtime_context().gcs_address)\n"
         "print(ray.is_initialized())\n"
     )

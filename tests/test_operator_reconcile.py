@@ -226,7 +226,7 @@ def test_job_succeeded_without_a_complete_store_record_is_a_failed_attempt():
     [
         ({"train": {"learning_rate": 1e-4}}, {"train", "eval", "export", "report"}),
         ({"mining": {"top_k": 50}}, {"mine", "train", "eval", "export", "report"}),
-        ({"eval": {"batch_size": 8}}, {"eval", "export", "report"}),
+        ({"eval": {"k_values": [10, 20]}}, {"eval", "export", "report"}),
     ],
     ids=["train", "mining", "eval"],
 )

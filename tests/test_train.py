@@ -154,10 +154,19 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert 4 <= killed_at < 14, "the run must be killed between its first checkpoint and its end"
     assert not (out / "model").exists()
 
+    # the checkpoint knows its plan: resuming with another batch shape is refused before any worker starts
+    other = json.loads(config.read_text())
+    other["batch"]["queries_per_step"] = 2
+    (tmp_path / "other.yaml").write_text(json.dumps(other))
+    refused = run([sys.executable, "-m", "peg", "train", str(tmp_path / "other.yaml"), "--output", str(out), "--resume"])
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "belongs to another training plan" in refused.stderr
+    assert "batch.queries_per_step 4 -> 2" in refused.stderr and "total steps" not in refused.stderr
+
     resumed = run([*cli, "--output", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "peg train: resumed from checkpoint step000000" in resumed.stderr
-    start = int(resumed.stderr.split("resumed from checkpoint step")[1].split()[0])
+    assert "train: resuming from checkpoint step000000" in resumed.stderr
+    start = int(resumed.stderr.split("resuming from checkpoint step")[1].split()[0])
     assert 3 <= start <= killed_at
     after = read_metrics(metrics)
     assert [r["step"] for r in after] == list(range(1, 15))
@@ -172,6 +181,8 @@ def test_launch_mode_follows_the_environment(tmp_path):
     local = torchrun_command(2, cfg, out, True, {})
     assert local[1:6] == ["-m", "peg.process", "torch.distributed.run", "--nproc_per_node", "2"]  # dies with us
     assert "--master_addr" in local and local[-3:] == [str(cfg), str(out), "--resume"]
+    pretraining = torchrun_command(1, cfg, out, True, {}, checkpoint_key="run/pretrain/checkpoints", pretrain=True)
+    assert pretraining[-6:] == [str(cfg), str(out), "--checkpoint-key", "run/pretrain/checkpoints", "--resume", "--pretrain"]
     assert runs_in_process({"LOCAL_RANK": "0", "RANK": "3", "WORLD_SIZE": "8"})  # inside torchrun
     assert runs_in_process({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "job-master-0"})  # pod per rank
     pet = {"RANK": "1", "WORLD_SIZE": "2", "PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "m"}
@@ -216,6 +227,22 @@ def test_batches_come_from_one_dataset_and_slice_per_rank(tmp_path, block_bytes)
     fresh = BatchPlan({"a": a, "b": b}, queries_per_step=4, world_size=2, seed=1)
     name, number = plan.epoch_batches(1)[2]
     assert fresh.rank_batch(1, name, number, 1) == plan.rank_batch(1, name, number, 1)
+
+
+def test_the_batches_do_not_depend_on_where_the_files_are(tmp_path):
+    """The same files under other paths (another pipeline work directory, a pod) give the same
+    batches: the plan is seeded by the datasets' order, never by their paths."""
+    plans = []
+    for where in ("run-a/inputs", "elsewhere/b"):
+        folder = tmp_path / where
+        folder.mkdir(parents=True)
+        files = [write_pairs(folder / "x.jsonl", "alpha", 9, 2), write_pairs(folder / "y.jsonl", "beta", 8, 2)]
+        datasets = {f: load_dataset(f, 2, need_scores=False, block_bytes=300) for f in files}
+        plans.append(BatchPlan(datasets, queries_per_step=4, world_size=2, seed=1))
+    for epoch in (0, 1):
+        read = [[p.rank_batch(epoch, name, number, r).queries
+                 for name, number in p.epoch_batches(epoch) for r in range(2)] for p in plans]
+        assert read[0] == read[1]
 
 
 def test_indexing_split_across_ranks_equals_one_process(tmp_path):
@@ -297,7 +324,7 @@ def test_cli_listwise_without_teacher_scores_fails_with_file_and_line(tmp_path):
     files = [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2, scores=False)]
     config = _train_config(tmp_path, model, files)
     data = json.loads(config.read_text())
-    data["loss"] = {"kind": "listwise", "listwise": {"list_size": 3}}
+    data["loss"] = {"kind": "listwise"}
     config.write_text(json.dumps(data))
     proc = run([sys.executable, "-m", "peg", "train", str(config), "--output", str(tmp_path / "out")])
     assert proc.returncode == 2
@@ -330,5 +357,5 @@ def test_paper_scale_examples_load(name):
         assert b.queries_per_step * (1 + b.hard_negatives) >= 80_000 and b.hard_negatives == 5
         assert t.zero_stage == 2 and config.loss.progressive.enabled
     else:
-        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.loss.listwise.list_size == 20
+        assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.score.list_size == 20
         assert config.loss.kind == "listwise"

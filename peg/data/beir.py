@@ -9,12 +9,15 @@ Readers stream and validate. Each takes `on_error`: by default the first problem
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peg.data.errors import DataError, OnError, iter_jsonl, raise_error, require_text
+from peg.data.errors import DataError, OnError, iter_jsonl, iter_lines, raise_error, require_text
 from peg.data.fetch import resolve_beir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,9 @@ class Passage:
         return f"{self.title} {self.text}".strip() if self.title else self.text
 
 
-def iter_corpus(folder: str | Path, on_error: OnError = raise_error) -> Iterator[Passage]:
-    """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty."""
+def iter_corpus(folder: str | Path, on_error: OnError = raise_error, allow_empty: bool = False) -> Iterator[Passage]:
+    """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty
+    (`allow_empty`: a passage whose title and text are both empty is yielded as it is)."""
     path = resolve_beir(folder) / "corpus.jsonl"
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path, on_error):
@@ -39,7 +43,7 @@ def iter_corpus(folder: str | Path, on_error: OnError = raise_error) -> Iterator
             title = obj.get("title") or ""
             if not isinstance(title, str):
                 raise DataError(path, lineno, f"field 'title' must be a string, got {type(title).__name__}")
-            text = require_text(obj, "text", path, lineno, allow_empty=bool(title.strip()))
+            text = require_text(obj, "text", path, lineno, allow_empty=allow_empty or bool(title.strip()))
             if pid in seen:
                 raise DataError(path, lineno, f"duplicate id '{pid}'")
         except DataError as e:
@@ -72,24 +76,31 @@ def load_qrels(folder: str | Path, split: str, on_error: OnError = raise_error) 
     if not path.is_file():
         raise DataError(path, None, f"file not found (no qrels for split '{split}')")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
-            if not row or (lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}):
-                continue
+    lines: dict[tuple[str, str], int] = {}
+    for lineno, line in iter_lines(path, on_error):
+        row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t"), [])
+        if not row or (lineno == 1 and row[0].strip().lower() in {"query-id", "query_id", "qid"}):
+            continue
+        try:
+            if len(row) != 3:
+                raise DataError(path, lineno, f"expected 3 tab-separated columns, got {len(row)}")
+            qid, pid, score = (c.strip() for c in row)
+            if not qid or not pid:
+                raise DataError(path, lineno, "empty query-id or corpus-id")
             try:
-                if len(row) != 3:
-                    raise DataError(path, lineno, f"expected 3 tab-separated columns, got {len(row)}")
-                qid, pid, score = (c.strip() for c in row)
-                if not qid or not pid:
-                    raise DataError(path, lineno, "empty query-id or corpus-id")
-                try:
-                    relevance = int(score)
-                except ValueError:
-                    raise DataError(path, lineno, f"score '{score}' is not an integer") from None
-            except DataError as e:
-                on_error(e)
-                continue
-            qrels.setdefault(qid, {})[pid] = relevance
+                relevance = int(score)
+            except ValueError:
+                raise DataError(path, lineno, f"score '{score}' is not an integer") from None
+            known = qrels.get(qid, {}).get(pid)
+            if known is not None and known != relevance:
+                raise DataError(
+                    path, lineno, f"({qid}, {pid}) has relevance {relevance} here and {known} on line {lines[qid, pid]}"
+                )
+        except DataError as e:
+            on_error(e)
+            continue
+        lines.setdefault((qid, pid), lineno)
+        qrels.setdefault(qid, {})[pid] = relevance
     return qrels
 
 
@@ -103,19 +114,33 @@ class BeirDataset:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     problems: list[DataError] = field(default_factory=list)
+    empty_passages: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, folder: str | Path, split: str, on_error: OnError = raise_error) -> BeirDataset:
-        """Load and cross-check; queries are restricted to those with qrels in `split`."""
+    def load(
+        cls, folder: str | Path, split: str, on_error: OnError = raise_error, allow_empty: bool = False
+    ) -> BeirDataset:
+        """Load and cross-check; queries are restricted to those with qrels in `split`.
+
+        `allow_empty`: passages whose title and text are both empty are kept (encoded as the empty
+        string, as peers do, so metrics stay comparable with trec_eval on the full qrels) and
+        counted in `empty_passages` with a logged warning; otherwise the first one is an error.
+        """
         folder = resolve_beir(folder)
         if not folder.is_dir():
             raise DataError(folder, None, "not a directory (expected a BEIR folder)")
-        corpus = {p.id: p for p in iter_corpus(folder, on_error)}
+        corpus = {p.id: p for p in iter_corpus(folder, on_error, allow_empty)}
+        empty = [pid for pid, p in corpus.items() if not p.full_text.strip()]
+        if empty:
+            logger.warning(
+                "%s: %d passage(s) with empty title and text (first: '%s') are encoded as empty strings",
+                folder / "corpus.jsonl", len(empty), empty[0],
+            )
         all_queries = load_queries(folder, on_error)
         qrels = load_qrels(folder, split, on_error)
         check_qrels_ids(folder, split, qrels, all_queries, corpus, on_error)
         queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
-        return cls(folder, split, corpus, queries, qrels)
+        return cls(folder, split, corpus, queries, qrels, empty_passages=empty)
 
 
 def check_qrels_ids(
@@ -139,7 +164,7 @@ def check_qrels_ids(
 
 def _qrels_line_numbers(path: Path) -> dict[tuple[str, str | None], int]:
     lines: dict[tuple[str, str | None], int] = {}
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
             if len(row) == 3:
                 qid, pid = row[0].strip(), row[1].strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from peg.errors import PegError
 
 class DataError(PegError, ValueError):
     """Bad input data. `str()` reads `file:line: message`."""
+
+    bad_input = True
 
     def __init__(self, path: str | Path, line: int | None, message: str):
         self.path = str(path)
@@ -29,24 +32,36 @@ def raise_error(error: DataError) -> None:
     raise error
 
 
+def iter_lines(path: Path, on_error: OnError = raise_error) -> Iterator[tuple[int, str]]:
+    """Yield (line number, text) of a UTF-8 file; a leading BOM is dropped, a line that is not
+    valid UTF-8 goes to `on_error`. Line endings are kept."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                on_error(DataError(path, lineno, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+
+
 def iter_jsonl(path: str | Path, on_error: OnError = raise_error) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; a malformed line goes to `on_error`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, "file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                on_error(DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
-                continue
-            if not isinstance(obj, dict):
-                on_error(DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}"))
-                continue
-            yield lineno, obj
+    for lineno, raw in iter_lines(path, on_error):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            on_error(DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            on_error(DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        yield lineno, obj
 
 
 def require_text(obj: dict[str, Any], key: str, path: Path | str, lineno: int, *, allow_empty: bool = False) -> str:

@@ -8,6 +8,7 @@ One object a line: {"query": str, "pos": [str, ...], "neg": [str, ...]} plus opt
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,9 +64,12 @@ def _aligned(obj: dict[str, Any], key: str, texts: list[str], kind: type, path: 
         n = len(value) if isinstance(value, list) else type(value).__name__
         raise DataError(path, lineno, f"field '{key}' must be a list aligned with its texts ({len(texts)}), got {n}")
     try:
-        return [kind(v) for v in value]
+        values = [kind(v) for v in value]
     except (TypeError, ValueError):
         raise DataError(path, lineno, f"field '{key}' must hold {kind.__name__} values") from None
+    if kind is float and not all(math.isfinite(v) for v in values):
+        raise DataError(path, lineno, f"field '{key}' holds a non-finite value ({value})")
+    return values
 
 
 def parse_example(obj: dict[str, Any], path: Path, lineno: int) -> TrainingExample:
@@ -92,11 +96,15 @@ def parse_example(obj: dict[str, Any], path: Path, lineno: int) -> TrainingExamp
 def iter_examples(path: str | Path, on_error: OnError = raise_error) -> Iterator[TrainingExample]:
     """Stream and validate a training-pair JSONL file."""
     path = Path(path)
+    count = 0
     for lineno, obj in iter_jsonl(path, on_error):
         try:
             yield parse_example(obj, path, lineno)
+            count += 1
         except DataError as e:
             on_error(e)
+    if count == 0:
+        on_error(DataError(path, None, "no training examples (the file is empty)"))
 
 
 def write_examples(path: str | Path, examples: Iterable[TrainingExample]) -> int:

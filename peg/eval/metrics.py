@@ -1,11 +1,13 @@
-"""Retrieval metrics computed by trec_eval's own code (pytrec_eval).
+"""Retrieval metrics computed by trec_eval's own code (pytrec_eval; docs/methods.md §8).
 
-Reported measures, named as BEIR/MTEB name them:
+Reported measures, named as BEIR/MTEB name them, for the cut-offs `k_values` (`eval.k_values`,
+default 10 and 100) with K = max(k_values):
   ndcg@10    trec_eval ndcg_cut_10
-  map@100    trec_eval map_cut_100
   mrr@10     trec_eval recip_rank on the run cut to its top 10 (trec_eval has no MRR cutoff)
-  recall@k   trec_eval recall_k
-Values are means over the queries that have qrels (trec_eval's default, without -c).
+  map@K      trec_eval map_cut_K
+  recall@k   trec_eval recall_k, for each k in k_values
+A run must hold at least max(10, K) documents per query (`search_depth`). Values are means over
+the queries that have qrels (trec_eval's default, without -c).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import pytrec_eval
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
 
-MEASURES = ("ndcg@10", "map@100", "mrr@10", "recall@10", "recall@100")
+DEFAULT_K = (10, 100)
+
+
+def search_depth(k_values: tuple[int, ...]) -> int:
+    """Documents to retrieve per query so every reported measure is exact."""
+    return max(10, *k_values)
 
 
 def top_k(run: Run, k: int) -> Run:
@@ -26,11 +33,12 @@ def top_k(run: Run, k: int) -> Run:
     }
 
 
-def per_query_metrics(qrels: Qrels, run: Run, recall_k: tuple[int, ...] = (10, 100)) -> dict[str, dict[str, float]]:
+def per_query_metrics(qrels: Qrels, run: Run, k_values: tuple[int, ...] = DEFAULT_K) -> dict[str, dict[str, float]]:
     """{query id: {measure: value}} for every query in qrels (absent from run -> zeros)."""
     judged = {qid: docs for qid, docs in qrels.items() if docs}
+    cut = max(k_values)
     full = pytrec_eval.RelevanceEvaluator(
-        judged, {"ndcg_cut.10", "map_cut.100", *(f"recall.{k}" for k in recall_k)}
+        judged, {"ndcg_cut.10", f"map_cut.{cut}", *(f"recall.{k}" for k in k_values)}
     ).evaluate(run)
     rr = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}).evaluate(top_k(run, 10))
     out: dict[str, dict[str, float]] = {}
@@ -38,17 +46,17 @@ def per_query_metrics(qrels: Qrels, run: Run, recall_k: tuple[int, ...] = (10, 1
         values = full.get(qid, {})
         row = {
             "ndcg@10": values.get("ndcg_cut_10", 0.0),
-            "map@100": values.get("map_cut_100", 0.0),
+            f"map@{cut}": values.get(f"map_cut_{cut}", 0.0),
             "mrr@10": rr.get(qid, {}).get("recip_rank", 0.0),
         }
-        row.update({f"recall@{k}": values.get(f"recall_{k}", 0.0) for k in recall_k})
+        row.update({f"recall@{k}": values.get(f"recall_{k}", 0.0) for k in sorted(k_values)})
         out[qid] = row
     return out
 
 
-def compute_metrics(qrels: Qrels, run: Run, recall_k: tuple[int, ...] = (10, 100)) -> dict[str, float]:
+def compute_metrics(qrels: Qrels, run: Run, k_values: tuple[int, ...] = DEFAULT_K) -> dict[str, float]:
     """Mean of each measure over the queries with qrels; unretrieved queries count as 0."""
-    rows = per_query_metrics(qrels, run, recall_k)
+    rows = per_query_metrics(qrels, run, tuple(k_values))
     if not rows:
         raise ValueError("no judged queries: qrels are empty")
     names = next(iter(rows.values())).keys()

@@ -11,7 +11,7 @@ import numpy as np
 
 from peg.config import ModelConfig
 from peg.data import BeirDataset
-from peg.eval.metrics import Qrels, Run, compute_metrics
+from peg.eval.metrics import DEFAULT_K, Qrels, Run, compute_metrics, search_depth
 from peg.eval.runfile import write_run
 from peg.model import Encoder
 
@@ -57,22 +57,22 @@ def evaluate_embeddings(
     passage_ids: list[str],
     passage_emb: np.ndarray,
     qrels: Qrels,
-    k: int = 100,
+    k_values: tuple[int, ...] = DEFAULT_K,
 ) -> EvalResult:
-    """Retrieve the top `k` passages per query and compute the metrics against `qrels`."""
-    scores, indices = search(query_emb, passage_emb, k)
+    """Retrieve the top passages per query and compute the metrics at `k_values` against `qrels`."""
+    scores, indices = search(query_emb, passage_emb, search_depth(k_values))
     run: Run = {
         qid: {passage_ids[j]: float(s) for j, s in zip(idx, sc) if j >= 0}
         for qid, idx, sc in zip(query_ids, indices, scores)
     }
-    return EvalResult(compute_metrics(qrels, run), run, len(query_ids), len(passage_ids))
+    return EvalResult(compute_metrics(qrels, run, k_values), run, len(query_ids), len(passage_ids))
 
 
 def evaluate_model(
     model: ModelConfig | Encoder,
     data: BeirDataset,
     batch_size: int = 64,
-    k: int = 100,
+    k_values: tuple[int, ...] = DEFAULT_K,
     show_progress: bool = True,
 ) -> EvalResult:
     """Encode the split's queries and the whole corpus with `model`, then evaluate."""
@@ -81,4 +81,4 @@ def evaluate_model(
     passage_ids = list(data.corpus)
     q = encoder.encode([data.queries[i] for i in query_ids], "query", batch_size, show_progress)
     p = encoder.encode([data.corpus[i].full_text for i in passage_ids], "passage", batch_size, show_progress)
-    return evaluate_embeddings(query_ids, q, passage_ids, p, data.qrels, k)
+    return evaluate_embeddings(query_ids, q, passage_ids, p, data.qrels, k_values)

@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
+from peg.errors import PegError
 from peg.k8s.render import LABEL_HASH, LOCAL_STAGES, job_phase, render_config_map, render_stage
 from peg.pipeline import LocalBackend, Stage, StageFailed
 
@@ -27,7 +28,7 @@ API = {  # kind -> (group, version, plural)
 }
 
 
-class ClusterError(RuntimeError):
+class ClusterError(PegError, RuntimeError):
     """The Kubernetes API refused a request, or is unreachable."""
 
 

@@ -4,7 +4,6 @@ synthetic queries with a round-trip filter; all run on Ray actors over stored sh
 from peg.llm.judge import is_false_negative, judge_examples, run_judge
 from peg.llm.loading import LLMError, convert_gguf, load_causal_lm, model_folder
 from peg.llm.scorer import LLMScorer
-from peg.llm.shards import ShardsFailed
 from peg.llm.synth import QueryWriter, round_trip_outcome, run_synth
 from peg.llm.teacher import CrossEncoderTeacher, load_teacher, run_score, score_candidates, score_examples
 
@@ -13,7 +12,6 @@ __all__ = [
     "LLMError",
     "LLMScorer",
     "QueryWriter",
-    "ShardsFailed",
     "convert_gguf",
     "is_false_negative",
     "judge_examples",

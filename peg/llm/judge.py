@@ -1,4 +1,4 @@
-"""LLM false-negative judge: drop mined negatives that the LLM finds relevant to their query.
+"""LLM false-negative judge: drop mined negatives the LLM finds relevant to their query (docs/methods.md §6).
 
 Every negative is scored with the query by the LLM scorer (`judge.llm`), as are the query's
 positives. A negative is judged a false negative, and dropped, when its score passes the threshold:
@@ -26,7 +26,7 @@ import numpy as np
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
-from peg.llm.shards import input_identity, run_shards
+from peg.runtime.shards import input_identity, read_shards, run_shards
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -121,7 +121,7 @@ def run_judge(
     config: RunConfig, store: ArtifactStore, input_key: str | None = None, show_progress: bool = True
 ) -> dict:
     """The `judge` stage: judge the negatives of `input_key` (default: the mine output) on Ray."""
-    from peg.mine import ray_session
+    from peg.runtime import ray_session
 
     check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
@@ -133,15 +133,13 @@ def run_judge(
         computed, reused = run_shards(
             stage="judge", store=store, base=base, items=examples, parts=PARTS,
             build=partial(JudgeProcessor, config.judge.model_dump(mode="json")),
-            llm=config.judge.llm, config_hash=config_hash, show_progress=show_progress,
+            shard_size=config.judge.llm.shard_size, pool=config.judge.llm, config_hash=config_hash,
+            show_progress=show_progress,
         )
-        shards = sorted(computed + reused)
+        stored = read_shards(store, base, sorted(computed + reused), PARTS)
         stats = {"examples": 0, "negatives": 0, "dropped": 0}
-        train, judgments = [], []
-        for s in shards:
-            train.append(store.read_text(f"{base}/shard-{s:05d}.jsonl"))
-            judgments.append(store.read_text(f"{base}/shard-{s:05d}.judgments.jsonl"))
-            for k, v in store.read_json(f"{base}/shard-{s:05d}.stats.json").items():
+        for text in stored["stats.json"]:
+            for k, v in json.loads(text).items():
                 stats[k] += v
         stats.update({
             "drop_rate": stats["dropped"] / stats["negatives"] if stats["negatives"] else 0.0,
@@ -152,7 +150,7 @@ def run_judge(
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         })
-        store.put_text(f"{base}/judgments.jsonl", "".join(judgments), "judge", config_hash)
+        store.put_text(f"{base}/judgments.jsonl", "".join(stored["judgments.jsonl"]), "judge", config_hash)
         store.put_json(f"{base}/report.json", stats, "judge", config_hash)
-        store.put_text(f"{base}/train.jsonl", "".join(train), "judge", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "judge", config_hash)
     return stats

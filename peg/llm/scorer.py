@@ -1,4 +1,4 @@
-"""LLM relevance scoring of (query, passage) pairs, batched, no sampling.
+"""LLM relevance scoring of (query, passage) pairs, batched, no sampling (docs/methods.md §6).
 
 Two modes (`LLMConfig.mode`):
 - `yes_no`: a yes/no relevance question through the tokenizer's chat template; the score is

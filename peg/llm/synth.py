@@ -1,4 +1,5 @@
-"""Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage.
+"""Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage
+(docs/methods.md §7).
 
 For each source passage and each type in `synth.query_types` (question, claim, keywords, title,
 web_query) the LLM gets a few-shot chat (two worked examples, then the passage cut to
@@ -28,7 +29,7 @@ from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConf
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.loading import LLMError, check_model_source, load_causal_lm
 from peg.llm.scorer import left_pad
-from peg.llm.shards import missing_shards, run_shards
+from peg.runtime.shards import missing_shards, read_shards, run_shards
 from peg.llm.teacher import CalibratedTeacher, check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
@@ -216,14 +217,14 @@ def _same_model(a: LLMConfig, b: LLMConfig) -> bool:
 
 def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> dict:
     """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
-    from peg.mine import ShardedIndex, encode_corpus, ray_session
+    from peg.runtime import ShardedIndex, encode_corpus, ray_session
 
     check_model_source(config.synth.llm)  # bad paths fail here, not once per Ray actor
     if config.synth.filter_teacher:
         check_teacher(config.score)
     if not config.data.beir:
         raise ConfigError("data.beir: synth needs a BEIR corpus; set data.beir in the run config")
-    corpus = list(iter_corpus(config.data.beir))
+    corpus = list(iter_corpus(config.data.beir, allow_empty=config.data.allow_empty_passages))
     if not corpus:
         raise DataError(Path(config.data.beir) / "corpus.jsonl", None, "the corpus has no passages")
     sources = corpus[: config.synth.num_passages] if config.synth.num_passages else corpus
@@ -245,17 +246,15 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
         try:
             computed, reused = run_shards(
                 stage="synth", store=store, base=base, items=sources, parts=PARTS, build=build,
-                llm=llm, config_hash=config_hash, show_progress=show_progress,
+                shard_size=llm.shard_size, pool=llm, config_hash=config_hash, show_progress=show_progress,
             )
         finally:
             if index is not None:
                 index.close()
+        stored = read_shards(store, base, sorted(computed + reused), PARTS)
         counts = {t: dict.fromkeys(OUTCOMES, 0) for t in config.synth.query_types}
-        train, queries = [], []
-        for s in sorted(computed + reused):
-            train.append(store.read_text(f"{base}/shard-{s:05d}.jsonl"))
-            queries.append(store.read_text(f"{base}/shard-{s:05d}.queries.jsonl"))
-            for t, by_outcome in store.read_json(f"{base}/shard-{s:05d}.stats.json").items():
+        for text in stored["stats.json"]:
+            for t, by_outcome in json.loads(text).items():
                 for outcome, n in by_outcome.items():
                     counts[t][outcome] += n
         report = {
@@ -268,7 +267,7 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
             "shards_computed": len(computed),
             "shards_reused": len(reused),
         }
-        store.put_text(f"{base}/queries.jsonl", "".join(queries), "synth", config_hash)
+        store.put_text(f"{base}/queries.jsonl", "".join(stored["queries.jsonl"]), "synth", config_hash)
         store.put_json(f"{base}/report.json", report, "synth", config_hash)
-        store.put_text(f"{base}/train.jsonl", "".join(train), "synth", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "synth", config_hash)
     return report

@@ -1,4 +1,4 @@
-"""Teacher scoring of candidate lists for listwise distillation.
+"""Teacher scoring of candidate lists for listwise distillation (docs/methods.md §6).
 
 The teacher is a cross-encoder from a local folder (any AutoModelForSequenceClassification:
 ms-marco-MiniLM, bge-reranker...; the production choice), the LLM scorer (`score.llm`, either
@@ -27,7 +27,7 @@ from peg.config import ModelConfig, RunConfig, ScoreConfig
 from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
-from peg.llm.shards import input_identity, run_shards
+from peg.runtime.shards import input_identity, read_shards, run_shards
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
@@ -208,7 +208,7 @@ def default_input_key(config: RunConfig) -> str:
 
 def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = None, show_progress: bool = True) -> dict:
     """The `score` stage: teacher scores for every candidate list of `input_key`, on Ray."""
-    from peg.mine import ray_session
+    from peg.runtime import ray_session
 
     check_teacher(config.score)  # a bad path fails here, not once per Ray actor
     input_key = input_key or default_input_key(config)
@@ -220,18 +220,18 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
         computed, reused = run_shards(
             stage="score", store=store, base=base, items=examples, parts=PARTS,
             build=partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json")),
-            llm=config.score.llm, config_hash=config_hash, show_progress=show_progress,
+            shard_size=config.score.llm.shard_size, pool=config.score.llm, config_hash=config_hash,
+            show_progress=show_progress,
         )
+        stored = read_shards(store, base, sorted(computed + reused), PARTS)
         stats = {"examples": 0, "pairs": 0}
-        train = []
-        for s in sorted(computed + reused):
-            train.append(store.read_text(f"{base}/shard-{s:05d}.jsonl"))
-            for k, v in store.read_json(f"{base}/shard-{s:05d}.stats.json").items():
+        for text in stored["stats.json"]:
+            for k, v in json.loads(text).items():
                 stats[k] += v
         stats.update({
             "teacher": config.score.teacher, "list_size": config.score.list_size, "input": input_key,
             "shards_computed": len(computed), "shards_reused": len(reused),
         })
         store.put_json(f"{base}/report.json", stats, "score", config_hash)
-        store.put_text(f"{base}/train.jsonl", "".join(train), "score", config_hash)
+        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "score", config_hash)
     return stats

@@ -1,6 +1,6 @@
 """Gathering across data-parallel ranks for the losses.
 
-peg's convention (methods.md section 1, "loss scale under gathering"): passages are gathered
+peg's convention (docs/methods.md §1, "scale under gathering"): passages are gathered
 WITH autograd (`gather_with_grad`, whose backward sums every rank's gradient into the
 passages' owner) and every rank scores only its LOCAL queries against ALL
 passages, averaging over its local queries. Data-parallel gradient averaging (DDP, DeepSpeed)

@@ -1,4 +1,4 @@
-"""GradCache: a large-batch contrastive step in the memory of one chunk (methods.md section 3).
+"""GradCache: a large-batch contrastive step in the memory of one chunk (docs/methods.md §3).
 
 `GradCache(loss, chunk_size).step(encode_fn, q_inputs, p_inputs, extra, backward_fn, no_sync)`:
 1. Split queries and passages into chunks of `chunk_size` rows (queries first, then passages)

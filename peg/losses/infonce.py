@@ -1,4 +1,4 @@
-"""InfoNCE over in-batch, hard and cross-device negatives (methods.md section 1).
+"""InfoNCE over in-batch, hard and cross-device negatives (docs/methods.md §1).
 
 L = -(1/B) sum_i log softmax_j(s(q_i, d_j) / tau)[pos_i], j over every passage of the global
 batch (all positives and hard negatives of all ranks). Batch layout, gathering and duplicate

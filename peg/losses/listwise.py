@@ -1,4 +1,4 @@
-"""Listwise distillation + InfoNCE (Tamber et al. 2025; methods.md section 4).
+"""Listwise distillation + InfoNCE (Tamber et al. 2025; docs/methods.md §4).
 
 Per query i its own list is its positive and hard negatives (columns of its group in the
 batch layout, `peg.losses.base`) with teacher scores t_i (same order: positive first).

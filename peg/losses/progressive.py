@@ -1,4 +1,4 @@
-"""PEG progressive weighting: peg's own, documented formulation (methods.md section 2).
+"""PEG progressive weighting: peg's own, documented formulation (docs/methods.md §2).
 
 The PEG paper's public text says only that sample weights inside a very large batch move
 progressively with the difficulty of the negatives; its equation is not public. peg defines:

@@ -1,23 +1,6 @@
-"""Hard-negative mining on Ray: encoding (Ray Data), sharded FAISS search, negative selection."""
+"""Hard-negative mining: the `encode` and `mine` stages and the negative-selection rules."""
 
-from peg.mine.encode import EmbeddingSet, encode_corpus, encode_queries, encode_texts
-from peg.mine.search import EmptyShardError, ShardedIndex
 from peg.mine.select import Selection, select_negatives
-from peg.mine.session import ray_session
-from peg.mine.stage import MineResult, MiningError, run_encode, run_mine
+from peg.mine.stage import MineResult, run_encode, run_mine
 
-__all__ = [
-    "EmbeddingSet",
-    "EmptyShardError",
-    "MineResult",
-    "MiningError",
-    "Selection",
-    "ShardedIndex",
-    "encode_corpus",
-    "encode_queries",
-    "encode_texts",
-    "ray_session",
-    "run_encode",
-    "run_mine",
-    "select_negatives",
-]
+__all__ = ["MineResult", "Selection", "run_encode", "run_mine", "select_negatives"]

@@ -1,4 +1,4 @@
-"""Hard-negative selection from a query's ranked candidates (pure functions, no Ray).
+"""Hard-negative selection from a query's ranked candidates (pure functions, no Ray; docs/methods.md §5).
 
 Each candidate is checked against the rules in this order; the first rule that applies drops
 it and is the one counted:

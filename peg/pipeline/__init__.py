@@ -10,6 +10,7 @@ from peg.pipeline.runner import (
     run_stage_entrypoint,
     stage_hashes,
 )
+from peg.pipeline.runner import result_lines as pipeline_results
 from peg.pipeline.stages import STAGES, Stage, enabled_stages
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "StageFailed",
     "current_lease",
     "enabled_stages",
+    "pipeline_results",
     "pipeline_status",
     "run_pipeline",
     "run_stage_entrypoint",

@@ -86,6 +86,19 @@ class ScopedStore(ArtifactStore):
         return self.inner.remove_object(key, token)
 
 
+DATA = "data"  # <run>/prepare/data/{beir/..., train_files/...}: the run's inputs, in the store
+
+
+def stored_train_file(index: int, path: str) -> str:
+    return f"{index}-{Path(path).name}"
+
+
+def primary_node() -> bool:
+    """False on the other nodes of a multi-node training job (PET_NODE_RANK > 0): they train
+    but leave stage records and outputs to node 0."""
+    return os.environ.get("PET_NODE_RANK", "0") == "0"
+
+
 @dataclass
 class StageContext:
     config: RunConfig
@@ -119,6 +132,30 @@ class StageContext:
             self.store.put_file(key, path, producer=self.stage, config_hash=self.stage_hash)
             keys.append(key)
         return keys
+
+    def with_data(self) -> StageContext:
+        """This context, for a stage after `prepare` with `data.*` read from the store (`data_config`)."""
+        if self.stage == "prepare":
+            return self
+        return StageContext(self.data_config(), self.config_path, self.store, self.stage, self.stage_hash, self.inputs)
+
+    def data_config(self) -> RunConfig:
+        """The config with `data.beir` / `data.train_files` pointing at local copies of the data
+        `prepare` put in the store (fetched once per machine): later stages read data only from there."""
+        config = self.config.model_copy(deep=True)
+        root = Path(os.environ.get("PEG_WORK_DIR", Path.home() / ".cache" / "peg" / "work"))
+        store_id = hashlib.sha256(self.store.describe().encode()).hexdigest()[:8]
+        local = root / f"{self.config.name}-{store_id}" / DATA
+        prefix = self.key("prepare", DATA)
+        want = json.dumps({k: self.store.manifest(k).sha256 for k in self.store.list(prefix)}, sort_keys=True)
+        stamp = local / ".peg-materialised.json"
+        if not (stamp.is_file() and stamp.read_text() == want):
+            self.materialise_dir("prepare", DATA, local)
+            stamp.write_text(want)
+        if config.data.beir:
+            config.data.beir = str(local / "beir")
+        config.data.train_files = [str(local / "train_files" / stored_train_file(i, f)) for i, f in enumerate(config.data.train_files)]
+        return config
 
     def materialise_dir(self, stage: str, name: str, dest: Path) -> Path:
         """`<run>/<stage>/<name>/...` as a plain local folder of verified copies (replacing `dest`)."""

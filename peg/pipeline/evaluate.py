@@ -19,11 +19,15 @@ LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
 
 def _evaluate(config: RunConfig, ctx: StageContext, data: BeirDataset) -> EvalResult:
-    from peg.mine.encode import encode_corpus, encode_queries
+    from peg.runtime import encode_corpus, encode_queries
 
     corpus = encode_corpus(config, ctx.store, data.corpus.values(), show_progress=True)
     queries = encode_queries(config, ctx.store, data.queries, show_progress=True)
-    return evaluate_embeddings(queries.ids, queries.matrix, corpus.ids, corpus.matrix, data.qrels, k=max(config.eval.k_values))
+    return evaluate_embeddings(queries.ids, queries.matrix, corpus.ids, corpus.matrix, data.qrels, tuple(config.eval.k_values))
+
+
+def eval_split(config: RunConfig) -> BeirDataset:
+    return BeirDataset.load(config.data.beir, config.data.eval_split, allow_empty=config.data.allow_empty_passages)
 
 
 def finetuned_config(ctx: StageContext, model_dir: Path) -> RunConfig:
@@ -34,9 +38,9 @@ def finetuned_config(ctx: StageContext, model_dir: Path) -> RunConfig:
 
 def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
     """Evaluate the base model (embeddings cached by the encode stage) and the trained one."""
-    from peg.mine.session import ray_session
+    from peg.runtime import ray_session
 
-    data = BeirDataset.load(ctx.config.data.beir, ctx.config.data.eval_split)
+    data = eval_split(ctx.config)
     model_dir = ctx.materialise_dir("train", "model", ctx.work_dir() / "model")
     results = {}
     with ray_session(), tempfile.TemporaryDirectory(prefix="peg-eval-") as tmp:
@@ -50,10 +54,8 @@ def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
     summary = {"split": ctx.config.data.eval_split, "metrics": results}
     ctx.store.put_text(ctx.output_key("metrics.md"), table, "eval", ctx.stage_hash)
     ctx.store.put_json(ctx.output_key("summary.json"), summary, "eval", ctx.stage_hash)
-    print(table, end="", flush=True)
-    base, tuned = results["base"]["ndcg@10"], results["fine-tuned"]["ndcg@10"]
-    print(f"nDCG@10 on {ctx.config.data.eval_split}: base {base:.4f} -> fine-tuned {tuned:.4f} ({tuned - base:+.4f})", flush=True)
     return []
+
 
 
 def export_model(ctx: StageContext) -> list[str]:
@@ -71,10 +73,9 @@ def export_model(ctx: StageContext) -> list[str]:
     model_dir = ctx.materialise_dir("train", "model", ctx.work_dir() / "model")
     model = ctx.config.model
     if ctx.config.eval.enabled:
-        data = BeirDataset.load(ctx.config.data.beir, ctx.config.data.eval_split)
-        kind, prefix, sample = "query", model.query_prefix, list(data.queries.values())[:16]
+        kind, prefix, sample = "query", model.query_prefix, list(eval_split(ctx.config).queries.values())[:16]
     else:
-        passages = itertools.islice(iter_corpus(ctx.config.data.beir), 16)
+        passages = itertools.islice(iter_corpus(ctx.config.data.beir, allow_empty=ctx.config.data.allow_empty_passages), 16)
         kind, prefix, sample = "passage", model.passage_prefix, [p.full_text for p in passages]
     ours = Encoder(finetuned_config(ctx, model_dir).model).encode(sample, kind)
     theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=prefix or None)

@@ -18,6 +18,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from typing import Protocol
 
 from peg.config import RunConfig
 from peg.errors import PegError
-from peg.pipeline.context import ScopedStore, StageContext
-from peg.pipeline.stages import STAGES, Stage, enabled_stages
+from peg.pipeline.context import ScopedStore, StageContext, primary_node
+from peg.pipeline.stages import EMBEDDING_CACHE, STAGES, Stage, enabled_stages
 from peg.pipeline.state import (
     DamagedRecord,
     StageRecord,
@@ -48,11 +49,18 @@ class Backend(Protocol):
 
 
 class StageFailed(PegError, RuntimeError):
-    """A stage did not complete with verified outputs."""
+    """A stage's entrypoint exited non-zero; `reported`: it printed its own one-line error (exit 2)."""
+
+    def __init__(self, message: str, reported: bool = False):
+        self.reported = reported
+        super().__init__(message)
 
 
 class LocalBackend:
     """Runs each stage's entrypoint as a child process on this machine (embedded Ray, torchrun).
+
+    The child inherits this process's output streams and `peg.console` environment: its noise
+    goes to the same log file, its progress bars and its error line to the same console.
 
     The child dies with this process (peg.process), so killing a run kills its stages.
     """
@@ -61,7 +69,9 @@ class LocalBackend:
         command = [sys.executable, "-m", "peg.process", "peg", "pipeline", "stage", stage.name, str(config_path)]
         result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
         if result.returncode != 0:
-            raise StageFailed(f"stage {stage.name} failed (exit code {result.returncode})")
+            raise StageFailed(
+                f"stage {stage.name} failed (exit code {result.returncode})", reported=result.returncode == 2
+            )
 
 
 def stage_hashes(config: RunConfig) -> dict[str, str]:
@@ -133,16 +143,19 @@ def mark_invalid(store: ArtifactStore, config: RunConfig, stage: str, key: str) 
 
 
 def producing_stage(config: RunConfig, key: str) -> str | None:
-    """The stage whose prefix holds `key` in this run, if any."""
+    """The stage whose prefix holds `key` in this run (the encode stage for the shared embedding
+    cache), if any."""
     parts = key.split("/")
+    if parts[0] == EMBEDDING_CACHE:
+        return "encode"
     names = {s.name for s in STAGES}
     return parts[1] if len(parts) > 2 and parts[0] == config.name and parts[1] in names else None
 
 
 def run_pipeline(
     config: RunConfig, config_path: Path, backend: Backend, log: Callable[[str], None] = print, wait: float = 0.0
-) -> list[str]:
-    """Run every enabled stage that is not complete; return the names of the stages run.
+) -> dict[str, float]:
+    """Run every enabled stage that is not complete, one `log` line each; return {stage run: seconds}.
 
     Takes the run's lease first (waiting up to `wait` seconds for another run; else LeaseHeld).
     """
@@ -152,7 +165,7 @@ def run_pipeline(
     lease.acquire(wait)
     try:
         records: dict[str, StageRecord | None] = {}
-        ran = []
+        ran: dict[str, float] = {}
         for stage in enabled_stages(config):
             if lease.lost.is_set():
                 raise StageFailed(f"lost the lease of run {config.name!r} to another process; stopped before {stage.name}")
@@ -167,16 +180,18 @@ def run_pipeline(
                 log(f"[redo] {stage.name}: {check.detail}")
             else:
                 log(f"[run]  {stage.name}" + (f" ({check.state}: {check.detail})" if check.detail else ""))
+            started = time.monotonic()
             try:
                 backend.run_stage(stage, config_path, {LEASE_ENV: lease.owner})
             except StageFailed as e:
-                raise StageFailed(_explain_failure(store, config, str(e))) from None
+                explained = _explain_failure(store, config, str(e))
+                raise StageFailed(explained, reported=e.reported and explained == str(e)) from None
             after = check_stage(store, prefix, hashes[stage.name], _inputs(stage, records))
             if after.state != "complete":
                 raise StageFailed(f"stage {stage.name} exited without verified outputs in {store.describe()}: "
                                   f"{after.state} {after.detail}".rstrip())
             records[stage.name] = after.record
-            ran.append(stage.name)
+            ran[stage.name] = time.monotonic() - started
         return ran
     finally:
         lease.release()
@@ -195,6 +210,8 @@ def _explain_failure(store: ArtifactStore, config: RunConfig, message: str) -> s
 def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> None:
     """The body of `peg pipeline stage NAME CONFIG`: run one stage and mark it complete.
 
+    Stages after `prepare` see `data.*` pointing at local copies of the data in the store. On the
+    other nodes of a multi-node training job only the stage's work runs: node 0 keeps the record.
     Under `peg pipeline run` the run's lease is already held (PEG_RUN_LEASE names its owner);
     started on its own, the stage takes the lease for its duration.
     """
@@ -203,7 +220,7 @@ def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> Non
         raise ValueError(f"stage {name!r} is not enabled in {config_path} (enabled: {', '.join(stages)})")
     store = open_store(config.store)
     holder = current_lease(config, store)
-    if holder is not None and holder.owner == os.environ.get(LEASE_ENV):
+    if not primary_node() or (holder is not None and holder.owner == os.environ.get(LEASE_ENV)):
         _run_stage(config, config_path, stages[name], store)
         return
     lease = run_lease(config, store, f"peg pipeline stage {name} {config_path}")
@@ -225,14 +242,17 @@ def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: Artifa
         if upstream is None or upstream.status != "complete" or upstream.hash != hashes[need]:
             raise StageFailed(f"stage {name} needs stage {need}, which is not complete")
         inputs[need] = upstream.digest()  # its outputs are verified as this stage reads them
+    if not primary_node():  # another node of a multi-node job: node 0 holds the lease and the record
+        stage.run(StageContext(config, config_path, store, name, stage_hash, inputs).with_data())
+        return
     record = _record_or_none(store, prefix)
     if record is not None and (record.hash != stage_hash or (record.inputs and record.inputs != inputs)):
         store.delete(prefix)  # outputs of another config or other inputs: never resume from them
     elif record is not None and record.failed:
         store.delete(record.failed)
     write_record(store, prefix, StageRecord(name, stage_hash, "running", {}, inputs))
-    prefixes = (prefix, *(_prefix(config, s) for s in stage.writes))
-    context = StageContext(config, config_path, ScopedStore(store, name, prefixes), name, stage_hash, inputs)
+    prefixes = (prefix, *(_prefix(config, s) for s in stage.writes), *stage.shared)
+    context = StageContext(config, config_path, ScopedStore(store, name, prefixes), name, stage_hash, inputs).with_data()
     try:
         extra = stage.run(context)
     except IntegrityError as e:
@@ -256,3 +276,24 @@ def _drop_empty_record(store: ArtifactStore, prefix: str) -> None:
             store.delete(record_key(prefix))
     except StoreError:
         pass
+
+
+def result_lines(config: RunConfig, store: ArtifactStore) -> list[str]:
+    """What a finished pipeline shows its user: the metrics table, the nDCG@10 change and where
+    the exported model and the report are."""
+    summary_key = f"{config.name}/eval/summary.json"
+    if not store.exists(summary_key):
+        return []
+    from peg.eval.retrieval import markdown_table
+
+    summary = store.read_json(summary_key)
+    results = summary["metrics"]
+    base, tuned = results["base"]["ndcg@10"], results["fine-tuned"]["ndcg@10"]
+    lines = [markdown_table(results).rstrip("\n"),
+             f"nDCG@10 on {summary['split']}: base {base:.4f} -> fine-tuned {tuned:.4f} ({tuned - base:+.4f})"]
+    for label, key in (("model", f"{config.name}/export/model/modules.json"), ("report", f"{config.name}/report/report.html")):
+        if store.exists(key):
+            local = store.local_path(key)
+            where = (local.parent if label == "model" else local) if local else f"{store.describe()}/{key}"
+            lines.append(f"{label}: {where}")
+    return lines

@@ -8,12 +8,17 @@ returns any extra output keys it made elsewhere. Heavy imports happen inside `ru
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peg.config import BEIR_PREFIX, STAGE_SECTIONS, RunConfig
-from peg.pipeline.context import StageContext
+from peg.pipeline.context import DATA, StageContext, primary_node, stored_train_file
+from peg.progress import progress_bar
+
+
+EMBEDDING_CACHE = "encode"  # = peg.runtime.embeddings.CACHE_PREFIX (tests/test_architecture.py checks)
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,8 @@ class Stage:
 
     Its config sections are `STAGE_SECTIONS[name]` (peg/config.py), the declaration the stage's
     own shard-reuse hash uses too. `writes` names stages whose prefixes it may add to besides its
-    own (the embedding cache under `encode/`).
+    own; `shared` names store-wide prefixes it may add to (`EMBEDDING_CACHE`, which every run in
+    the store shares).
     """
 
     name: str
@@ -30,6 +36,7 @@ class Stage:
     run: Callable[[StageContext], list[str]]
     enabled: Callable[[RunConfig], bool] = field(default=lambda config: True)
     writes: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -37,10 +44,12 @@ class Stage:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data this run reads (`beir:NAME` fetched first) and record its counts: the
+    """Validate the BEIR data this run reads (`beir:NAME` fetched first), record its counts and put
+    that data (and any data.train_files) into the store, where every later stage reads it: the
     corpus, the train split when training uses human queries, the eval split when eval is on
     (nothing else is read)."""
     from peg.data import BeirDataset, iter_corpus
+    from peg.data.fetch import resolve_beir
 
     config = ctx.config
     if not config.data.beir:
@@ -52,13 +61,24 @@ def _prepare(ctx: StageContext) -> list[str]:
         spec = archive(config.data.beir.removeprefix(BEIR_PREFIX))
         summary["source"] = {"dataset": config.data.beir, "licence": spec.licence, "homepage": spec.homepage}
         print(f"{config.data.beir}: licence {spec.licence}; see {spec.homepage}", flush=True)
-    summary["passages"] = sum(1 for _ in iter_corpus(config.data.beir))
+    allow_empty = config.data.allow_empty_passages
+    summary["passages"] = sum(1 for _ in iter_corpus(config.data.beir, allow_empty=allow_empty))
     splits = [config.data.train_split] if config.data.train_queries != "synthetic" else []
     if config.eval.enabled:
         splits.append(config.data.eval_split)
-    for split in dict.fromkeys(splits):
-        data = BeirDataset.load(config.data.beir, split)
+    splits = list(dict.fromkeys(splits))
+    for split in splits:
+        data = BeirDataset.load(config.data.beir, split, allow_empty=allow_empty)
         summary[split] = {"queries": len(data.queries), "qrels": sum(len(d) for d in data.qrels.values())}
+    beir = resolve_beir(config.data.beir)
+    names = ["corpus.jsonl", *(["queries.jsonl"] if splits else []), *(f"qrels/{s}.tsv" for s in splits)]
+    files = {f"beir/{name}": beir / name for name in names}
+    for i, path in enumerate(config.data.train_files):
+        files[f"train_files/{stored_train_file(i, path)}"] = Path(path)
+    with progress_bar(len(files), "upload data", unit="file") as advance:
+        for name, path in files.items():
+            ctx.store.put_file(ctx.key("prepare", f"{DATA}/{name}"), path, producer="prepare", config_hash=ctx.stage_hash)
+            advance(1)
     ctx.store.put_json(ctx.output_key("data.json"), summary, "prepare", ctx.stage_hash)
     return []
 
@@ -71,12 +91,12 @@ def _synth(ctx: StageContext) -> list[str]:
 
 
 def _encode(ctx: StageContext) -> list[str]:
-    from peg.mine.session import ray_session
     from peg.mine.stage import run_encode
+    from peg.runtime import ray_session
 
     with ray_session():
-        run_encode(ctx.config, ctx.store)
-    return []
+        corpus, queries = run_encode(ctx.config, ctx.store)
+    return [key for folder in (corpus.key, queries.key) for key in ctx.store.list(folder)]
 
 
 def _mine(ctx: StageContext) -> list[str]:
@@ -112,28 +132,40 @@ def training_inputs(ctx: StageContext) -> list[str]:
 
 
 def _pretrain(ctx: StageContext) -> list[str]:
-    """Masked auto-encoding on the corpus; checkpoints in the work dir make a killed run resume."""
+    """Masked auto-encoding on the corpus; checkpoints go to the store and resume like `train`'s."""
     from peg.train.pretrain import pretrain
 
     output = ctx.work_dir() / "output"
-    model_dir = pretrain(ctx.config, output, resume=(output / "checkpoints" / "latest").exists())
-    return _put_training_outputs(ctx, output, model_dir)
+    return _run_with_store_checkpoints(
+        ctx, output, lambda resume, key: pretrain(ctx.config, output, resume=resume, checkpoint_key=key)
+    )
 
 
-def _put_training_outputs(ctx: StageContext, output: Path, model_dir: Path) -> list[str]:
-    """Put the exported model folder and the run's metrics.jsonl / training.png under this stage."""
+def _run_with_store_checkpoints(ctx: StageContext, output: Path, run: Callable[[bool, str], Path]) -> list[str]:
+    """Run a training loop, `run(resume, checkpoint key)`, whose checkpoints go to the store as each
+    one completes and are restored from it (a rescheduled pod resumes exactly where it stopped);
+    then put the model folder and metrics.jsonl / training.png under this stage (node 0 only)."""
+    from peg.train.checkpoints import restore_checkpoint
+
+    checkpoints = ctx.output_key("checkpoints")
+    single_node = os.environ.get("PET_NNODES", "1") == "1"
+    resume = restore_checkpoint(ctx.store, checkpoints, output / "checkpoints", trust_local=single_node)
+    model_dir = run(resume, checkpoints)
+    if not primary_node():
+        return []
     keys = ctx.put_dir("model", model_dir)
     for name in ("metrics.jsonl", "training.png"):
         if (output / name).is_file():
             key = ctx.output_key(name)
             ctx.store.put_file(key, output / name, producer=ctx.stage, config_hash=ctx.stage_hash)
             keys.append(key)
+    ctx.store.delete(checkpoints)  # the model is stored: the checkpoints have done their job
     return keys
 
 
 def _train(ctx: StageContext) -> list[str]:
     """Train on the upstream JSONL and the user's own `data.train_files` (kept, after the pipeline's),
-    from the pretrained encoder when `pretrain` ran; checkpoints in the work dir make a killed run resume."""
+    from the pretrained encoder when `pretrain` ran."""
     from peg.train import train
 
     work = ctx.work_dir()
@@ -144,9 +176,9 @@ def _train(ctx: StageContext) -> list[str]:
     fetched = [str(ctx.store.materialise(k, inputs)) for k in training_inputs(ctx)]
     config.data.train_files = [*fetched, *ctx.config.data.train_files]
     output = work / "output"
-    resume = (output / "checkpoints" / "latest").exists()
-    model_dir = train(config, output, resume=resume)
-    return _put_training_outputs(ctx, output, model_dir)
+    return _run_with_store_checkpoints(
+        ctx, output, lambda resume, key: train(config, output, resume=resume, checkpoint_key=key)
+    )
 
 
 def _eval(ctx: StageContext) -> list[str]:
@@ -169,14 +201,14 @@ def _report(ctx: StageContext) -> list[str]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", (), _prepare),
-    Stage("synth", ("prepare",), _synth, lambda c: c.synth.enabled, writes=("encode",)),
-    Stage("encode", ("prepare", "synth"), _encode),
-    Stage("mine", ("encode",), _mine, writes=("encode",)),
+    Stage("synth", ("prepare",), _synth, lambda c: c.synth.enabled, shared=(EMBEDDING_CACHE,)),
+    Stage("encode", ("prepare", "synth"), _encode, shared=(EMBEDDING_CACHE,)),
+    Stage("mine", ("encode",), _mine, shared=(EMBEDDING_CACHE,)),
     Stage("judge", ("mine",), _judge, lambda c: c.judge.enabled),
     Stage("score", ("mine", "judge"), _score, lambda c: c.score.enabled),
     Stage("pretrain", ("prepare",), _pretrain, lambda c: c.pretrain.enabled),
     Stage("train", ("mine", "judge", "score", "synth", "pretrain"), _train),
-    Stage("eval", ("train",), _eval, lambda c: c.eval.enabled, writes=("encode",)),
+    Stage("eval", ("train",), _eval, lambda c: c.eval.enabled, shared=(EMBEDDING_CACHE,)),
     Stage("export", ("train", "eval"), _export),
     Stage("report", ("mine", "train", "eval"), _report),
 )

@@ -6,7 +6,9 @@ ranks (`PairFile.index(..., shard, shards, gather)`). Nothing else of a file sta
 batches are read back block by block, so memory per rank is a couple of blocks whatever the
 file's size.
 
-Every rank builds the same deterministic plan from (seed, epoch): per dataset the blocks are
+Every rank builds the same deterministic plan from (seed, epoch) and the datasets' positions in
+the plan (data.train_files order), never from their paths: the same files read from another
+directory (a pipeline's work directory, a pod's) give the same batches. Per dataset the blocks are
 shuffled and so are the examples inside each block, giving the dataset's example stream for the
 epoch; it is cut into global batches of `queries_per_step` (a short tail is dropped), and the
 batches of all datasets are interleaved in a shuffled order. A rank parses only its slice of a
@@ -235,12 +237,12 @@ class _EpochStream:
     The last two blocks read are kept as raw lines; an example is parsed when it is taken.
     """
 
-    def __init__(self, data: PairFile, name: str, seed: int, epoch: int):
+    def __init__(self, data: PairFile, position: int, seed: int, epoch: int):
         self.data = data
-        self.name = name
+        self.position = position  # the dataset's place in the plan: seeds its shuffles
         self.seed, self.epoch = seed, epoch
         self.order = [i for i in range(len(data.blocks)) if data.blocks[i].examples]
-        random.Random(f"{seed}:{epoch}:{name}").shuffle(self.order)
+        random.Random(f"{seed}:{epoch}:{position}").shuffle(self.order)
         self.ends = []  # stream position after each block of `order`
         total = 0
         for i in self.order:
@@ -261,7 +263,7 @@ class _EpochStream:
         """Block k of the epoch's order, its usable lines shuffled."""
         if k not in self.cache:
             lines = self.data.usable_lines(self.data.blocks[self.order[k]])
-            random.Random(f"{self.seed}:{self.epoch}:{self.name}:{self.order[k]}").shuffle(lines)
+            random.Random(f"{self.seed}:{self.epoch}:{self.position}:{self.order[k]}").shuffle(lines)
             self.cache[k] = lines
             while len(self.cache) > 2:
                 self.cache.popitem(last=False)
@@ -285,6 +287,7 @@ class BatchPlan:
             raise BatchError(
                 f"batch.queries_per_step ({queries_per_step}) exceeds the examples in {', '.join(too_small)}"
             )
+        self._position = {name: i for i, name in enumerate(datasets)}
         self._streams: dict[str, _EpochStream] = {}
 
     @property
@@ -293,7 +296,7 @@ class BatchPlan:
 
     def epoch_batches(self, epoch: int) -> list[tuple[str, int]]:
         """(dataset, the dataset's batch number) for every global batch of `epoch`, in training order."""
-        labels = [name for name in sorted(self.datasets) for _ in range(self.datasets[name].examples // self.queries_per_step)]
+        labels = [name for name in self.datasets for _ in range(self.datasets[name].examples // self.queries_per_step)]
         random.Random(f"{self.seed}:{epoch}").shuffle(labels)
         seen: dict[str, int] = {}
         batches = []
@@ -306,7 +309,7 @@ class BatchPlan:
         """Rank `rank`'s queries of global batch `number` of `dataset` in `epoch`."""
         stream = self._streams.get(dataset)
         if stream is None or stream.epoch != epoch:
-            stream = self._streams[dataset] = _EpochStream(self.datasets[dataset], dataset, self.seed, epoch)
+            stream = self._streams[dataset] = _EpochStream(self.datasets[dataset], self._position[dataset], self.seed, epoch)
         per_rank = self.queries_per_step // self.world_size
         start = number * self.queries_per_step + rank * per_rank
         mine = stream.take(start, start + per_rank)

@@ -13,12 +13,14 @@ Exactly round(rate x maskable tokens) tokens of each passage are masked (special
 tokens never), drawn from a generator seeded by (seed, step, rank): a resumed run masks what the
 uninterrupted one did. Training runs like `train`: torchrun processes started here (or inside a
 PyTorchJob pod), `peg.train.engine.build_engine` (DeepSpeed ZeRO from `train`), the trainer's
-checkpoints and RNG state, metrics.jsonl. Output: `model/`, the encoder alone as a
-sentence-transformers folder, which `train` then starts from.
+checkpoints (with RNG state and the plan they belong to; also uploaded to the store at
+`checkpoint_key`), metrics.jsonl. Output: `model/`, the encoder alone as a sentence-transformers
+folder, which `train` then starts from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -29,7 +31,9 @@ from peg.config import PretrainConfig, RunConfig
 from peg.data import iter_corpus
 from peg.model.encoder import Encoder, pool, resolve_model_path
 from peg.progress import progress_bar
+from peg.store import open_store
 from peg.train.batches import BatchError
+from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
 from peg.train.trainer import (
     TrainError,
@@ -37,6 +41,8 @@ from peg.train.trainer import (
     _save_checkpoint,
     _seed_all,
     _shutdown,
+    check_resume,
+    claim_output_dir,
     launch,
     restore,
     runs_in_process,
@@ -59,12 +65,13 @@ def engine_config(config: RunConfig) -> RunConfig:
     return derived
 
 
-def pretrain(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
-    """Pretrain on `data.beir`'s corpus into `output_dir`; returns the exported encoder folder."""
+def pretrain(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None) -> Path:
+    """Pretrain on `data.beir`'s corpus into `output_dir`; returns the exported encoder folder.
+    With `checkpoint_key`, each checkpoint is also uploaded to the store under that key."""
     output_dir = Path(output_dir)
     if runs_in_process(os.environ):
-        return run_pretrain_worker(config, output_dir, resume)
-    return launch(engine_config(config), output_dir, resume, pretrain=True)
+        return run_pretrain_worker(config, output_dir, resume, checkpoint_key)
+    return launch(engine_config(config), output_dir, resume, checkpoint_key, pretrain=True)
 
 
 def mask_tokens(
@@ -123,7 +130,7 @@ def corpus_texts(config: RunConfig) -> list[str]:
     if not config.data.beir:
         raise TrainError("data.beir: pretraining reads the corpus of a BEIR folder")
     texts = []
-    for passage in iter_corpus(config.data.beir):
+    for passage in iter_corpus(config.data.beir, allow_empty=config.data.allow_empty_passages):
         if config.pretrain.num_passages is not None and len(texts) >= config.pretrain.num_passages:
             break
         texts.append(passage.full_text)
@@ -135,6 +142,16 @@ def epoch_order(count: int, batch_size: int, seed: int, epoch: int) -> list[list
     order = list(range(count))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return [order[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+
+
+def pretrain_identity(config: RunConfig, texts: list[str], world_size: int, total_steps: int) -> dict:
+    """What a pretraining checkpoint belongs to (its plan.json): a resume with another plan is refused."""
+    p = config.pretrain
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return {"pretrain.seed": p.seed, "pretrain.batch_size": p.batch_size, "pretrain.max_length": p.max_length,
+            "world size": world_size, "total steps": total_steps, "passages sha256": digest.hexdigest()}
 
 
 def step_masks(tokenizer, texts: list[str], p: PretrainConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -149,8 +166,8 @@ def step_masks(tokenizer, texts: list[str], p: PretrainConfig, seed: int) -> dic
             "decoder_labels": dec_labels, "attention_mask": batch["attention_mask"]}
 
 
-def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
-    """The per-rank pretraining loop (inside torchrun)."""
+def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
+    """The per-rank pretraining loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
     import deepspeed
     import torch.distributed as dist
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -164,6 +181,7 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Pa
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     output_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output_dir)
     ckpt_dir = output_dir / "checkpoints"
 
     texts = corpus_texts(config)
@@ -171,6 +189,9 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Pa
         raise BatchError(f"pretrain.batch_size ({p.batch_size}) must divide across {world_size} ranks and "
                          f"not exceed the {len(texts)} passages")
     total_steps = p.max_steps or p.epochs * (len(texts) // p.batch_size)
+    identity = pretrain_identity(config, texts, world_size, total_steps)
+    if resume:
+        check_resume(ckpt_dir, identity)
     _seed_all(p.seed)
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -180,7 +201,7 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Pa
     module = RetroMAE(mlm, config.model.pooling)
     engine = build_engine(module, config, world_size, total_steps)
 
-    step, epoch, index = restore(engine, ckpt_dir, rank, p.seed, resume, "peg pretrain")
+    step, epoch, index = restore(engine, ckpt_dir, rank, p.seed, resume, "pretrain")
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
 
     engine.train()
@@ -206,7 +227,10 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool) -> Pa
                 total, enc, dec = (losses / world_size).tolist()
                 metrics.log({"step": step, "loss": total, "encoder_mlm": enc, "decoder_mlm": dec, "lr": lr})
             if p.checkpoint_every and step % p.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                keep = config.train.keep_checkpoints
+                tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, keep, identity)
+                if checkpoint_key:
+                    upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, keep)
             advance(1)
 
     if metrics is not None:

@@ -3,7 +3,7 @@
 Where it runs, decided from the environment:
 - inside torchrun (LOCAL_RANK set), or one process per pod (RANK and WORLD_SIZE set, no
   PET_NNODES): trains in the calling process;
-- in a Kubeflow PyTorchJob pod with PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / ...: starts
+- in a TrainJob or PyTorchJob pod (PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / PET_MASTER_PORT): starts
   torchrun with `config.train.nproc_per_node` processes, which reads the PET_* values itself;
 - otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
 Output directory layout:
@@ -11,13 +11,20 @@ Output directory layout:
     metrics.jsonl          one record a step (loss, lr, beta, weight statistics, throughput), rank 0
     tensorboard/           the same scalars as TensorBoard events
     training.png           loss / lr / beta(t) / weights / throughput / time split over steps, after the run
-    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt), every checkpoint_every steps
+    checkpoints/<tag>/     DeepSpeed checkpoints (+ rng-rank<r>.pt, plan.json), every checkpoint_every steps
+
+A checkpoint records the training plan it belongs to (`plan.json`: seed, batch shape, world
+size, total steps, the training data's sha256); `--resume` with another plan is refused, naming
+what differs, instead of continuing at a batch index of another plan.
     model/                 the final model as a sentence-transformers folder
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
@@ -25,34 +32,39 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from peg.errors import PegError
 from peg.config import RunConfig
+from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.progress import progress_bar
-from peg.store.files import atomic_output, write_atomically
-from peg.train.batches import BatchError, BatchPlan, PairFile, Prefetcher, prepare_step
+from peg.store import open_store
+from peg.store.files import atomic_output, file_sha256, write_atomically
+from peg.train.batches import BatchPlan, PairFile, Prefetcher, prepare_step
+from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
 from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_gib, progress_text, step_flops, throughput
+
+logger = logging.getLogger(__name__)
 
 
 class TrainError(PegError, RuntimeError):
     """Training could not run or a worker failed."""
 
 
-def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
-    """Train, checkpoint and export to `output_dir`; returns the exported model directory."""
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None) -> Path:
+    """Train, checkpoint and export to `output_dir`; returns the exported model directory.
+    With `checkpoint_key`, each checkpoint is also uploaded to the store under that key."""
     output_dir = Path(output_dir)
     if runs_in_process(os.environ):
-        return run_worker(config, output_dir, resume)
-    return launch(config, output_dir, resume)
+        return run_worker(config, output_dir, resume, checkpoint_key)
+    return launch(config, output_dir, resume, checkpoint_key)
 
 
 def runs_in_process(env: Mapping[str, str]) -> bool:
@@ -60,34 +72,94 @@ def runs_in_process(env: Mapping[str, str]) -> bool:
     return "LOCAL_RANK" in env or ("RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env)
 
 
-def torchrun_command(nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str],
-                     pretrain: bool = False) -> list[str]:
+def torchrun_command(
+    nproc_per_node: int, config_path: Path, output_dir: Path, resume: bool, env: Mapping[str, str],
+    checkpoint_key: str | None = None, pretrain: bool = False,
+) -> list[str]:
     """The torch.distributed.run command line that starts the workers (`pretrain`: pretraining workers)."""
     # peg.process runs torchrun so that it dies with this process (and its workers die with it)
     cmd = [sys.executable, "-m", "peg.process", "torch.distributed.run", "--nproc_per_node", str(nproc_per_node)]
-    if "PET_NNODES" not in env:  # a PyTorchJob pod's PET_* variables give torchrun nodes and master
+    if "PET_NNODES" not in env:  # TrainJob / PyTorchJob pods: torchrun reads nodes, rank and master from PET_*
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     cmd += ["-m", "peg.train.worker", str(config_path), str(output_dir)]
+    if checkpoint_key:
+        cmd += ["--checkpoint-key", checkpoint_key]
     return cmd + ["--resume"] * resume + ["--pretrain"] * pretrain
 
 
-def launch(config: RunConfig, output_dir: Path, resume: bool, pretrain: bool = False) -> Path:
-    """Start `nproc_per_node` workers (training, or `pretrain`ing) with torch.distributed.run and wait."""
+def training_plan(
+    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None
+) -> tuple[BatchPlan, int, dict]:
+    """Index and check the training data: (batch plan, total steps, the plan's identity).
+
+    With `gather` (inside the workers) each rank scans its share of the blocks; without it (the
+    launcher, before any worker starts) this process scans them all. Raises `DataError` /
+    `BatchError` / `TrainError` naming the file, line or key at fault.
+    """
+    files = list(config.data.train_files)
+    if not files:
+        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
+    need_scores = config.loss.kind == "listwise"
+    datasets = {
+        f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
+                          block_bytes=config.data.block_bytes, shard=rank if gather else 0,
+                          shards=world_size if gather else 1, gather=gather)
+        for f in files
+    }  # fmt: skip
+    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
+    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(file_sha256(Path(f))[1].encode())
+    identity = {
+        "train.seed": config.train.seed,
+        "batch.queries_per_step": config.batch.queries_per_step,
+        "batch.hard_negatives": config.batch.hard_negatives,
+        "world size": world_size,
+        "total steps": total_steps,
+        "data.max_train_queries": config.data.max_train_queries,
+        "data.block_bytes": config.data.block_bytes,
+        "training data sha256": digest.hexdigest(),
+    }
+    return plan, total_steps, identity
+
+
+def check_resume(ckpt_dir: Path, identity: dict) -> str | None:
+    """The newest checkpoint's tag (None without one); refuses, naming what differs, one written
+    for another training plan."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    record = ckpt_dir / tag / "plan.json"
+    if not record.is_file():
+        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it has no plan.json (written by another peg version)")
+    stored = json.loads(record.read_text())
+    differs = [f"{k} {stored.get(k)} -> {v}" for k, v in identity.items() if stored.get(k) != v]
+    if differs:
+        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it belongs to another training plan ({'; '.join(differs)})")
+    return tag
+
+
+def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None,
+           pretrain: bool = False) -> Path:
+    """Check the data and the plan here (training: `pretrain` workers check theirs), then start
+    `nproc_per_node` workers (training, or `pretrain`ing) with torch.distributed.run."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
-    if config.batch.queries_per_step % world_size:
-        raise BatchError(
-            f"batch.queries_per_step ({config.batch.queries_per_step}) does not divide across {world_size} ranks"
-        )
+    if not pretrain:
+        _, _, identity = training_plan(config, world_size)
+        if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
+            logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_no_live_writer(output_dir)
     config_path = write_atomically(output_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, pretrain)
+    cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key, pretrain)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise TrainError(f"training workers failed (exit status {rc}); see their output above")
+        raise TrainError(f"training workers failed (exit status {rc})")
     return output_dir / "model"
 
 
@@ -145,8 +217,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
-    """The per-rank training loop (inside torchrun)."""
+def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
+    """The per-rank training loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
     import deepspeed
     import torch.distributed as dist
 
@@ -161,23 +233,14 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     claim_output_dir(output_dir)
     ckpt_dir = output_dir / "checkpoints"
 
-    need_scores = config.loss.kind == "listwise"
-    files = list(config.data.train_files)
-    if not files:
-        raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
-
     def gather(obj: object) -> list[object]:
         parts: list[object] = [None] * world_size
         dist.all_gather_object(parts, obj)
         return parts
 
-    datasets = {
-        f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
-                          block_bytes=config.data.block_bytes, shard=rank, shards=world_size, gather=gather)
-        for f in files
-    }  # fmt: skip
-    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
-    total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
+    plan, total_steps, identity = training_plan(config, world_size, rank, gather)
+    if resume:
+        check_resume(ckpt_dir, identity)
 
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
@@ -187,7 +250,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
     if chunk_size is None and engine.device.type == "cuda":
         chunk_size = auto_chunk_size(encoder, engine.device)
 
-    step, epoch, index = restore(engine, ckpt_dir, rank, config.train.seed, resume, "peg train")
+    step, epoch, index = restore(engine, ckpt_dir, rank, config.train.seed, resume, "train")
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
 
     engine.train()
@@ -232,7 +295,10 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool) -> Path:
                     record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
                     metrics.log(record)
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints)
+                    tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints,
+                                           identity)
+                    if checkpoint_key:
+                        upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, config.train.keep_checkpoints)
                 advance(1, status=progress_text(rates))
     finally:
         if isinstance(batches, Prefetcher):
@@ -256,25 +322,30 @@ def restore(engine, ckpt_dir: Path, rank: int, seed: int, resume: bool, label: s
     tag = (ckpt_dir / "latest").read_text().strip()
     _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
     if rank == 0:
-        print(f"{label}: resumed from checkpoint {tag} at step {client['step']}", file=sys.stderr, flush=True)
+        logger.info("%s: resumed from checkpoint %s at step %d", label, tag, client["step"])
     return client["step"], client["epoch"], client["index"]
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int) -> None:
-    """DeepSpeed checkpoint + every rank's RNG state; `latest` moves only once all are written."""
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int,
+                     identity: dict) -> str:
+    """DeepSpeed checkpoint + every rank's RNG state + the plan; `latest` moves only once all are written.
+    Returns the tag."""
     import torch.distributed as dist
 
     tag = f"step{step:08d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     with atomic_output(ckpt_dir / tag / f"rng-rank{rank}.pt") as out:
         torch.save(_rng_state(), out)
+    if rank == 0:
+        write_atomically(ckpt_dir / tag / "plan.json", json.dumps(identity, indent=2) + "\n")
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
     dist.barrier()
-    if rank == 0:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # each node prunes its own disk
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    return tag
 
 
 def _export(engine, encoder: Encoder, model_dir: Path, rank: int) -> Path:

@@ -1,4 +1,5 @@
-"""Entry point of one training process: `python -m peg.train.worker CONFIG OUTPUT_DIR [--resume] [--pretrain]`.
+"""Entry point of one training process:
+`python -m peg.train.worker CONFIG OUTPUT_DIR [--resume] [--checkpoint-key KEY] [--pretrain]`.
 
 Started by `peg.train.launch` through torch.distributed.run, or directly as the command of a
 PyTorchJob pod (torchrun there too), where CONFIG is the resolved run config YAML.
@@ -11,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from peg.config import ConfigError, load_config
-from peg.data import DataError
+from peg.config import load_config
+from peg.console import LOG_FILE_ENV, capture
+from peg.errors import PegError
 from peg.process import die_with_parent
-from peg.train.batches import BatchError
-from peg.train.trainer import TrainError, run_worker
+from peg.train.trainer import run_worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,18 +24,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("output_dir")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--checkpoint-key", help="Store key prefix each checkpoint is also uploaded to.")
     parser.add_argument("--pretrain", action="store_true", help="Run the pretraining loop (peg.train.pretrain).")
     args = parser.parse_args(argv)
     die_with_parent()  # torchrun starts workers in their own sessions: a group kill would miss them
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if LOG_FILE_ENV in os.environ:  # started by a peg command: its log file; the launcher talks to the user
+        capture("train", show_logs=False)
     try:
         if args.pretrain:
             from peg.train.pretrain import run_pretrain_worker
 
-            run_pretrain_worker(load_config(args.config), Path(args.output_dir), args.resume)
+            run_pretrain_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
         else:
-            run_worker(load_config(args.config), Path(args.output_dir), args.resume)
-    except (ConfigError, DataError, BatchError, TrainError) as e:
-        if os.environ.get("RANK", "0") == "0":
+            run_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
+    except PegError as e:
+        if rank0:
             print(f"peg train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -42,6 +42,8 @@ CASES = [  # (zero stage, loss kind, progressive, gradient checkpointing)
 
 def config_for(stage, kind, progressive, ckpt, chunk):
     return RunConfig.model_validate({
+        # listwise needs teacher scores from the data: this script passes them in its batches directly
+        "data": {"train_files": ["in-script-batches-with-teacher-scores.jsonl"]},
         "model": {"name_or_path": model_dir, "query_max_length": 16, "passage_max_length": 24},
         "loss": {"kind": kind, "progressive": {"enabled": progressive, "beta_start": 0.3}},
         "batch": {"queries_per_step": Q, "hard_negatives": N, "chunk_size": chunk},

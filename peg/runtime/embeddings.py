@@ -1,15 +1,15 @@
-"""Corpus and query encoding on Ray Data, cached in the artifact store by model + data hash.
+"""The embedding cache: corpus and query encoding on Ray Data, stored by model + data hash.
 
 Texts are sorted by length (longest first, within each stored shard) so every batch pads to
 similar lengths, then streamed through a pool of encoder actors (`map_batches` with a callable
 class). Embeddings are stored in shards of `encode.shard_size` rows, each an `.npz` holding
 `ids` and `embeddings`, under
 
-    <run name>/encode/<kind>-<cache key>/shard-NNNNN.npz
-    <run name>/encode/<kind>-<cache key>/index.json      (written last: the set is complete)
+    encode/<kind>-<cache key>/shard-NNNNN.npz
+    encode/<kind>-<cache key>/index.json      (written last: the set is complete)
 
-The cache key hashes the model's identity (the sha256 of its config, tokenizer and weight
-files), the pooling / normalisation / prefix / max-length settings for this kind of text and the
+The keys carry no run name: every run in the same store shares the cache. The cache key hashes
+the model's identity (the sha256 of its config, tokenizer and weight files), the pooling / normalisation / prefix / max-length settings for this kind of text and the
 (id, text) sequence. A second call with the same inputs reads the shards and runs no model;
 an interrupted call re-encodes only the shards that are missing.
 """
@@ -30,13 +30,15 @@ import ray
 
 from peg.config import ModelConfig, RunConfig
 from peg.data import DataError, Passage, iter_corpus
-from peg.mine.session import ray_session
 from peg.model import Encoder, resolve_model_path
 from peg.progress import progress_bar
+from peg.runtime.session import ray_session
 from peg.store import ArtifactStore
 from peg.store.files import file_sha256
 
 Kind = Literal["query", "passage"]
+
+CACHE_PREFIX = "encode"
 
 # Files that define a model's behaviour; anything else in its folder (README, ONNX exports) is not hashed.
 _MODEL_FILE_SUFFIXES = {".json", ".txt", ".model", ".safetensors", ".bin", ".py"}
@@ -150,7 +152,7 @@ def encode_texts(
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate {kind} ids")
     digest = cache_key(config.model, kind, ids, texts)
-    folder = f"{config.name}/encode/{kind}-{digest}"
+    folder = f"{CACHE_PREFIX}/{kind}-{digest}"
     index_key = f"{folder}/index.json"
     shard_size = config.encode.shard_size
     num_shards = math.ceil(len(ids) / shard_size)

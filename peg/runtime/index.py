@@ -98,7 +98,7 @@ def search_shards(actors: Sequence, queries: np.ndarray, k: int) -> tuple[np.nda
 
 
 class ShardedIndex:
-    """A corpus index spread over `num_shards` Ray actors (needs a Ray session: `peg.mine.ray_session`)."""
+    """A corpus index spread over `num_shards` Ray actors (needs a Ray session: `peg.runtime.ray_session`)."""
 
     def __init__(
         self,

@@ -1,0 +1,110 @@
+"""The import graph of peg/: imports run one way (docs/architecture.md), no cycles, `llm` never imports `mine`."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import graphlib
+from pathlib import Path
+
+PEG = Path(__file__).resolve().parents[1] / "peg"
+
+# Lowest first; a module may import its own package and anything in a lower layer, nothing else.
+LAYERS = (
+    ("peg", "peg.errors", "peg.console", "peg.process"),
+    ("peg.config", "peg.progress", "peg.store.files"),  # store.files: atomic writes, sha256 (no peg imports)
+    ("peg.model", "peg.data", "peg.store", "peg.losses"),
+    ("peg.runtime",),
+    ("peg.train", "peg.mine", "peg.llm", "peg.eval"),
+    ("peg.pipeline",),
+    ("peg.k8s",),
+    ("peg.operator",),
+    ("peg.cli",),
+    ("peg.__main__",),
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PEG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def unit(module: str) -> str:
+    """The layered unit a module belongs to: its package under peg/ (or the top-level module)."""
+    known = {name for layer in LAYERS for name in layer}
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in known:
+            return ".".join(parts[:n])
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
+
+
+def layer(name: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if name in names)
+
+
+@functools.cache
+def imports() -> dict[tuple[str, str], int]:
+    """(module, peg module it imports) -> line, for every import statement, also those inside functions."""
+    modules = {module_name(p): p for p in PEG.rglob("*.py")}
+    graph: dict[tuple[str, str], int] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target == "peg" or target.startswith("peg."):
+                    while target not in modules:
+                        target = target.rpartition(".")[0]
+                    if target != name:
+                        graph.setdefault((name, target), node.lineno)
+    return graph
+
+
+def test_no_import_cycle():
+    sorter = graphlib.TopologicalSorter()
+    for a, b in imports():
+        sorter.add(a, b)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle: {' -> '.join(e.args[1])}") from None
+
+
+def test_imports_run_downward_only():
+    upward = [
+        f"{a}:{line} imports {b} ({unit(a)} may not import {unit(b)})"
+        for (a, b), line in imports().items()
+        if unit(a) != unit(b) and layer(unit(b)) >= layer(unit(a))
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_llm_and_eval_do_not_import_mine_and_pipeline_uses_only_its_stages():
+    graph = imports()
+    offenders = [f"{a} -> {b}" for a, b in graph if unit(b) == "peg.mine" and unit(a) in ("peg.llm", "peg.eval")]
+    assert not offenders, offenders
+    pipeline = [f"{a} -> {b}" for a, b in graph if unit(a) == "peg.pipeline" and b not in ("peg.mine", "peg.mine.stage")
+                and unit(b) == "peg.mine"]
+    assert not pipeline, pipeline
+
+
+def test_the_walk_sees_lazy_imports():
+    graph = imports()
+    assert ("peg.pipeline.stages", "peg.mine.stage") in graph  # imported inside a function
+    assert ("peg.cli", "peg.pipeline") in graph
+
+
+def test_the_pipeline_names_the_embedding_cache_the_runtime_writes():
+    from peg.pipeline.stages import EMBEDDING_CACHE
+    from peg.runtime.embeddings import CACHE_PREFIX
+
+    assert EMBEDDING_CACHE == CACHE_PREFIX

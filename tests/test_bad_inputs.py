@@ -1,0 +1,155 @@
+"""Every bad input gives exit code 2 and one line naming the file/line/key (or model), before any
+work starts and without a partial artifact. One table; each row builds its input in a temp folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peg.cli import app
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # packaged: resolves offline, never loaded by these rows
+
+
+def write_beir(root: Path, corpus: bytes | None = None, qrels: str | None = None) -> Path:
+    beir = root / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    rows = [{"_id": f"d{i}", "title": "", "text": f"passage {i}"} for i in range(4)]
+    (beir / "corpus.jsonl").write_bytes(corpus or "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(2)))
+    (beir / "qrels" / "test.tsv").write_text(qrels or "query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\n")
+    return beir
+
+
+def write_pairs(path: Path, rows: int = 4, negatives: int = 2, scores: bool = True, nan: bool = False) -> Path:
+    lines = []
+    for i in range(rows):
+        row = {"query": f"q {i}", "pos": [f"p {i}"], "neg": [f"n {i}-{j}" for j in range(negatives)]}
+        if scores:
+            row["pos_scores"] = [1.0]
+            row["neg_scores"] = [float("nan") if nan else 0.5] * negatives
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_config(root: Path, text: str, store: str = "{uri: store}") -> Path:
+    path = root / "cfg.yaml"
+    path.write_text(f"name: bad\nmodel: {{name_or_path: {MODEL}}}\nstore: {store}\n{text}")
+    return path
+
+
+def train_args(root: Path, text: str) -> list[str]:
+    return ["train", str(write_config(root, text)), "--output", str(root / "out")]
+
+
+def bad_utf8_config(root: Path) -> list[str]:
+    path = write_config(root, "")
+    path.write_bytes(path.read_bytes() + b"train: {epochs: 1}  # caf\xe9\n")
+    return ["config", "show", str(path)]
+
+
+def bad_utf8_corpus(root: Path) -> list[str]:
+    beir = write_beir(root, corpus=b'{"_id": "d0", "text": "ok"}\n{"_id": "d1", "text": "caf\xe9"}\n')
+    return ["eval", "--model", MODEL, "--data", str(beir), "--output", str(root / "out")]
+
+
+def bad_utf8_pairs(root: Path) -> list[str]:
+    pairs = write_pairs(root / "pairs.jsonl")
+    pairs.write_bytes(pairs.read_bytes() + b'{"query": "caf\xe9", "pos": ["x"]}\n')
+    return train_args(root, "data: {train_files: [pairs.jsonl]}\nbatch: {queries_per_step: 2, hard_negatives: 2}\n")
+
+
+def eval_output_is_a_file(root: Path) -> list[str]:
+    (root / "taken").write_text("")
+    return ["eval", "--model", MODEL, "--data", str(write_beir(root)), "--output", str(root / "taken")]
+
+
+def conflicting_qrels(root: Path) -> list[str]:
+    beir = write_beir(root, qrels="query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq0\td0\t0\n")
+    return ["eval", "--model", MODEL, "--data", str(beir), "--output", str(root / "out")]
+
+
+def empty_pairs_file(root: Path) -> list[str]:
+    (root / "pairs.jsonl").write_text("")
+    return train_args(root, "data: {train_files: [pairs.jsonl]}\n")
+
+
+def listwise_without_scores(root: Path) -> list[str]:
+    write_pairs(root / "pairs.jsonl", scores=False)
+    return train_args(root, "data: {train_files: [pairs.jsonl]}\nloss: {kind: listwise}\n"
+                            "batch: {queries_per_step: 2, hard_negatives: 2}\n")
+
+
+def too_few_negatives(root: Path) -> list[str]:
+    write_pairs(root / "pairs.jsonl", negatives=2)
+    return train_args(root, "data: {train_files: [pairs.jsonl]}\nbatch: {queries_per_step: 2, hard_negatives: 3}\n")
+
+
+def nan_teacher_score(root: Path) -> list[str]:
+    write_pairs(root / "pairs.jsonl", nan=True)
+    return train_args(root, "data: {train_files: [pairs.jsonl]}\nloss: {kind: listwise}\n"
+                            "batch: {queries_per_step: 2, hard_negatives: 2}\n")
+
+
+def config_show(text: str):
+    return lambda root: ["config", "show", str(write_config(root, text))]
+
+
+# (id, build(root) -> CLI args, text the one line must contain, path under root that must not exist)
+CASES = [
+    ("utf8-config", bad_utf8_config, "cfg.yaml:4: invalid UTF-8 (byte 0xe9)", "store"),
+    ("utf8-corpus", bad_utf8_corpus, "corpus.jsonl:2: invalid UTF-8", "out"),
+    ("utf8-pairs", bad_utf8_pairs, "pairs.jsonl:5: not UTF-8 text", "out"),
+    ("model-folder", lambda r: ["eval", "--model", "/no/such/dir", "--data", str(write_beir(r)), "--output", str(r / "out")],
+     "model /no/such/dir: no such folder", "out"),
+    ("hub-id-offline", lambda r: ["eval", "--model", "no-such-org/no-such-model", "--data", str(write_beir(r))],
+     "model no-such-org/no-such-model: not a local folder", "out"),
+    ("endpoint-port", lambda r: ["config", "show", str(write_config(r, "", '{uri: "s3://b/p", endpoint: "127.0.0.1:notaport"}'))],
+     "cfg.yaml:3: store.endpoint '127.0.0.1:notaport': the port must be a number", "store"),
+    ("eval-output-file", eval_output_is_a_file, "--output", "out"),
+    ("schema-output", lambda r: ["config", "schema", "-o", str(r / "no" / "dir" / "x.json")], "x.json: cannot write", "no"),
+    ("listwise-no-scores", listwise_without_scores, "pairs.jsonl:1: loss.kind=listwise needs teacher scores", "out"),
+    ("too-few-negatives", too_few_negatives, "pairs.jsonl:1: 2 negatives, but batch.hard_negatives asks for 3", "out"),
+    ("top-k-below-negatives", config_show("mining: {top_k: 3, negatives_per_query: 5}\n"),
+     "cfg.yaml:4: mining.top_k (3) is below mining.negatives_per_query (5)", "store"),
+    ("top-k-below-hard-negatives", config_show("data: {beir: x}\nmining: {top_k: 4, negatives_per_query: 4}\n"
+                                               "batch: {hard_negatives: 6}\n"),
+     "cfg.yaml:6: batch.hard_negatives (6) exceeds mining.negatives_per_query (4)", "store"),
+    ("listwise-without-score-stage", config_show("data: {beir: x}\nloss: {kind: listwise}\n"),
+     "cfg.yaml:5: loss.kind listwise needs teacher scores: set score.enabled", "store"),
+    ("score-list-too-short", config_show("data: {beir: x}\nbatch: {hard_negatives: 5}\nscore: {enabled: true, list_size: 4}\n"),
+     "cfg.yaml:6: score.list_size (4) is below batch.hard_negatives + 1 (6)", "store"),
+    ("duplicate-yaml-key", config_show("train:\n  epochs: 1\n  epochs: 2\n"),
+     "cfg.yaml:6: train.epochs: duplicate key (first on line 5)", "store"),
+    ("grad-clip-inf", config_show("train: {grad_clip: .inf}\n"), "cfg.yaml:4: train.grad_clip", "store"),
+    ("conflicting-qrels", conflicting_qrels, "test.tsv:4: (q0, d0) has relevance 0 here and 1 on line 2", "out"),
+    ("nan-teacher-score", nan_teacher_score, "pairs.jsonl:1: field 'neg_scores' holds a non-finite value", "out"),
+    ("empty-pairs-file", empty_pairs_file, "data.train_files[0]", "out"),
+]
+
+
+@pytest.mark.parametrize(("build", "expected", "absent"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clean_line_and_exit_2(tmp_path, monkeypatch, build, expected, absent):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PEG_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, build(tmp_path))
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / absent).exists()
+
+
+def test_bom_at_the_start_of_jsonl_and_qrels_is_accepted(tmp_path):
+    from peg.data import BeirDataset
+
+    beir = write_beir(tmp_path)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (beir / name).write_bytes(b"\xef\xbb\xbf" + (beir / name).read_bytes())
+    data = BeirDataset.load(beir, "test")
+    assert sorted(data.corpus) == ["d0", "d1", "d2", "d3"] and data.qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}}

@@ -1,0 +1,46 @@
+"""Checkpoints in the store: restore makes a fresh disk hold exactly the latest complete one."""
+
+from __future__ import annotations
+
+from peg.config import StoreConfig
+from peg.store import open_store
+from peg.train.checkpoints import restore_checkpoint, stored_tags
+
+
+def test_restore_latest_checkpoint_onto_a_fresh_disk(tmp_path):
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    key = "run/train/checkpoints"
+    ckpt = tmp_path / "fresh" / "checkpoints"
+    assert restore_checkpoint(store, key, ckpt) is False and not ckpt.exists()  # nothing stored: no resume
+    for tag, payload in (("step00000002", b"old"), ("step00000004", b"new")):
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng-rank1.pt"):
+            store.put_bytes(f"{key}/{tag}/{name}", payload + name.encode(), producer="train")
+    store.put_bytes(f"{key}/step00000006/rng-rank0.pt", b"incomplete: latest never named it", producer="train")
+    store.put_bytes(f"{key}/latest", b"step00000004", producer="train")
+    assert stored_tags(store, key) == ["step00000002", "step00000004", "step00000006"]
+
+    assert restore_checkpoint(store, key, ckpt) is True
+    assert (ckpt / "latest").read_text() == "step00000004"
+    assert sorted(p.name for p in (ckpt / "step00000004").iterdir()) == [
+        "mp_rank_00_model_states.pt", "rng-rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert (ckpt / "step00000004" / "rng-rank1.pt").read_bytes() == b"newrng-rank1.pt"
+    assert not (ckpt / "step00000002").exists() and not (ckpt / "step00000006").exists()
+    (ckpt / "step00000004" / "rng-rank1.pt").write_bytes(b"truncated")  # a half-written local copy is replaced
+    assert restore_checkpoint(store, key, ckpt) is True
+    assert (ckpt / "step00000004" / "rng-rank1.pt").read_bytes() == b"newrng-rank1.pt"
+
+
+def test_a_newer_local_checkpoint_wins_only_on_a_single_node(tmp_path):
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    key = "run/train/checkpoints"
+    store.put_bytes(f"{key}/step00000002/rng-rank0.pt", b"stored", producer="train")
+    store.put_bytes(f"{key}/latest", b"step00000002", producer="train")
+    ckpt = tmp_path / "disk" / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    (ckpt / "step00000004" / "rng-rank0.pt").write_bytes(b"local, killed before its upload")
+    (ckpt / "latest").write_text("step00000004")
+    assert restore_checkpoint(store, key, ckpt, trust_local=True) is True
+    assert (ckpt / "latest").read_text() == "step00000004"  # one node: its own newer checkpoint
+    assert restore_checkpoint(store, key, ckpt, trust_local=False) is True
+    assert (ckpt / "latest").read_text() == "step00000002"  # several nodes: only what all can get

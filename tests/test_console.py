@@ -1,0 +1,52 @@
+"""peg.console: the user's console gets peg's lines and warnings; everything else a process, its
+native code or its children write lands in the log file; -v shows it all."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = """
+import logging, os, subprocess, sys, warnings
+from peg.console import capture, console
+log = capture("probe", verbose=len(sys.argv) > 1)
+console().print("peg line")
+logging.getLogger("peg.probe").warning("peg warning")
+logging.getLogger("ray").info("Started a local Ray instance.")
+print("library print"); sys.stdout.flush()
+os.write(2, b"native stderr\\n")
+warnings.warn("torch deprecation", DeprecationWarning, stacklevel=1)
+subprocess.run([sys.executable, "-c", "import sys; print('child stdout'); sys.stderr.write('child stderr\\\\n')"])
+subprocess.run([sys.executable, "-c", "from peg.console import capture, console; capture('child'); console().print('child console')"])
+open(os.environ["PROBE_OUT"], "w").write(str(log))
+"""
+NOISE = ("library print", "native stderr", "child stdout", "child stderr", "Started a local Ray", "torch deprecation")
+
+
+def run_probe(tmp_path: Path, *args: str) -> tuple[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PEG_LOG_DIR": str(tmp_path),
+           "PROBE_OUT": str(tmp_path / "where")}
+    for name in ("PEG_LOG_FILE", "PEG_CONSOLE", "PEG_VERBOSE", "KUBERNETES_SERVICE_HOST"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", SCRIPT, *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    log = Path((tmp_path / "where").read_text().strip()).read_text()
+    return proc.stdout + proc.stderr, log
+
+
+def test_console_shows_peg_and_the_log_file_gets_the_rest(tmp_path):
+    console, log = run_probe(tmp_path)
+    assert console.splitlines() == ["peg line", "warning: peg warning", "child console"]
+    for noise in NOISE:
+        assert noise in log, noise
+    assert "peg warning" in log  # peg's own records are in the log too
+
+
+def test_verbose_shows_everything(tmp_path):
+    console, log = run_probe(tmp_path, "-v")
+    for line in ("peg line", "warning: peg warning", *NOISE[:4]):
+        assert line in console, line
+    assert "peg warning" in log
