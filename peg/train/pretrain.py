@@ -42,10 +42,10 @@ from peg.train.trainer import (
     _seed_all,
     _shutdown,
     check_resume,
-    claim_output_dir,
     launch,
     restore,
     runs_in_process,
+    start_rank,
 )
 
 
@@ -168,7 +168,6 @@ def step_masks(tokenizer, texts: list[str], p: PretrainConfig, seed: int) -> dic
 
 def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
     """The per-rank pretraining loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
-    import deepspeed
     import torch.distributed as dist
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -176,13 +175,7 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
 
     config = engine_config(config)
     p = config.pretrain
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    claim_output_dir(output_dir)
-    ckpt_dir = output_dir / "checkpoints"
+    rank, world_size, ckpt_dir = start_rank(output_dir)
 
     texts = corpus_texts(config)
     if p.batch_size % world_size or len(texts) < p.batch_size:

@@ -217,21 +217,28 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_rank(output_dir: Path) -> tuple[int, int, Path]:
+    """Join the process group (NCCL on GPUs, else gloo), take this rank's GPU and claim
+    `output_dir` for this process: (rank, world size, checkpoint folder)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output_dir)
+    return dist.get_rank(), dist.get_world_size(), output_dir / "checkpoints"
+
+
 def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
     """The per-rank training loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
-    import deepspeed
     import torch.distributed as dist
 
     from peg.losses import build_loss
     from peg.train.engine import auto_chunk_size, build_engine, train_step
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    claim_output_dir(output_dir)
-    ckpt_dir = output_dir / "checkpoints"
+    rank, world_size, ckpt_dir = start_rank(output_dir)
 
     def gather(obj: object) -> list[object]:
         parts: list[object] = [None] * world_size
@@ -368,9 +375,11 @@ def _export(engine, encoder: Encoder, model_dir: Path, rank: int) -> Path:
 
 
 def _shutdown(engine) -> None:
-    """Release DeepSpeed's state and the process group in an order that exits cleanly."""
+    """Release DeepSpeed's state and the process group in an order that exits cleanly; DeepSpeed's
+    cached groups go with it, so the process can train again (pod-per-rank mode, tests)."""
+    import deepspeed.comm as ds_dist
     import torch.distributed as dist
 
     dist.barrier()
     engine.destroy()
-    dist.destroy_process_group()
+    ds_dist.destroy_process_group()
