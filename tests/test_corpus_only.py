@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from tiny import make_tiny_beir, make_tiny_cross_encoder, make_tiny_llama, make_tiny_model
+from tiny import make_tiny_beir, make_tiny_model, train_in_this_process
 
+import peg.train
 from peg.config import ConfigError, load_config, parse_config
 from peg.data import DataError, TrainingExample, iter_examples, write_examples
 from peg.mine.stage import load_train_split
@@ -28,20 +29,13 @@ def assets(tmp_path_factory):
     corpus_only = root / "corpus-only"
     corpus_only.mkdir()
     shutil.copy(full / "corpus.jsonl", corpus_only / "corpus.jsonl")
-    return {
-        "root": root, "full": full, "corpus_only": corpus_only, "model": make_tiny_model(root / "model"),
-        "llama": root / "llama", "reranker": root / "reranker",  # built by `llm_models` for the tests that run them
-    }
+    return {"root": root, "full": full, "corpus_only": corpus_only, "model": make_tiny_model(root / "model")}
 
 
-@pytest.fixture(scope="module")
-def llm_models(assets):
-    make_tiny_llama(assets["llama"])
-    make_tiny_cross_encoder(assets["reranker"])
-
-
-def synthetic_config(assets, store: Path, **sections) -> dict:
-    llm = {"path": str(assets["llama"]), "batch_size": 12, "shard_size": 12, "num_actors": 1, "actor_cpus": 0.5}
+def synthetic_config(assets, store: Path, llama: Path | None = None, reranker: Path | None = None, **sections) -> dict:
+    """The corpus-only run; `llama` / `reranker`: the tiny LLM and cross-encoder folders (only the
+    tests that run synth and score need real ones)."""
+    llm = {"path": str(llama or assets["root"] / "llama"), "batch_size": 12, "shard_size": 12, "num_actors": 1, "actor_cpus": 0.5}
     config = {
         "name": "corpus-only",
         "data": {"beir": str(assets["corpus_only"]), "train_queries": "synthetic"},
@@ -51,7 +45,7 @@ def synthetic_config(assets, store: Path, **sections) -> dict:
         "encode": {"batch_size": 32, "num_actors": 1, "actor_cpus": 0.5},
         "mining": {"num_shards": 1, "top_k": 24, "negatives_per_query": 3, "selection": "rank_window",
                    "rank_window": [0, 24], "actor_cpus": 0.5},
-        "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(assets["reranker"]),
+        "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(reranker or assets["root"] / "reranker"),
                   "list_size": 4, "llm": {"shard_size": 64, "actor_cpus": 0.5}},
         "loss": {"kind": "listwise"},
         "batch": {"queries_per_step": 4, "hard_negatives": 3},
@@ -70,10 +64,18 @@ def write(path: Path, config: dict) -> Path:
     return path
 
 
-def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(assets, llm_models, tmp_path, monkeypatch):
-    """Stage by stage in one Ray session (the entrypoint each pod runs), from corpus.jsonl alone."""
+def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(
+    assets, tiny_llama_dir, tiny_cross_encoder_dir, tmp_path, monkeypatch
+):
+    """Stage by stage in one Ray session (the entrypoint each pod runs), from corpus.jsonl alone;
+    pretrain and train run in this process, as one pod-per-rank worker each."""
     monkeypatch.setenv("PEG_WORK_DIR", str(tmp_path / "work"))
-    path = write(tmp_path / "run.yaml", synthetic_config(assets, tmp_path / "store"))
+    train_in_this_process(monkeypatch)
+    started_from = []
+    real_train = peg.train.train
+    monkeypatch.setattr(peg.train, "train", lambda config, *a, **kw: started_from.append(
+        config.model.name_or_path) or real_train(config, *a, **kw))
+    path = write(tmp_path / "run.yaml", synthetic_config(assets, tmp_path / "store", tiny_llama_dir, tiny_cross_encoder_dir))
     config = load_config(path)
     names = [s.name for s in enabled_stages(config)]
     assert names == ["prepare", "synth", "encode", "mine", "score", "pretrain", "train", "export", "report"]
@@ -94,11 +96,12 @@ def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(assets, l
         assert len(ex.neg) == 3 and len(ex.pos_scores) == 1 and len(ex.neg_scores) == 3
     assert json.loads((store / "prepare" / "data.json").read_text()) == {"passages": 24}
     assert any((store / "export" / "model").rglob("*.safetensors"))
-    # train started from the pretrained encoder: its config names the pretrain stage's model, byte-equal
-    [train_config] = (tmp_path / "work").glob("corpus-only-*/train-*/output/config.yaml")
-    start = Path(yaml.safe_load(train_config.read_text())["model"]["name_or_path"])
+    # all the data later stages can read
+    assert LocalStore(tmp_path / "store").list("corpus-only/prepare/data") == ["corpus-only/prepare/data/beir/corpus.jsonl"]
+    # train started from the pretrained encoder: the model it was given is the pretrain stage's, byte-equal
+    [start] = started_from
     pretrained = store / "pretrain" / "model" / "model.safetensors"
-    assert (start / "model.safetensors").read_bytes() == pretrained.read_bytes()
+    assert (Path(start) / "model.safetensors").read_bytes() == pretrained.read_bytes()
     assert pretrained.read_bytes() != (assets["model"] / "model.safetensors").read_bytes()
     page = (store / "report" / "report.html").read_text()
     assert "Not evaluated" in page and "training queries: synthetic" in page

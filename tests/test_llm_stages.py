@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import ray
 import yaml
-from tiny import make_tiny_cross_encoder, make_tiny_llama
 from typer.testing import CliRunner
 
 from peg.cli import app
@@ -34,16 +33,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tiny_cross_encoder_dir(tmp_path_factory) -> Path:
-    return make_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce"))
 
 
 def mined_examples() -> list[TrainingExample]:

@@ -115,3 +115,14 @@ def flip_stored_byte(store, key: str) -> None:
     response.close()
     data[len(data) // 2] ^= 0x01
     store._client.put_object(store.bucket, name, io.BytesIO(bytes(data)), len(data))
+
+
+def train_in_this_process(monkeypatch) -> None:
+    """Make peg's training run in the test process as the one rank of a pod-per-rank job (RANK,
+    WORLD_SIZE, MASTER_*), not under a torchrun it starts: no worker process start-up per run."""
+    from s3server import free_ports
+
+    [port] = free_ports(1)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
