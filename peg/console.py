@@ -76,13 +76,12 @@ def capture(name: str, verbose: bool = False, show_logs: bool = True) -> Path:
         target = os.environ.get(CONSOLE_ENV)
         if target:  # a child: reopen the console its ancestor kept
             try:
-                stream = open(target, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+                stream = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
             except OSError:
                 stream = open(os.devnull, "w")  # noqa: SIM115 - the ancestor is gone
         else:
-            kept = os.dup(2)
-            stream = os.fdopen(kept, "w", buffering=1, encoding="utf-8")
-            os.environ[CONSOLE_ENV] = f"/proc/{os.getpid()}/fd/{kept}"
+            stream = _append_stream(2)
+            os.environ[CONSOLE_ENV] = f"/proc/{os.getpid()}/fd/{stream.fileno()}"
         _console = Console(file=stream, soft_wrap=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -92,6 +91,18 @@ def capture(name: str, verbose: bool = False, show_logs: bool = True) -> Path:
         os.close(fd)
     _configure_logging(path, verbose, show_logs)
     return path
+
+
+def _append_stream(fd: int):
+    """A line-buffered text stream on what `fd` writes to, appending.
+
+    When the console is a file (`peg ... > run.txt`), this process and every child reopening it
+    append: nobody truncates it or overwrites another's lines, as separate offsets would.
+    """
+    try:
+        return open(f"/proc/self/fd/{fd}", "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    except OSError:  # a socket, or no /proc: a plain duplicate
+        return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8")
 
 
 def _has_real_stderr() -> bool:

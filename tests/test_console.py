@@ -20,16 +20,22 @@ os.write(2, b"native stderr\\n")
 warnings.warn("torch deprecation", DeprecationWarning, stacklevel=1)
 subprocess.run([sys.executable, "-c", "import sys; print('child stdout'); sys.stderr.write('child stderr\\\\n')"])
 subprocess.run([sys.executable, "-c", "from peg.console import capture, console; capture('child'); console().print('child console')"])
+console().print("parent after child")
 open(os.environ["PROBE_OUT"], "w").write(str(log))
 """
 NOISE = ("library print", "native stderr", "child stdout", "child stderr", "Started a local Ray", "torch deprecation")
 
 
-def run_probe(tmp_path: Path, *args: str) -> tuple[str, str]:
+def probe_env(tmp_path: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PEG_LOG_DIR": str(tmp_path),
            "PROBE_OUT": str(tmp_path / "where")}
     for name in ("PEG_LOG_FILE", "PEG_CONSOLE", "PEG_VERBOSE", "KUBERNETES_SERVICE_HOST"):
         env.pop(name, None)
+    return env
+
+
+def run_probe(tmp_path: Path, *args: str) -> tuple[str, str]:
+    env = probe_env(tmp_path)
     proc = subprocess.run([sys.executable, "-W", "always", "-c", SCRIPT, *args], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -39,7 +45,7 @@ def run_probe(tmp_path: Path, *args: str) -> tuple[str, str]:
 
 def test_console_shows_peg_and_the_log_file_gets_the_rest(tmp_path):
     console, log = run_probe(tmp_path)
-    assert console.splitlines() == ["peg line", "warning: peg warning", "child console"]
+    assert console.splitlines() == ["peg line", "warning: peg warning", "child console", "parent after child"]
     for noise in NOISE:
         assert noise in log, noise
     assert "peg warning" in log  # peg's own records are in the log too
@@ -50,3 +56,15 @@ def test_verbose_shows_everything(tmp_path):
     for line in ("peg line", "warning: peg warning", *NOISE[:4]):
         assert line in console, line
     assert "peg warning" in log
+
+
+def test_a_console_redirected_to_a_file_keeps_every_line(tmp_path):
+    """`peg ... > out.txt` and `>> out.txt`: the children reopen the console file, and nobody
+    truncates it or writes over another process's lines."""
+    for mode, before in (("w", ""), ("a", "earlier output\n")):
+        out = tmp_path / f"console-{mode}.txt"
+        out.write_text(before)
+        with out.open(mode) as f:
+            proc = subprocess.run([sys.executable, "-c", SCRIPT], env=probe_env(tmp_path), stdout=f, stderr=f, timeout=120)
+        assert proc.returncode == 0, out.read_text()
+        assert out.read_text() == before + "peg line\nwarning: peg warning\nchild console\nparent after child\n"
