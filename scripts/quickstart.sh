@@ -14,4 +14,7 @@ if [ -n "${PEG_DATA_DIR:-}" ] && [ -d "$PEG_DATA_DIR/scifact" ]; then
 fi
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+# DeepSpeed's JIT-built ops cached per checkout: clones sharing ~/.cache/torch_extensions rebuild each other's
+# build (and a build killed midway leaves a lock every later build waits on)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch-extensions}"
 exec .venv/bin/peg pipeline run examples/quickstart.yaml "$@"
