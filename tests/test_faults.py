@@ -155,7 +155,7 @@ def test_kill_9_during_train_leaves_no_process_and_the_run_resumes(assets):
     root, env, mark, _, local = assets
     process = peg("pipeline", "run", str(local), env=env)
     deadline = time.monotonic() + 900
-    while not list((root / "work").glob("tiny-*/train-*/output/checkpoints/latest")):
+    while not (root / "store" / "tiny" / "train" / "checkpoints" / "latest").is_file():  # a checkpoint reached the store
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline
         time.sleep(0.2)
