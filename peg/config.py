@@ -199,6 +199,11 @@ class EncodeConfig(Section):
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per encoder actor (fractional on small machines).")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor (1 on a GPU node).")
     shard_size: int = Field(50000, ge=1, description="Embeddings per stored shard file.")
+    in_process_below: int = Field(
+        1000, ge=0,
+        description="Fewer texts than this are encoded in the calling process, not on Ray actors (a pool takes "
+        "seconds to start); 0: always on Ray.",
+    )
 
 
 class MiningConfig(Section):

@@ -68,3 +68,33 @@ def test_a_console_redirected_to_a_file_keeps_every_line(tmp_path):
             proc = subprocess.run([sys.executable, "-c", SCRIPT], env=probe_env(tmp_path), stdout=f, stderr=f, timeout=120)
         assert proc.returncode == 0, out.read_text()
         assert out.read_text() == before + "peg line\nwarning: peg warning\nchild console\nparent after child\n"
+
+
+def test_progress_on_a_console_that_is_not_a_terminal_comes_as_lines_with_rate_and_eta(monkeypatch):
+    """A pod's log or a redirected console gets the bar's figures as plain lines (rich would print
+    the bar only once the loop ended); a terminal keeps the redrawn bar."""
+    import io
+
+    from rich.console import Console
+
+    from peg import progress
+
+    clock = iter(range(0, 1000, 10))  # each reading of the clock is 10 s after the last
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("PEG_PROGRESS_EVERY", "25")
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "console", lambda: Console(file=out, force_terminal=False, width=200))
+    with progress.progress_bar(400, "encode passages", unit="passages") as advance:
+        for _ in range(4):
+            advance(100, status="shard 1")
+    lines = out.getvalue().splitlines()
+    # started at 0; the updates read 10, 20, 30 (a line: 25 s passed), 40; the end reads 50
+    assert lines[0] == "encode passages 300/400 75% 10.0 passages/s elapsed 0:00:30 ETA 0:00:10 shard 1"
+    assert lines[-1].startswith("encode passages 400/400 100% ") and lines[-1].endswith("ETA 0:00:00 shard 1")
+    assert len(lines) == 2
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(progress, "console", lambda: Console(file=terminal, force_terminal=True, width=200))
+    with progress.progress_bar(4, "train", unit="step") as advance:
+        advance(4)
+    assert "━" in terminal.getvalue() and "4/4" in terminal.getvalue()

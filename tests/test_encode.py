@@ -44,7 +44,7 @@ def make_config(model_dir, tmp_path, **encode) -> RunConfig:
     return RunConfig.model_validate({
         "name": "enc",
         "model": {"name_or_path": str(model_dir), "passage_max_length": 48, "query_max_length": 16},
-        "encode": {"batch_size": 16, "num_actors": 2, "actor_cpus": 0.5, "shard_size": 50, **encode},
+        "encode": {"batch_size": 16, "num_actors": 2, "actor_cpus": 0.5, "shard_size": 50, "in_process_below": 0, **encode},
         "store": {"uri": str(tmp_path / "store")},
     })
 
@@ -78,6 +78,25 @@ def test_encode_equals_in_process_encoder_and_second_call_is_a_cache_hit(encoded
     monkeypatch.setattr(encode_module, "_encode_shards", no_model_run)
     again = encode_corpus(config, store, corpus)
     assert again.ids == emb.ids and np.array_equal(again.matrix, emb.matrix)
+
+
+def test_few_texts_are_encoded_in_this_process_without_ray_and_equal_the_actors(encoded, tmp_path, monkeypatch):
+    """Below `encode.in_process_below` no actor pool runs and the stored shards hold the embeddings
+    the actor pool gives, in the same layout."""
+    config, _, corpus, on_ray = encoded
+    here = config.model_copy(deep=True)
+    here.encode.in_process_below = len(corpus) + 1
+    here.store.uri = str(tmp_path / "here")
+
+    def no_actors(*args, **kwargs):
+        raise AssertionError("an actor pool ran for a small input")
+
+    monkeypatch.setattr(encode_module, "_embedded_on_ray", no_actors)
+    store = open_store(here.store)
+    emb = encode_corpus(here, store, corpus)
+    assert emb.ids == on_ray.ids and emb.key == on_ray.key  # same cache entry: the path is not part of the key
+    np.testing.assert_allclose(emb.matrix, on_ray.matrix, atol=2e-6)
+    assert sorted(k.rsplit("/", 1)[1] for k in store.list(emb.key)) == ["index.json", *(f"shard-0000{i}.npz" for i in range(3))]
 
 
 def test_a_missing_shard_is_reencoded_alone(encoded, monkeypatch):

@@ -48,7 +48,7 @@ def cluster(tmp_path_factory, s3_server):
         "loss": {"kind": "infonce", "progressive": {"enabled": True}},
         "batch": {"queries_per_step": 4, "hard_negatives": 1, "chunk_size": 3},
         "train": {"max_steps": 3, "learning_rate": 1e-3, "nproc_per_node": 1, "zero_stage": 2, "checkpoint_every": 2},
-        "encode": {"batch_size": 16, "num_actors": 1, "actor_cpus": 0.5},
+        "encode": {"batch_size": 16, "num_actors": 1, "actor_cpus": 0.5, "in_process_below": 0},
         "mining": {"num_shards": 1, "top_k": 20, "negatives_per_query": 1, "selection": "rank_window", "rank_window": [0, 20]},
         "store": {"uri": f"s3://{bucket}/runs", "endpoint": s3_server.endpoint, "secure": False},
         "cluster": {"namespace": "peg", "nodes": 2, "s3_secret": "peg-s3",

@@ -105,6 +105,25 @@ def test_ray_session_joins_the_cluster_named_by_ray_address(ray_local):
     assert out.stdout.split() == [address, "False"]
 
 
+def test_ray_scope_starts_ray_only_when_a_session_is_needed_and_keeps_it_for_the_scope(ray_local):
+    """`ray_scope`: no Ray while nothing needs it; the first `ray_session` inside connects, later
+    ones reuse that session, and it ends with the scope."""
+    code = (
+        "import ray\nfrom peg.runtime import ray_scope, ray_session\n"
+        "with ray_scope():\n"
+        "    print(ray.is_initialized())\n"
+        "    with ray_session():\n        first = ray.get_runtime_context().get_job_id()\n"
+        "    with ray_session():\n        print(ray.get_runtime_context().get_job_id() == first)\n"
+        "    print(ray.is_initialized())\n"
+        "print(ray.is_initialized())\n"
+    )
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_ADDRESS": address},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True", "False"]
+
+
 # ---- negative selection (pure functions) ----
 
 def test_topk_percpos_drops_positives_duplicates_and_near_positives():

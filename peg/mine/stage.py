@@ -33,7 +33,7 @@ from peg.config import ConfigError, MiningConfig, RunConfig
 from peg.data import BeirDataset, DataError, TrainingExample, iter_corpus, iter_examples
 from peg.data.fetch import resolve_beir
 from peg.mine.select import RULES, select_negatives
-from peg.runtime import EmbeddingSet, ShardedIndex, encode_corpus, encode_queries, ray_session
+from peg.runtime import EmbeddingSet, ShardedIndex, encode_corpus, encode_queries, ray_scope, ray_session
 from peg.runtime.index import search_shards
 from peg.runtime.shards import WorkerPool, run_shards, shard_key
 from peg.store import ArtifactStore
@@ -105,7 +105,7 @@ def training_queries_identity(config: RunConfig, store: ArtifactStore) -> str:
 def run_encode(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> tuple[EmbeddingSet, EmbeddingSet]:
     """Encode the corpus and the training queries (cached in the store)."""
     dataset = load_train_split(config, store)
-    with ray_session():
+    with ray_scope():  # one Ray session for both, started only if one needs actors
         corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)
         queries = encode_queries(config, store, dataset.queries, show_progress)
     return corpus, queries

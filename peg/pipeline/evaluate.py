@@ -38,12 +38,12 @@ def finetuned_config(ctx: StageContext, model_dir: Path) -> RunConfig:
 
 def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
     """Evaluate the base model (embeddings cached by the encode stage) and the trained one."""
-    from peg.runtime import ray_session
+    from peg.runtime import ray_scope
 
     data = eval_split(ctx.config)
     model_dir = ctx.materialise_dir("train", "model", ctx.work_dir() / "model")
     results = {}
-    with ray_session(), tempfile.TemporaryDirectory(prefix="peg-eval-") as tmp:
+    with ray_scope(), tempfile.TemporaryDirectory(prefix="peg-eval-") as tmp:  # Ray only if an encode needs actors
         for name, config in (("base", ctx.config), ("finetuned", finetuned_config(ctx, model_dir))):
             result = _evaluate(config, ctx, data)
             paths = result.write(Path(tmp) / name, title=LABELS[name])

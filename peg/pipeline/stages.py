@@ -92,10 +92,8 @@ def _synth(ctx: StageContext) -> list[str]:
 
 def _encode(ctx: StageContext) -> list[str]:
     from peg.mine.stage import run_encode
-    from peg.runtime import ray_session
 
-    with ray_session():
-        corpus, queries = run_encode(ctx.config, ctx.store)
+    corpus, queries = run_encode(ctx.config, ctx.store)
     return [key for folder in (corpus.key, queries.key) for key in ctx.store.list(folder)]
 
 

@@ -4,7 +4,7 @@ cache every run in a store shares."""
 
 from peg.runtime.embeddings import EmbeddingSet, encode_corpus, encode_queries, encode_texts
 from peg.runtime.index import EmptyShardError, ShardedIndex
-from peg.runtime.session import ray_session
+from peg.runtime.session import ray_scope, ray_session
 from peg.runtime.shards import ShardsFailed, WorkerPool, run_shards
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "encode_corpus",
     "encode_queries",
     "encode_texts",
+    "ray_scope",
     "ray_session",
     "run_shards",
 ]

@@ -2,7 +2,9 @@
 
 Texts are sorted by length (longest first, within each stored shard) so every batch pads to
 similar lengths, then streamed through a pool of encoder actors (`map_batches` with a callable
-class). Embeddings are stored in shards of `encode.shard_size` rows, each an `.npz` holding
+class). Fewer texts than `encode.in_process_below` are encoded in the calling process instead, in
+the same batches: an actor pool costs seconds to start (a worker process, imports, the model) and
+pays off only with work to spread. Embeddings are stored in shards of `encode.shard_size` rows, each an `.npz` holding
 `ids` and `embeddings`, under
 
     encode/<kind>-<cache key>/shard-NNNNN.npz
@@ -20,13 +22,12 @@ import hashlib
 import json
 import math
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import ray
 
 from peg.config import ModelConfig, RunConfig
 from peg.data import DataError, Passage, iter_corpus
@@ -187,27 +188,23 @@ def encode_texts(
     return EmbeddingSet(ids, matrix, folder)
 
 
-def _encode_shards(
-    config: RunConfig,
-    store: ArtifactStore,
-    folder: str,
-    digest: str,
-    ids: list[str],
-    texts: list[str],
-    kind: Kind,
-    shards: list[int],
-    tmp: Path,
-    show_progress: bool,
-) -> None:
-    """Encode the rows of `shards` in one Ray Data pass; put each shard as soon as it is complete."""
-    size = config.encode.shard_size
-    items: list[dict] = []
-    remaining: dict[int, int] = {}
-    for shard in shards:
-        rows = range(shard * size, min(len(ids), (shard + 1) * size))
-        remaining[shard] = len(rows)
-        items.extend({"row": r, "text": texts[r]} for r in sorted(rows, key=lambda r: -len(texts[r])))
-    buffers: dict[int, np.ndarray] = {}
+def _embedded_here(config: RunConfig, items: list[dict], kind: Kind) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(rows, embeddings) per batch of `items` (already sorted by length), encoded in this process."""
+    import torch
+
+    encoder = Encoder(config.model)
+    if torch.cuda.is_available():
+        encoder.to("cuda")
+    size = config.encode.batch_size
+    for start in range(0, len(items), size):
+        batch = items[start : start + size]
+        yield [item["row"] for item in batch], encoder.encode([item["text"] for item in batch], kind, batch_size=len(batch))
+
+
+def _embedded_on_ray(config: RunConfig, items: list[dict], kind: Kind) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(rows, embeddings) per batch of `items`, encoded by a pool of Ray actors."""
+    import ray
+
     batch_size = config.encode.batch_size
     with ray_session():
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -229,20 +226,48 @@ def _encode_shards(
             num_cpus=config.encode.actor_cpus,
             num_gpus=gpus or None,
         )
-        plural = "queries" if kind == "query" else "passages"
-        with progress_bar(len(items), f"encode {plural}", enabled=show_progress, unit=plural) as advance:
-            for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-                for row, emb in zip(batch["row"].tolist(), batch["embedding"], strict=True):
-                    shard = row // size
-                    start = shard * size
-                    if shard not in buffers:
-                        buffers[shard] = np.empty((min(len(ids), start + size) - start, len(emb)), np.float32)
-                    buffers[shard][row - start] = emb
-                    remaining[shard] -= 1
-                    if remaining[shard] == 0:
-                        shard_ids = ids[start : start + size]
-                        _put_shard(store, folder, digest, shard, shard_ids, buffers.pop(shard), tmp)
-                advance(len(batch["row"]))
+        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            yield batch["row"].tolist(), batch["embedding"]
+
+
+def _encode_shards(
+    config: RunConfig,
+    store: ArtifactStore,
+    folder: str,
+    digest: str,
+    ids: list[str],
+    texts: list[str],
+    kind: Kind,
+    shards: list[int],
+    tmp: Path,
+    show_progress: bool,
+) -> None:
+    """Encode the rows of `shards` in one pass (Ray actors, or this process for few rows); put
+    each shard as soon as it is complete."""
+    size = config.encode.shard_size
+    items: list[dict] = []
+    remaining: dict[int, int] = {}
+    for shard in shards:
+        rows = range(shard * size, min(len(ids), (shard + 1) * size))
+        remaining[shard] = len(rows)
+        items.extend({"row": r, "text": texts[r]} for r in sorted(rows, key=lambda r: -len(texts[r])))
+    buffers: dict[int, np.ndarray] = {}
+    here = len(items) < config.encode.in_process_below
+    batches = (_embedded_here if here else _embedded_on_ray)(config, items, kind)
+    plural = "queries" if kind == "query" else "passages"
+    with progress_bar(len(items), f"encode {plural}", enabled=show_progress, unit=plural) as advance:
+        for rows, embeddings in batches:
+            for row, emb in zip(rows, embeddings, strict=True):
+                shard = row // size
+                start = shard * size
+                if shard not in buffers:
+                    buffers[shard] = np.empty((min(len(ids), start + size) - start, len(emb)), np.float32)
+                buffers[shard][row - start] = emb
+                remaining[shard] -= 1
+                if remaining[shard] == 0:
+                    shard_ids = ids[start : start + size]
+                    _put_shard(store, folder, digest, shard, shard_ids, buffers.pop(shard), tmp)
+            advance(len(rows))
     if any(remaining.values()):
         raise RuntimeError(f"encoding returned too few rows for shards {[s for s, n in remaining.items() if n]}")
 
