@@ -2,7 +2,7 @@
 the base model's cached embeddings, seeded query subsets and a dev split carved from the TRAIN
 queries (never the test split).
 
-Embeddings go through peg's own encode cache (`peg.mine.encode`), in a local store
+Embeddings go through peg's own encode cache (`peg.runtime.embeddings`), in a local store
 (`--store`, default /tmp/peg-quality), so every benchmark and rerun encodes the corpus once.
 """
 
@@ -55,8 +55,7 @@ def dev_split(train: BeirDataset, size: int, seed: int = 0) -> list[str]:
 
 def embed_split(config: RunConfig, data: BeirDataset) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """(query ids, query embeddings, passage ids, passage embeddings), through the encode cache."""
-    from peg.mine.encode import encode_corpus, encode_queries
-    from peg.mine.session import ray_session
+    from peg.runtime import encode_corpus, encode_queries, ray_session
     from peg.store import open_store
 
     store = open_store(config.store)
