@@ -40,7 +40,13 @@ class _RateColumn(TextColumn):
         speed = task.finished_speed or task.speed
         if not speed and task.completed and task.elapsed:  # too few updates for rich's estimate: the mean
             speed = task.completed / task.elapsed
-        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
+        return Text(_rate_text(speed, self.unit) if speed else f"? {self.unit}/s", style="progress.data.speed")
+
+
+def _rate_text(rate: float, unit: str) -> str:
+    """`17.1 passages/s`; below 0.1 a second, per minute (`1.8 items/min`), so slow LLM shards
+    do not read as `0.0 items/s`."""
+    return f"{rate:,.1f} {unit}/s" if rate >= 0.1 else f"{rate * 60:,.2g} {unit}/min"
 
 
 @contextmanager
@@ -100,7 +106,7 @@ def _progress_lines(total: int, description: str, unit: str) -> Iterator[Callabl
         done = state["done"]
         rate = done / elapsed if elapsed > 0 else 0.0
         share = f" {100 * done / total:.0f}%" if total else ""
-        speed = f"{_amount(rate, unit)}/s" if unit == "bytes" else f"{rate:,.1f} {unit}/s"
+        speed = f"{_amount(rate, unit)}/s" if unit == "bytes" else _rate_text(rate, unit)
         eta = timedelta(seconds=round((total - done) / rate)) if rate > 0 and total >= done else "?"
         status = f" {state['status']}" if state["status"] else ""
         console().print(
@@ -117,6 +123,8 @@ def _progress_lines(total: int, description: str, unit: str) -> Iterator[Callabl
         if now - state["printed"] >= every:
             state["printed"] = now
             line(now)
+            state["shown"] = (state["done"], state["status"])
 
     yield advance
-    line(time.monotonic())
+    if state.get("shown") != (state["done"], state["status"]):  # the last line already says it
+        line(time.monotonic())

@@ -70,6 +70,22 @@ def test_a_console_redirected_to_a_file_keeps_every_line(tmp_path):
         assert out.read_text() == before + "peg line\nwarning: peg warning\nchild console\nparent after child\n"
 
 
+def _console_lines(monkeypatch, tick_s: int, every_s: int):
+    """A console that is not a terminal, captured; each reading of the clock `tick_s` after the last."""
+    import io
+
+    from rich.console import Console
+
+    from peg import progress
+
+    clock = iter(range(0, 100_000, tick_s))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("PEG_PROGRESS_EVERY", str(every_s))
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "console", lambda: Console(file=out, force_terminal=False, width=200))
+    return out
+
+
 def test_progress_on_a_console_that_is_not_a_terminal_comes_as_lines_with_rate_and_eta(monkeypatch):
     """A pod's log or a redirected console gets the bar's figures as plain lines (rich would print
     the bar only once the loop ended); a terminal keeps the redrawn bar."""
@@ -79,11 +95,7 @@ def test_progress_on_a_console_that_is_not_a_terminal_comes_as_lines_with_rate_a
 
     from peg import progress
 
-    clock = iter(range(0, 1000, 10))  # each reading of the clock is 10 s after the last
-    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
-    monkeypatch.setenv("PEG_PROGRESS_EVERY", "25")
-    out = io.StringIO()
-    monkeypatch.setattr(progress, "console", lambda: Console(file=out, force_terminal=False, width=200))
+    out = _console_lines(monkeypatch, tick_s=10, every_s=25)
     with progress.progress_bar(400, "encode passages", unit="passages") as advance:
         for _ in range(4):
             advance(100, status="shard 1")
@@ -98,3 +110,18 @@ def test_progress_on_a_console_that_is_not_a_terminal_comes_as_lines_with_rate_a
     with progress.progress_bar(4, "train", unit="step") as advance:
         advance(4)
     assert "━" in terminal.getvalue() and "4/4" in terminal.getvalue()
+
+
+def test_a_slow_loop_shows_its_rate_per_minute(monkeypatch):
+    """An LLM shard every 2 minutes reads `0.5 shards/min`, not `0.0 shards/s`; the closing line is not
+    printed twice."""
+    from peg import progress
+
+    out = _console_lines(monkeypatch, tick_s=120, every_s=60)
+    with progress.progress_bar(4, "synth", unit="shards") as advance:
+        for _ in range(4):
+            advance(1)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "synth 1/4 25% 0.5 shards/min elapsed 0:02:00 ETA 0:06:00", lines[0]
+    # every update printed a line, the last one 4/4: the end adds no second 4/4 line
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"], lines

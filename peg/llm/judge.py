@@ -134,7 +134,7 @@ def run_judge(
             stage="judge", store=store, base=base, items=examples, parts=PARTS,
             build=partial(JudgeProcessor, config.judge.model_dump(mode="json")),
             shard_size=config.judge.llm.shard_size, pool=config.judge.llm, config_hash=config_hash,
-            show_progress=show_progress,
+            show_progress=show_progress, unit="queries",
         )
         stored = read_shards(store, base, sorted(computed + reused), PARTS)
         stats = {"examples": 0, "negatives": 0, "dropped": 0}

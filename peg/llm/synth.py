@@ -247,6 +247,7 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
             computed, reused = run_shards(
                 stage="synth", store=store, base=base, items=sources, parts=PARTS, build=build,
                 shard_size=llm.shard_size, pool=llm, config_hash=config_hash, show_progress=show_progress,
+                unit="passages",
             )
         finally:
             if index is not None:

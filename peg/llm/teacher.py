@@ -221,7 +221,7 @@ def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = N
             stage="score", store=store, base=base, items=examples, parts=PARTS,
             build=partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json")),
             shard_size=config.score.llm.shard_size, pool=config.score.llm, config_hash=config_hash,
-            show_progress=show_progress,
+            show_progress=show_progress, unit="lists",
         )
         stored = read_shards(store, base, sorted(computed + reused), PARTS)
         stats = {"examples": 0, "pairs": 0}

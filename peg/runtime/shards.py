@@ -166,7 +166,7 @@ def run_shards(
         return list(items[s * shard_size : (s + 1) * shard_size])
 
     total = sum(len(shard_items(s)) for s in todo)
-    with progress_bar(total, f"{stage} shards", enabled=show_progress, unit=unit) as advance:
+    with progress_bar(total, stage, enabled=show_progress, unit=unit) as advance:
         while queue or pending:
             while queue and idle:
                 s, actor = queue.pop(0), idle.pop()
