@@ -139,11 +139,15 @@ def test_length_grouped_chunks_pad_to_their_own_longest_text(encoder):
 
 @pytest.mark.parametrize("name", ["progressive", "listwise"])
 def test_any_chunking_or_grouping_gives_the_full_batch_gradients(encoder, name):
-    """Without dropout, every chunking (length-grouped or random, cached or not) equals the plain step."""
-    encoder.eval()
+    """Without dropout, every chunking (length-grouped or random, cached or not) equals the plain step.
+
+    In float64: chunking changes the order in which fp32 sums are taken, which differs per CPU kernel
+    (AVX2 vs AVX-512) by more than a fixed tolerance on small entries of summed gradients."""
+    encoder.eval().double()
     try:
         loss_fn = make_losses()[name]
         q_inputs, p_inputs, extra = batch(encoder, name)
+        extra = {k: v.double() if v.is_floating_point() else v for k, v in extra.items()}
         plain_loss = GradCache(loss_fn, None).step(encode_fn(encoder), q_inputs, p_inputs, extra)
         plain = grads(encoder)
         cases = list(zip(chunkings(encoder, QUERIES, "query"), chunkings(encoder, passages(), "passage")))
@@ -151,11 +155,11 @@ def test_any_chunking_or_grouping_gives_the_full_batch_gradients(encoder, name):
             for q_chunks, p_chunks in cases:
                 loss = GradCache(loss_fn, chunk_size).step(encode_fn(encoder), q_chunks, p_chunks, extra)
                 got = grads(encoder)
-                torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(loss, plain_loss, rtol=1e-10, atol=1e-12)
                 for n, grad in plain.items():
-                    torch.testing.assert_close(got[n], grad, rtol=1e-4, atol=1e-6, msg=n)
+                    torch.testing.assert_close(got[n], grad, rtol=1e-9, atol=1e-12, msg=n)
     finally:
-        encoder.train()
+        encoder.float().train()
 
 
 def test_grouped_cached_equals_grouped_uncached_with_dropout(encoder):
