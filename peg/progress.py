@@ -99,7 +99,7 @@ def _progress_lines(total: int, description: str, unit: str) -> Iterator[Callabl
     e.g. `encode passages 1,200/5,183 23% 17.1 passages/s elapsed 0:01:10 ETA 0:03:52`."""
     every = float(os.environ.get("PEG_PROGRESS_EVERY", "30"))
     started = time.monotonic()
-    state = {"done": 0, "status": "", "printed": started}
+    state = {"done": 0, "status": "", "printed": started, "shown": None}  # shown: (done, status) of the last line
 
     def line(now: float) -> None:
         elapsed = now - started
@@ -126,5 +126,5 @@ def _progress_lines(total: int, description: str, unit: str) -> Iterator[Callabl
             state["shown"] = (state["done"], state["status"])
 
     yield advance
-    if state.get("shown") != (state["done"], state["status"]):  # the last line already says it
+    if state["shown"] != (state["done"], state["status"]):  # the last line already says it
         line(time.monotonic())
