@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from shared_data import shared_dir
 
 import jsonschema
 import yaml
@@ -48,16 +49,6 @@ CHECKOV_SKIPS = {
     "CKV2_K8S_6": "NetworkPolicy: pods must reach the S3 endpoint and each other (NCCL, Ray); the namespace policy is the cluster admin's",
     "CKV_K8S_43": "image digest: images are built per release; pin a digest in cluster.image where required",
 }
-
-
-def shared_dir() -> Path:
-    """../shared of the checkout (PEG_SHARED overrides; a worktree under wt/ finds it one level up)."""
-    if os.environ.get("PEG_SHARED"):
-        return Path(os.environ["PEG_SHARED"])
-    for candidate in (REPO.parent / "shared", REPO.parent.parent / "shared"):
-        if candidate.is_dir():
-            return candidate
-    return REPO.parent / "shared"
 
 
 def _strict(schema: dict) -> dict:

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from peg.cli import app
 from peg.data import BeirDataset, DataError, TrainingExample, iter_corpus, iter_examples, load_qrels, write_examples
 from peg.data.check import check_path
+from shared_data import SCIFACT
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 
 
 def make_beir(root: Path, corpus=None, queries=None, qrels="query-id\tcorpus-id\tscore\r\nq1\td1\t1\r\nq2\td2\t1\r\n"):

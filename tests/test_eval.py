@@ -1,7 +1,6 @@
 """Evaluation: metrics equal an independent trec_eval implementation on the same run file."""
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ from peg.data import BeirDataset
 from peg.config import ConfigError, parse_config
 from peg.eval import compute_metrics, evaluate_embeddings, evaluate_model, read_run, write_run
 from peg.model import model_config_for
+from shared_data import SCIFACT
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 
 
 def assert_same(actual, expected):

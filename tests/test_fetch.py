@@ -17,8 +17,8 @@ from peg.config import load_config
 from peg.data import BeirDataset
 from peg.data import fetch as fetch_module
 from peg.data.fetch import FetchError, fetch_dataset
+from shared_data import SCIFACT
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 pytestmark = pytest.mark.skipif(not SCIFACT.is_dir(), reason="needs ../shared/data/scifact")
 
 
