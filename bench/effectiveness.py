@@ -73,11 +73,10 @@ class Bench:
                       "llm": {**llm, "shard_size": 5}},
             "score": {"enabled": True, "teacher": a.teacher, "biencoder_weight": a.biencoder_weight,
                       "cross_encoder_path": a.cross_encoder, "list_size": a.list_size, "llm": llm},
-            "mining": {"num_shards": 1, "top_k": 50, "negatives_per_query": a.list_size - 1, "actor_cpus": 0.5},
+            "mining": {"num_shards": 1, "top_k": 30, "negatives_per_query": a.list_size - 1, "actor_cpus": 0.5},
             "batch": {"queries_per_step": a.queries_per_step, "hard_negatives": a.hard_negatives, "chunk_size": 32},
             "train": {"max_steps": a.steps, "learning_rate": a.learning_rate, "warmup_ratio": 0.1,
                       "nproc_per_node": a.nproc, "zero_stage": 2},
-            "loss": {"listwise": {"list_size": a.list_size}},
         }
         for name, values in sections.items():
             base[name] = {**base.get(name, {}), **values}
@@ -90,6 +89,18 @@ class Bench:
             key = build()
             shutil.copyfile(self.store.local_path(key), path)
         return path
+
+    def adopt_synthetic(self, run_dir: Path) -> None:
+        """Take the synthetic lists of a finished corpus-only run (`peg pipeline run
+        examples/scifact-synthetic.yaml`): its mined `mine/train.jsonl` and teacher-scored
+        `score/train.jsonl`, instead of synthesising and scoring again (the LLM stages are most of
+        an hour on 2 CPU cores). Both stages must have completed (their `_stage.json` marker)."""
+        for stage, name in (("mine", "mined-synthetic"), ("score", f"scored-synthetic-{self.args.teacher}")):
+            if not (run_dir / stage / "_stage.json").exists():
+                raise SystemExit(f"{run_dir / stage}: stage not complete (no _stage.json); finish that run first")
+            path = self.root / "data" / f"{name}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / stage / "train.jsonl", path)
 
     def mined(self, source: str) -> Path:
         """Mined lists for `source` (human / synthetic / both) via the synth and mine stages."""
@@ -142,13 +153,17 @@ class Bench:
             path = self.mined(arm["data"])
         return self.of_types(path, arm["types"]) if "types" in arm else path
 
+    def cached(self, name: str, seed: int) -> dict | None:
+        done = self.root / "runs" / f"{name}-seed{seed}.json"
+        return json.loads(done.read_text()) if done.exists() else None
+
     def run_arm(self, name: str, seed: int) -> dict:
         """Train (unless base) and evaluate one arm and seed; cached in <store>/effectiveness/runs."""
         from peg.train import train
 
+        if (result := self.cached(name, seed)) is not None:
+            return result
         done = self.root / "runs" / f"{name}-seed{seed}.json"
-        if done.exists():
-            return json.loads(done.read_text())
         arm = ARMS[name]
         model = "sentence-transformers/all-MiniLM-L6-v2"
         if arm:
@@ -161,7 +176,7 @@ class Bench:
             output = self.root / "train" / f"{name}-seed{seed}"
             model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
         q_ids, q_emb, p_ids, p_emb = embed_split(bench_config(self.args.store, model=model), self.test)
-        metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, self.test.qrels, k=100).metrics
+        metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, self.test.qrels).metrics
         result = {"arm": name, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(result) + "\n")
@@ -226,19 +241,32 @@ def main() -> None:
     parser.add_argument("--synth-passages", type=int, default=40)
     parser.add_argument("--filter-top-k", type=int, default=5)
     parser.add_argument("--teacher", default="llm_biencoder", choices=["llm", "llm_biencoder", "cross_encoder"])
-    parser.add_argument("--biencoder-weight", type=float, default=0.5)
+    parser.add_argument("--biencoder-weight", type=float, default=0.4)
     parser.add_argument("--cross-encoder", default=None, help="Local reranker folder (teacher cross_encoder).")
     parser.add_argument("--max-passage-chars", type=int, default=1200)
     parser.add_argument("--pretrain-steps", type=int, default=50)
+    parser.add_argument("--synthetic-from", type=Path, default=None,
+                        help="A finished corpus-only run's folder in its store (e.g. runs/artifacts/scifact-synthetic): "
+                             "its mined and scored synthetic lists are used instead of synthesising again.")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="Train nothing: write the outputs from the arms and seeds already run in --store.")
     parser.add_argument("--store", default=DEFAULT_STORE)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "effectiveness"))
     args = parser.parse_args()
-    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "store", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "store", "out", "synthetic_from", "cached_only")}
     bench = Bench(args)
+    if args.synthetic_from:
+        bench.adopt_synthetic(args.synthetic_from)
+        for built_there in ("synth_passages", "filter_top_k", "teacher", "biencoder_weight", "cross_encoder", "max_passage_chars"):
+            settings.pop(built_there)  # the adopted run's own settings made the synthetic lists
+        settings["synthetic_from"] = str(args.synthetic_from)
     results = []
     for name in args.arms:
         for seed in [0] if name == "base" else args.seeds:
-            results.append(bench.run_arm(name, seed))
+            result = bench.cached(name, seed) if args.cached_only else bench.run_arm(name, seed)
+            if result is None:
+                continue
+            results.append(result)
             write_outputs(Path(args.out), settings, results)
             print(json.dumps(results[-1]), flush=True)
 
