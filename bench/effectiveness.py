@@ -20,6 +20,9 @@ bench/teacher_quality.py): corpus embeddings (encode cache), synthetic queries (
 lists (mine), teacher scores (score), the pretrained model; each arm's trained model and its
 eval are kept under `<store>/effectiveness/`, so a rerun redoes only what is missing. Results are
 written after every arm: `--out`.json / .md / .png (default bench/results/effectiveness).
+`--synthetic-from RUN` takes the synthetic mined and scored lists of a finished corpus-only run
+instead of running synth and score again; `--cached-only` trains nothing and writes the outputs
+from the arms already run.
 
 On 2 CPU cores only the smallest settings fit (each trained arm re-encodes the 5,183-passage
 corpus, minutes per arm); on a GPU machine run it in full, e.g.
@@ -82,8 +85,14 @@ class Bench:
             base[name] = {**base.get(name, {}), **values}
         return bench_config(a.store, **base)
 
+    def _data_file(self, name: str) -> Path:
+        return self.root / "data" / f"{name}.jsonl"
+
+    def _result_file(self, name: str, seed: int) -> Path:
+        return self.root / "runs" / f"{name}-seed{seed}.json"
+
     def _stage_file(self, name: str, build) -> Path:
-        path = self.root / "data" / f"{name}.jsonl"
+        path = self._data_file(name)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             key = build()
@@ -98,7 +107,7 @@ class Bench:
         for stage, name in (("mine", "mined-synthetic"), ("score", f"scored-synthetic-{self.args.teacher}")):
             if not (run_dir / stage / "_stage.json").exists():
                 raise SystemExit(f"{run_dir / stage}: stage not complete (no _stage.json); finish that run first")
-            path = self.root / "data" / f"{name}.jsonl"
+            path = self._data_file(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / stage / "train.jsonl", path)
 
@@ -154,7 +163,7 @@ class Bench:
         return self.of_types(path, arm["types"]) if "types" in arm else path
 
     def cached(self, name: str, seed: int) -> dict | None:
-        done = self.root / "runs" / f"{name}-seed{seed}.json"
+        done = self._result_file(name, seed)
         return json.loads(done.read_text()) if done.exists() else None
 
     def run_arm(self, name: str, seed: int) -> dict:
@@ -163,7 +172,6 @@ class Bench:
 
         if (result := self.cached(name, seed)) is not None:
             return result
-        done = self.root / "runs" / f"{name}-seed{seed}.json"
         arm = ARMS[name]
         model = "sentence-transformers/all-MiniLM-L6-v2"
         if arm:
@@ -178,6 +186,7 @@ class Bench:
         q_ids, q_emb, p_ids, p_emb = embed_split(bench_config(self.args.store, model=model), self.test)
         metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, self.test.qrels).metrics
         result = {"arm": name, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
+        done = self._result_file(name, seed)
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(result) + "\n")
         return result
