@@ -7,7 +7,7 @@ Arms (`--arms`, default all):
     progressive-human            PEG progressive InfoNCE on the same data
     infonce-synthetic            InfoNCE on round-trip-filtered synthetic queries (no human data)
     listwise-synthetic           listwise distillation on the synthetic queries (teacher scores)
-    listwise-synthetic+human     listwise on synthetic + human queries (both teacher-scored)
+    listwise-synthetic+human     listwise on synthetic + as many sampled human queries (both teacher-scored)
     listwise-question            listwise on the synthetic `question` queries alone (vs all types mixed)
     pretrain+listwise-synthetic  PEG masked auto-encoding on the corpus, then listwise-synthetic
 Every trained arm runs `--steps` optimizer steps of `--queries-per-step` queries x (1 +
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 from pathlib import Path
@@ -125,13 +126,32 @@ class Bench:
 
         return self._stage_file(f"mined-{source}", build)
 
+    def human_sample(self) -> Path:
+        """A seeded sample of the mined human lists, as many as there are scored synthetic lists
+        (teacher-scoring all 809 human queries is an hour of LLM time on 2 CPU cores; the step
+        budget reads fewer queries than either set holds)."""
+        n = sum(1 for _ in iter_examples(self.scored("synthetic")))
+        path = self._data_file(f"mined-human-sample{n}")
+        if not path.exists():
+            examples = list(iter_examples(self.mined("human")))
+            write_examples(path, random.Random(0).sample(examples, min(n, len(examples))))
+        return path
+
     def scored(self, source: str) -> Path:
-        """Teacher-scored lists for `source` via the score stage on its mined file."""
+        """Teacher-scored lists via the score stage: `synthetic` (all), `human` (human_sample), or
+        `both` (the two files together)."""
         from peg.llm import run_score
 
+        if source == "both":
+            path = self._data_file(f"scored-both-{self.args.teacher}")
+            if not path.exists():
+                parts = [self.scored("synthetic"), self.scored("human")]
+                write_examples(path, (ex for part in parts for ex in iter_examples(part)))
+            return path
+
         def build() -> str:
-            mined = self.mined(source)
-            key = f"{RUN_NAME}/bench-input/mined-{source}.jsonl"
+            mined = self.human_sample() if source == "human" else self.mined(source)
+            key = f"{RUN_NAME}/bench-input/{mined.stem}.jsonl"
             self.store.put_file(key, mined, producer="bench", config_hash=source)
             run_score(self.config(data={"train_queries": source}), self.store, input_key=key)
             return f"{RUN_NAME}/score/train.jsonl"
