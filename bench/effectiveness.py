@@ -104,13 +104,22 @@ class Bench:
         """Take the synthetic lists of a finished corpus-only run (`peg pipeline run
         examples/scifact-synthetic.yaml`): its mined `mine/train.jsonl` and teacher-scored
         `score/train.jsonl`, instead of synthesising and scoring again (the LLM stages are most of
-        an hour on 2 CPU cores). Both stages must have completed (their `_stage.json` marker)."""
+        an hour on 2 CPU cores). Both stages must be complete by their stage record, and the
+        files taken must be the ones the record names (sha256)."""
+        from peg.pipeline.state import read_record
+
+        store = open_store(bench_config(str(run_dir.parent)).store)
         for stage, name in (("mine", "mined-synthetic"), ("score", f"scored-synthetic-{self.args.teacher}")):
-            if not (run_dir / stage / "_stage.json").exists():
-                raise SystemExit(f"{run_dir / stage}: stage not complete (no _stage.json); finish that run first")
+            key = f"{run_dir.name}/{stage}/train.jsonl"
+            record = read_record(store, f"{run_dir.name}/{stage}")
+            if record is None or record.status != "complete":
+                raise SystemExit(f"{run_dir / stage}: stage not complete ({record.status if record else 'no record'}); "
+                                 "finish that run first")
+            if store.verify(key).sha256 != record.outputs.get(key):
+                raise SystemExit(f"{run_dir / stage / 'train.jsonl'}: not the file its stage record names")
             path = self._data_file(name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run_dir / stage / "train.jsonl", path)
+            shutil.copyfile(store.local_path(key), path)
 
     def mined(self, source: str) -> Path:
         """Mined lists for `source` (human / synthetic / both) via the synth and mine stages."""
