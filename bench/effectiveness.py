@@ -12,8 +12,12 @@ Arms (`--arms`, default all):
     pretrain+listwise-synthetic  PEG masked auto-encoding on the corpus, then listwise-synthetic
 Every trained arm runs `--steps` optimizer steps of `--queries-per-step` queries x (1 +
 `--hard-negatives`) passages for each seed in `--seeds`; results are mean +- sd over seeds.
-Settings are fixed a priori (the quickstart's and Tamber et al.'s), not tuned: the test split
-chooses nothing.
+Every run is evaluated on SciFact test and on a dev split carved from the TRAIN queries
+(`--dev-queries`, seeded). Settings are the quickstart's and Tamber et al.'s, except that
+`--select-lr LR ...` chooses the learning rate of the corpus-only arms (`--select-arms`) by dev
+nDCG@10 at `--select-seed`, then runs `--seeds` at the chosen rate. Arms that train on human
+train queries are never selected on dev (the dev queries are among their training data), and the
+test split chooses nothing.
 
 Everything is built with peg's own stages and cached in `--store` (shared with
 bench/teacher_quality.py): corpus embeddings (encode cache), synthetic queries (synth), mined
@@ -28,19 +32,21 @@ On 2 CPU cores only the smallest settings fit (each trained arm re-encodes the 5
 corpus, minutes per arm); on a GPU machine run it in full, e.g.
 
     PEG_SCIFACT=../shared/data/scifact python bench/effectiveness.py --synth-passages 1000 \\
-        --steps 200 --seeds 0 1 2 --list-size 20 --teacher cross_encoder --cross-encoder PATH
+        --steps 200 --seeds 0 1 2 --list-size 20 --teacher cross_encoder --cross-encoder PATH \\
+        --select-lr 2e-5 5e-5 1e-4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
 import statistics
 from pathlib import Path
 
-from bench.scifact import DEFAULT_STORE, RUN_NAME, ROOT, SCIFACT, bench_config, embed_split
+from bench.scifact import DEFAULT_STORE, MINILM, RUN_NAME, ROOT, SCIFACT, bench_config, dev_split, embed_split
 from peg.config import RunConfig
 from peg.data import BeirDataset, iter_examples, write_examples
 from peg.eval import evaluate_embeddings
@@ -56,6 +62,7 @@ ARMS: dict[str, dict] = {
     "listwise-question": {"data": "synthetic", "loss": "listwise", "types": ["question"]},
     "pretrain+listwise-synthetic": {"data": "synthetic", "loss": "listwise", "pretrain": True},
 }
+CORPUS_ONLY = [name for name, arm in ARMS.items() if arm.get("data") == "synthetic"]
 
 
 class Bench:
@@ -67,6 +74,10 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = open_store(bench_config(args.store).store)
         self.test = BeirDataset.load(SCIFACT, "test")
+        train = BeirDataset.load(SCIFACT, "train")
+        dev_ids = dev_split(train, args.dev_queries)
+        self.dev = dataclasses.replace(train, split="dev", queries={q: train.queries[q] for q in dev_ids},
+                                       qrels={q: train.qrels[q] for q in dev_ids})
 
     def config(self, **sections) -> RunConfig:
         a = self.args
@@ -89,8 +100,12 @@ class Bench:
     def _data_file(self, name: str) -> Path:
         return self.root / "data" / f"{name}.jsonl"
 
-    def _result_file(self, name: str, seed: int) -> Path:
-        return self.root / "runs" / f"{name}-seed{seed}.json"
+    @staticmethod
+    def run_name(name: str, seed: int, lr: float) -> str:
+        return f"{name}-seed{seed}" if name == "base" else f"{name}-lr{lr:g}-seed{seed}"
+
+    def _result_file(self, name: str, seed: int, lr: float) -> Path:
+        return self.root / "runs" / f"{self.run_name(name, seed, lr)}.json"
 
     def _stage_file(self, name: str, build) -> Path:
         path = self._data_file(name)
@@ -122,7 +137,7 @@ class Bench:
             shutil.copyfile(store.local_path(key), path)
 
     def mined(self, source: str) -> Path:
-        """Mined lists for `source` (human / synthetic / both) via the synth and mine stages."""
+        """Mined lists for `source` (human / synthetic) via the synth and mine stages."""
         from peg.llm import run_synth
         from peg.mine import run_mine
 
@@ -191,31 +206,39 @@ class Bench:
             path = self.mined(arm["data"])
         return self.of_types(path, arm["types"]) if "types" in arm else path
 
-    def cached(self, name: str, seed: int) -> dict | None:
-        done = self._result_file(name, seed)
+    def cached(self, name: str, seed: int, lr: float) -> dict | None:
+        done = self._result_file(name, seed, lr)
         return json.loads(done.read_text()) if done.exists() else None
 
-    def run_arm(self, name: str, seed: int) -> dict:
-        """Train (unless base) and evaluate one arm and seed; cached in <store>/effectiveness/runs."""
+    def _evaluate(self, model: str, data: BeirDataset, prefix: str = "") -> dict[str, float]:
+        q_ids, q_emb, p_ids, p_emb = embed_split(bench_config(self.args.store, model=model), data)
+        metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, data.qrels).metrics
+        return {f"{prefix}ndcg@10": metrics["ndcg@10"], f"{prefix}recall@100": metrics["recall@100"]}
+
+    def run_arm(self, name: str, seed: int, lr: float) -> dict:
+        """Train (unless base) and evaluate one arm, seed and learning rate on test and dev; cached
+        in <store>/effectiveness/runs. A result from before dev was measured gains its dev metrics
+        when its model is still on disk (a finished training exported `model/`, atomically)."""
         from peg.train import train
 
-        if (result := self.cached(name, seed)) is not None:
-            return result
         arm = ARMS[name]
-        model = "sentence-transformers/all-MiniLM-L6-v2"
-        if arm:
-            loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
-                    "progressive": {"enabled": arm["loss"] == "progressive"}}
-            config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
-                                 train={"seed": seed})
-            if arm.get("pretrain"):
-                config.model.name_or_path = self.pretrained()
-            output = self.root / "train" / f"{name}-seed{seed}"
-            model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
-        q_ids, q_emb, p_ids, p_emb = embed_split(bench_config(self.args.store, model=model), self.test)
-        metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, self.test.qrels).metrics
-        result = {"arm": name, "seed": seed, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
-        done = self._result_file(name, seed)
+        output = self.root / "train" / self.run_name(name, seed, lr)
+        model = str(output / "model") if arm else MINILM
+        result = self.cached(name, seed, lr)
+        if result is None:
+            if arm and not (output / "model" / "config.json").exists():
+                loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
+                        "progressive": {"enabled": arm["loss"] == "progressive"}}
+                config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
+                                     train={"seed": seed, "learning_rate": lr})
+                if arm.get("pretrain"):
+                    config.model.name_or_path = self.pretrained()
+                model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
+            result = {"arm": name, "seed": seed, "learning_rate": None if name == "base" else lr,
+                      **self._evaluate(model, self.test)}
+        if "dev_ndcg@10" not in result and (not arm or (output / "model" / "config.json").exists()):
+            result.update(self._evaluate(model, self.dev, prefix="dev_"))
+        done = self._result_file(name, seed, lr)
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(result) + "\n")
         return result
@@ -225,26 +248,39 @@ def summarise(results: list[dict]) -> dict[str, dict]:
     out = {}
     for arm in dict.fromkeys(r["arm"] for r in results):
         rows = [r for r in results if r["arm"] == arm]
-        entry = {"seeds": [r["seed"] for r in rows]}
-        for metric in ("ndcg@10", "recall@100"):
-            values = [r[metric] for r in rows]
-            entry[metric] = statistics.fmean(values)
+        entry = {"seeds": [r["seed"] for r in rows], "learning_rate": rows[0].get("learning_rate")}
+        for metric in ("ndcg@10", "recall@100", "dev_ndcg@10"):
+            values = [r[metric] for r in rows if metric in r]
+            entry[metric] = statistics.fmean(values) if values else None
             entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         out[arm] = entry
     return out
 
 
-def write_outputs(out: Path, settings: dict, results: list[dict]) -> None:
+def write_outputs(out: Path, settings: dict, results: list[dict], selection: dict[str, dict]) -> None:
     summary = summarise(results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": results}, indent=2) + "\n")
-    fmt = lambda v, sd: f"{v:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")  # noqa: E731
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "selection": selection,
+                                                    "runs": results}, indent=2) + "\n")
+    fmt = lambda v, sd: "-" if v is None else f"{v:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")  # noqa: E731
     lines = ["# Effectiveness on SciFact test (300 queries)", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
-             "| arm | seeds | nDCG@10 | Recall@100 |", "|---|---|---:|---:|"]
+             f"dev: {settings['dev_queries']} TRAIN queries (seeded); human arms train on them, so their dev figure "
+             "is not held out.", "",
+             "| arm | lr | seeds | nDCG@10 | Recall@100 | dev nDCG@10 |", "|---|---|---|---:|---:|---:|"]
     for arm, e in summary.items():
-        lines.append(f"| {arm} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
-                     f"{fmt(e['recall@100'], e['recall@100_sd'])} |")
+        lr = "-" if e["learning_rate"] is None else f"{e['learning_rate']:g}"
+        lines.append(f"| {arm} | {lr} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
+                     f"{fmt(e['recall@100'], e['recall@100_sd'])} | {fmt(e['dev_ndcg@10'], e['dev_ndcg@10_sd'])} |")
+    if selection:
+        lines += ["", "## Learning rate chosen on dev", "",
+                  "Each candidate trained once (seed shown); the rate with the best dev nDCG@10 is chosen; the test "
+                  "column is shown, not used.", "",
+                  "| arm | seed | lr | dev nDCG@10 | test nDCG@10 | chosen |", "|---|---|---|---:|---:|---|"]
+        for arm, sel in selection.items():
+            for lr, r in sel["candidates"].items():
+                mark = "yes" if float(lr) == sel["chosen"] else ""
+                lines.append(f"| {arm} | {sel['seed']} | {lr} | {r['dev_ndcg@10']:.4f} | {r['ndcg@10']:.4f} | {mark} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -274,7 +310,13 @@ def main() -> None:
     parser.add_argument("--queries-per-step", type=int, default=16)
     parser.add_argument("--hard-negatives", type=int, default=7)
     parser.add_argument("--list-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--learning-rate", type=float, default=2e-5, help="Of every arm not selected on dev.")
+    parser.add_argument("--dev-queries", type=int, default=100, help="Seeded subset of the train queries (dev).")
+    parser.add_argument("--select-lr", nargs="+", type=float, default=[],
+                        help="Candidate learning rates for --select-arms, chosen by dev nDCG@10.")
+    parser.add_argument("--select-arms", nargs="+", default=CORPUS_ONLY, choices=CORPUS_ONLY,
+                        help="Arms whose learning rate --select-lr chooses (corpus-only arms: dev is held out from them).")
+    parser.add_argument("--select-seed", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--synth-passages", type=int, default=40)
     parser.add_argument("--filter-top-k", type=int, default=5)
@@ -298,14 +340,26 @@ def main() -> None:
         for built_there in ("synth_passages", "filter_top_k", "teacher", "biencoder_weight", "cross_encoder", "max_passage_chars"):
             settings.pop(built_there)  # the adopted run's own settings made the synthetic lists
         settings["synthetic_from"] = str(args.synthetic_from)
-    results = []
+    run = bench.cached if args.cached_only else bench.run_arm
+    results: list[dict] = []
+    selection: dict[str, dict] = {}
     for name in args.arms:
+        lr = args.learning_rate
+        if args.select_lr and name in args.select_arms:
+            candidates = {c: run(name, args.select_seed, c) for c in sorted(args.select_lr)}
+            candidates = {c: r for c, r in candidates.items() if r is not None and "dev_ndcg@10" in r}
+            if not candidates:
+                print(f"{name}: no candidate learning rate run yet; skipped", flush=True)
+                continue
+            lr = max(candidates, key=lambda c: (candidates[c]["dev_ndcg@10"], -c))  # a tie goes to the smaller rate
+            selection[name] = {"seed": args.select_seed, "chosen": lr,
+                               "candidates": {f"{c:g}": {k: r[k] for k in ("dev_ndcg@10", "ndcg@10")}
+                                              for c, r in candidates.items()}}
         for seed in [0] if name == "base" else args.seeds:
-            result = bench.cached(name, seed) if args.cached_only else bench.run_arm(name, seed)
-            if result is None:
+            if (result := run(name, seed, lr)) is None:
                 continue
             results.append(result)
-            write_outputs(Path(args.out), settings, results)
+            write_outputs(Path(args.out), settings, results, selection)
             print(json.dumps(results[-1]), flush=True)
 
 
