@@ -253,6 +253,7 @@ def summarise(results: list[dict]) -> dict[str, dict]:
             values = [r[metric] for r in rows if metric in r]
             entry[metric] = statistics.fmean(values) if values else None
             entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+            entry[f"{metric}_n"] = len(values)
         out[arm] = entry
     return out
 
@@ -266,12 +267,16 @@ def write_outputs(out: Path, settings: dict, results: list[dict], selection: dic
     lines = ["# Effectiveness on SciFact test (300 queries)", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
              f"dev: {settings['dev_queries']} TRAIN queries (seeded); human arms train on them, so their dev figure "
-             "is not held out.", "",
+             "is not held out; (n) after a dev figure: measured on n of the seeds (runs from before dev was measured "
+             "whose models were no longer on disk have none).", "",
              "| arm | lr | seeds | nDCG@10 | Recall@100 | dev nDCG@10 |", "|---|---|---|---:|---:|---:|"]
     for arm, e in summary.items():
         lr = "-" if e["learning_rate"] is None else f"{e['learning_rate']:g}"
+        dev = fmt(e["dev_ndcg@10"], e["dev_ndcg@10_sd"])
+        if 0 < e["dev_ndcg@10_n"] < len(e["seeds"]):
+            dev += f" ({e['dev_ndcg@10_n']})"
         lines.append(f"| {arm} | {lr} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
-                     f"{fmt(e['recall@100'], e['recall@100_sd'])} | {fmt(e['dev_ndcg@10'], e['dev_ndcg@10_sd'])} |")
+                     f"{fmt(e['recall@100'], e['recall@100_sd'])} | {dev} |")
     if selection:
         lines += ["", "## Learning rate chosen on dev", "",
                   "Each candidate trained once (seed shown); the rate with the best dev nDCG@10 is chosen; the test "
