@@ -224,9 +224,11 @@ class Bench:
         arm = ARMS[name]
         output = self.root / "train" / self.run_name(name, seed, lr)
         model = str(output / "model") if arm else MINILM
+        trained = (output / "model" / "config.json").exists()
         result = self.cached(name, seed, lr)
+        unsaved = result is None
         if result is None:
-            if arm and not (output / "model" / "config.json").exists():
+            if arm and not trained:
                 loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
                         "progressive": {"enabled": arm["loss"] == "progressive"}}
                 config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
@@ -234,13 +236,16 @@ class Bench:
                 if arm.get("pretrain"):
                     config.model.name_or_path = self.pretrained()
                 model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
+                trained = True
             result = {"arm": name, "seed": seed, "learning_rate": None if name == "base" else lr,
                       **self._evaluate(model, self.test)}
-        if "dev_ndcg@10" not in result and (not arm or (output / "model" / "config.json").exists()):
+        if "dev_ndcg@10" not in result and (not arm or trained):
             result.update(self._evaluate(model, self.dev, prefix="dev_"))
-        done = self._result_file(name, seed, lr)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(result) + "\n")
+            unsaved = True
+        if unsaved:
+            done = self._result_file(name, seed, lr)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(result) + "\n")
         return result
 
 

@@ -5,6 +5,7 @@ relative to the config file, read-only commands that create nothing, report tabl
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -93,34 +94,72 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(store):
     lease.release()
 
 
-def test_an_expired_lease_is_taken_over_by_exactly_one(store):
+def _plant_expired_lease(store, run: str) -> None:
     dead = {"owner": "dead", "host": "gone", "pid": 1, "command": "peg pipeline run x", "acquired": "then",
             "expires": time.time() - 1}
-    store.create_object("run/_lease.json", json.dumps(dead).encode())
-    takers = [Lease(store, "run", ttl=30) for _ in range(4)]
-    results: list[str] = []
+    store.create_object(f"{run}/_lease.json", json.dumps(dead).encode())
 
-    def take(lease: Lease) -> None:
-        try:
-            lease.acquire(wait=0)
-            results.append("won")
-        except LeaseHeld:
-            results.append("refused")
 
-    threads = [threading.Thread(target=take, args=(lease,)) for lease in takers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == ["refused"] * 3 + ["won"]
-    winner = next(lease for lease in takers if lease._token is not None)
-    assert read_lease(store, "run").owner == winner.owner
+def _try_lease(lease: Lease, start, outcome) -> None:
+    """Wait at the `start` barrier, then try the lease once; report "won" or "refused"."""
+    start.wait()
+    try:
+        lease.acquire(wait=0)
+        outcome("won")
+    except LeaseHeld:
+        outcome("refused")
+
+
+def _start_and_join(workers: list) -> None:
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+
+
+def test_an_expired_lease_is_taken_over_by_exactly_one(store, monkeypatch):
+    # 8 takers released at once, over 20 rounds, each file read returning 2 ms late: a takeover that
+    # leaves the name free while it compares (rename aside, compare, put back) lets a second taker
+    # create the lease in that window (the rename-aside store failed 3 runs of 3).
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: (read_bytes(path), time.sleep(0.002))[0])
+    rounds = 20
+    for round_ in range(rounds):
+        run = f"run{round_}"
+        _plant_expired_lease(store, run)
+        takers = [Lease(store, run, ttl=30) for _ in range(8)]
+        start = threading.Barrier(len(takers))
+        results: list[str] = []
+        _start_and_join([threading.Thread(target=_try_lease, args=(lease, start, results.append)) for lease in takers])
+        assert sorted(results) == ["refused"] * 7 + ["won"], f"round {round_}"
+        winner = next(lease for lease in takers if lease._token is not None)
+        assert read_lease(store, run).owner == winner.owner
+        if round_ < rounds - 1:
+            winner.release()
+            assert read_lease(store, run) is None
     # the loser of a later race: a holder whose lease was taken learns it at its next renewal
-    current, token = store.read_object("run/_lease.json")
-    store.replace_object("run/_lease.json", current.replace(winner.owner.encode(), b"someone-else"), token)
+    current, token = store.read_object(f"{run}/_lease.json")
+    store.replace_object(f"{run}/_lease.json", current.replace(winner.owner.encode(), b"someone-else"), token)
     assert not winner.renew() and winner.lost.is_set()
     winner.release()
-    assert read_lease(store, "run").owner == "someone-else"  # a lost lease is not removed
+    assert read_lease(store, run).owner == "someone-else"  # a lost lease is not removed
+
+
+def _take_lease_in_a_process(root: str, run: str, start, outcomes) -> None:
+    _try_lease(Lease(LocalStore(root), run, ttl=30), start, outcomes.put)
+    start.wait()  # stay alive until every taker has tried: a gone holder's lease is free to take
+
+
+def test_an_expired_local_lease_is_taken_over_by_exactly_one_process(tmp_path):
+    context = multiprocessing.get_context("fork")
+    store = LocalStore(tmp_path / "store")
+    for round_ in range(30):
+        run = f"run{round_}"
+        _plant_expired_lease(store, run)
+        start, outcomes = context.Barrier(6), context.Queue()
+        _start_and_join([context.Process(target=_take_lease_in_a_process, args=(str(store.root), run, start, outcomes))
+                         for _ in range(6)])
+        assert sorted(outcomes.get(timeout=5) for _ in range(6)) == ["refused"] * 5 + ["won"], f"round {round_}"
 
 
 def test_files_are_written_with_the_usual_umask(tmp_path):

@@ -7,13 +7,13 @@ background thread. Another process:
   if the name exists), so of two starters exactly one wins;
 - finds it live: waits up to `wait` seconds, then raises `LeaseHeld` naming the holder;
 - finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
-  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally rename aside, compare, put back on mismatch), so
+  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so
   of two takers exactly one wins.
 Remaining races (README, "Integrity"): expiry uses the holders' wall clocks, so clocks skewed by
 more than `ttl` break it; a holder stalled past `ttl` (SIGSTOP, a VM pause) loses the lease and
 learns it only at its next renewal (`lost` is then set and the pipeline stops before its next
-stage, but a stage already running finishes its current work); locally, during the instant a
-compare-and-swap holds the file aside, a third process can find the name free and create it.
+stage, but a stage already running finishes its current work); locally, a shared filesystem
+without working flock gives no exclusion.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +24,8 @@ from peg.store.base import (
     under_prefix,
 )
 from peg.store.files import CHUNK_SIZE, TEMP_PREFIX, atomic_output, file_mode, fsync_dir, write_atomically
+
+CONTROL_LOCK_PREFIX = f"{TEMP_PREFIX}lock-"  # no key may start with TEMP_PREFIX (check_key)
 
 
 class LocalStore(ArtifactStore):
@@ -138,60 +140,59 @@ class LocalStore(ArtifactStore):
             yield reader
 
     # --- control objects (a run's lease) ---------------------------------------------------------
-    # Create: link a complete temp file into place (fails if the name exists). Compare-and-swap:
-    # rename the current file to a private name, compare it with the token, then put the new
-    # content in place (or the old one back). While the name is moved aside another process can
-    # find it absent; see README "Integrity" for that window.
+    # Every write of a control object holds an exclusive flock on a hidden lock file beside it
+    # (`.peg-tmp-lock-<name>`, never listed), so a create and a compare-and-swap cannot interleave,
+    # between threads or processes. Writes land with os.replace, so a reader never finds the name
+    # missing while the object exists. flock also holds across NFS clients (Linux maps it to NFS
+    # byte-range locks).
 
     def _control_path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def create_object(self, key: str, data: bytes) -> str | None:
-        path = self._control_path(key)
+    @contextmanager
+    def _control_lock(self, path: Path) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+        fd = os.open(path.with_name(f"{CONTROL_LOCK_PREFIX}{path.name}"), os.O_RDWR | os.O_CREAT, file_mode())
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, file_mode())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return None
-            fsync_dir(path.parent)
-            return hashlib.sha256(data).hexdigest()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            os.close(fd)  # closing releases the lock
 
-    def read_object(self, key: str) -> tuple[bytes, str] | None:
+    @staticmethod
+    def _current(path: Path) -> tuple[bytes, str] | None:
         try:
-            data = self._control_path(key).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
         return data, hashlib.sha256(data).hexdigest()
 
-    def _swap(self, key: str, token: str, data: bytes | None) -> str | None:
+    def create_object(self, key: str, data: bytes) -> str | None:
         path = self._control_path(key)
-        aside = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return None
-        try:
-            if hashlib.sha256(aside.read_bytes()).hexdigest() != token:
-                try:
-                    os.link(aside, path)  # not ours to change: put it back (unless a new one appeared)
-                except FileExistsError:
-                    pass
+        with self._control_lock(path):
+            if path.exists():
                 return None
-            return token if data is None else self.create_object(key, data)
-        finally:
-            aside.unlink(missing_ok=True)
+            write_atomically(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_object(self, key: str) -> tuple[bytes, str] | None:
+        return self._current(self._control_path(key))
 
     def replace_object(self, key: str, data: bytes, token: str) -> str | None:
-        return self._swap(key, token, data)
+        path = self._control_path(key)
+        with self._control_lock(path):
+            current = self._current(path)
+            if current is None or current[1] != token:
+                return None
+            write_atomically(path, data)
+        return hashlib.sha256(data).hexdigest()
 
     def remove_object(self, key: str, token: str) -> bool:
-        return self._swap(key, token, None) is not None
+        path = self._control_path(key)
+        with self._control_lock(path):
+            current = self._current(path)
+            if current is None or current[1] != token:
+                return False
+            path.unlink()
+            fsync_dir(path.parent)
+        return True
