@@ -14,8 +14,9 @@ Every trained arm runs `--steps` optimizer steps of `--queries-per-step` queries
 `--hard-negatives`) passages for each seed in `--seeds`; results are mean +- sd over seeds.
 Every run is evaluated on SciFact test and on a dev split carved from the TRAIN queries
 (`--dev-queries`, seeded). Settings are the quickstart's and Tamber et al.'s, except that
-`--select-lr LR ...` chooses the learning rate of the corpus-only arms (`--select-arms`) by dev
-nDCG@10 at `--select-seed`, then runs `--seeds` at the chosen rate. Arms that train on human
+`--select-lr LR ...` (and, for the listwise arms, `--select-teacher-temperature T ...`, the
+KL term's T_t) chooses the settings of the corpus-only arms (`--select-arms`) by dev nDCG@10 at
+`--select-seed`, over the grid of both, then runs `--seeds` at the chosen setting. Arms that train on human
 train queries are never selected on dev (the dev queries are among their training data), and the
 test split chooses nothing.
 
@@ -23,7 +24,9 @@ Everything is built with peg's own stages and cached in `--store` (shared with
 bench/teacher_quality.py): corpus embeddings (encode cache), synthetic queries (synth), mined
 lists (mine), teacher scores (score), the pretrained model; each arm's trained model and its
 eval are kept under `<store>/effectiveness/`, so a rerun redoes only what is missing. Results are
-written after every arm: `--out`.json / .md / .png (default bench/results/effectiveness).
+written after every arm: `--out`.json / .md / .png (default bench/results/effectiveness), and, when a
+progressive-human run's training log is on disk, `--out`-progressive.png: the schedule that run
+logged (beta(t), pace, query weights) next to each seed's nDCG@10, uniform vs progressive.
 `--synthetic-from RUN` takes the synthetic mined and scored lists of a finished corpus-only run
 instead of running synth and score again; `--cached-only` trains nothing and writes the outputs
 from the arms already run.
@@ -47,7 +50,7 @@ import statistics
 from pathlib import Path
 
 from bench.scifact import DEFAULT_STORE, MINILM, RUN_NAME, ROOT, SCIFACT, bench_config, dev_split, embed_split
-from peg.config import RunConfig
+from peg.config import ListwiseConfig, RunConfig
 from peg.data import BeirDataset, iter_examples, write_examples
 from peg.eval import evaluate_embeddings
 from peg.store import open_store
@@ -63,6 +66,30 @@ ARMS: dict[str, dict] = {
     "pretrain+listwise-synthetic": {"data": "synthetic", "loss": "listwise", "pretrain": True},
 }
 CORPUS_ONLY = [name for name, arm in ARMS.items() if arm.get("data") == "synthetic"]
+TEACHER_TEMPERATURE = ListwiseConfig().teacher_temperature
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Knobs:
+    """The settings a run is chosen by on dev: learning rate and (listwise arms only) the
+    teacher temperature T_t of the KL term."""
+
+    lr: float
+    teacher_temperature: float = TEACHER_TEMPERATURE
+
+    def for_arm(self, name: str) -> Knobs:
+        """These knobs as they apply to `name`: T_t only exists for the listwise arms."""
+        return self if ARMS[name].get("loss") == "listwise" else dataclasses.replace(self, teacher_temperature=TEACHER_TEMPERATURE)
+
+    @property
+    def label(self) -> str:
+        tt = "" if self.teacher_temperature == TEACHER_TEMPERATURE else f", T_t {self.teacher_temperature:g}"
+        return f"{self.lr:g}{tt}"
+
+    @property
+    def suffix(self) -> str:
+        tt = "" if self.teacher_temperature == TEACHER_TEMPERATURE else f"-tt{self.teacher_temperature:g}"
+        return f"lr{self.lr:g}{tt}"
 
 
 class Bench:
@@ -101,11 +128,11 @@ class Bench:
         return self.root / "data" / f"{name}.jsonl"
 
     @staticmethod
-    def run_name(name: str, seed: int, lr: float) -> str:
-        return f"{name}-seed{seed}" if name == "base" else f"{name}-lr{lr:g}-seed{seed}"
+    def run_name(name: str, seed: int, knobs: Knobs) -> str:
+        return f"{name}-seed{seed}" if name == "base" else f"{name}-{knobs.for_arm(name).suffix}-seed{seed}"
 
-    def _result_file(self, name: str, seed: int, lr: float) -> Path:
-        return self.root / "runs" / f"{self.run_name(name, seed, lr)}.json"
+    def _result_file(self, name: str, seed: int, knobs: Knobs) -> Path:
+        return self.root / "runs" / f"{self.run_name(name, seed, knobs)}.json"
 
     def _stage_file(self, name: str, build) -> Path:
         path = self._data_file(name)
@@ -206,8 +233,8 @@ class Bench:
             path = self.mined(arm["data"])
         return self.of_types(path, arm["types"]) if "types" in arm else path
 
-    def cached(self, name: str, seed: int, lr: float) -> dict | None:
-        done = self._result_file(name, seed, lr)
+    def cached(self, name: str, seed: int, knobs: Knobs) -> dict | None:
+        done = self._result_file(name, seed, knobs)
         return json.loads(done.read_text()) if done.exists() else None
 
     def _evaluate(self, model: str, data: BeirDataset, prefix: str = "") -> dict[str, float]:
@@ -215,45 +242,58 @@ class Bench:
         metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, data.qrels).metrics
         return {f"{prefix}ndcg@10": metrics["ndcg@10"], f"{prefix}recall@100": metrics["recall@100"]}
 
-    def run_arm(self, name: str, seed: int, lr: float) -> dict:
-        """Train (unless base) and evaluate one arm, seed and learning rate on test and dev; cached
+    def train_log(self, name: str, seed: int, knobs: Knobs) -> list[dict]:
+        """The trainer's metrics.jsonl records of one run (empty if its folder is gone)."""
+        path = self.root / "train" / self.run_name(name, seed, knobs) / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def run_arm(self, name: str, seed: int, knobs: Knobs) -> dict:
+        """Train (unless base) and evaluate one arm, seed and knobs on test and dev; cached
         in <store>/effectiveness/runs. A result from before dev was measured gains its dev metrics
         when its model is still on disk (a finished training exported `model/`, atomically)."""
         from peg.train import train
 
         arm = ARMS[name]
-        output = self.root / "train" / self.run_name(name, seed, lr)
+        knobs = knobs.for_arm(name)
+        output = self.root / "train" / self.run_name(name, seed, knobs)
         model = str(output / "model") if arm else MINILM
         trained = (output / "model" / "config.json").exists()
-        result = self.cached(name, seed, lr)
+        result = self.cached(name, seed, knobs)
         unsaved = result is None
         if result is None:
             if arm and not trained:
                 loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
-                        "progressive": {"enabled": arm["loss"] == "progressive"}}
+                        "progressive": {"enabled": arm["loss"] == "progressive"},
+                        "listwise": {"teacher_temperature": knobs.teacher_temperature}}
                 config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
-                                     train={"seed": seed, "learning_rate": lr})
+                                     train={"seed": seed, "learning_rate": knobs.lr})
                 if arm.get("pretrain"):
                     config.model.name_or_path = self.pretrained()
                 model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
                 trained = True
-            result = {"arm": name, "seed": seed, "learning_rate": None if name == "base" else lr,
+            result = {"arm": name, "seed": seed, "learning_rate": None if name == "base" else knobs.lr,
+                      **({"teacher_temperature": knobs.teacher_temperature} if arm.get("loss") == "listwise" else {}),
                       **self._evaluate(model, self.test)}
         if "dev_ndcg@10" not in result and (not arm or trained):
             result.update(self._evaluate(model, self.dev, prefix="dev_"))
             unsaved = True
         if unsaved:
-            done = self._result_file(name, seed, lr)
+            done = self._result_file(name, seed, knobs)
             done.parent.mkdir(parents=True, exist_ok=True)
             done.write_text(json.dumps(result) + "\n")
         return result
+
+
+def knobs_of(result: dict) -> Knobs:
+    return Knobs(result["learning_rate"], result.get("teacher_temperature", TEACHER_TEMPERATURE))
 
 
 def summarise(results: list[dict]) -> dict[str, dict]:
     out = {}
     for arm in dict.fromkeys(r["arm"] for r in results):
         rows = [r for r in results if r["arm"] == arm]
-        entry = {"seeds": [r["seed"] for r in rows], "learning_rate": rows[0].get("learning_rate")}
+        entry = {"seeds": [r["seed"] for r in rows], "learning_rate": rows[0].get("learning_rate"),
+                 "setting": None if rows[0].get("learning_rate") is None else knobs_of(rows[0]).label}
         for metric in ("ndcg@10", "recall@100", "dev_ndcg@10"):
             values = [r[metric] for r in rows if metric in r]
             entry[metric] = statistics.fmean(values) if values else None
@@ -274,23 +314,25 @@ def write_outputs(out: Path, settings: dict, results: list[dict], selection: dic
              f"dev: {settings['dev_queries']} TRAIN queries (seeded); human arms train on them, so their dev figure "
              "is not held out; (n) after a dev figure: measured on n of the seeds (runs from before dev was measured "
              "whose models were no longer on disk have none).", "",
-             "| arm | lr | seeds | nDCG@10 | Recall@100 | dev nDCG@10 |", "|---|---|---|---:|---:|---:|"]
+             "setting: learning rate, and the listwise teacher temperature T_t where it is not "
+             f"{TEACHER_TEMPERATURE:g}.", "",
+             "| arm | setting | seeds | nDCG@10 | Recall@100 | dev nDCG@10 |", "|---|---|---|---:|---:|---:|"]
     for arm, e in summary.items():
-        lr = "-" if e["learning_rate"] is None else f"{e['learning_rate']:g}"
+        setting = e["setting"] or "-"
         dev = fmt(e["dev_ndcg@10"], e["dev_ndcg@10_sd"])
         if 0 < e["dev_ndcg@10_n"] < len(e["seeds"]):
             dev += f" ({e['dev_ndcg@10_n']})"
-        lines.append(f"| {arm} | {lr} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
+        lines.append(f"| {arm} | {setting} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
                      f"{fmt(e['recall@100'], e['recall@100_sd'])} | {dev} |")
     if selection:
-        lines += ["", "## Learning rate chosen on dev", "",
-                  "Each candidate trained once (seed shown); the rate with the best dev nDCG@10 is chosen; the test "
-                  "column is shown, not used.", "",
-                  "| arm | seed | lr | dev nDCG@10 | test nDCG@10 | chosen |", "|---|---|---|---:|---:|---|"]
+        lines += ["", "## Settings chosen on dev", "",
+                  "Each candidate trained once (seed shown); the setting with the best dev nDCG@10 is chosen; the "
+                  "test column is shown, not used.", "",
+                  "| arm | seed | setting | dev nDCG@10 | test nDCG@10 | chosen |", "|---|---|---|---:|---:|---|"]
         for arm, sel in selection.items():
-            for lr, r in sel["candidates"].items():
-                mark = "yes" if float(lr) == sel["chosen"] else ""
-                lines.append(f"| {arm} | {sel['seed']} | {lr} | {r['dev_ndcg@10']:.4f} | {r['ndcg@10']:.4f} | {mark} |")
+            for label, r in sel["candidates"].items():
+                mark = "yes" if label == sel["chosen"] else ""
+                lines.append(f"| {arm} | {sel['seed']} | {label} | {r['dev_ndcg@10']:.4f} | {r['ndcg@10']:.4f} | {mark} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -312,6 +354,36 @@ def write_outputs(out: Path, settings: dict, results: list[dict], selection: dic
     plt.close(fig)
 
 
+def write_progressive(path: Path, results: list[dict], log: list[dict]) -> bool:
+    """Progressive vs uniform InfoNCE (same data, budget, seeds): the schedule one progressive run
+    logged (beta(t), pace, query weights) next to each seed's test nDCG@10 of both arms."""
+    by_arm = {arm: {r["seed"]: r["ndcg@10"] for r in results if r["arm"] == arm}
+              for arm in ("infonce-human", "progressive-human")}
+    seeds = sorted(set(by_arm["infonce-human"]) & set(by_arm["progressive-human"]))
+    if not seeds or not any("beta" in r for r in log):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peg.pipeline.report import draw_progressive
+
+    fig, (schedule, weights, evaluation) = plt.subplots(1, 3, figsize=(12, 3.4))
+    draw_progressive(log, schedule, weights)
+    for arm, label in (("infonce-human", "uniform"), ("progressive-human", "progressive")):
+        values = [by_arm[arm][s] for s in seeds]
+        evaluation.plot(seeds, values, "o-", label=f"{label} (mean {statistics.fmean(values):.4f})")
+    evaluation.set_xticks(seeds, [f"seed {s}" for s in seeds])
+    evaluation.set_ylabel("nDCG@10 (SciFact test)")
+    evaluation.set_title("eval: uniform vs progressive InfoNCE")
+    evaluation.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -324,8 +396,13 @@ def main() -> None:
     parser.add_argument("--dev-queries", type=int, default=100, help="Seeded subset of the train queries (dev).")
     parser.add_argument("--select-lr", nargs="+", type=float, default=[],
                         help="Candidate learning rates for --select-arms, chosen by dev nDCG@10.")
+    parser.add_argument("--teacher-temperature", type=float, default=TEACHER_TEMPERATURE,
+                        help="T_t of the listwise arms' KL term, where not selected on dev.")
+    parser.add_argument("--select-teacher-temperature", nargs="+", type=float, default=[],
+                        help="Candidate T_t for the listwise --select-arms, chosen by dev nDCG@10 with --select-lr.")
     parser.add_argument("--select-arms", nargs="+", default=CORPUS_ONLY, choices=CORPUS_ONLY,
-                        help="Arms whose learning rate --select-lr chooses (corpus-only arms: dev is held out from them).")
+                        help="Arms whose settings --select-lr / --select-teacher-temperature choose (corpus-only arms: "
+                             "dev is held out from them).")
     parser.add_argument("--select-seed", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--synth-passages", type=int, default=40)
@@ -353,24 +430,31 @@ def main() -> None:
     run = bench.cached if args.cached_only else bench.run_arm
     results: list[dict] = []
     selection: dict[str, dict] = {}
+    fixed = Knobs(args.learning_rate, args.teacher_temperature)
+    grid = [Knobs(lr, tt) for lr in args.select_lr or [fixed.lr] for tt in args.select_teacher_temperature or [fixed.teacher_temperature]]
     for name in args.arms:
-        lr = args.learning_rate
-        if args.select_lr and name in args.select_arms:
-            candidates = {c: run(name, args.select_seed, c) for c in sorted(args.select_lr)}
-            candidates = {c: r for c, r in candidates.items() if r is not None and "dev_ndcg@10" in r}
+        knobs = fixed.for_arm(name)
+        if (args.select_lr or args.select_teacher_temperature) and name in args.select_arms:
+            tried = sorted({k.for_arm(name) for k in grid})
+            candidates = {k: r for k in tried if (r := run(name, args.select_seed, k)) is not None and "dev_ndcg@10" in r}
             if not candidates:
-                print(f"{name}: no candidate learning rate run yet; skipped", flush=True)
+                print(f"{name}: no candidate setting run yet; skipped", flush=True)
                 continue
-            lr = max(candidates, key=lambda c: (candidates[c]["dev_ndcg@10"], -c))  # a tie goes to the smaller rate
-            selection[name] = {"seed": args.select_seed, "chosen": lr,
-                               "candidates": {f"{c:g}": {k: r[k] for k in ("dev_ndcg@10", "ndcg@10")}
-                                              for c, r in candidates.items()}}
+            knobs = max(candidates, key=lambda k: (candidates[k]["dev_ndcg@10"], -k.lr))  # a tie goes to the smaller rate
+            selection[name] = {"seed": args.select_seed, "chosen": knobs.label, "chosen_knobs": dataclasses.asdict(knobs),
+                               "candidates": {k.label: {m: r[m] for m in ("dev_ndcg@10", "ndcg@10")}
+                                              for k, r in candidates.items()}}
         for seed in [0] if name == "base" else args.seeds:
-            if (result := run(name, seed, lr)) is None:
+            if (result := run(name, seed, knobs)) is None:
                 continue
             results.append(result)
             write_outputs(Path(args.out), settings, results, selection)
             print(json.dumps(results[-1]), flush=True)
+    progressive = [s for s in args.seeds if bench.train_log("progressive-human", s, fixed)]
+    log = bench.train_log("progressive-human", progressive[0], fixed) if progressive else []
+    chart = Path(f"{args.out}-progressive.png")
+    if write_progressive(chart, results, log):
+        print(f"progressive schedule and eval: {chart}", flush=True)
 
 
 if __name__ == "__main__":

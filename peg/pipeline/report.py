@@ -88,18 +88,13 @@ def mining_tables(stats: dict) -> str:
     return "\n".join(parts)
 
 
-def _progressive_chart(records: list[dict], path: Path) -> bool:
-    """beta(t), the pace and the query-weight range over steps; False if the run logged none."""
-    steps = [r["step"] for r in records if "beta" in r]
-    if not steps:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_progressive(records: list[dict], schedule, weights) -> bool:
+    """beta(t) and the pace on the `schedule` axes, the query-weight range on `weights`, from a
+    train stage's metrics.jsonl records; False (nothing drawn) if the run logged no beta."""
     logged = [r for r in records if "beta" in r]
-    fig, (schedule, weights) = plt.subplots(1, 2, figsize=(8, 3.2))
+    if not logged:
+        return False
+    steps = [r["step"] for r in logged]
     schedule.plot(steps, [r["beta"] for r in logged], label="beta(t)")
     if any("pace" in r for r in logged):
         schedule.plot(steps, [r.get("pace", float("nan")) for r in logged], label="pace")
@@ -112,6 +107,20 @@ def _progressive_chart(records: list[dict], path: Path) -> bool:
         ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
+    return True
+
+
+def _progressive_chart(records: list[dict], path: Path) -> bool:
+    """The progressive schedule as a PNG at `path`; False if the run logged none."""
+    if not any("beta" in r for r in records):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (schedule, weights) = plt.subplots(1, 2, figsize=(8, 3.2))
+    draw_progressive(records, schedule, weights)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
