@@ -243,9 +243,12 @@ class Bench:
         return {f"{prefix}ndcg@10": metrics["ndcg@10"], f"{prefix}recall@100": metrics["recall@100"]}
 
     def train_log(self, name: str, seed: int, knobs: Knobs) -> list[dict]:
-        """The trainer's metrics.jsonl records of one run (empty if its folder is gone)."""
-        path = self.root / "train" / self.run_name(name, seed, knobs) / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        """The trainer's metrics.jsonl records of one finished run (empty if its folder is gone or
+        it has not exported its model yet)."""
+        output = self.root / "train" / self.run_name(name, seed, knobs)
+        if not (output / "model" / "config.json").exists():
+            return []
+        return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
     def run_arm(self, name: str, seed: int, knobs: Knobs) -> dict:
         """Train (unless base) and evaluate one arm, seed and knobs on test and dev; cached
