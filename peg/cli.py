@@ -18,6 +18,7 @@ from peg.console import capture, console, forget_log_file, log_file
 from peg.data import BeirDataset, DataError
 from peg.data.fetch import DATASETS
 from peg.errors import PegError
+from peg.process import serve_as_init
 
 
 class PegCommands(TyperGroup):
@@ -51,6 +52,7 @@ def main(
                      "instead of only peg's lines, progress bars and results; the log file gets it either way."),
     ] = False,
 ) -> None:
+    serve_as_init()  # a container's command is PID 1: signals forwarded, orphans reaped (peg.process)
     _options["verbose"] = verbose
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from peg.config import RunConfig
 from peg.errors import PegError
+from peg.process import child_env
 from peg.pipeline.context import ScopedStore, StageContext, primary_node
 from peg.pipeline.stages import EMBEDDING_CACHE, STAGES, Stage, enabled_stages
 from peg.pipeline.state import (
@@ -67,7 +68,7 @@ class LocalBackend:
 
     def run_stage(self, stage: Stage, config_path: Path, env: Mapping[str, str]) -> None:
         command = [sys.executable, "-m", "peg.process", "peg", "pipeline", "stage", stage.name, str(config_path)]
-        result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        result = subprocess.run(command, env=child_env({**os.environ, "PYTHONUNBUFFERED": "1", **env}))
         if result.returncode != 0:
             raise StageFailed(
                 f"stage {stage.name} failed (exit code {result.returncode})", reported=result.returncode == 2

@@ -43,6 +43,7 @@ from peg.config import RunConfig
 from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
+from peg.process import child_env
 from peg.progress import progress_bar
 from peg.store import open_store
 from peg.store.files import atomic_output, file_sha256, write_atomically
@@ -153,7 +154,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     output_dir.mkdir(parents=True, exist_ok=True)
     check_no_live_writer(output_dir)
     config_path = write_atomically(output_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    env = dict(os.environ)
+    env = child_env(os.environ)  # torchrun (peg.process) watches this process
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key, pretrain)
