@@ -1,0 +1,491 @@
+"""Run rendered Kubernetes objects' pods as Docker containers on this machine, exactly as they say.
+
+`containers_of(obj, objects)` turns one object (Pod, Job, Deployment, TrainJob, PyTorchJob,
+RayJob) into the `Container`s its controller would start, with the environment the controller
+injects; `run(containers)` runs them with `docker run` and returns each one's exit status and log.
+What a pod spec says and how it is honoured:
+
+- image (must be present locally: nothing is pulled), command/args, workingDir, env (value,
+  secretKeyRef, configMapKeyRef, fieldRef metadata.name/namespace, status.podIP), envFrom;
+- volumes: configMap and secret (keys as files, items, defaultMode, group-owned by fsGroup as the
+  kubelet does) bind-mounted read-only; emptyDir as a tmpfs (mounted exec, its sizeLimit as the
+  size), at /dev/shm as the shm size;
+- securityContext (pod, then container): runAsUser/runAsGroup (`--user`), fsGroup (a
+  supplementary group), runAsNonRoot (refused when the user would be 0),
+  readOnlyRootFilesystem (`--read-only`), capabilities drop/add, allowPrivilegeEscalation false
+  (`no-new-privileges`), seccompProfile RuntimeDefault (Docker's default profile) or Unconfined;
+- resources.limits cpu and memory as Docker limits (requests only schedule);
+- networking: every container on the host network, addresses 127.0.0.1 (no bridge is made).
+
+Scheduling fields (nodeSelector, tolerations, affinity, priorityClassName, serviceAccountName,
+imagePullPolicy, labels) have nothing to do on one machine and are not looked at. Any other
+field, volume type or value the runner cannot honour raises `PodError` naming it, before a
+container starts.
+
+The controllers' injected environment follows their pinned sources:
+- Trainer v2.3.0, torch plugin (pkg/runtime/framework/plugins/torch/torch.go, EnforceMLPolicy):
+  per node PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT;
+- training-operator v1.9.4 (pkg/controller.v1/pytorch/envvar.go, setPodEnv): MASTER_ADDR,
+  MASTER_PORT, WORLD_SIZE = replicas x nprocPerNode, RANK (Master 0, Worker i+1),
+  PYTHONUNBUFFERED, PET_MASTER_ADDR/PORT, PET_NNODES, PET_NODE_RANK, PET_NPROC_PER_NODE;
+- KubeRay v1.7.0 (ray-operator/controllers/ray/common/pod.go, generateRayStartCommand;
+  rayjob submitter GetK8sJobCommand): the head runs `ray start --head --block` with its
+  rayStartParams and num-cpus from its CPU limit, each worker `ray start --block --address=HEAD`,
+  and the submitter `ray job submit --address http://HEAD:DASHBOARD --submission-id ID -- ENTRYPOINT`.
+The masters' addresses are 127.0.0.1 and their ports free ports of this machine (host network:
+the pods' fixed ports would collide).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peg.errors import PegError
+
+LOCALHOST = "127.0.0.1"
+RAY_DASHBOARD_PORT_PARAM = "dashboard-port"
+
+# Pod and container fields with nothing to do on one machine (scheduling, identity, pulling).
+_IGNORED_POD_FIELDS = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
+                       "automountServiceAccountToken", "restartPolicy", "imagePullSecrets", "terminationGracePeriodSeconds",
+                       "activeDeadlineSeconds", "enableServiceLinks", "schedulerName", "topologySpreadConstraints"}
+_HONOURED_POD_FIELDS = {"containers", "initContainers", "volumes", "securityContext"}
+_IGNORED_CONTAINER_FIELDS = {"name", "imagePullPolicy", "ports", "readinessProbe", "livenessProbe", "startupProbe",
+                             "terminationMessagePath", "terminationMessagePolicy"}
+_HONOURED_CONTAINER_FIELDS = {"image", "command", "args", "workingDir", "env", "envFrom", "volumeMounts",
+                              "resources", "securityContext"}
+_SECURITY_FIELDS = {"runAsUser", "runAsGroup", "fsGroup", "runAsNonRoot", "readOnlyRootFilesystem", "capabilities",
+                    "allowPrivilegeEscalation", "seccompProfile", "privileged"}
+
+
+class PodError(PegError):
+    """A rendered object asks for something the pod runner cannot honour (named in the message)."""
+
+
+@dataclass
+class Container:
+    """One container to run: everything `docker run` needs, resolved from a pod spec."""
+
+    name: str
+    image: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, tuple[dict[str, bytes], int]] = field(default_factory=dict)  # mount path -> (files, mode)
+    tmpfs: dict[str, str | None] = field(default_factory=dict)  # mount path -> size
+    shm_size: str | None = None
+    user: str | None = None
+    groups: list[int] = field(default_factory=list)
+    file_group: int | None = None  # fsGroup: the group that owns the ConfigMap/Secret files
+    read_only: bool = False
+    cap_drop: list[str] = field(default_factory=list)
+    cap_add: list[str] = field(default_factory=list)
+    no_new_privileges: bool = False
+    seccomp_unconfined: bool = False
+    cpus: str | None = None
+    memory: str | None = None
+    workdir: str | None = None
+    server: bool = False  # runs until the others are done (Ray head/workers, a Deployment)
+    wait_for_url: str | None = None  # started once this URL answers (a submitter: its Ray dashboard)
+
+
+@dataclass
+class Result:
+    name: str
+    status: int
+    log: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+def _quantity_bytes(value: str) -> int:
+    """A Kubernetes memory quantity (512Mi, 2Gi, 1G, 1000) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?|k)?", str(value))
+    if not match:
+        raise PodError(f"memory quantity {value!r}: not understood")
+    return int(float(match.group(1)) * units.get(match.group(2) or "", 1))
+
+
+def _cpus(value: str) -> str:
+    value = str(value)
+    return str(int(value[:-1]) / 1000) if value.endswith("m") else value
+
+
+class Objects:
+    """The objects a pod can refer to (ConfigMaps, Secrets), by kind and name."""
+
+    def __init__(self, objects: Iterable[Mapping]):
+        self.by_key = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    def data(self, kind: str, name: str, where: str) -> dict[str, bytes]:
+        obj = self.by_key.get((kind, name))
+        if obj is None:
+            raise PodError(f"{where}: {kind} {name!r} is not among the objects given to the pod runner")
+        data = {k: v.encode() for k, v in (obj.get("data") or {}).items()} if kind == "ConfigMap" else {
+            k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        data.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+        return data
+
+
+def _check_fields(spec: Mapping, honoured: set[str], ignored: set[str], where: str) -> None:
+    unknown = sorted(set(spec) - honoured - ignored)
+    if unknown:
+        raise PodError(f"{where}: {', '.join(unknown)}: not honoured by the pod runner")
+
+
+def _security(container: Container, pod_ctx: Mapping, ctx: Mapping, where: str) -> None:
+    merged = {**pod_ctx, **ctx}
+    _check_fields(merged, _SECURITY_FIELDS, {"supplementalGroups"}, f"{where}.securityContext")
+    if merged.get("privileged"):
+        raise PodError(f"{where}.securityContext.privileged: true is not honoured by the pod runner")
+    uid, gid = merged.get("runAsUser"), merged.get("runAsGroup")
+    if uid is not None:
+        container.user = f"{uid}:{gid}" if gid is not None else str(uid)
+    elif gid is not None:
+        raise PodError(f"{where}.securityContext.runAsGroup without runAsUser: not honoured by the pod runner")
+    if merged.get("runAsNonRoot") and uid in (None, 0):
+        raise PodError(f"{where}: runAsNonRoot with runAsUser {uid}: the pod runner runs only an explicit non-zero UID")
+    if (fs_group := pod_ctx.get("fsGroup")) is not None:
+        container.groups.append(int(fs_group))
+        container.file_group = int(fs_group)
+    container.groups.extend(int(g) for g in merged.get("supplementalGroups") or [])
+    container.read_only = bool(merged.get("readOnlyRootFilesystem"))
+    caps = merged.get("capabilities") or {}
+    container.cap_drop, container.cap_add = list(caps.get("drop") or []), list(caps.get("add") or [])
+    container.no_new_privileges = merged.get("allowPrivilegeEscalation") is False
+    seccomp = (merged.get("seccompProfile") or {}).get("type", "RuntimeDefault")
+    if seccomp not in ("RuntimeDefault", "Unconfined"):
+        raise PodError(f"{where}.securityContext.seccompProfile.type {seccomp}: not honoured by the pod runner")
+    container.seccomp_unconfined = seccomp == "Unconfined"
+
+
+def _env(spec: Mapping, objects: Objects, pod_name: str, namespace: str, where: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for source in spec.get("envFrom") or []:
+        prefix = source.get("prefix", "")
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            if key in source:
+                for k, v in objects.data(kind, source[key]["name"], f"{where}.envFrom").items():
+                    env[prefix + k] = v.decode()
+    fields = {"metadata.name": pod_name, "metadata.namespace": namespace, "status.podIP": LOCALHOST}
+    for item in spec.get("env") or []:
+        name, ref = item["name"], item.get("valueFrom")
+        if ref is None:
+            env[name] = str(item.get("value", ""))
+        elif "fieldRef" in ref and ref["fieldRef"]["fieldPath"] in fields:
+            env[name] = fields[ref["fieldRef"]["fieldPath"]]
+        elif "secretKeyRef" in ref or "configMapKeyRef" in ref:
+            kind, key = ("Secret", "secretKeyRef") if "secretKeyRef" in ref else ("ConfigMap", "configMapKeyRef")
+            data = objects.data(kind, ref[key]["name"], f"{where}.env.{name}")
+            if ref[key]["key"] not in data:
+                raise PodError(f"{where}.env.{name}: {kind} {ref[key]['name']!r} has no key {ref[key]['key']!r}")
+            env[name] = data[ref[key]["key"]].decode()
+        else:
+            raise PodError(f"{where}.env.{name}: valueFrom {sorted(ref)} is not honoured by the pod runner")
+    return env
+
+
+def _volumes(container: Container, spec: Mapping, pod: Mapping, objects: Objects, where: str) -> None:
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    for mount in spec.get("volumeMounts") or []:
+        path, volume = mount["mountPath"], volumes.get(mount["name"])
+        _check_fields(mount, {"name", "mountPath", "readOnly"}, set(), f"{where}.volumeMounts.{mount['name']}")
+        if volume is None:
+            raise PodError(f"{where}.volumeMounts.{mount['name']}: no volume of that name in the pod")
+        kinds = set(volume) - {"name"}
+        if kinds == {"emptyDir"}:
+            empty = volume["emptyDir"] or {}
+            size = str(_quantity_bytes(empty["sizeLimit"])) if "sizeLimit" in empty else None
+            if path == "/dev/shm":
+                container.shm_size = size or "64m"
+            else:
+                container.tmpfs[path] = size
+        elif kinds in ({"configMap"}, {"secret"}):
+            kind, source = ("ConfigMap", volume["configMap"]) if "configMap" in volume else ("Secret", volume["secret"])
+            name = source.get("name") or source.get("secretName")
+            data = objects.data(kind, name, f"{where}.volumes.{mount['name']}")
+            if items := source.get("items"):
+                data = {item["path"]: data[item["key"]] for item in items}
+            container.files[path] = (data, int(source.get("defaultMode", 0o644)))
+        else:
+            raise PodError(f"{where}.volumes.{mount['name']}: {', '.join(sorted(kinds))} volumes are not honoured by the pod runner")
+
+
+def pod_containers(pod: Mapping, pod_name: str, objects: Objects, namespace: str = "default",
+                   injected_env: Mapping[str, str] | None = None, server: bool = False) -> list[Container]:
+    """A pod spec's init containers, then its containers, each with `injected_env` added."""
+    where = f"pod {pod_name}"
+    _check_fields(pod, _HONOURED_POD_FIELDS, _IGNORED_POD_FIELDS, where)
+    containers = []
+    for index, spec in enumerate([*(pod.get("initContainers") or []), *pod["containers"]]):
+        cwhere = f"{where} container {spec.get('name', index)}"
+        _check_fields(spec, _HONOURED_CONTAINER_FIELDS, _IGNORED_CONTAINER_FIELDS, cwhere)
+        command = [*(spec.get("command") or []), *(spec.get("args") or [])]
+        if not command:
+            raise PodError(f"{cwhere}: no command: the pod runner does not read an image's default command")
+        container = Container(name=f"{pod_name}-{spec.get('name', index)}", image=spec["image"], command=command,
+                              workdir=spec.get("workingDir"), server=server)
+        container.env = {**_env(spec, objects, pod_name, namespace, cwhere), **(injected_env or {})}
+        _security(container, pod.get("securityContext") or {}, spec.get("securityContext") or {}, cwhere)
+        _volumes(container, spec, pod, objects, cwhere)
+        limits = (spec.get("resources") or {}).get("limits") or {}
+        unknown = sorted(set(limits) - {"cpu", "memory"})
+        if unknown:
+            raise PodError(f"{cwhere}.resources.limits: {', '.join(unknown)}: not honoured by the pod runner (no such device here)")
+        container.cpus = _cpus(limits["cpu"]) if "cpu" in limits else None
+        container.memory = str(_quantity_bytes(limits["memory"])) if "memory" in limits else None
+        containers.append(container)
+    return containers
+
+
+def _merge(base: Mapping, patch: Mapping) -> dict:
+    """A strategic-merge-like patch: maps merge, lists of named items merge by name, others replace."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list) and all(
+                isinstance(v, Mapping) and "name" in v for v in [*value, *out[key]]):
+            merged = {v["name"]: v for v in out[key]}
+            for v in value:
+                merged[v["name"]] = _merge(merged.get(v["name"], {}), v)
+            out[key] = list(merged.values())
+        else:
+            out[key] = value
+    return out
+
+
+def _trainjob(obj: Mapping, objects: Objects) -> list[Container]:
+    """Trainer v2.3.0 torch-distributed runtime: numNodes pods of the runtime's `node` job."""
+    name, trainer = obj["metadata"]["name"], obj["spec"]["trainer"]
+    pod: dict = {}
+    for patch in obj["spec"].get("runtimePatches") or []:
+        for job in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            if job["name"] != "node":
+                raise PodError(f"TrainJob {name}: replicated job {job['name']!r}: the torch runtime has only `node`")
+            pod = _merge(pod, job["template"]["spec"]["template"]["spec"])
+    node = next((c for c in pod.get("containers", []) if c["name"] == "node"), None)
+    if node is None:
+        raise PodError(f"TrainJob {name}: the runtime patch has no `node` container")
+    node.update(image=trainer["image"], command=trainer["command"], env=trainer.get("env") or [])
+    if "args" in trainer:
+        node["args"] = trainer["args"]
+    if "resourcesPerNode" in trainer:
+        node["resources"] = trainer["resourcesPerNode"]
+    nodes, port = int(trainer.get("numNodes", 1)), free_port()
+    containers = []
+    for rank in range(nodes):
+        injected = {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", 1)),
+                    "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": LOCALHOST, "PET_MASTER_PORT": str(port)}
+        containers += pod_containers(pod, f"{name}-node-0-{rank}", objects, obj["metadata"].get("namespace", "default"), injected)
+    return containers
+
+
+def _pytorchjob(obj: Mapping, objects: Objects) -> list[Container]:
+    """training-operator v1.9.4: Master then Workers, setPodEnv's environment."""
+    name, spec = obj["metadata"]["name"], obj["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    unknown = sorted(set(replicas) - {"Master", "Worker"})
+    if unknown:
+        raise PodError(f"PyTorchJob {name}: replica types {unknown}: not honoured by the pod runner")
+    total = sum(int(r.get("replicas", 1)) for r in replicas.values())
+    nproc, port = str(spec.get("nprocPerNode", "1")), free_port()
+    containers = []
+    for role in ("Master", "Worker"):
+        if role not in replicas:
+            continue
+        for index in range(int(replicas[role].get("replicas", 1))):
+            rank = index if role == "Master" else index + 1 if "Master" in replicas else index
+            injected = {"PYTHONUNBUFFERED": "1", "MASTER_ADDR": LOCALHOST, "MASTER_PORT": str(port),
+                        "PET_MASTER_ADDR": LOCALHOST, "PET_MASTER_PORT": str(port),
+                        "WORLD_SIZE": str(total * int(nproc)), "RANK": str(rank), "PET_NODE_RANK": str(rank),
+                        "PET_NPROC_PER_NODE": nproc, "PET_NNODES": str(total)}
+            containers += pod_containers(replicas[role]["template"]["spec"], f"{name}-{role.lower()}-{index}", objects,
+                                         obj["metadata"].get("namespace", "default"), injected)
+    return containers
+
+
+def _ray_params(params: Mapping[str, object]) -> list[str]:
+    return [f"--{k}" if v in ("", None) else f"--{k}={v}" for k, v in params.items()]
+
+
+def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
+    """KubeRay v1.7.0: the head (`ray start --head`), workers joining it, the submitter."""
+    name, spec = obj["metadata"]["name"], obj["spec"]
+    namespace = obj["metadata"].get("namespace", "default")
+    if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        raise PodError(f"RayJob {name}: submissionMode {spec['submissionMode']}: the pod runner runs K8sJobMode")
+    cluster = spec["rayClusterSpec"]
+    gcs_port, dashboard_port = free_port(), free_port()
+    head_group = cluster["headGroupSpec"]
+    params = {**head_group.get("rayStartParams", {}), "port": gcs_port, "dashboard-port": dashboard_port,
+              "node-ip-address": LOCALHOST, "dashboard-host": LOCALHOST}
+    head_pod = head_group["template"]["spec"]
+    head_cpu = ((head_pod["containers"][0].get("resources") or {}).get("limits") or {}).get("cpu")
+    if head_cpu is not None and "num-cpus" not in params:
+        params["num-cpus"] = int(float(_cpus(head_cpu)))
+    head_pod = _merge(head_pod, {"containers": [{"name": head_pod["containers"][0]["name"],
+                                                 "command": ["ray", "start", "--head", "--block", *_ray_params(params)]}]})
+    address = f"{LOCALHOST}:{gcs_port}"
+    ray_env = {"RAY_ADDRESS": address, "RAY_CLUSTER_NAME": name, "RAY_USAGE_STATS_ENABLED": "0"}
+    containers = pod_containers(head_pod, f"{name}-head", objects, namespace, ray_env, server=True)
+    for group in cluster.get("workerGroupSpecs") or []:
+        worker_pod = group["template"]["spec"]
+        wparams = {**group.get("rayStartParams", {}), "address": address, "node-ip-address": LOCALHOST}
+        wcpu = ((worker_pod["containers"][0].get("resources") or {}).get("limits") or {}).get("cpu")
+        if wcpu is not None and "num-cpus" not in wparams:
+            wparams["num-cpus"] = int(float(_cpus(wcpu)))
+        worker_pod = _merge(worker_pod, {"containers": [{"name": worker_pod["containers"][0]["name"],
+                                                         "command": ["ray", "start", "--block", *_ray_params(wparams)]}]})
+        for index in range(int(group.get("replicas", 1))):
+            containers += pod_containers(worker_pod, f"{name}-{group['groupName']}-worker-{index}", objects, namespace,
+                                         ray_env, server=True)
+    submitter_pod = spec.get("submitterPodTemplate", {}).get("spec")
+    if submitter_pod is None:
+        raise PodError(f"RayJob {name}: no submitterPodTemplate: the pod runner needs the submitter's spec")
+    submission_id = f"{name}-{uuid.uuid4().hex[:8]}"
+    command = ["ray", "job", "submit", "--address", f"http://{LOCALHOST}:{dashboard_port}",
+               "--submission-id", submission_id, "--", *spec["entrypoint"].split()]
+    submitter_pod = _merge(submitter_pod, {"containers": [{"name": submitter_pod["containers"][0]["name"], "command": command}]})
+    submitter = pod_containers(submitter_pod, f"{name}-submitter", objects, namespace,
+                               {"RAY_DASHBOARD_ADDRESS": f"http://{LOCALHOST}:{dashboard_port}",
+                                "RAY_JOB_SUBMISSION_ID": submission_id})
+    submitter[0].wait_for_url = f"http://{LOCALHOST}:{dashboard_port}/api/version"  # KubeRay waits for the head
+    return containers + submitter
+
+
+def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Container]:
+    """The containers a controller would start for `obj`, servers first, in start order."""
+    known = Objects([*objects, obj])
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    namespace = obj["metadata"].get("namespace", "default")
+    if kind == "Pod":
+        return pod_containers(obj["spec"], name, known, namespace)
+    if kind == "Job":
+        if int(obj["spec"].get("parallelism", 1)) != 1 or int(obj["spec"].get("completions", 1)) != 1:
+            raise PodError(f"Job {name}: parallelism/completions other than 1: not honoured by the pod runner")
+        return pod_containers(obj["spec"]["template"]["spec"], f"{name}-0", known, namespace)
+    if kind == "Deployment":
+        if int(obj["spec"].get("replicas", 1)) != 1:
+            raise PodError(f"Deployment {name}: replicas other than 1: not honoured by the pod runner")
+        return pod_containers(obj["spec"]["template"]["spec"], f"{name}-0", known, namespace, server=True)
+    if kind == "TrainJob":
+        return _trainjob(obj, known)
+    if kind == "PyTorchJob":
+        return _pytorchjob(obj, known)
+    if kind == "RayJob":
+        return _rayjob(obj, known)
+    raise PodError(f"{kind} {name}: the pod runner runs Pod, Job, Deployment, TrainJob, PyTorchJob and RayJob")
+
+
+def docker_run_command(container: Container, files_root: Path) -> list[str]:
+    """`docker run` arguments for `container`; its ConfigMap/Secret files are written under `files_root`."""
+    args = ["docker", "run", "--detach", "--name", container.name, "--network", "host", "--init=false"]
+    if container.user:
+        args += ["--user", container.user]
+    args += [a for g in container.groups for a in ("--group-add", str(g))]
+    if container.read_only:
+        args.append("--read-only")
+    args += [a for c in container.cap_drop for a in ("--cap-drop", c)]
+    args += [a for c in container.cap_add for a in ("--cap-add", c)]
+    if container.no_new_privileges:
+        args += ["--security-opt", "no-new-privileges"]
+    if container.seccomp_unconfined:
+        args += ["--security-opt", "seccomp=unconfined"]
+    if container.cpus:
+        args += ["--cpus", container.cpus]
+    if container.memory:
+        args += ["--memory", container.memory]
+    if container.shm_size:
+        args += ["--shm-size", container.shm_size]
+    for path, size in container.tmpfs.items():
+        args += ["--tmpfs", f"{path}:rw,exec,mode=1777" + (f",size={size}" if size else "")]
+    for index, (path, (files, mode)) in enumerate(container.files.items()):
+        folder = files_root / container.name / str(index)
+        folder.mkdir(parents=True)
+        for relative, content in files.items():
+            target = folder / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            os.chmod(target, mode)
+            if container.file_group is not None and os.geteuid() == 0:
+                os.chown(target, 0, container.file_group)
+        os.chmod(folder, 0o755)
+        args += ["--volume", f"{folder}:{path}:ro"]
+    for key, value in container.env.items():
+        args += ["--env", f"{key}={value}"]
+    if container.workdir:
+        args += ["--workdir", container.workdir]
+    return [*args, "--entrypoint", container.command[0], container.image, *container.command[1:]]
+
+
+def _docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def _wait_for_url(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise PodError(f"{url} did not answer within {timeout:.0f} s: {error}") from error
+            time.sleep(1)
+
+
+def run(containers: list[Container], timeout: float = 1800, server_start_timeout: float = 180,
+        kill_after: tuple[str, float] | None = None) -> list[Result]:
+    """Run `containers` (servers in the background) until every non-server one has exited; remove all.
+
+    Images must be present locally. A submitter waits for its Ray dashboard first, as KubeRay waits
+    for the head. `kill_after=(name, seconds)` SIGKILLs that container after `seconds` (a preempted
+    node). Returns the non-server containers' results, in order.
+    """
+    for image in sorted({c.image for c in containers}):
+        if _docker("image", "inspect", image, check=False).returncode != 0:
+            raise PodError(f"image {image} is not on this machine (the pod runner pulls nothing): build it with images/build.sh")
+    files_root = Path(tempfile.mkdtemp(prefix="peg-pods-"))
+    started: list[Container] = []
+    try:
+        for container in containers:
+            if container.wait_for_url:
+                _wait_for_url(container.wait_for_url, server_start_timeout)
+            _docker(*docker_run_command(container, files_root)[1:])
+            started.append(container)
+        deadline = time.monotonic() + timeout
+        killed_at = time.monotonic() + kill_after[1] if kill_after else None
+        results = []
+        for container in (c for c in started if not c.server):
+            while _docker("inspect", "-f", "{{.State.Running}}", container.name).stdout.strip() == "true":
+                if killed_at is not None and time.monotonic() > killed_at:
+                    _docker("kill", "--signal", "KILL", kill_after[0], check=False)
+                    killed_at = None
+                if time.monotonic() > deadline:
+                    raise PodError(f"container {container.name} still runs after {timeout:.0f} s")
+                time.sleep(1)
+            status = int(_docker("inspect", "-f", "{{.State.ExitCode}}", container.name).stdout.strip())
+            log = _docker("logs", container.name, check=False)
+            results.append(Result(container.name, status, log.stdout + log.stderr))
+        return results
+    finally:
+        for container in started:
+            _docker("rm", "--force", container.name, check=False)
+        shutil.rmtree(files_root, ignore_errors=True)
