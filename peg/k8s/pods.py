@@ -29,9 +29,10 @@ The controllers' injected environment follows their pinned sources:
   MASTER_PORT, WORLD_SIZE = replicas x nprocPerNode, RANK (Master 0, Worker i+1),
   PYTHONUNBUFFERED, PET_MASTER_ADDR/PORT, PET_NNODES, PET_NODE_RANK, PET_NPROC_PER_NODE;
 - KubeRay v1.7.0 (ray-operator/controllers/ray/common/pod.go, generateRayStartCommand;
-  rayjob submitter GetK8sJobCommand): the head runs `ray start --head --block` with its
-  rayStartParams and num-cpus from its CPU limit, each worker `ray start --block --address=HEAD`,
-  and the submitter `ray job submit --address http://HEAD:DASHBOARD --submission-id ID -- ENTRYPOINT`.
+  common/job.go, BuildJobSubmitCommand): the head runs `ray start --head --block` with its
+  rayStartParams, num-cpus and memory from its resources, each worker `ray start --block
+  --address=HEAD`, and the submitter `ray job submit --address http://HEAD:DASHBOARD
+  --submission-id ID -- ENTRYPOINT`.
 The masters' addresses are 127.0.0.1 and their ports free ports of this machine (host network:
 the pods' fixed ports would collide).
 """
@@ -39,8 +40,10 @@ the pods' fixed ports would collide).
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -55,7 +58,6 @@ from pathlib import Path
 from peg.errors import PegError
 
 LOCALHOST = "127.0.0.1"
-RAY_DASHBOARD_PORT_PARAM = "dashboard-port"
 
 # Pod and container fields with nothing to do on one machine (scheduling, identity, pulling).
 _IGNORED_POD_FIELDS = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
@@ -271,6 +273,21 @@ def _merge(base: Mapping, patch: Mapping) -> dict:
     return out
 
 
+def _torch_nproc_per_node(trainer: Mapping) -> str:
+    """PET_NPROC_PER_NODE as the torch plugin computes it (calculateNumProcPerNode): an int as
+    given; "auto" without a GPU resource, or "cpu", is the CPU limit (else request), at least 1."""
+    value = str(trainer.get("numProcPerNode", "auto"))
+    resources = trainer.get("resourcesPerNode") or {}
+    if value not in ("auto", "cpu"):
+        return value
+    for kind in ("limits", "requests"):
+        amounts = resources.get(kind) or {}
+        gpu = any("gpu" in name.lower() for name in amounts)
+        if "cpu" in amounts and (value == "cpu" or not gpu):
+            return str(max(1, math.ceil(float(_cpus(amounts["cpu"])))))  # Quantity.Value() rounds up
+    return "1" if value == "cpu" or not resources else value
+
+
 def _trainjob(obj: Mapping, objects: Objects) -> list[Container]:
     """Trainer v2.3.0 torch-distributed runtime: numNodes pods of the runtime's `node` job."""
     name, trainer = obj["metadata"]["name"], obj["spec"]["trainer"]
@@ -289,9 +306,10 @@ def _trainjob(obj: Mapping, objects: Objects) -> list[Container]:
     if "resourcesPerNode" in trainer:
         node["resources"] = trainer["resourcesPerNode"]
     nodes, port = int(trainer.get("numNodes", 1)), free_port()
+    nproc = _torch_nproc_per_node(trainer)
     containers = []
     for rank in range(nodes):
-        injected = {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", 1)),
+        injected = {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": nproc,
                     "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": LOCALHOST, "PET_MASTER_PORT": str(port)}
         containers += pod_containers(pod, f"{name}-node-0-{rank}", objects, obj["metadata"].get("namespace", "default"), injected)
     return containers
@@ -304,6 +322,8 @@ def _pytorchjob(obj: Mapping, objects: Objects) -> list[Container]:
     unknown = sorted(set(replicas) - {"Master", "Worker"})
     if unknown:
         raise PodError(f"PyTorchJob {name}: replica types {unknown}: not honoured by the pod runner")
+    if "elasticPolicy" in spec:
+        raise PodError(f"PyTorchJob {name}: elasticPolicy: not honoured by the pod runner")
     total = sum(int(r.get("replicas", 1)) for r in replicas.values())
     nproc, port = str(spec.get("nprocPerNode", "1")), free_port()
     containers = []
@@ -321,53 +341,69 @@ def _pytorchjob(obj: Mapping, objects: Objects) -> list[Container]:
     return containers
 
 
-def _ray_params(params: Mapping[str, object]) -> list[str]:
-    return [f"--{k}" if v in ("", None) else f"--{k}={v}" for k, v in params.items()]
+def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> list[str]:
+    """`ray start` as KubeRay v1.7.0 builds it (common/pod.go: generateRayStartCommand and the
+    defaults before it): num-cpus from the CPU limit (else request, rounded up), memory from the
+    memory limit, --block; the node's fixed ports (metrics, dashboard agent) made free ports here,
+    its address 127.0.0.1 (host network: the pods share one address)."""
+    resources = pod["containers"][0].get("resources") or {}
+    params = {**params, "node-ip-address": LOCALHOST, "metrics-export-port": free_port(),
+              "dashboard-agent-listen-port": free_port()}
+    for kind in ("limits", "requests"):
+        cpu = (resources.get(kind) or {}).get("cpu")
+        if cpu is not None and "num-cpus" not in params:
+            params["num-cpus"] = math.ceil(float(_cpus(cpu)))
+    if "memory" in (resources.get("limits") or {}) and "memory" not in params:
+        params["memory"] = _quantity_bytes(resources["limits"]["memory"])
+    flags = [f"--{k}" if v in ("", None, "true") else f"--{k}={v}" for k, v in params.items()]
+    return ["ray", "start", *(["--head"] if head else []), "--block", *flags]
+
+
+def _with_command(pod: Mapping, command: list[str]) -> dict:
+    return _merge(pod, {"containers": [{"name": pod["containers"][0]["name"], "command": command}]})
 
 
 def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
-    """KubeRay v1.7.0: the head (`ray start --head`), workers joining it, the submitter."""
+    """KubeRay v1.7.0: the head (`ray start --head`), workers joining it, the submitter.
+
+    The submitter runs `ray job submit` and waits for the job (its exit status is the job's); the
+    wait for the head's dashboard that KubeRay's submitter command loops on (common/job.go,
+    BuildJobSubmitCommand: api/gcs_healthz) is done by `run()` before it starts.
+    """
     name, spec = obj["metadata"]["name"], obj["spec"]
     namespace = obj["metadata"].get("namespace", "default")
     if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
         raise PodError(f"RayJob {name}: submissionMode {spec['submissionMode']}: the pod runner runs K8sJobMode")
+    for key in ("runtimeEnvYAML", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "metadata"):
+        if key in spec:
+            raise PodError(f"RayJob {name}: spec.{key}: not honoured by the pod runner")
     cluster = spec["rayClusterSpec"]
     gcs_port, dashboard_port = free_port(), free_port()
     head_group = cluster["headGroupSpec"]
-    params = {**head_group.get("rayStartParams", {}), "port": gcs_port, "dashboard-port": dashboard_port,
-              "node-ip-address": LOCALHOST, "dashboard-host": LOCALHOST}
+    head_params = {**head_group.get("rayStartParams", {}), "port": gcs_port, "dashboard-port": dashboard_port,
+                   "dashboard-host": LOCALHOST, "ray-client-server-port": free_port()}
     head_pod = head_group["template"]["spec"]
-    head_cpu = ((head_pod["containers"][0].get("resources") or {}).get("limits") or {}).get("cpu")
-    if head_cpu is not None and "num-cpus" not in params:
-        params["num-cpus"] = int(float(_cpus(head_cpu)))
-    head_pod = _merge(head_pod, {"containers": [{"name": head_pod["containers"][0]["name"],
-                                                 "command": ["ray", "start", "--head", "--block", *_ray_params(params)]}]})
-    address = f"{LOCALHOST}:{gcs_port}"
+    address, dashboard = f"{LOCALHOST}:{gcs_port}", f"http://{LOCALHOST}:{dashboard_port}"
     ray_env = {"RAY_ADDRESS": address, "RAY_CLUSTER_NAME": name, "RAY_USAGE_STATS_ENABLED": "0"}
-    containers = pod_containers(head_pod, f"{name}-head", objects, namespace, ray_env, server=True)
+    containers = pod_containers(_with_command(head_pod, _ray_start(True, head_params, head_pod)), f"{name}-head",
+                                objects, namespace, ray_env, server=True)
     for group in cluster.get("workerGroupSpecs") or []:
         worker_pod = group["template"]["spec"]
-        wparams = {**group.get("rayStartParams", {}), "address": address, "node-ip-address": LOCALHOST}
-        wcpu = ((worker_pod["containers"][0].get("resources") or {}).get("limits") or {}).get("cpu")
-        if wcpu is not None and "num-cpus" not in wparams:
-            wparams["num-cpus"] = int(float(_cpus(wcpu)))
-        worker_pod = _merge(worker_pod, {"containers": [{"name": worker_pod["containers"][0]["name"],
-                                                         "command": ["ray", "start", "--block", *_ray_params(wparams)]}]})
+        params = {**group.get("rayStartParams", {}), "address": address}
         for index in range(int(group.get("replicas", 1))):
-            containers += pod_containers(worker_pod, f"{name}-{group['groupName']}-worker-{index}", objects, namespace,
-                                         ray_env, server=True)
+            containers += pod_containers(_with_command(worker_pod, _ray_start(False, params, worker_pod)),
+                                         f"{name}-{group['groupName']}-worker-{index}", objects, namespace, ray_env,
+                                         server=True)
     submitter_pod = spec.get("submitterPodTemplate", {}).get("spec")
     if submitter_pod is None:
         raise PodError(f"RayJob {name}: no submitterPodTemplate: the pod runner needs the submitter's spec")
     submission_id = f"{name}-{uuid.uuid4().hex[:8]}"
-    command = ["ray", "job", "submit", "--address", f"http://{LOCALHOST}:{dashboard_port}",
-               "--submission-id", submission_id, "--", *spec["entrypoint"].split()]
-    submitter_pod = _merge(submitter_pod, {"containers": [{"name": submitter_pod["containers"][0]["name"], "command": command}]})
-    submitter = pod_containers(submitter_pod, f"{name}-submitter", objects, namespace,
-                               {"RAY_DASHBOARD_ADDRESS": f"http://{LOCALHOST}:{dashboard_port}",
-                                "RAY_JOB_SUBMISSION_ID": submission_id})
-    submitter[0].wait_for_url = f"http://{LOCALHOST}:{dashboard_port}/api/version"  # KubeRay waits for the head
-    return containers + submitter
+    command = ["ray", "job", "submit", "--address", dashboard, "--submission-id", submission_id, "--",
+               *shlex.split(spec["entrypoint"])]
+    (submitter,) = pod_containers(_with_command(submitter_pod, command), f"{name}-submitter", objects, namespace,
+                                  {"RAY_DASHBOARD_ADDRESS": dashboard, "RAY_JOB_SUBMISSION_ID": submission_id})
+    submitter.wait_for_url = f"{dashboard}/api/gcs_healthz"
+    return [*containers, submitter]
 
 
 def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Container]:
