@@ -319,12 +319,14 @@ app.add_typer(pipeline_app, name="pipeline")
 class BackendName(str, Enum):
     local = "local"
     k8s = "k8s"
+    docker = "docker"
 
 
 @pipeline_app.command("run")
 def pipeline_run(
     path: ConfigPath,
-    backend: Annotated[BackendName, typer.Option(help="local: processes here; k8s: each stage as its cluster job.")] = BackendName.local,
+    backend: Annotated[BackendName, typer.Option(help="local: processes here; k8s: each stage as its cluster job; docker: each stage's "
+                                                 "rendered pods as containers here (the CPU images, images/build.sh).")] = BackendName.local,
     wait: Annotated[float, typer.Option(min=0, help="Seconds to wait while another process runs this run.")] = 0,
 ) -> None:
     """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
@@ -341,6 +343,10 @@ def pipeline_run(
 
         check_renderable(config)
         runner_backend = K8sBackend(config, log=say)
+    elif backend is BackendName.docker:
+        from peg.k8s.pods import DockerBackend
+
+        runner_backend = DockerBackend(config, log=say)
     else:
         runner_backend = LocalBackend()
     try:

@@ -130,6 +130,20 @@ def test_a_volume_type_it_cannot_honour_fails_loudly():
         containers_of(obj)
 
 
+def test_the_docker_backend_hands_the_pods_this_processs_s3_keys_as_their_secret():
+    from peg.k8s.pods import DockerBackend, s3_secret_from_env
+
+    cfg = quickstart()
+    secret = s3_secret_from_env(cfg, {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
+    assert secret["metadata"]["name"] == "peg-s3"
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
+        "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
+    with pytest.raises(PodError, match="set AWS_SECRET_ACCESS_KEY"):
+        s3_secret_from_env(cfg, {"AWS_ACCESS_KEY_ID": "AK"})
+    with pytest.raises(Exception, match="store.uri"):
+        DockerBackend(quickstart(**{"store.uri": "/tmp/local-store"}))
+
+
 # ---- real containers -----------------------------------------------------------------------------
 
 def _docker_missing() -> str | None:
@@ -202,3 +216,162 @@ def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_grou
     without_fs_group.command = ["cat", "/etc/peg-s3/AWS_ACCESS_KEY_ID"]
     (result,) = run([without_fs_group], timeout=120)
     assert result.status != 0 and "Permission denied" in result.log  # mode 0440: the group is what reads it
+
+
+# ---- the tiny pipeline, stage by stage, as containers ----------------------------------------------
+
+CONTAINER_STAGES = ("encode", "mine", "train", "eval", "export", "report")
+COMPARED = ("export", "eval")  # the stages whose outputs must equal the local run's byte for byte
+
+
+def tiny_config(beir: Path, bucket: str, endpoint: str, nproc_per_node: int = 1) -> dict:
+    """The tiny run: MiniLM (in the CPU images' `models` extra), 2 training nodes x 1 process."""
+    return {
+        "name": "boxed",
+        "data": {"beir": str(beir)},
+        "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2", "query_max_length": 24, "passage_max_length": 32},
+        "loss": {"kind": "infonce"},
+        "batch": {"queries_per_step": 4, "hard_negatives": 1, "chunk_size": 4},
+        "train": {"max_steps": 6, "learning_rate": 1e-4, "nproc_per_node": nproc_per_node, "zero_stage": 2,
+                  "checkpoint_every": 2},
+        "encode": {"batch_size": 16, "num_actors": 1, "actor_cpus": 0.5, "in_process_below": 0},
+        "mining": {"num_shards": 1, "top_k": 10, "negatives_per_query": 1, "selection": "rank_window", "rank_window": [0, 10],
+                   "actor_cpus": 0.5},
+        "store": {"uri": f"s3://{bucket}/runs", "endpoint": endpoint, "secure": False},
+        "cluster": {"namespace": "peg", "nodes": 2, "s3_secret": "peg-s3", "image": TRAINER_IMAGE, "ray_image": RAY_IMAGE,
+                    "resources": {"cpu": "1", "memory": "3Gi"}, "ray_head_resources": {"cpu": "1", "memory": "3Gi"},
+                    "shm_size": "512Mi"},
+    }
+
+
+def stored(store, prefix: str) -> dict[str, bytes]:
+    return {k[len(prefix):]: store.get_bytes(k) for k in store.list(prefix.rstrip("/"))}
+
+
+@pytest.fixture(scope="module")
+def boxed(tmp_path_factory, s3_server, images):
+    """`prepare` on the host into S3, then the objects `peg render` gives every later stage."""
+    import uuid
+
+    import yaml
+
+    from peg.pipeline import run_stage_entrypoint
+    from s3server import ADMIN
+    from tiny import make_tiny_beir
+
+    root = tmp_path_factory.mktemp("boxed")
+    bucket = f"boxed-{uuid.uuid4().hex[:8]}"
+    s3_server.client().make_bucket(bucket)
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(make_tiny_beir(root / "beir"), bucket, s3_server.endpoint)))
+    cfg = load_config(config_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+        patch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+        run_stage_entrypoint(cfg, config_path, "prepare")
+    objects = [render_config_map(cfg), s3_secret(*ADMIN)]
+    return {"root": root, "cfg": cfg, "objects": objects, "bucket": bucket}
+
+
+def store_of(boxed):
+    from peg.store import open_store
+    from s3server import ADMIN
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1]})
+    return open_store(boxed["cfg"].store)
+
+
+def state(boxed, stage: str) -> str:
+    from peg.pipeline import pipeline_status
+
+    return {s.name: s.state for s in pipeline_status(boxed["cfg"], store_of(boxed))}[stage]
+
+
+def run_stage_in_containers(boxed, stage: str, cfg=None, **run_options) -> list:
+    (job,) = render_stage(cfg or boxed["cfg"], stage)
+    return run(containers_of(job, boxed["objects"]), timeout=1200, **run_options)
+
+
+@containers
+@pytest.mark.containers
+@pytest.mark.parametrize("stage", ("encode", "mine"))
+def test_ray_stages_run_as_rayjob_containers(boxed, stage):
+    results = run_stage_in_containers(boxed, stage)
+    assert [r.status for r in results] == [0], results[-1].log[-6000:]
+    assert state(boxed, stage) == "complete"
+
+
+@containers
+@pytest.mark.containers
+def test_training_2_nodes_as_trainjob_killed_node_resumes_from_the_store(boxed):
+    if state(boxed, "mine") != "complete":
+        pytest.skip("needs the mine stage of test_ray_stages_run_as_rayjob_containers")
+    killed = f"{boxed['cfg'].name}-train-node-0-1-node"
+    results = run_stage_in_containers(boxed, "train", kill_after=(killed, 75))
+    assert any(r.status != 0 for r in results), "the node killed mid-run must fail its job"
+    store = store_of(boxed)
+    assert store.list(f"{boxed['cfg'].name}/train/checkpoints"), "no checkpoint reached the store before the kill"
+    results = run_stage_in_containers(boxed, "train")
+    assert [r.status for r in results] == [0, 0], results[0].log[-6000:]
+    assert "resuming from checkpoint" in results[0].log
+    assert state(boxed, "train") == "complete"
+
+
+@containers
+@pytest.mark.containers
+def test_training_as_pytorchjob_gives_the_trainjobs_model(boxed):
+    if state(boxed, "train") != "complete":
+        pytest.skip("needs the TrainJob run")
+    prefix = f"{boxed['cfg'].name}/train/model/"
+    trainjob_model = {k: v for k, v in stored(store_of(boxed), prefix).items() if k.endswith(".safetensors")}
+    alt = boxed["cfg"].model_copy(deep=True)
+    alt.cluster.trainer_api = "pytorchjob"
+    results = run_stage_in_containers(boxed, "train", cfg=alt)
+    assert [r.status for r in results] == [0, 0], results[0].log[-6000:]
+    pytorchjob_model = {k: v for k, v in stored(store_of(boxed), prefix).items() if k.endswith(".safetensors")}
+    assert trainjob_model and pytorchjob_model == trainjob_model
+
+
+@containers
+@pytest.mark.containers
+@pytest.mark.parametrize("stage", ("eval", "export", "report"))
+def test_later_stages_run_as_rayjob_containers(boxed, stage):
+    if state(boxed, "train") != "complete":
+        pytest.skip("needs the TrainJob run")
+    results = run_stage_in_containers(boxed, stage)
+    assert [r.status for r in results] == [0], results[-1].log[-6000:]
+    assert state(boxed, stage) == "complete"
+
+
+@containers
+@pytest.mark.containers
+def test_exported_model_and_eval_equal_the_local_runs_byte_for_byte(boxed, s3_server, tmp_path):
+    """The same run on this machine (`peg pipeline run`, world size 2 as 1 node x 2 processes)."""
+    import sys
+
+    import yaml
+
+    from s3server import ADMIN
+
+    if state(boxed, "report") != "complete":
+        pytest.skip("needs every stage run as containers")
+    local_bucket = f"{boxed['bucket']}-local"
+    s3_server.client().make_bucket(local_bucket)
+    config = tiny_config(Path(boxed["cfg"].data.beir), local_bucket, s3_server.endpoint, nproc_per_node=2)
+    config["cluster"]["nodes"] = 1
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1]}
+    result = subprocess.run([sys.executable, "-m", "peg", "pipeline", "run", str(config_path)], env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    local_cfg = load_config(config_path)
+    from peg.store import open_store
+
+    local_store, boxed_store = open_store(local_cfg.store), store_of(boxed)
+    for stage in COMPARED:
+        prefix = f"{boxed['cfg'].name}/{stage}/"
+        local, in_containers = stored(local_store, prefix), stored(boxed_store, prefix)
+        assert local.keys() == in_containers.keys()
+        differing = [k for k in local if local[k] != in_containers[k] and not k.endswith("_stage.json")]  # the record: its time, hashes
+        assert not differing, f"{stage}: {differing}"

@@ -87,7 +87,7 @@ class K8sBackend:
         self.apply_config_map()
         phase = "pending"
         for obj in render_stage(self.config, stage):
-            _add_env(obj, env or {})
+            add_env(obj, env or {})
             self._create_or_reuse(obj)
             if wait:
                 phase = self.follow(obj)
@@ -179,13 +179,13 @@ class K8sBackend:
         return thread
 
 
-def _add_env(obj: Any, env: Mapping[str, str]) -> None:
+def add_env(obj: Any, env: Mapping[str, str]) -> None:
     """Append `env` to the env list of every container in a rendered object (in place)."""
     if isinstance(obj, dict):
         for container in obj.get("containers", []) if isinstance(obj.get("containers"), list) else []:
             container.setdefault("env", []).extend({"name": k, "value": v} for k, v in env.items())
         for value in obj.values():
-            _add_env(value, env)
+            add_env(value, env)
     elif isinstance(obj, list):
         for item in obj:
-            _add_env(item, env)
+            add_env(item, env)

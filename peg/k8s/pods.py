@@ -51,11 +51,16 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peg.config import RunConfig
 from peg.errors import PegError
+from peg.k8s.backend import add_env
+from peg.k8s.render import LOCAL_STAGES, check_renderable, render_config_map, render_stage
+from peg.pipeline import LocalBackend, StageFailed
+from peg.pipeline.stages import Stage
 
 LOCALHOST = "127.0.0.1"
 
@@ -525,3 +530,38 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
         for container in started:
             _docker("rm", "--force", container.name, check=False)
         shutil.rmtree(files_root, ignore_errors=True)
+
+
+def s3_secret_from_env(config: RunConfig, environ: Mapping[str, str] = os.environ) -> dict:
+    """The Secret `cluster.s3_secret` the pods mount, holding this process's S3 keys (the ones
+    `prepare` uploads with): keys `store.access_key_env` and `store.secret_key_env`."""
+    names = (config.store.access_key_env, config.store.secret_key_env)
+    missing = [n for n in names if not environ.get(n)]
+    if missing:
+        raise PodError(f"store keys: set {' and '.join(missing)}: the docker backend hands them to the pods as the "
+                       f"Secret {config.cluster.s3_secret!r}")
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": config.cluster.s3_secret, "namespace": config.cluster.namespace},
+            "data": {n: base64.b64encode(environ[n].encode()).decode() for n in names}}
+
+
+class DockerBackend:
+    """`peg pipeline run --backend docker`: `prepare` here, every other stage's rendered job run as
+    containers by the pod runner, with the pod's exact settings (the images must be on this machine)."""
+
+    def __init__(self, config: RunConfig, log: Callable[[str], None] = print, timeout: float = 7200):
+        check_renderable(config)
+        self.config, self.log, self.timeout = config, log, timeout
+        self.objects = [render_config_map(config), s3_secret_from_env(config)]
+
+    def run_stage(self, stage: Stage, config_path: Path, env: Mapping[str, str]) -> None:
+        if stage.name in LOCAL_STAGES:
+            LocalBackend().run_stage(stage, config_path, env)
+            return
+        for obj in render_stage(self.config, stage.name):
+            add_env(obj, env)
+            results = run(containers_of(obj, self.objects), timeout=self.timeout)
+            for result in results:
+                if result.status != 0:
+                    self.log(result.log[-4000:])
+                    raise StageFailed(f"stage {stage.name}: container {result.name} exited with status {result.status}")
