@@ -100,9 +100,25 @@ def test_dockerignore_lets_in_only_what_the_images_install():
     lines = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
     assert lines[0] == "*"
     allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
-    assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "images/install-peg.sh", "peg"}
+    assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "images/install-peg.sh", "peg", "images/local"}
     copied = set()
     for dockerfile in DOCKERFILES:
-        for args in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
-            copied.update(args.split())
+        for args in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", dockerfile.read_text(), re.MULTILINE):
+            copied.update(a.rstrip("/") for a in args.split())
     assert copied == allowed
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_only_the_builder_stage_sees_the_local_wheel_and_ca_bundle(dockerfile):
+    """images/local/ (pip's CA bundle, the torch wheel) is copied in the builder stage; the image
+    is a second stage that takes only /opt/venv from it."""
+    builder, image = re.split(r"^FROM .*$", dockerfile.read_text(), flags=re.MULTILINE)[1:]
+    assert re.search(r"^FROM \$\{\w+\} AS builder$", dockerfile.read_text(), re.MULTILINE)
+    assert "COPY images/local/ /opt/peg-local/" in builder
+    assert "images/local" not in image and "peg-local" not in image
+    assert re.findall(r"^COPY --from=\S+ .*$", image, re.MULTILINE) == ["COPY --from=builder /opt/venv /opt/venv"]
+
+
+def test_images_local_keeps_only_its_readme_in_git():
+    ignore = (ROOT / "images/local/.gitignore").read_text().split()
+    assert ignore == ["*", "!README.md", "!.gitignore"]
