@@ -159,11 +159,20 @@ def _docker_missing() -> str | None:
 containers = pytest.mark.skipif(_docker_missing() is not None, reason=str(_docker_missing()))
 
 
-@pytest.fixture(scope="module")
-def images():
-    for image in (TRAINER_IMAGE, RAY_IMAGE):
+def require_images(*images: str) -> None:
+    for image in images:
         if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0:
             pytest.fail(f"image {image} missing: build it with `images/build.sh cpu --local`")
+
+
+@pytest.fixture(scope="module")
+def trainer_image():
+    require_images(TRAINER_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def images():
+    require_images(TRAINER_IMAGE, RAY_IMAGE)
 
 
 def probe(shell: str, **pod_changes) -> tuple[int, str]:
@@ -174,16 +183,16 @@ def probe(shell: str, **pod_changes) -> tuple[int, str]:
 
 @containers
 @pytest.mark.containers
-def test_the_container_user_is_the_pods_run_as_user(images):
+def test_the_container_user_is_the_pods_run_as_user(trainer_image):
     status, log = probe("id -u; id -g")
-    assert status == 0 and log.split() == ["10001", "0"], log
+    assert status == 0 and log.split() == ["10001", "10001"], log  # no runAsGroup: the image's group of that UID
     status, log = probe("id -u; id -g", securityContext={"runAsUser": 4242, "runAsGroup": 4343})
     assert log.split() == ["4242", "4343"], log
 
 
 @containers
 @pytest.mark.containers
-def test_the_read_only_root_refuses_writes_outside_tmp(images):
+def test_the_read_only_root_refuses_writes_outside_tmp(trainer_image):
     status, log = probe("touch /tmp/ok && echo tmp-ok; touch /home/peg/x || echo refused")
     assert status == 0 and log.split()[:1] == ["tmp-ok"] and "Read-only file system" in log and "refused" in log, log
     relaxed = pod()["spec"]["containers"][0]["securityContext"] | {"readOnlyRootFilesystem": False}
@@ -193,7 +202,7 @@ def test_the_read_only_root_refuses_writes_outside_tmp(images):
 
 @containers
 @pytest.mark.containers
-def test_capabilities_no_new_privileges_and_seccomp_bite(images):
+def test_capabilities_no_new_privileges_and_seccomp_bite(trainer_image):
     status, log = probe("grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status")
     fields = dict(line.split(":\t") for line in log.strip().splitlines())
     assert fields == {"CapEff": "0000000000000000", "NoNewPrivs": "1", "Seccomp": "2"}, log
@@ -201,18 +210,18 @@ def test_capabilities_no_new_privileges_and_seccomp_bite(images):
 
 @containers
 @pytest.mark.containers
-def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_group(images):
+def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_group(trainer_image):
     cfg = quickstart()
     (job,) = render_stage(cfg, "train")
     (container,) = containers_of(job, objects_for(cfg))
-    container.command = ["sh", "-c", "head -c 15 /etc/peg/run.yaml; echo; cat /etc/peg-s3/AWS_ACCESS_KEY_ID; echo;"
+    container.command = ["sh", "-c", "head -n 1 /etc/peg/run.yaml; cat /etc/peg-s3/AWS_ACCESS_KEY_ID; echo;"
                          " df -k /dev/shm | tail -1; cat /sys/fs/cgroup/memory/memory.limit_in_bytes"]
     (result,) = run([container], timeout=120)
     lines = result.log.splitlines()
     assert result.status == 0 and lines[0] == "name: quickstart" and lines[1] == "AKIA", result.log
     assert lines[2].split()[1] == str(2**20) and lines[3] == str(4 * 2**30), result.log  # shm 1Gi, memory 4Gi
     without_fs_group = copy.deepcopy(container)
-    without_fs_group.groups = []
+    without_fs_group.groups, without_fs_group.file_group = [], None  # no fsGroup: the kubelet leaves root:root
     without_fs_group.command = ["cat", "/etc/peg-s3/AWS_ACCESS_KEY_ID"]
     (result,) = run([without_fs_group], timeout=120)
     assert result.status != 0 and "Permission denied" in result.log  # mode 0440: the group is what reads it
