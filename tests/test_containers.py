@@ -198,6 +198,11 @@ def test_the_read_only_root_refuses_writes_outside_tmp(trainer_image):
     relaxed = pod()["spec"]["containers"][0]["securityContext"] | {"readOnlyRootFilesystem": False}
     status, log = probe("touch /home/peg/x && echo written", securityContext=relaxed)
     assert "written" in log, log  # the same write, allowed: the flag is what refuses it
+    # peg itself, told to write outside /tmp, fails with one line; inside /tmp it works
+    status, log = probe("peg config schema -o /home/peg/schema.json")
+    assert status == 2 and "Read-only file system" in log, log
+    status, log = probe("peg config schema -o /tmp/schema.json && test -s /tmp/schema.json && echo written")
+    assert status == 0 and "written" in log, log
 
 
 @containers
