@@ -359,6 +359,23 @@ def test_later_stages_run_as_rayjob_containers(boxed, stage):
 
 @containers
 @pytest.mark.containers
+def test_pipeline_run_backend_docker_keeps_the_skip_rules(boxed):
+    """`peg pipeline run --backend docker` over the stages run above: each is complete, none reruns."""
+    import sys
+
+    from s3server import ADMIN
+
+    if state(boxed, "report") != "complete":
+        pytest.skip("needs every stage run as containers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1]}
+    result = subprocess.run([sys.executable, "-m", "peg", "pipeline", "run", str(boxed["root"] / "run.yaml"),
+                             "--backend", "docker"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "\nran " not in result.stdout, result.stdout  # `ran STAGE N s` is printed only when a stage ran
+
+
+@containers
+@pytest.mark.containers
 def test_exported_model_and_eval_equal_the_local_runs_byte_for_byte(boxed, s3_server, tmp_path):
     """The same run on this machine (`peg pipeline run`, world size 2 as 1 node x 2 processes)."""
     import sys

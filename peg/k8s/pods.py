@@ -389,16 +389,19 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
                    "dashboard-host": LOCALHOST, "ray-client-server-port": free_port()}
     head_pod = head_group["template"]["spec"]
     address, dashboard = f"{LOCALHOST}:{gcs_port}", f"http://{LOCALHOST}:{dashboard_port}"
-    ray_env = {"RAY_ADDRESS": address, "RAY_CLUSTER_NAME": name, "RAY_USAGE_STATS_ENABLED": "0"}
+    # setContainerEnvVars (common/pod.go): what KubeRay adds to every Ray container
+    ray_env = {"RAY_CLUSTER_NAME": name, "RAY_CLUSTER_NAMESPACE": namespace, "RAY_PORT": str(gcs_port),
+               "RAY_ADDRESS": address, "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "RAY_DASHBOARD_ENABLE_K8S_DISK_USAGE": "1"}
     containers = pod_containers(_with_command(head_pod, _ray_start(True, head_params, head_pod)), f"{name}-head",
-                                objects, namespace, ray_env, server=True)
+                                objects, namespace, {**ray_env, "RAY_NODE_TYPE_NAME": "headgroup"}, server=True)
     for group in cluster.get("workerGroupSpecs") or []:
         worker_pod = group["template"]["spec"]
         params = {**group.get("rayStartParams", {}), "address": address}
         for index in range(int(group.get("replicas", 1))):
             containers += pod_containers(_with_command(worker_pod, _ray_start(False, params, worker_pod)),
-                                         f"{name}-{group['groupName']}-worker-{index}", objects, namespace, ray_env,
-                                         server=True)
+                                         f"{name}-{group['groupName']}-worker-{index}", objects, namespace,
+                                         {**ray_env, "RAY_NODE_TYPE_NAME": group["groupName"], "FQ_RAY_IP": LOCALHOST,
+                                          "RAY_IP": LOCALHOST}, server=True)
     submitter_pod = spec.get("submitterPodTemplate", {}).get("spec")
     if submitter_pod is None:
         raise PodError(f"RayJob {name}: no submitterPodTemplate: the pod runner needs the submitter's spec")
