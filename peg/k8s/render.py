@@ -443,16 +443,23 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
 
 
 def job_phase(obj: dict) -> str:
-    """"pending", "running", "succeeded" or "failed" from a TrainJob's, PyTorchJob's or RayJob's status."""
+    """"pending", "running", "succeeded" or "failed" from a TrainJob's, PyTorchJob's or RayJob's status.
+
+    A RayJob is read by its `jobDeploymentStatus` alone, as KubeRay v1.7.0 sets it
+    (ray-operator/controllers/ray/rayjob_controller.go): `jobStatus` FAILED also shows while
+    KubeRay retries (`Retrying`, then `Initializing` again, up to `backoffLimit`) and while the
+    submitter is still running; only `Failed`/`ValidationFailed`, or `Complete` without SUCCEEDED
+    (a STOPPED job), is the end of it. `Suspended`/`Suspending` (Kueue holds it) is pending.
+    """
     status = obj.get("status") or {}
     kind = obj.get("kind")
     if kind == "RayJob":
         deployment, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
-        if deployment in ("Failed", "ValidationFailed") or job in ("FAILED", "STOPPED"):
+        if deployment in ("Failed", "ValidationFailed"):
             return "failed"
-        if deployment == "Complete" or job == "SUCCEEDED":
+        if deployment == "Complete":
             return "succeeded" if job == "SUCCEEDED" else "failed"
-        return "running" if deployment == "Running" or job == "RUNNING" else "pending"
+        return "running" if deployment in ("Running", "Retrying") else "pending"
     true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
     if kind == "TrainJob":
         if "Failed" in true:
