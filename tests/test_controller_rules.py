@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chart_render import ci_values, objects, render
+from chart_render import repo_run_texts
 from controller_rules import RULES, violations
 
 from peg.config import RunConfig, load_config, parse_config
@@ -26,21 +26,15 @@ LEASE = {"PEG_RUN_LEASE": "launcher-1"}
 
 
 def _configs() -> dict[str, RunConfig]:
-    """Every run config in the repo that peg renders for a cluster: the examples (with an S3 store
-    where they name a local one), manifests/run.yaml and the chart's CI values' run.yaml."""
+    """Every run config the repo ships (chart_render.repo_run_texts), with an S3 store and a BEIR
+    folder where an example names a local store or no data (a cluster run needs both)."""
     out = {}
-    for path in sorted((REPO / "examples").glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text())
+    for name, text in repo_run_texts().items():
+        raw = yaml.safe_load(text)
         overrides = {} if str((raw.get("store") or {}).get("uri", "")).startswith("s3://") else dict(S3)
         if (raw.get("data") or {}).get("beir") is None and not (raw.get("data") or {}).get("train_files"):
             overrides["data.beir"] = "/data/beir/scifact"
-        out[f"examples/{path.name}"] = load_config(path, overrides)
-    out["manifests/run.yaml"] = load_config(REPO / "manifests" / "run.yaml")
-    for name in ("kind", "gpu"):
-        values = ci_values(name)
-        values.setdefault("run", {"name": "tiny", "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}})
-        (cm,) = [d for d in objects(render(values)) if d["kind"] == "ConfigMap"]
-        out[f"charts/peg/ci/{name}-values.yaml"] = parse_config(cm["data"]["run.yaml"], f"{name}-values run.yaml")
+        out[name] = parse_config(text, name, overrides)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from k8s_validation import as_stored
 
 from peg.config import RunConfig
 from peg.operator.reconcile import (
@@ -28,8 +29,11 @@ STAGES = ["prepare", "encode", "mine", "train", "eval", "export", "report"]
 
 
 def spec(retries: int = 2, **sections) -> dict:
+    """The spec of an EmbeddingPipeline as the operator reads it: pruned and defaulted by the API server."""
     run = {**RUN, **sections}
-    return {"run": run, "retries": {"limit": retries, "backoffSeconds": 30, "maxBackoffSeconds": 600}}
+    doc = {"apiVersion": "peg.dev/v1alpha1", "kind": "EmbeddingPipeline", "metadata": {"name": "demo", "namespace": "team"},
+           "spec": {"run": run, "retries": {"limit": retries, "backoffSeconds": 30, "maxBackoffSeconds": 600}}}
+    return as_stored(doc)["spec"]
 
 
 def config_of(s: dict) -> RunConfig:
