@@ -20,6 +20,7 @@ from peg.operator.reconcile import (
     claim_keys,
     claimed_by,
     reconcile,
+    rejected,
 )
 from peg.pipeline import enabled_stages, stage_hashes
 
@@ -397,3 +398,35 @@ def test_status_keys_of_another_version_are_ignored():
     old = {**status, "kopf": {"progress": {}}, "stages": [{**x, "legacy": 1} for x in status["stages"]]}
     actions, new = run(s, [job(s, "encode", "running")], store("prepare"), old)
     assert actions == [] and "kopf" not in new and "legacy" not in new["stages"][0]
+
+
+DENIAL = 'admission webhook "validate.trainjob" denied the request: must not have envs for the node containers'
+
+
+def test_denied_create_fails_the_pipeline_at_once_and_waits_for_a_spec_change():
+    """Issue 35 finding 4: a create the API server refuses for good (422 here) is a Failed
+    condition with its message and an event in the same reconcile, and is not asked again for
+    the same spec generation."""
+    s = spec()
+    actions, status = run(s, st=store("prepare"))
+    assert "create RayJob demo-encode" in kinds(actions)
+    events, status = rejected(s, 1, None, NOW, "create RayJob team/demo-encode", 422, DENIAL)
+    assert status["phase"] == "Failed" and conditions(status)["Failed"] == ("True", "ApiRejected")
+    assert conditions(status)["Ready"][0] == "False"
+    assert DENIAL in status["conditions"][0]["message"] and "change the spec" in status["conditions"][0]["message"]
+    assert [(e.type, e.reason) for e in events] == [("Warning", "ApiRejected"), ("Warning", "PipelineFailed")]
+    assert all(DENIAL in e.message for e in events)
+    assert status["rejected"] == {"request": "create RayJob team/demo-encode", "code": 422, "message": DENIAL,
+                                  "generation": 1, "retryAt": None}
+    assert run(s, st=store("prepare"), status=status, now=NOW + timedelta(days=1)) == ([], status)
+    actions, again = reconcile(s, 2, [], store("prepare"), status, NOW, renderer=FakeRenderer)  # the spec changed
+    assert "create RayJob demo-encode" in kinds(actions) and again["rejected"] is None and again["phase"] == "Running"
+
+
+def test_forbidden_create_is_tried_again_after_the_longest_backoff():
+    s = spec()
+    _, status = rejected(s, 1, None, NOW, "create TrainJob team/demo-train", 403, "exceeded quota: gpu")
+    assert status["rejected"]["retryAt"] == (NOW + timedelta(seconds=600)).isoformat(timespec="seconds")
+    assert run(s, st=store("prepare"), status=status, now=NOW + timedelta(seconds=599))[0] == []
+    actions, status = run(s, st=store("prepare"), status=status, now=NOW + timedelta(seconds=600))
+    assert "create RayJob demo-encode" in kinds(actions) and status["rejected"] is None
