@@ -430,3 +430,26 @@ def test_forbidden_create_is_tried_again_after_the_longest_backoff():
     assert run(s, st=store("prepare"), status=status, now=NOW + timedelta(seconds=599))[0] == []
     actions, status = run(s, st=store("prepare"), status=status, now=NOW + timedelta(seconds=600))
     assert "create RayJob demo-encode" in kinds(actions) and status["rejected"] is None
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind", "job_status"),
+    [  # the pinned controllers' own words (tests/test_controller_rules.py lists their vocabularies)
+        ("encode", "RayJob", {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}),  # KubeRay retries
+        ("encode", "RayJob", {"jobDeploymentStatus": "Running", "jobStatus": "FAILED"}),  # submitter not finished
+        ("encode", "RayJob", {"jobDeploymentStatus": "Suspended"}),  # Kueue holds it
+        ("encode", "RayJob", {"jobDeploymentStatus": "Initializing", "jobStatus": "FAILED"}),  # the retry starting
+        ("train", "TrainJob", {"conditions": [{"type": "Suspended", "status": "True"}]}),
+        ("train", "PyTorchJob", {"conditions": [{"type": "Created", "status": "True"}, {"type": "Restarting", "status": "True"}]}),
+        ("train", "PyTorchJob", {"conditions": [{"type": "Suspended", "status": "True"}]}),
+    ],
+)
+def test_a_job_its_controller_still_works_on_is_left_alone(stage, kind, job_status):
+    """Issue 35 finding 3: Retrying / Suspended / Restarting are no failed attempt: no delete, no retry."""
+    from peg.k8s.render import job_phase
+
+    s, status = running_at(stage)
+    child = job(s, stage, job_phase({"kind": kind, "status": job_status}))
+    actions, after = run(s, [child], store(*[x for x in STAGES[: STAGES.index(stage)]]), status)
+    assert [a for a in actions if isinstance(a, (Delete, Create))] == []
+    assert stage_of(after, stage)["phase"] == "Running" and after["phase"] == "Running"
