@@ -76,3 +76,17 @@ def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def repo_run_texts() -> dict[str, str]:
+    """{where: YAML} of every run config the repo ships: examples/*.yaml, manifests/run.yaml and
+    each CI values file's run (the run.yaml its ConfigMap hands to `peg pipeline run`)."""
+    repo = CHART.parents[1]
+    texts = {f"examples/{p.name}": p.read_text() for p in sorted((repo / "examples").glob("*.yaml"))}
+    texts["manifests/run.yaml"] = (repo / "manifests" / "run.yaml").read_text()
+    for name in sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml")):
+        values = ci_values(name)
+        values.setdefault("run", {"name": "tiny", "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}})
+        (config_map,) = by_kind(objects(render(values)), "ConfigMap")
+        texts[f"charts/peg/ci/{name}-values.yaml"] = config_map["data"]["run.yaml"]
+    return texts

@@ -75,16 +75,60 @@ def _strict(schema: dict) -> dict:
 
 
 @functools.cache
-def crd_schema(api_version: str, kind: str) -> dict:
-    """The CRD's openAPIV3Schema for `api_version` / `kind` (vendored in ../shared/crds, or peg's own
-    under charts/peg/crds), made strict."""
+def _crd_openapi_schema(api_version: str, kind: str) -> dict:
     text = (shared_dir() / "crds" / CRD_FILES[(api_version, kind)]).read_text()  # an absolute path stays
     crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: ~8x faster on MB-sized CRDs
     version = api_version.rsplit("/", 1)[1]
     entry = next(v for v in crd["spec"]["versions"] if v["name"] == version)
-    schema = _strict(copy.deepcopy(entry["schema"]["openAPIV3Schema"]))
+    return entry["schema"]["openAPIV3Schema"]
+
+
+@functools.cache
+def crd_schema(api_version: str, kind: str) -> dict:
+    """The CRD's openAPIV3Schema for `api_version` / `kind` (vendored in ../shared/crds, or peg's own
+    under charts/peg/crds), made strict."""
+    schema = _strict(copy.deepcopy(_crd_openapi_schema(api_version, kind)))
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: see metadata_errors
     return schema
+
+
+def as_stored(doc: dict) -> dict:
+    """`doc` as the API server stores a custom resource it accepts: unknown fields pruned, then the
+    schema's defaults filled in (k8s.io/apiextensions-apiserver pkg/apiserver/schema/pruning/
+    algorithm.go, Prune; .../schema/defaulting/algorithm.go, Default): a missing property, or a null
+    one not declared nullable, gets its `default`, and defaulting recurses into what it filled in.
+    The root's apiVersion, kind and metadata are the API server's own and stay as they are."""
+    schema = _crd_openapi_schema(doc["apiVersion"], doc["kind"])
+    own = ("apiVersion", "kind", "metadata")
+    body = {**schema, "properties": {k: v for k, v in schema.get("properties", {}).items() if k not in own}}
+    pruned = _prune({k: v for k, v in copy.deepcopy(doc).items() if k not in own}, body)
+    return _default({**{k: copy.deepcopy(doc[k]) for k in own if k in doc}, **pruned}, body)
+
+
+def _prune(value, schema: dict):
+    if isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        if props is not None or isinstance(extra, dict):
+            return {k: _prune(v, props[k] if props and k in props else extra) for k, v in value.items()
+                    if (props and k in props) or isinstance(extra, dict)}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_prune(v, schema["items"]) for v in value]
+    return value
+
+
+def _default(value, schema: dict):
+    if isinstance(value, dict):
+        for key, prop in (schema.get("properties") or {}).items():
+            if "default" in prop and (key not in value or (value[key] is None and not prop.get("nullable"))):
+                value[key] = copy.deepcopy(prop["default"])
+        for key, v in value.items():
+            prop = (schema.get("properties") or {}).get(key, schema.get("additionalProperties"))
+            if isinstance(prop, dict):
+                _default(v, prop)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for v in value:
+            _default(v, schema["items"])
+    return value
 
 
 DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -1,5 +1,7 @@
 """The cluster backend's control flow against an in-memory Kubernetes API (no cluster here):
-create, follow to the end, reuse a running job of the same stage hash, replace a stale one."""
+create, follow to the end, reuse a running job of the same stage hash, replace a stale one.
+The fake API denies a create the controllers' admission rules refuse (tests/controller_rules.py),
+with the 422 a webhook's denial comes back as."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import copy
 from pathlib import Path
 
 import pytest
+from controller_rules import violations
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import load_config
@@ -29,6 +32,8 @@ class FakeCustomObjects:
         key = (plural, ns, body["metadata"]["name"])
         if key in self.objects:
             raise ApiException(status=409)
+        if denied := violations(body):
+            raise ApiException(status=422, reason=f"admission webhook denied the request: {denied}")
         self.calls.append(f"create {plural}/{key[2]}")
         self.objects[key] = {**copy.deepcopy(body), "_gets": 0}
 
@@ -120,18 +125,25 @@ def test_prepare_runs_here_and_train_as_trainjob(monkeypatch):
     k8s.run_stage(stages["train"], Path("cfg.yaml"), {"PEG_RUN_LEASE": "owner-1"})
     assert ran == ["prepare"] and custom.calls == ["create trainjobs/quickstart-train"]
     job = custom.objects[("trainjobs", "peg", "quickstart-train")]
-    containers = [c for c in _all_containers(job)]
-    assert containers and all({"name": "PEG_RUN_LEASE", "value": "owner-1"} in c["env"] for c in containers)
+    assert {"name": "PEG_RUN_LEASE", "value": "owner-1"} in job["spec"]["trainer"]["env"]
 
 
-def _all_containers(obj):
-    if isinstance(obj, dict):
-        yield from obj.get("containers", []) if isinstance(obj.get("containers"), list) else []
-        for value in obj.values():
-            yield from _all_containers(value)
-    elif isinstance(obj, list):
-        for item in obj:
-            yield from _all_containers(item)
+@pytest.mark.parametrize("trainer_api", ["trainjob", "pytorchjob"])
+def test_run_lease_reaches_every_peg_container_in_a_shape_the_controllers_accept(trainer_api):
+    """Issue 35 finding 1: the lease on the runtime patch's `node` container made Trainer v2.3.0
+    reject the TrainJob; it goes into `spec.trainer.env` (TrainJob) or each container (PyTorchJob)."""
+    k8s, custom, _, _ = backend([{"conditions": [{"type": "Succeeded", "status": "True"},
+                                                 {"type": "Complete", "status": "True"}]}])
+    k8s.config.cluster.trainer_api = trainer_api
+    k8s.submit("train", env={"PEG_RUN_LEASE": "owner-1"})
+    (job,) = custom.objects.values()
+    assert violations(job) == []
+    lease = {"name": "PEG_RUN_LEASE", "value": "owner-1"}
+    if trainer_api == "trainjob":
+        assert lease in job["spec"]["trainer"]["env"]
+    else:
+        containers = [c for r in job["spec"]["pytorchReplicaSpecs"].values() for c in r["template"]["spec"]["containers"]]
+        assert containers and all(lease in c["env"] for c in containers)
 
 
 def test_primary_pod_selectors():

@@ -11,14 +11,16 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from k8s_validation import _strict, validate_builtin, validate_custom
+from chart_render import repo_run_texts
+from k8s_validation import _strict, as_stored, validate_builtin, validate_custom
 from typer.testing import CliRunner
 
 from peg.cli import app
-from peg.config import RunConfig
+from peg.config import RunConfig, parse_config
 from peg.k8s import render
 from peg.k8s.schema import run_config_schema
-from peg.operator.crd import PRINTER_COLUMNS, crd, crd_yaml
+from peg.operator.crd import PRINTER_COLUMNS, crd, crd_yaml, pipeline_manifest, without_defaults
+from peg.operator.model import PipelineSpec
 from peg.operator.reconcile import StoreState, reconcile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +45,8 @@ def errors(doc: dict) -> list[str]:
 def test_committed_crd_equals_a_fresh_generation():
     """Fails when RunConfig or the operator's models change without `peg operator crd -o` (drift)."""
     assert CRD_FILE.read_text() == crd_yaml(), f"regenerate: peg operator crd -o {CRD_FILE.relative_to(REPO)}"
-    assert schema()["properties"]["spec"]["properties"]["run"]["properties"] == run_config_schema()["properties"]
+    run = schema()["properties"]["spec"]["properties"]["run"]
+    assert run["properties"] == without_defaults(run_config_schema())["properties"]
 
 
 def test_cli_writes_the_crd(tmp_path):
@@ -139,3 +142,40 @@ def test_statuses_reconcile_writes_validate(store):
     bad = copy.deepcopy(doc)
     bad["status"]["phase"] = "Exploded"
     assert len(errors(bad)) == 1
+
+
+RUN_TEXTS = repo_run_texts()
+
+
+@pytest.mark.parametrize("name", sorted(RUN_TEXTS))
+def test_operator_runs_the_clis_config_after_api_server_defaulting(name):
+    """Issue 35 finding 2: the CRD's defaults, filled in by the API server, made derived lengths
+    explicit and conflicting (gpu-values: InvalidSpec; hard_negatives 2 mined 5 negatives). The
+    operator's RunConfig for the stored EmbeddingPipeline equals the CLI's, byte for byte."""
+    text = RUN_TEXTS[name]
+    cli = parse_config(text, name)
+    doc = pipeline_manifest(yaml.safe_load(text), cli.cluster.namespace, cli.name)
+    stored = as_stored(doc)
+    assert errors(stored) == []
+    spec = json.loads(json.dumps(stored["spec"]))  # as the handler hands it to reconcile
+    assert PipelineSpec.model_validate(spec).run.model_dump_json() == cli.model_dump_json()
+    _, status = reconcile(spec, 1, [], StoreState(), None, datetime.now(timezone.utc))
+    assert status["phase"] != "Failed", status["conditions"]
+
+
+def test_derived_list_lengths_survive_the_api_server():
+    run = {"name": "demo", "model": {"name_or_path": "m"}, "data": {"beir": "/data/scifact"}, "batch": {"hard_negatives": 2}}
+    stored = as_stored(pipeline_manifest(run, "team", "demo"))
+    config = PipelineSpec.model_validate(stored["spec"]).run
+    assert config.mining.negatives_per_query == 2 == parse_config(yaml.safe_dump(run)).mining.negatives_per_query
+
+
+def test_as_stored_prunes_unknown_fields_and_fills_defaults():
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    del doc["spec"]["retries"]
+    doc["spec"]["run"]["train"]["epochz"] = 2
+    doc["spec"]["colour"] = "blue"
+    stored = as_stored(doc)
+    assert "epochz" not in stored["spec"]["run"]["train"] and "colour" not in stored["spec"]
+    assert stored["spec"]["retries"] == {"limit": 2, "backoffSeconds": 30, "maxBackoffSeconds": 900}
+    assert stored["metadata"] == doc["metadata"]

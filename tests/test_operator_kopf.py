@@ -294,3 +294,59 @@ def test_job_observation_reads_stage_hash_and_phase():
                                    "deletionTimestamp": "2026-11-30T12:00:00Z"},
                       "status": {"jobDeploymentStatus": "Failed", "message": "OOMKilled"}})  # fmt: skip
     assert handlers.job_observation(body) == Child("ray.io/v1", "RayJob", "demo-mine", "mine", "abc", "failed", True, "OOMKilled")
+
+
+DENIAL = 'admission webhook "validate.trainer.kubeflow.org" denied the request: spec.runtimePatches: Invalid value'
+
+
+def test_a_lasting_refusal_is_a_condition_and_an_event_in_the_same_reconcile(monkeypatch):
+    """Issue 35 finding 4: the handler turns a refused create into the Failed condition and an
+    event at once (before: the exception went to kopf, which retried with nothing reported)."""
+    import logging
+
+    from peg.operator.api import Rejected, describe
+
+    run = {"name": "demo", "model": {"name_or_path": "m"}, "data": {"beir": "/data/scifact"},
+           "store": {"uri": "s3://b/peg", "endpoint": "s3:9000"}, "cluster": {"namespace": NAMESPACE, "s3_secret": "s3"}}
+    body = kopf.Body({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": {"run": run},
+                      "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": "u1", "generation": 3}, "status": {}})
+    asked = []
+
+    def refuse(action, namespace):
+        asked.append(describe(action, namespace))
+        raise Rejected(asked[-1], 422, DENIAL)
+
+    posted = []
+    monkeypatch.setattr(handlers, "observe_store", lambda *a: StoreState(stages={"prepare": "complete"}))
+    monkeypatch.setattr(handlers.api, "apply_action", refuse)
+    monkeypatch.setattr(handlers.kopf, "event", lambda obj, **kw: posted.append((kw["type"], kw["reason"], kw["message"])))
+    patch = kopf.Patch()
+    indexes = {"pipeline_phases": {}, **{k.plural: {} for k in JOB_KINDS}}
+    handlers._reconcile(body, body.spec, body.metadata, body.status, NAMESPACE, "demo", patch, logging.getLogger("t"), {}, indexes)
+    assert asked == [f"apply ConfigMap {NAMESPACE}/demo-config"]
+    assert [(t, r) for t, r, _ in posted] == [("Warning", "ApiRejected"), ("Warning", "PipelineFailed")]
+    status = patch["status"]
+    assert status["phase"] == "Failed" and status["rejected"]["code"] == 422 and status["rejected"]["generation"] == 3
+    assert DENIAL in next(c["message"] for c in status["conditions"] if c["type"] == "Failed")
+
+
+@pytest.mark.parametrize(("code", "lasting"), [(422, True), (400, True), (403, True), (404, True), (429, False), (500, False)])
+def test_apply_action_tells_lasting_refusals_from_passing_errors(monkeypatch, code, lasting):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from peg.operator.api import Rejected, apply_action
+    from peg.operator.reconcile import Create
+
+    def create(self, *args):
+        e = ApiException(status=code, reason="Unprocessable Entity")
+        e.body = json.dumps({"kind": "Status", "message": DENIAL})
+        raise e
+
+    monkeypatch.setattr(client.CustomObjectsApi, "create_namespaced_custom_object", create)
+    monkeypatch.setattr(client.CustomObjectsApi, "__init__", lambda self, *a: None)
+    job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "demo-encode"}}
+    with pytest.raises(Rejected if lasting else ApiException) as err:
+        apply_action(Create(job), NAMESPACE)
+    if lasting:
+        assert (err.value.request, err.value.code, err.value.message) == (f"create RayJob {NAMESPACE}/demo-encode", code, DENIAL)

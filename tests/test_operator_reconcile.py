@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from k8s_validation import as_stored
 
 from peg.config import RunConfig
 from peg.operator.reconcile import (
@@ -19,6 +20,7 @@ from peg.operator.reconcile import (
     claim_keys,
     claimed_by,
     reconcile,
+    rejected,
 )
 from peg.pipeline import enabled_stages, stage_hashes
 
@@ -28,8 +30,11 @@ STAGES = ["prepare", "encode", "mine", "train", "eval", "export", "report"]
 
 
 def spec(retries: int = 2, **sections) -> dict:
+    """The spec of an EmbeddingPipeline as the operator reads it: pruned and defaulted by the API server."""
     run = {**RUN, **sections}
-    return {"run": run, "retries": {"limit": retries, "backoffSeconds": 30, "maxBackoffSeconds": 600}}
+    doc = {"apiVersion": "peg.dev/v1alpha1", "kind": "EmbeddingPipeline", "metadata": {"name": "demo", "namespace": "team"},
+           "spec": {"run": run, "retries": {"limit": retries, "backoffSeconds": 30, "maxBackoffSeconds": 600}}}
+    return as_stored(doc)["spec"]
 
 
 def config_of(s: dict) -> RunConfig:
@@ -393,3 +398,58 @@ def test_status_keys_of_another_version_are_ignored():
     old = {**status, "kopf": {"progress": {}}, "stages": [{**x, "legacy": 1} for x in status["stages"]]}
     actions, new = run(s, [job(s, "encode", "running")], store("prepare"), old)
     assert actions == [] and "kopf" not in new and "legacy" not in new["stages"][0]
+
+
+DENIAL = 'admission webhook "validate.trainjob" denied the request: must not have envs for the node containers'
+
+
+def test_denied_create_fails_the_pipeline_at_once_and_waits_for_a_spec_change():
+    """Issue 35 finding 4: a create the API server refuses for good (422 here) is a Failed
+    condition with its message and an event in the same reconcile, and is not asked again for
+    the same spec generation."""
+    s = spec()
+    actions, status = run(s, st=store("prepare"))
+    assert "create RayJob demo-encode" in kinds(actions)
+    events, status = rejected(s, 1, None, NOW, "create RayJob team/demo-encode", 422, DENIAL)
+    assert status["phase"] == "Failed" and conditions(status)["Failed"] == ("True", "ApiRejected")
+    assert conditions(status)["Ready"][0] == "False"
+    assert DENIAL in status["conditions"][0]["message"] and "change the spec" in status["conditions"][0]["message"]
+    assert [(e.type, e.reason) for e in events] == [("Warning", "ApiRejected"), ("Warning", "PipelineFailed")]
+    assert all(DENIAL in e.message for e in events)
+    assert status["rejected"] == {"request": "create RayJob team/demo-encode", "code": 422, "message": DENIAL,
+                                  "generation": 1, "retryAt": None}
+    assert run(s, st=store("prepare"), status=status, now=NOW + timedelta(days=1)) == ([], status)
+    actions, again = reconcile(s, 2, [], store("prepare"), status, NOW, renderer=FakeRenderer)  # the spec changed
+    assert "create RayJob demo-encode" in kinds(actions) and again["rejected"] is None and again["phase"] == "Running"
+
+
+def test_forbidden_create_is_tried_again_after_the_longest_backoff():
+    s = spec()
+    _, status = rejected(s, 1, None, NOW, "create TrainJob team/demo-train", 403, "exceeded quota: gpu")
+    assert status["rejected"]["retryAt"] == (NOW + timedelta(seconds=600)).isoformat(timespec="seconds")
+    assert run(s, st=store("prepare"), status=status, now=NOW + timedelta(seconds=599))[0] == []
+    actions, status = run(s, st=store("prepare"), status=status, now=NOW + timedelta(seconds=600))
+    assert "create RayJob demo-encode" in kinds(actions) and status["rejected"] is None
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind", "job_status"),
+    [  # the pinned controllers' own words (tests/test_controller_rules.py lists their vocabularies)
+        ("encode", "RayJob", {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}),  # KubeRay retries
+        ("encode", "RayJob", {"jobDeploymentStatus": "Running", "jobStatus": "FAILED"}),  # submitter not finished
+        ("encode", "RayJob", {"jobDeploymentStatus": "Suspended"}),  # Kueue holds it
+        ("encode", "RayJob", {"jobDeploymentStatus": "Initializing", "jobStatus": "FAILED"}),  # the retry starting
+        ("train", "TrainJob", {"conditions": [{"type": "Suspended", "status": "True"}]}),
+        ("train", "PyTorchJob", {"conditions": [{"type": "Created", "status": "True"}, {"type": "Restarting", "status": "True"}]}),
+        ("train", "PyTorchJob", {"conditions": [{"type": "Suspended", "status": "True"}]}),
+    ],
+)
+def test_a_job_its_controller_still_works_on_is_left_alone(stage, kind, job_status):
+    """Issue 35 finding 3: Retrying / Suspended / Restarting are no failed attempt: no delete, no retry."""
+    from peg.k8s.render import job_phase
+
+    s, status = running_at(stage)
+    child = job(s, stage, job_phase({"kind": kind, "status": job_status}))
+    actions, after = run(s, [child], store(*[x for x in STAGES[: STAGES.index(stage)]]), status)
+    assert [a for a in actions if isinstance(a, (Delete, Create))] == []
+    assert stage_of(after, stage)["phase"] == "Running" and after["phase"] == "Running"

@@ -82,12 +82,12 @@ class K8sBackend:
     def submit(self, stage: str, wait: bool = True, env: Mapping[str, str] | None = None) -> str:
         """Create (or find) the stage's job; with `wait`, follow it to the end. Returns the phase.
 
-        `env` is added to every container (the pipeline's run lease, handed to its stages).
+        `env` (the pipeline's run lease, handed to its stages) goes where the job's API allows
+        (`render_stage`).
         """
         self.apply_config_map()
         phase = "pending"
-        for obj in render_stage(self.config, stage):
-            add_env(obj, env or {})
+        for obj in render_stage(self.config, stage, env):
             self._create_or_reuse(obj)
             if wait:
                 phase = self.follow(obj)
@@ -178,14 +178,3 @@ class K8sBackend:
         thread.start()
         return thread
 
-
-def add_env(obj: Any, env: Mapping[str, str]) -> None:
-    """Append `env` to the env list of every container in a rendered object (in place)."""
-    if isinstance(obj, dict):
-        for container in obj.get("containers", []) if isinstance(obj.get("containers"), list) else []:
-            container.setdefault("env", []).extend({"name": k, "value": v} for k, v in env.items())
-        for value in obj.values():
-            add_env(value, env)
-    elif isinstance(obj, list):
-        for item in obj:
-            add_env(item, env)

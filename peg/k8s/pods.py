@@ -57,7 +57,6 @@ from pathlib import Path
 
 from peg.config import RunConfig
 from peg.errors import PegError
-from peg.k8s.backend import add_env
 from peg.k8s.render import LOCAL_STAGES, check_renderable, render_config_map, render_stage
 from peg.pipeline import LocalBackend, StageFailed
 from peg.pipeline.stages import Stage
@@ -561,8 +560,7 @@ class DockerBackend:
         if stage.name in LOCAL_STAGES:
             LocalBackend().run_stage(stage, config_path, env)
             return
-        for obj in render_stage(self.config, stage.name):
-            add_env(obj, env)
+        for obj in render_stage(self.config, stage.name, env):
             results = run(containers_of(obj, self.objects), timeout=self.timeout)
             for result in results:
                 if result.status != 0:

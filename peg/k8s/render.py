@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +128,14 @@ def render_config_map(cfg: RunConfig) -> dict:
     }
 
 
-def render_stage(cfg: RunConfig, stage: str) -> list[dict]:
-    """The job object(s) that run `stage`: a TrainJob or PyTorchJob for pretrain and train, else a RayJob."""
+def render_stage(cfg: RunConfig, stage: str, env: Mapping[str, str] | None = None) -> list[dict]:
+    """The job object(s) that run `stage`: a TrainJob or PyTorchJob for pretrain and train, else a RayJob.
+
+    `env` (the launcher's run lease) is added to the environment of every container that runs peg,
+    where each API allows it: a TrainJob's `spec.trainer.env` (Trainer v2.3.0 rejects env on the
+    `node` container of a runtime patch), every container of a PyTorchJob or RayJob.
+    """
+    extra = [{"name": k, "value": v} for k, v in (env or {}).items()]
     check_renderable(cfg)
     enabled = [s.name for s in enabled_stages(cfg)]
     if stage in LOCAL_STAGES:
@@ -140,9 +147,9 @@ def render_stage(cfg: RunConfig, stage: str) -> list[dict]:
         raise RenderError(f"stage {stage!r} is not enabled in this config (enabled: {', '.join(enabled)})")
     labels = {LABEL_RUN: cfg.name, LABEL_STAGE: stage, LABEL_HASH: stage_hash_label(stage_hashes(cfg)[stage])}
     if stage in TRAINING_STAGES:
-        pods = training_pods(cfg, labels, stage)
+        pods = training_pods(cfg, labels, stage, extra)
         return [render_trainjob(pods) if cfg.cluster.trainer_api == "trainjob" else render_pytorchjob(pods)]
-    return [render_rayjob(cfg, stage, labels)]
+    return [render_rayjob(cfg, stage, labels, extra)]
 
 
 def render_run(cfg: RunConfig) -> list[dict]:
@@ -164,12 +171,14 @@ def stage_command(stage: str) -> list[str]:
     return ["peg", "pipeline", "stage", stage, CONFIG_PATH]
 
 
-def _env() -> list[dict]:
+def _env(extra: list[dict]) -> list[dict]:
+    """The environment of every container that runs peg: scratch paths, then `extra`."""
     return [
         {"name": "HOME", "value": f"{SCRATCH_DIR}/home"},
         {"name": "PEG_WORK_DIR", "value": f"{SCRATCH_DIR}/peg-work"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        *extra,
     ]
 
 
@@ -256,12 +265,13 @@ def _pod_spec(cfg: RunConfig, containers: list[dict], restart_policy: str | None
     return spec
 
 
-def _container(cfg: RunConfig, name: str, image: str, resources: dict, command: list[str] | None) -> dict:
+def _container(cfg: RunConfig, name: str, image: str, resources: dict, command: list[str] | None,
+               env: list[dict]) -> dict:
     container: dict[str, Any] = {
         "name": name,
         "image": image,
         "imagePullPolicy": cfg.cluster.image_pull_policy,
-        "env": _env(),
+        "env": _env(env),
         "resources": resources,
         "securityContext": _container_security(cfg),
         "volumeMounts": _volume_mounts(cfg),
@@ -286,9 +296,10 @@ class TrainingPods:
     image: str
     command: list[str]
     resources: dict
+    env: list[dict]  # beyond the base environment (`_env`)
 
 
-def training_pods(cfg: RunConfig, labels: dict[str, str], stage: str) -> TrainingPods:
+def training_pods(cfg: RunConfig, labels: dict[str, str], stage: str, env: list[dict]) -> TrainingPods:
     c = cfg.cluster
     return TrainingPods(
         cfg=cfg,
@@ -299,6 +310,7 @@ def training_pods(cfg: RunConfig, labels: dict[str, str], stage: str) -> Trainin
         image=c.image,
         command=stage_command(stage),
         resources=_resources(c.resources.cpu, c.resources.memory, c.gpus_per_node),
+        env=env,
     )
 
 
@@ -306,7 +318,8 @@ def render_trainjob(pods: TrainingPods) -> dict:
     """A Kubeflow Trainer v2 TrainJob on the `cluster.runtime` ClusterTrainingRuntime.
 
     The runtime's `node` container gets image, command, resources and env from `spec.trainer`;
-    volumes, security and scheduling come in as a runtime patch of its pod template.
+    volumes, security and scheduling come in as a runtime patch of its pod template, whose `node`
+    container carries no env (Trainer v2.3.0's JobSet plugin rejects it: jobset.go, JobSet.Validate).
     """
     cfg, c = pods.cfg, pods.cfg.cluster
     pod = _pod_spec(cfg, [], None)
@@ -322,7 +335,7 @@ def render_trainjob(pods: TrainingPods) -> dict:
             "numNodes": pods.nodes,
             "numProcPerNode": pods.nproc_per_node,
             "resourcesPerNode": pods.resources,
-            "env": _env(),
+            "env": _env(pods.env),
         },
         "runtimePatches": [
             {
@@ -354,7 +367,7 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
     cfg, c = pods.cfg, pods.cfg.cluster
 
     def replica(replicas: int) -> dict:
-        container = _container(cfg, "pytorch", pods.image, pods.resources, pods.command)
+        container = _container(cfg, "pytorch", pods.image, pods.resources, pods.command, pods.env)
         return {
             "replicas": replicas,
             "restartPolicy": "OnFailure",
@@ -382,12 +395,12 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
 # --- Ray stages ------------------------------------------------------------------------------
 
 
-def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str]) -> dict:
+def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[dict]) -> dict:
     """A KubeRay RayJob: head (runs the entrypoint) + one worker group; deleted after it finishes."""
     c = cfg.cluster
-    head = _container(cfg, RAY_HEAD, c.ray_image, _resources(c.ray_head_resources.cpu, c.ray_head_resources.memory, 0), None)
-    worker = _container(cfg, RAY_WORKER, c.ray_image, _resources(c.resources.cpu, c.resources.memory, c.ray_worker_gpus), None)
-    submitter = _container(cfg, "ray-job-submitter", c.ray_image, _resources("500m", "512Mi", 0), None)
+    head = _container(cfg, RAY_HEAD, c.ray_image, _resources(c.ray_head_resources.cpu, c.ray_head_resources.memory, 0), None, env)
+    worker = _container(cfg, RAY_WORKER, c.ray_image, _resources(c.resources.cpu, c.resources.memory, c.ray_worker_gpus), None, env)
+    submitter = _container(cfg, "ray-job-submitter", c.ray_image, _resources("500m", "512Mi", 0), None, env)
     submitter["volumeMounts"] = [m for m in submitter["volumeMounts"] if m["name"] == "scratch"]
 
     def template(container: dict, restart_policy: str | None = None) -> dict:
@@ -430,16 +443,23 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str]) -> dict:
 
 
 def job_phase(obj: dict) -> str:
-    """"pending", "running", "succeeded" or "failed" from a TrainJob's, PyTorchJob's or RayJob's status."""
+    """"pending", "running", "succeeded" or "failed" from a TrainJob's, PyTorchJob's or RayJob's status.
+
+    A RayJob is read by its `jobDeploymentStatus` alone, as KubeRay v1.7.0 sets it
+    (ray-operator/controllers/ray/rayjob_controller.go): `jobStatus` FAILED also shows while
+    KubeRay retries (`Retrying`, then `Initializing` again, up to `backoffLimit`) and while the
+    submitter is still running; only `Failed`/`ValidationFailed`, or `Complete` without SUCCEEDED
+    (a STOPPED job), is the end of it. `Suspended`/`Suspending` (Kueue holds it) is pending.
+    """
     status = obj.get("status") or {}
     kind = obj.get("kind")
     if kind == "RayJob":
         deployment, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
-        if deployment in ("Failed", "ValidationFailed") or job in ("FAILED", "STOPPED"):
+        if deployment in ("Failed", "ValidationFailed"):
             return "failed"
-        if deployment == "Complete" or job == "SUCCEEDED":
+        if deployment == "Complete":
             return "succeeded" if job == "SUCCEEDED" else "failed"
-        return "running" if deployment == "Running" or job == "RUNNING" else "pending"
+        return "running" if deployment in ("Running", "Retrying") else "pending"
     true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
     if kind == "TrainJob":
         if "Failed" in true:

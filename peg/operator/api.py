@@ -9,11 +9,20 @@ the stage jobs and the run config's ConfigMap through the official `kubernetes` 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
 from peg.operator.model import GROUP, PLURAL, VERSION
-from peg.operator.reconcile import Apply, Create, Delete
+from peg.operator.reconcile import CLUSTER_REJECTIONS, SPEC_REJECTIONS, Apply, Create, Delete
+
+
+class Rejected(Exception):
+    """The API server refused a request in a way retrying it unchanged cannot fix (`reconcile.rejected`)."""
+
+    def __init__(self, request: str, code: int, message: str):
+        super().__init__(f"{request}: HTTP {code}: {message}")
+        self.request, self.code, self.message = request, code, message
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,27 @@ def connect() -> None:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now, not at import
 
 
+def describe(action: Create | Apply | Delete, namespace: str) -> str:
+    """'create RayJob ns/name', 'apply ConfigMap ns/name', 'delete TrainJob ns/name'."""
+    if isinstance(action, Delete):
+        return f"delete {action.kind} {namespace}/{action.name}"
+    return f"{type(action).__name__.lower()} {action.obj['kind']} {namespace}/{action.obj['metadata']['name']}"
+
+
+def rejection_message(body: str | None, reason: str | None) -> str:
+    """The `message` of a Kubernetes Status body (what an admission webhook or quota said), else the reason."""
+    try:
+        return str(json.loads(body or "")["message"])
+    except (ValueError, KeyError, TypeError):
+        return reason or ""
+
+
 def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
-    """Make one reconcile action's API call; 409 on create and 404 on delete count as done."""
+    """Make one reconcile action's API call; 409 on create and 404 on delete count as done.
+
+    Raises `Rejected` for a lasting refusal (`SPEC_REJECTIONS`, `CLUSTER_REJECTIONS`); anything
+    else (429, 5xx, a lost connection) propagates for kopf to retry.
+    """
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
@@ -86,5 +114,8 @@ def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
             body = client.V1DeleteOptions(propagation_policy="Background")
             client.CustomObjectsApi().delete_namespaced_custom_object(k.group, k.version, namespace, k.plural, action.name, body=body)
     except ApiException as e:
-        if not ((isinstance(action, Create) and e.status == 409) or (isinstance(action, Delete) and e.status == 404)):
-            raise
+        if (isinstance(action, Create) and e.status == 409) or (isinstance(action, Delete) and e.status == 404):
+            return
+        if e.status in SPEC_REJECTIONS + CLUSTER_REJECTIONS:
+            raise Rejected(describe(action, namespace), e.status, rejection_message(e.body, e.reason)) from None
+        raise

@@ -26,7 +26,7 @@ PRINTER_COLUMNS = [
 def crd() -> dict[str, Any]:
     """The CustomResourceDefinition object."""
     spec = structural_schema(PipelineSpec.model_json_schema(by_alias=True))
-    spec["properties"]["run"] = {**run_config_schema(), "description": spec["properties"]["run"].get("description", "")}
+    spec["properties"]["run"] = {**without_defaults(run_config_schema()), "description": spec["properties"]["run"].get("description", "")}
     status = structural_schema(PipelineStatus.model_json_schema(by_alias=True))
     schema = {
         "type": "object",
@@ -59,6 +59,23 @@ def crd() -> dict[str, Any]:
             }],
         },
     }
+
+
+def without_defaults(schema: Any) -> Any:
+    """`schema` with every `default` removed: the schema of `spec.run`.
+
+    The API server fills a CRD's schema defaults into every object before anyone reads it, and
+    `RunConfig` derives some values from what the config leaves out (`batch.hard_negatives` <->
+    `mining.negatives_per_query`, `score.list_size`): filled in, they would arrive as explicit,
+    conflicting values and the operator would run another config than `peg pipeline run` runs
+    for the same YAML. Without defaults the operator reads `spec.run` as written and `RunConfig`
+    fills in the defaults, exactly as the CLI does.
+    """
+    if isinstance(schema, dict):
+        return {k: without_defaults(v) for k, v in schema.items() if k != "default"}
+    if isinstance(schema, list):
+        return [without_defaults(v) for v in schema]
+    return schema
 
 
 def crd_yaml() -> str:

@@ -26,7 +26,18 @@ from peg.config import RunConfig
 from peg.k8s.render import job_phase
 from peg.operator import api
 from peg.operator.model import GROUP, KIND, PLURAL, VERSION
-from peg.operator.reconcile import HASH_LABEL, STAGE_LABEL, Child, Delete, Event, StoreState, claim_keys, claimed_by, reconcile
+from peg.operator.reconcile import (
+    HASH_LABEL,
+    STAGE_LABEL,
+    Child,
+    Delete,
+    Event,
+    StoreState,
+    claim_keys,
+    claimed_by,
+    reconcile,
+    rejected,
+)
 from peg.pipeline import pipeline_status
 from peg.store import StoreError, open_store
 
@@ -134,17 +145,21 @@ def _reconcile(body, spec, meta, status, namespace, name, patch, logger, pipelin
     children = [job for k in api.JOB_KINDS for job in indexes[k.plural].get((namespace, name), [])]
     spec_dict = json.loads(json.dumps(dict(spec)))
     store = observe_store(spec_dict, namespace, name, pipeline_claims)
+    now = datetime.now(timezone.utc)
     actions, new_status = reconcile(
-        spec_dict, meta.get("generation"), children, store, dict(status), datetime.now(timezone.utc),
+        spec_dict, meta.get("generation"), children, store, dict(status), now,
         deleting=bool(meta.get("deletionTimestamp")),
     )
-    for action in actions:  # API calls first: if one fails, kopf retries and nothing is reported as done
-        if not isinstance(action, Event):
-            if not isinstance(action, Delete):
-                action.obj["metadata"]["namespace"] = namespace  # owner references work within a namespace
-                kopf.adopt(action.obj, owner=body)
-            api.apply_action(action, namespace)
-            ACTIONS.labels(type(action).__name__.lower()).inc()
+    try:  # API calls first: if one fails, nothing is reported as done
+        for action in actions:
+            if not isinstance(action, Event):
+                if not isinstance(action, Delete):
+                    action.obj["metadata"]["namespace"] = namespace  # owner references work within a namespace
+                    kopf.adopt(action.obj, owner=body)
+                api.apply_action(action, namespace)
+                ACTIONS.labels(type(action).__name__.lower()).inc()
+    except api.Rejected as e:  # a lasting refusal: say so now, ask again only when it may help
+        actions, new_status = rejected(spec_dict, meta.get("generation"), dict(status), now, e.request, e.code, e.message)
     for action in actions:
         if isinstance(action, Event):
             kopf.event(body, type=action.type, reason=action.reason, message=action.message)

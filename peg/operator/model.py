@@ -111,6 +111,18 @@ class Artifacts(StatusPart):
     eval_summary: str | None = Field(None, description="Base vs fine-tuned metrics, JSON (eval stage).")
 
 
+class ApiRejection(StatusPart):
+    """A request the API server refused in a way a retry of the same request cannot change."""
+
+    request: str = Field(..., description="What was asked: 'create RayJob ns/name'.")
+    code: int = Field(..., description="The HTTP status: 400/422 invalid or denied by admission, 403 forbidden "
+                      "(RBAC, quota), 404 no such resource (a CRD or runtime missing).")
+    message: str = ""
+    generation: int | None = Field(None, description="The spec generation it was refused for; a new one tries again.")
+    retry_at: str | None = Field(None, description="When the same spec is tried again (403/404: the cluster may change); "
+                                 "null: only a spec change retries (400/422).")
+
+
 class PipelineStatus(StatusPart):
     """Everything the controller decided, so a restarted controller continues from here."""
 
@@ -121,6 +133,7 @@ class PipelineStatus(StatusPart):
     conditions: list[Condition] = Field(default_factory=list)
     artifacts: Artifacts | None = None
     metrics: Metrics | None = None
+    rejected: ApiRejection | None = Field(None, description="The API server's last lasting refusal, while it holds.")
 
     def stage_status(self, name: str) -> StageStatus | None:
         return next((s for s in self.stages if s.name == name), None)

@@ -26,6 +26,11 @@ cluster and the store, call it, and apply the actions. Rules, in the order they 
   same job names (same namespace and run name): the older one runs, the other is Refused with
   a condition naming the older one, and starts when it is gone.
 - A pipeline being deleted gets no actions: owner references let Kubernetes delete its jobs.
+- A request the API server refuses for good (`rejected`: an admission denial or invalid object,
+  400/422; forbidden by RBAC or quota, 403; a missing CRD, runtime or namespace, 404) fails the
+  pipeline with reason `ApiRejected`, the refusal's message and an event at once. Nothing is
+  asked again until the spec changes (a new generation) or, for 403/404, the cluster may have
+  changed: after `spec.retries.max_backoff_seconds`.
 
 Every change of a stage's or the pipeline's phase emits one event.
 """
@@ -40,7 +45,16 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from peg.config import RunConfig
-from peg.operator.model import Artifacts, ChildRef, Condition, Metrics, PipelineSpec, PipelineStatus, StageStatus
+from peg.operator.model import (
+    ApiRejection,
+    Artifacts,
+    ChildRef,
+    Condition,
+    Metrics,
+    PipelineSpec,
+    PipelineStatus,
+    StageStatus,
+)
 from peg.pipeline import enabled_stages, stage_hashes
 
 STAGE_LABEL = "peg.dev/stage"
@@ -171,6 +185,11 @@ def reconcile(
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
         step.finish("Failed", None, "InvalidSpec", f"spec: {problems}")
         return step.actions, new.to_patch()
+    if old.rejected and old.rejected.generation == generation and (
+        old.rejected.retry_at is None or datetime.fromisoformat(old.rejected.retry_at) > now
+    ):
+        return [], new.to_patch()  # a retry of the same request gets the same answer
+    new.rejected = None
     if store.claimed_by:
         step.finish("Refused", None, "PrefixInUse", f"{store.claimed_by} already uses it: change spec.run.name or spec.run.store.uri")
         return step.actions, new.to_patch()
@@ -179,6 +198,30 @@ def reconcile(
     except ValueError as e:  # the renderer refused the config (names the key)
         step.finish("Failed", new.stage, "InvalidSpec", str(e))
     return step.actions, new.to_patch()
+
+
+SPEC_REJECTIONS = (400, 422)  # the object itself is refused: only a spec change can help
+CLUSTER_REJECTIONS = (401, 403, 404, 405, 413, 415)  # the cluster refuses (RBAC, quota, a missing CRD): it may change
+
+
+def rejected(spec: Mapping[str, Any], generation: int | None, status: Mapping[str, Any] | None, now: datetime,
+             request: str, code: int, message: str) -> tuple[list[Event], dict]:
+    """The status and event after the API server refused `request` with `code` (one of
+    `SPEC_REJECTIONS` or `CLUSTER_REJECTIONS`): built on the status before the reconcile whose
+    action it refused, so nothing that reconcile decided counts as done."""
+    new = PipelineStatus.model_validate(status or {})
+    new.observed_generation = generation
+    retry_at = None
+    if code not in SPEC_REJECTIONS:
+        delay = PipelineSpec.model_validate(spec).retries.max_backoff_seconds
+        retry_at = (now + timedelta(seconds=delay)).isoformat(timespec="seconds")
+    new.rejected = ApiRejection(request=request, code=code, message=message, generation=generation, retry_at=retry_at)
+    step = _Step(new, generation, now)
+    then = "change the spec to try again" if retry_at is None else f"tried again at {retry_at} or when the spec changes"
+    why = f"{request}: HTTP {code}: {message} ({then})"
+    step.event("Warning", "ApiRejected", why)
+    step.finish("Failed", new.stage, "ApiRejected", why)
+    return [a for a in step.actions if isinstance(a, Event)], new.to_patch()
 
 
 class _Step:
