@@ -126,6 +126,33 @@ class LossConfig(Section):
     temperature: float = Field(0.05, gt=0)
     progressive: ProgressiveConfig = ProgressiveConfig()
     listwise: ListwiseConfig = ListwiseConfig()
+    matryoshka_dims: list[int] = Field(
+        default_factory=list,
+        description="Matryoshka representation learning (Kusupati et al. 2022): the loss is also computed on "
+        "these leading prefixes of the embedding (e.g. [384, 256, 128, 64]) and summed with "
+        "`matryoshka_weights`; empty: off. Each at most the model's embedding dimension.",
+    )
+    matryoshka_weights: list[float] | None = Field(
+        None, description="One non-negative weight per `matryoshka_dims` entry (same order); null: 1 each."
+    )
+
+    @model_validator(mode="after")
+    def _check_matryoshka(self) -> LossConfig:
+        dims = self.matryoshka_dims
+        if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise KeyConflict("loss.matryoshka_dims", f"loss.matryoshka_dims must be distinct positive integers, got {dims}")
+        weights = self.matryoshka_weights
+        if weights is not None:
+            if len(weights) != len(dims):
+                raise KeyConflict(
+                    "loss.matryoshka_weights",
+                    f"loss.matryoshka_weights has {len(weights)} entries but loss.matryoshka_dims has {len(dims)}",
+                )
+            if any(w < 0 for w in weights) or (weights and not any(w > 0 for w in weights)):
+                raise KeyConflict(
+                    "loss.matryoshka_weights", f"loss.matryoshka_weights must be non-negative and not all 0, got {weights}"
+                )
+        return self
 
 
 class BatchConfig(Section):

@@ -61,3 +61,29 @@ def test_export_writes_given_state_dict(tiny_model_dir, tmp_path):
     encoder.model.load_state_dict(state)
     st = SentenceTransformer(str(out), device="cpu")
     np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), encoder.encode(PASSAGES, "passage"), atol=1e-5)
+
+
+def test_export_records_the_matryoshka_dims_and_sentence_transformers_loads_a_prefix(tiny_model_dir, tmp_path):
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    encoder = Encoder(ModelConfig(name_or_path=tiny_model_dir))
+    out = export_sentence_transformers(encoder, tmp_path / "model", matryoshka_dims=[8, 32, 16])
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+    full = SentenceTransformer(str(out), device="cpu").encode(QUERIES)
+    short = SentenceTransformer(str(out), device="cpu", truncate_dim=16).encode(QUERIES)
+    assert short.shape == (3, 16)
+    np.testing.assert_allclose(short, full[:, :16], atol=1e-6)
+    plain = export_sentence_transformers(encoder, tmp_path / "plain")
+    assert "matryoshka_dims" not in json.loads((plain / "config_sentence_transformers.json").read_text())
+
+
+def test_model_card_names_the_matryoshka_dims():
+    from peg.config import RunConfig
+    from peg.pipeline.evaluate import model_card
+
+    config = RunConfig.model_validate({"name": "demo", "model": {"name_or_path": "m"}})
+    assert "Matryoshka" not in model_card(config, None)
+    config.loss.matryoshka_dims = [64, 384, 128]
+    assert "dimensions [384, 128, 64]" in model_card(config, None) and "truncate_dim=64" in model_card(config, None)

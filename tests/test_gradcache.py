@@ -78,7 +78,7 @@ def test_dropout_is_active_so_the_rng_replay_matters(encoder):
         assert not torch.allclose(encoder(**q_inputs), encoder(**q_inputs))
 
 
-@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise"])
+@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise", "matryoshka"])
 def test_cached_gradients_equal_uncached_with_dropout(encoder, name):
     loss_fn = make_losses()[name]
     q_inputs, p_inputs, extra = batch(encoder, name)
@@ -212,7 +212,7 @@ def ddp_results(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise"])
+@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise", "matryoshka"])
 def test_cached_under_ddp_equals_uncached_and_syncs_once(ddp_results, name):
     result = ddp_results[name]
     torch.testing.assert_close(result["cached_loss"], result["reference_loss"])

@@ -16,6 +16,7 @@ from peg.config import LossConfig, ProgressiveConfig
 from peg.losses import (
     InfoNCELoss,
     ListwiseDistillationLoss,
+    MatryoshkaLoss,
     ProgressiveInfoNCELoss,
     build_loss,
     passage_ids_from_texts,
@@ -285,7 +286,7 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise"])
+@pytest.mark.parametrize("name", ["infonce", "progressive", "listwise", "matryoshka"])
 def test_two_ranks_with_half_batches_give_the_one_rank_gradient(two_rank_results, name):
     want, full_loss = one_rank_reference(name)
     got = two_rank_results[name]["grads"]
@@ -319,3 +320,60 @@ def test_progressive_weights_are_global_across_ranks(two_rank_results):
 def test_a_batch_that_does_not_divide_across_ranks_is_a_clear_error(two_rank_results):
     assert "same number of queries and passages" in two_rank_results["uneven_error"]
     assert "[(4, 12), (3, 9)]" in two_rank_results["uneven_error"]
+
+
+@pytest.mark.parametrize("name", ["infonce", "listwise"])
+def test_matryoshka_is_the_weighted_sum_over_renormalised_prefixes(name):
+    q, p = embeddings(num_queries=3, hard_negatives=2, dim=8)
+    inner = make_losses()[name]
+    extra = {"passage_ids": torch.arange(9)}
+    if name == "listwise":
+        extra["teacher_scores"] = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.5, 0.1], [1.0, 0.0, 0.5]])
+    loss = MatryoshkaLoss(inner, dims=[4, 8, 2], weights=[0.5, 1.0, 0.25])
+    got = loss(q, p, **extra)
+    want = sum(
+        w * inner(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), **extra)
+        for d, w in ((8, 1.0), (4, 0.5), (2, 0.25))
+    )
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads_of(got, q, p), grads_of(want, q, p)):
+        torch.testing.assert_close(a, b)
+    assert loss.dims == [8, 4, 2] and set(loss.last_stats) >= {"loss", "loss_dim8", "loss_dim4", "loss_dim2"}
+    # the prefixes are renormalised: scoring the raw prefixes gives another loss
+    raw = sum(w * inner(q[:, :d], p[:, :d], **extra) for d, w in ((8, 1.0), (4, 0.5), (2, 0.25)))
+    assert not torch.allclose(got, raw)
+
+
+def test_matryoshka_passes_progress_to_its_inner_loss_and_checks_its_dims():
+    inner = ProgressiveInfoNCELoss()
+    loss = MatryoshkaLoss(inner, dims=[4])
+    loss.set_progress(7, 10)
+    assert (inner.step, inner.total_steps) == (7, 10)
+    q, p = embeddings(dim=2)
+    with pytest.raises(ValueError, match="exceeds the embedding dimension 2"):
+        loss(q, p)
+    for dims, weights in (([4, 4], None), ([0], None), ([4, 2], [1.0]), ([4], [0.0])):
+        with pytest.raises(ValueError, match="matryoshka"):
+            MatryoshkaLoss(InfoNCELoss(), dims, weights)
+
+
+def test_build_loss_wraps_in_matryoshka_when_dims_are_set():
+    loss = build_loss(LossConfig(kind="listwise", matryoshka_dims=[16, 8], matryoshka_weights=[1.0, 0.5]), normalize=False)
+    assert isinstance(loss, MatryoshkaLoss) and isinstance(loss.inner, ListwiseDistillationLoss)
+    assert (loss.dims, loss.weights, loss.normalize) == ([16, 8], [1.0, 0.5], False)
+    assert loss.passage_extras == loss.inner.passage_extras
+
+
+def test_matryoshka_config_errors_name_the_key_and_line(tmp_path):
+    from peg.config import ConfigError, load_config
+
+    base = "name: demo\nmodel:\n  name_or_path: m\nloss:\n  kind: infonce\n"
+    path = tmp_path / "run.yaml"
+    path.write_text(base + "  matryoshka_dims: [64, 32]\n  matryoshka_weights: [1.0]\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:7: loss.matryoshka_weights has 1 entries but loss.matryoshka_dims has 2"):
+        load_config(path)
+    path.write_text(base + "  matryoshka_dims: [64, 64]\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:6: loss.matryoshka_dims must be distinct"):
+        load_config(path)
+    path.write_text(base + "  matryoshka_dims: [64, 32]\n")
+    assert load_config(path).loss.matryoshka_dims == [64, 32]

@@ -1,6 +1,6 @@
 """peg's losses: pure tensor math on embeddings, cross-rank gathering, and GradCache.
 
-    from peg.losses import InfoNCELoss, ProgressiveInfoNCELoss, ListwiseDistillationLoss, GradCache
+    from peg.losses import InfoNCELoss, ProgressiveInfoNCELoss, ListwiseDistillationLoss, MatryoshkaLoss, GradCache
     loss = build_loss(config.loss)
     loss.set_progress(step, total_steps); value = loss(q_emb, p_emb, passage_ids=..., teacher_scores=...)
     loss.last_stats  # floats to log every step
@@ -14,6 +14,7 @@ from peg.losses.factory import build_loss
 from peg.losses.gradcache import Chunks, GradCache
 from peg.losses.infonce import InfoNCELoss
 from peg.losses.listwise import ListwiseDistillationLoss
+from peg.losses.matryoshka import MatryoshkaLoss
 from peg.losses.progressive import ProgressiveInfoNCELoss, schedule_fraction, self_paced_weights
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "GradCache",
     "InfoNCELoss",
     "ListwiseDistillationLoss",
+    "MatryoshkaLoss",
     "ProgressiveInfoNCELoss",
     "build_loss",
     "passage_ids_from_texts",

@@ -7,11 +7,21 @@ from typing import Any
 from peg.losses.base import EmbeddingLoss
 from peg.losses.infonce import InfoNCELoss
 from peg.losses.listwise import ListwiseDistillationLoss
+from peg.losses.matryoshka import MatryoshkaLoss
 from peg.losses.progressive import ProgressiveInfoNCELoss
 
 
-def build_loss(loss_config: Any) -> EmbeddingLoss:
-    """`loss.kind` infonce -> InfoNCE (progressive if `loss.progressive.enabled`); listwise -> listwise."""
+def build_loss(loss_config: Any, normalize: bool = True) -> EmbeddingLoss:
+    """`loss.kind` infonce -> InfoNCE (progressive if `loss.progressive.enabled`); listwise -> listwise;
+    wrapped in `MatryoshkaLoss` over `loss.matryoshka_dims` when set (`normalize`: the encoder
+    L2-normalises, so each prefix is normalised again)."""
+    inner = _base_loss(loss_config)
+    if not loss_config.matryoshka_dims:
+        return inner
+    return MatryoshkaLoss(inner, loss_config.matryoshka_dims, loss_config.matryoshka_weights, normalize)
+
+
+def _base_loss(loss_config: Any) -> EmbeddingLoss:
     if loss_config.kind == "listwise":
         lw = loss_config.listwise
         return ListwiseDistillationLoss(

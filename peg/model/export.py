@@ -5,10 +5,15 @@ embeddings: same weights and tokenizer, same pooling (mean / cls / lasttoken), t
 normalisation and the prefixes as named prompts. sentence-transformers keeps one max length,
 so the folder uses `passage_max_length`; queries longer than `query_max_length` tokens are
 the one case where the two differ.
+
+A model trained with Matryoshka losses records its dimensions as `matryoshka_dims` in
+`config_sentence_transformers.json` (largest first); load a prefix with
+`SentenceTransformer(path, truncate_dim=d)`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -20,8 +25,11 @@ from peg.store.files import dir_mode
 _POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 
 
-def export_sentence_transformers(encoder: Encoder, path: str | Path, state_dict: dict | None = None) -> Path:
-    """Write `encoder` (or its weights from `state_dict`) to `path` atomically; returns `path`."""
+def export_sentence_transformers(
+    encoder: Encoder, path: str | Path, state_dict: dict | None = None, matryoshka_dims: list[int] | None = None
+) -> Path:
+    """Write `encoder` (or its weights from `state_dict`) to `path` atomically; returns `path`.
+    `matryoshka_dims`: the embedding prefixes it was trained for, recorded in the folder's config."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
@@ -43,6 +51,10 @@ def export_sentence_transformers(encoder: Encoder, path: str | Path, state_dict:
         tmp.chmod(dir_mode())  # readable by other users, like any folder
         try:
             st.save(str(tmp))
+            if matryoshka_dims:
+                st_config = tmp / "config_sentence_transformers.json"
+                recorded = {**json.loads(st_config.read_text()), "matryoshka_dims": sorted(matryoshka_dims, reverse=True)}
+                st_config.write_text(json.dumps(recorded, indent=2) + "\n")
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

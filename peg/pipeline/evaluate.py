@@ -96,6 +96,12 @@ def model_card(config: RunConfig, summary: dict | None) -> str:
         "```python\nfrom sentence_transformers import SentenceTransformer\n"
         "model = SentenceTransformer(\"path/to/this/folder\")\n```\n\n"
     )
+    if config.loss.matryoshka_dims:
+        dims = sorted(config.loss.matryoshka_dims, reverse=True)
+        card += (
+            f"Trained with Matryoshka losses for the embedding dimensions {dims}: "
+            f"`SentenceTransformer(\"path/to/this/folder\", truncate_dim={dims[-1]})` gives {dims[-1]}-d embeddings.\n\n"
+        )
     if summary is None:
         return card + "Not evaluated (eval.enabled is false).\n"
     return card + f"## Evaluation ({summary['split']} split)\n\n" + markdown_table(summary["metrics"])

@@ -253,7 +253,11 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
     engine = build_engine(encoder, config, world_size, total_steps)
-    loss_fn = build_loss(config.loss)
+    loss_fn = build_loss(config.loss, config.model.normalize)
+    if config.loss.matryoshka_dims and max(config.loss.matryoshka_dims) > encoder.dim:
+        raise TrainError(
+            f"loss.matryoshka_dims: {max(config.loss.matryoshka_dims)} exceeds the model's embedding dimension {encoder.dim}"
+        )
     chunk_size = config.batch.chunk_size
     if chunk_size is None and engine.device.type == "cuda":
         chunk_size = auto_chunk_size(encoder, engine.device)
@@ -315,7 +319,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     if metrics is not None:
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
-    model_dir = _export(engine, encoder, output_dir / "model", rank)
+    model_dir = _export(engine, encoder, output_dir / "model", rank, config.loss.matryoshka_dims)
     _shutdown(engine)
     return model_dir
 
@@ -356,7 +360,7 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, 
     return tag
 
 
-def _export(engine, encoder: Encoder, model_dir: Path, rank: int) -> Path:
+def _export(engine, encoder: Encoder, model_dir: Path, rank: int, matryoshka_dims: list[int]) -> Path:
     """Rank 0 writes the sentence-transformers folder; under ZeRO-3 the weights are gathered first."""
     import deepspeed
     import torch.distributed as dist
@@ -370,7 +374,7 @@ def _export(engine, encoder: Encoder, model_dir: Path, rank: int) -> Path:
     with gather:
         if rank == 0:
             state = {k: v.detach().float().cpu().clone() for k, v in encoder.model.state_dict().items()}
-            export_sentence_transformers(encoder, model_dir, state_dict=state)
+            export_sentence_transformers(encoder, model_dir, state_dict=state, matryoshka_dims=matryoshka_dims)
     dist.barrier()
     return model_dir
 

@@ -57,14 +57,21 @@ class ToyEncoder(torch.nn.Module):
 
 def make_losses(step: int = 3, total_steps: int = 10) -> dict[str, torch.nn.Module]:
     """One of each loss; progressive mid-schedule so beta != 0 and weights are not all 1."""
-    from peg.losses import InfoNCELoss, ListwiseDistillationLoss, ProgressiveInfoNCELoss
+    from peg.losses import InfoNCELoss, ListwiseDistillationLoss, MatryoshkaLoss, ProgressiveInfoNCELoss
 
     progressive = ProgressiveInfoNCELoss(temperature=0.05, beta_start=-0.5, beta_end=1.0, pace_start=0.3)
     progressive.set_progress(step, total_steps)
+    # Matryoshka over progressive: per-prefix self-paced weights need the cross-rank gather_stat
+    matryoshka = MatryoshkaLoss(
+        ProgressiveInfoNCELoss(temperature=0.05, beta_start=-0.5, beta_end=1.0, pace_start=0.3),
+        dims=[DIM, DIM // 2, DIM // 4], weights=[1.0, 0.5, 0.25],
+    )
+    matryoshka.set_progress(step, total_steps)
     return {
         "infonce": InfoNCELoss(temperature=0.05),
         "progressive": progressive,
         "listwise": ListwiseDistillationLoss(),
+        "matryoshka": matryoshka,
     }
 
 
