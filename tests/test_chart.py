@@ -264,7 +264,7 @@ def test_gpu_values_schedule_the_run_on_gpu_nodes_with_the_existing_secret():
     assert store == {
         "endpoint": "s3.us-east-1.amazonaws.com",
         "secure": True,
-        "uri": "s3://my-team-peg/msmarco-peg",
+        "uri": "s3://my-team-peg/fiqa-peg",
         "credentials_file": "/etc/peg-s3",
     }
     (job,) = by_kind(docs, "Job")
@@ -560,3 +560,12 @@ def test_chart_app_version_is_peg_version_the_images_are_tagged_with():
     config = run_config(docs)
     assert config["cluster"]["image"] == f"ghcr.io/peg-dev/peg-trainer:{version}-cpu"
     assert ClusterConfig.model_fields["image"].default.rsplit(":", 1) == ["ghcr.io/peg-dev/peg-trainer", version]
+
+
+@pytest.mark.parametrize("beir", ["s3://my-team-peg/datasets/msmarco", "https://example.org/beir/fiqa.zip"])
+def test_a_url_as_data_beir_fails_the_install_with_what_to_do(beir):
+    """Issue 35 finding 7: the launcher's prepare reads data.beir as a folder in its pod; a URL
+    there failed at run time, after the install; now the install says what to use instead."""
+    message = render_fails(kind_with_run({**TINY_RUN, "data": {"beir": beir}}))
+    assert f"run.data.beir: {beir} is a URL" in message and "beir:NAME" in message
+    render(kind_with_run({**TINY_RUN, "data": {"beir": "beir:fiqa"}}))

@@ -185,3 +185,36 @@ def _conditions(kind: str, *true: str) -> dict:
 )
 def test_training_job_condition_vocabulary(obj, phase):
     assert job_phase(obj) == phase
+
+
+def test_finished_ray_clusters_are_released_and_stuck_jobs_have_deadlines():
+    """Issue 35 findings 5 and 6: with the defaults, a finished RayJob's cluster goes at once (its
+    RayJob and submitter Job, holding the driver log, stay), a RayJob that never starts running
+    fails after 30 min, and every stage job fails after 3 days."""
+    cfg = parse_config("model: {name_or_path: m}\ndata: {beir: /data/scifact}\n", "defaults.yaml", dict(S3))
+    assert (cfg.cluster.ray_cluster_ttl_seconds, cfg.cluster.pending_deadline_seconds) == (0, 1800)
+    jobs = _jobs(cfg)
+    rayjobs = [j for j in jobs if j["kind"] == "RayJob"]
+    assert rayjobs and all(
+        (j["spec"]["shutdownAfterJobFinishes"], j["spec"]["ttlSecondsAfterFinished"], j["spec"]["preRunningDeadlineSeconds"],
+         j["spec"]["activeDeadlineSeconds"]) == (True, 0, 1800, 259200) and "deletionStrategy" not in j["spec"]
+        for j in rayjobs)
+    deadlines = {j["kind"]: j["spec"].get("activeDeadlineSeconds") or j["spec"]["runPolicy"]["activeDeadlineSeconds"]
+                 for j in jobs if j["kind"] != "RayJob"}
+    assert deadlines == {"TrainJob": 259200, "PyTorchJob": 259200}
+    assert [v for j in jobs if (v := violations(j))] == []
+    unlimited = parse_config("model: {name_or_path: m}\ndata: {beir: /d}\ncluster: {pending_deadline_seconds: null, "
+                             "active_deadline_seconds: null}\n", "x.yaml", dict(S3))
+    assert not any({"preRunningDeadlineSeconds", "activeDeadlineSeconds"} & set(j["spec"]) for j in _jobs(unlimited))
+
+
+@pytest.mark.parametrize("beir", ["s3://my-team-peg/datasets/msmarco", "gs://bucket/scifact", "https://example.org/x"])
+def test_a_url_as_data_beir_is_refused_at_render_time(beir):
+    """Issue 35 finding 7: `prepare` reads data.beir on the machine it runs on; a URL is refused
+    before any job is created, naming the key and what to use."""
+    from peg.k8s.render import RenderError, check_renderable
+
+    cfg = parse_config("model: {name_or_path: m}\n", "x.yaml", {**S3, "data.beir": beir})
+    with pytest.raises(RenderError, match=r"data.beir: .* is a URL, .*beir:NAME"):
+        check_renderable(cfg)
+    check_renderable(parse_config("model: {name_or_path: m}\n", "x.yaml", {**S3, "data.beir": "beir:fiqa"}))

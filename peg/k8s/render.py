@@ -67,6 +67,13 @@ def check_renderable(cfg: RunConfig) -> None:
             problems.append("cluster.s3_secret: name the Secret holding the S3 keys (required for an s3:// store)")
         if not cfg.store.endpoint:
             problems.append("store.endpoint: set the S3 endpoint host:port the pods reach")
+    beir = cfg.data.beir or ""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", beir):
+        problems.append(
+            f"data.beir: {beir!r} is a URL, but `prepare` reads data.beir from the machine it runs on (the "
+            "launcher's, or yours with the operator) and uploads it into the store: give a local BEIR folder "
+            "there, or beir:NAME (e.g. beir:fiqa) to have prepare download a BEIR dataset"
+        )
     if not c.runtime.strip():
         problems.append("cluster.runtime: the TrainJob's ClusterTrainingRuntime name is empty")
     if c.gpus_per_node and is_cpu_image(c.image):
@@ -396,7 +403,12 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
 
 
 def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[dict]) -> dict:
-    """A KubeRay RayJob: head (runs the entrypoint) + one worker group; deleted after it finishes."""
+    """A KubeRay RayJob: head (runs the entrypoint) + one worker group.
+
+    Its Ray cluster is deleted `cluster.ray_cluster_ttl_seconds` after the job ends (KubeRay
+    v1.7.0 rayjob_controller.go, handleShutdownAfterJobFinishes: the RayJob and its submitter Job,
+    which holds the driver log, stay); a job not running within `cluster.pending_deadline_seconds`
+    fails (preRunningDeadlineSeconds)."""
     c = cfg.cluster
     head = _container(cfg, RAY_HEAD, c.ray_image, _resources(c.ray_head_resources.cpu, c.ray_head_resources.memory, 0), None, env)
     worker = _container(cfg, RAY_WORKER, c.ray_image, _resources(c.resources.cpu, c.resources.memory, c.ray_worker_gpus), None, env)
@@ -411,7 +423,7 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
     spec: dict[str, Any] = {
         "entrypoint": " ".join(stage_command(stage)),
         "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": c.ttl_seconds_after_finished,
+        "ttlSecondsAfterFinished": c.ray_cluster_ttl_seconds,
         "backoffLimit": c.backoff_limit,
         "submissionMode": "K8sJobMode",
         "submitterPodTemplate": submitter_template,
@@ -431,6 +443,8 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
     }
     if c.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = c.active_deadline_seconds
+    if c.pending_deadline_seconds:
+        spec["preRunningDeadlineSeconds"] = c.pending_deadline_seconds
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
