@@ -264,12 +264,14 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             reasons = Counter(reason for reason, _ in cluster.events())
             assert reasons["StageStarted"] == 6 and reasons["StageSucceeded"] == 7 and reasons["PipelineSucceeded"] == 1
             # every call is declared (so the chart's RBAC grants it); the declared ones this run never
-            # needed are deleting jobs (no retry here) and creating PyTorchJobs (trainer_api: trainjob)
+            # needed are deleting jobs (no retry here), creating PyTorchJobs (trainer_api: trainjob) and
+            # updating finalizers (only authorized, for blockOwnerDeletion: the emulator enforces nothing)
             assert metric("peg_operator_actions_total", action="create") >= 6
             assert metric("peg_operator_transitions_total", reason="StageSucceeded") >= 7
             declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
             assert cluster.calls() <= declared, cluster.calls() - declared
-            unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create")}
+            unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create"),
+                                                                        (GROUP, f"{PLURAL}/finalizers", "update")}
             assert declared - cluster.calls() == unused
 
     asyncio.run(main())

@@ -1,7 +1,8 @@
 """Every Kubernetes API call the controller makes, declared once, and the appliers that make them.
 
 `API_CALLS` is what the chart's RBAC must grant, no more and no less (tests/test_operator_rbac.py
-compares them; the emulator test checks that every request the running operator sends is in it).
+compares them, cluster-wide and namespaced; the emulator test checks that every request the running
+operator sends is in it). `CLUSTER_SCOPED` are the cluster-scoped resources among them.
 kopf itself watches the resources the handlers name, patches the pipelines (finalizer, status,
 annotations), posts events and scans the CRDs it serves; the appliers create, replace and delete
 the stage jobs and the run config's ConfigMap through the official `kubernetes` client.
@@ -49,11 +50,15 @@ JOB_KINDS = (
 API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, PLURAL, ("list", "watch", "patch")),  # kopf: watch pipelines; finalizer + status patches
     (GROUP, f"{PLURAL}/status", ("patch",)),  # kopf patches the status subresource
+    (GROUP, f"{PLURAL}/finalizers", ("update",)),  # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
     *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
     ("", "configmaps", ("create", "patch")),  # Apply: the run config a stage's pods mount
     ("", "events", ("create",)),  # kopf.event: one per transition
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf: which resources exist
 )
+
+
+CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
 
 
 def job_kind(api_version: str, kind: str) -> JobKind:

@@ -252,3 +252,34 @@ imagePullSecrets:
   {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The operator's calls inside the namespaces it watches (peg/operator/api.py API_CALLS, all but the
+cluster-scoped CRD reads): a ClusterRole's rules cluster-wide, a Role's per watched namespace.
+*/}}
+{{- define "peg.operatorNamespacedRules" -}}
+- apiGroups: ["peg.dev"]
+  resources: ["embeddingpipelines"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["peg.dev"]
+  resources: ["embeddingpipelines/status"]
+  verbs: ["patch"]
+- apiGroups: ["peg.dev"]
+  resources: ["embeddingpipelines/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: ["kubeflow.org"]
+  resources: ["pytorchjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
