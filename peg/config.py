@@ -434,6 +434,21 @@ class ClusterConfig(Section):
     )
     run_as_user: int = Field(10001, ge=1, description="Non-root UID (and GID) the images run as.")
     shm_size: str = Field("8Gi", description="Size of the /dev/shm memory volume (NCCL, Ray object store).")
+    scratch_size: str | None = Field(
+        None, description="sizeLimit of the /tmp scratch volume (emptyDir) of every pod; null: no limit."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets every pod pulls its images with (private registries)."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of every container that runs peg (proxies, NCCL settings).",
+    )
+    queue: str | None = Field(
+        None,
+        description="Kueue LocalQueue: every job gets the label kueue.x-k8s.io/queue-name, and Kueue admits "
+        "(unsuspends) it when the queue has quota.",
+    )
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="Finished PyTorchJobs are deleted after this long.")
     ray_cluster_ttl_seconds: int = Field(
         0,

@@ -35,6 +35,8 @@ TRAINING_STAGES = ("pretrain", "train")  # torchrun + DeepSpeed: a TrainJob / Py
 RAY_HEAD, RAY_WORKER = "ray-head", "ray-worker"
 GPU = "nvidia.com/gpu"
 LABEL_RUN, LABEL_STAGE, LABEL_HASH = "peg.dev/run", "peg.dev/stage", "peg.dev/stage-hash"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue reads it from the job object itself
+TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 MANAGER = "peg.dev/render"
 
 
@@ -96,6 +98,9 @@ def check_renderable(cfg: RunConfig) -> None:
             "cluster.priority_class: a TrainJob (Trainer v2.3) cannot set a pod priority class; set it in the "
             "ClusterTrainingRuntime or use cluster.trainer_api: pytorchjob"
         )
+    reserved = sorted(set(c.env) & {"HOME", "PEG_WORK_DIR", *TORCHRUN_ENV})
+    if reserved:
+        problems.append(f"cluster.env: {', '.join(reserved)} are set by peg or by the trainer (torchrun); leave them out")
     if problems:
         raise RenderError("\n".join(problems))
 
@@ -142,7 +147,7 @@ def render_stage(cfg: RunConfig, stage: str, env: Mapping[str, str] | None = Non
     where each API allows it: a TrainJob's `spec.trainer.env` (Trainer v2.3.0 rejects env on the
     `node` container of a runtime patch), every container of a PyTorchJob or RayJob.
     """
-    extra = [{"name": k, "value": v} for k, v in (env or {}).items()]
+    extra = [{"name": k, "value": v} for k, v in {**cfg.cluster.env, **(env or {})}.items()]
     check_renderable(cfg)
     enabled = [s.name for s in enabled_stages(cfg)]
     if stage in LOCAL_STAGES:
@@ -174,6 +179,15 @@ def _metadata(cfg: RunConfig, name: str, labels: dict[str, str]) -> dict:
     return {"name": name, "namespace": cfg.cluster.namespace, "labels": dict(labels)}
 
 
+def _job_metadata(cfg: RunConfig, name: str, labels: dict[str, str]) -> dict:
+    """A job's metadata: its labels, and `cluster.queue` as Kueue's queue-name label (on the job only:
+    Kueue admits the job, which then creates its pods)."""
+    meta = _metadata(cfg, name, labels)
+    if cfg.cluster.queue:
+        meta["labels"][LABEL_QUEUE] = cfg.cluster.queue
+    return meta
+
+
 def stage_command(stage: str) -> list[str]:
     return ["peg", "pipeline", "stage", stage, CONFIG_PATH]
 
@@ -193,7 +207,7 @@ def _volumes(cfg: RunConfig) -> list[dict]:
     volumes = [
         {"name": "config", "configMap": {"name": config_map_name(cfg)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.cluster.shm_size}},
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": cfg.cluster.scratch_size} if cfg.cluster.scratch_size else {}},
     ]
     if cfg.cluster.s3_secret:
         volumes.append({"name": "s3", "secret": {"secretName": cfg.cluster.s3_secret, "defaultMode": 0o440}})
@@ -269,6 +283,8 @@ def _pod_spec(cfg: RunConfig, containers: list[dict], restart_policy: str | None
         spec["tolerations"] = _tolerations(cfg)
     if c.priority_class:
         spec["priorityClassName"] = c.priority_class
+    if c.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in c.image_pull_secrets]
     return spec
 
 
@@ -364,7 +380,7 @@ def render_trainjob(pods: TrainingPods) -> dict:
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
-        "metadata": _metadata(cfg, pods.name, pods.labels),
+        "metadata": _job_metadata(cfg, pods.name, pods.labels),
         "spec": spec,
     }
 
@@ -394,7 +410,7 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _metadata(cfg, pods.name, pods.labels),
+        "metadata": _job_metadata(cfg, pods.name, pods.labels),
         "spec": {"nprocPerNode": str(pods.nproc_per_node), "runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
     }
 
@@ -448,7 +464,7 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": _metadata(cfg, resource_name(cfg.name, stage), labels),
+        "metadata": _job_metadata(cfg, resource_name(cfg.name, stage), labels),
         "spec": spec,
     }
 
