@@ -393,3 +393,35 @@ def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bu
             await asyncio.wait_for(operator, 30)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("owner_uid", ["u1", "someone-else", None])
+def test_the_run_config_map_is_patched_only_when_it_is_this_pipelines(monkeypatch, owner_uid):
+    """Issue 35 finding 8: RBAC cannot narrow ConfigMap writes to peg's own, so the operator
+    patches an existing `<run>-config` only when this pipeline owns it."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from peg.operator.api import Rejected, apply_action
+    from peg.operator.reconcile import Apply
+
+    patched = []
+    refs = [client.V1OwnerReference(api_version="peg.dev/v1alpha1", kind=KIND, name="demo", uid=owner_uid)] if owner_uid else None
+    existing = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="demo-config", owner_references=refs))
+
+    def create(self, ns, body):
+        raise ApiException(status=409, reason="AlreadyExists")
+
+    monkeypatch.setattr(client.CoreV1Api, "__init__", lambda self, *a: None)
+    monkeypatch.setattr(client.CoreV1Api, "create_namespaced_config_map", create)
+    monkeypatch.setattr(client.CoreV1Api, "read_namespaced_config_map", lambda self, name, ns: existing)
+    monkeypatch.setattr(client.CoreV1Api, "patch_namespaced_config_map", lambda self, name, ns, body: patched.append(name))
+    ours = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "demo-config", "ownerReferences": [
+        {"apiVersion": "peg.dev/v1alpha1", "kind": KIND, "name": "demo", "uid": "u1"}]}, "data": {}}
+    if owner_uid == "u1":
+        apply_action(Apply(ours), NAMESPACE)
+        assert patched == ["demo-config"]
+    else:
+        with pytest.raises(Rejected, match="not this pipeline's") as err:
+            apply_action(Apply(ours), NAMESPACE)
+        assert err.value.code == 409 and patched == []

@@ -52,7 +52,7 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, f"{PLURAL}/status", ("patch",)),  # kopf patches the status subresource
     (GROUP, f"{PLURAL}/finalizers", ("update",)),  # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
     *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
-    ("", "configmaps", ("create", "patch")),  # Apply: the run config a stage's pods mount
+    ("", "configmaps", ("create", "get", "patch")),  # Apply: the run config a stage's pods mount (get: is it ours?)
     ("", "events", ("create",)),  # kopf.event: one per transition
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf: which resources exist
 )
@@ -93,6 +93,17 @@ def rejection_message(body: str | None, reason: str | None) -> str:
         return reason or ""
 
 
+def _require_same_owner(existing, action: Apply, namespace: str) -> None:
+    """Patch only a ConfigMap this pipeline owns: one of the same name made by someone else is
+    refused (409), never overwritten. RBAC cannot limit writes to peg's own ConfigMaps (it cannot
+    narrow `create` by name, nor anything by label), so the operator checks the owner itself."""
+    owners = {r.get("uid") for r in action.obj["metadata"].get("ownerReferences", [])}
+    theirs = {r.uid for r in existing.metadata.owner_references or []}
+    if not owners & theirs:
+        raise Rejected(describe(action, namespace), 409,
+                       "a ConfigMap of that name exists and is not this pipeline's: delete it or rename the run")
+
+
 def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
     """Make one reconcile action's API call; 409 on create and 404 on delete count as done.
 
@@ -113,7 +124,9 @@ def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
             except ApiException as e:
                 if e.status != 409:
                     raise
-                core.patch_namespaced_config_map(action.obj["metadata"]["name"], namespace, action.obj)
+                name = action.obj["metadata"]["name"]
+                _require_same_owner(core.read_namespaced_config_map(name, namespace), action, namespace)
+                core.patch_namespaced_config_map(name, namespace, action.obj)
         else:
             k = job_kind(action.api_version, action.kind)
             body = client.V1DeleteOptions(propagation_policy="Background")

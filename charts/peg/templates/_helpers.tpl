@@ -278,7 +278,7 @@ cluster-scoped CRD reads): a ClusterRole's rules cluster-wide, a Role's per watc
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "get", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
