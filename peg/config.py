@@ -461,8 +461,40 @@ class ClusterConfig(Section):
     )
     run_as_user: int = Field(10001, ge=1, description="Non-root UID (and GID) the images run as.")
     shm_size: str = Field("8Gi", description="Size of the /dev/shm memory volume (NCCL, Ray object store).")
-    ttl_seconds_after_finished: int = Field(3600, ge=0, description="Finished jobs are deleted after this long.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="A job running longer than this fails.")
+    scratch_size: str | None = Field(
+        None, description="sizeLimit of the /tmp scratch volume (emptyDir) of every pod; null: no limit."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets every pod pulls its images with (private registries)."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment of every container that runs peg (proxies, NCCL settings).",
+    )
+    queue: str | None = Field(
+        None,
+        description="Kueue LocalQueue: every job gets the label kueue.x-k8s.io/queue-name, and Kueue admits "
+        "(unsuspends) it when the queue has quota.",
+    )
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="Finished PyTorchJobs are deleted after this long.")
+    ray_cluster_ttl_seconds: int = Field(
+        0,
+        ge=0,
+        description="A finished RayJob's Ray cluster (head and workers, with their CPUs and GPUs) is deleted this "
+        "long after the job ends, so the next stage can have them; the RayJob and its submitter Job (the driver log) stay.",
+    )
+    pending_deadline_seconds: int | None = Field(
+        1800,
+        ge=1,
+        description="A RayJob not running within this many seconds of its creation fails (KubeRay "
+        "preRunningDeadlineSeconds: unschedulable pods, image pulls that never end); null: no limit.",
+    )
+    active_deadline_seconds: int | None = Field(
+        259200,
+        ge=1,
+        description="A stage job running longer than this (from its creation, pending time included) fails; "
+        "3 days by default; null: no limit.",
+    )
     backoff_limit: int = Field(2, ge=0, description="Retries of a failed RayJob / PyTorchJob.")
 
 

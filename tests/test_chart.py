@@ -206,7 +206,8 @@ def test_run_values_start_a_launcher_with_the_run_config():
     assert job["metadata"]["name"] == "demo-peg-launch-r3"
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["peg", "pipeline", "run", "/etc/peg/run.yaml", "--backend", "k8s"]
+    assert container["command"] == ["peg", "pipeline", "run", "/etc/peg/run.yaml", "--backend", "k8s", "--wait", "600"]
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
     assert container["image"] == "ghcr.io/peg-dev/peg-trainer:0.1.0-cpu"
     assert pod["serviceAccountName"] == "demo-peg-launcher"
     s3_volume = {"name": "s3-credentials", "secret": {"secretName": "demo-peg-s3-credentials", "defaultMode": 0o440}}
@@ -264,7 +265,7 @@ def test_gpu_values_schedule_the_run_on_gpu_nodes_with_the_existing_secret():
     assert store == {
         "endpoint": "s3.us-east-1.amazonaws.com",
         "secure": True,
-        "uri": "s3://my-team-peg/msmarco-peg",
+        "uri": "s3://my-team-peg/fiqa-peg",
         "credentials_file": "/etc/peg-s3",
     }
     (job,) = by_kind(docs, "Job")
@@ -560,3 +561,37 @@ def test_chart_app_version_is_peg_version_the_images_are_tagged_with():
     config = run_config(docs)
     assert config["cluster"]["image"] == f"ghcr.io/peg-dev/peg-trainer:{version}-cpu"
     assert ClusterConfig.model_fields["image"].default.rsplit(":", 1) == ["ghcr.io/peg-dev/peg-trainer", version]
+
+
+@pytest.mark.parametrize("beir", ["s3://my-team-peg/datasets/msmarco", "https://example.org/beir/fiqa.zip"])
+def test_a_url_as_data_beir_fails_the_install_with_what_to_do(beir):
+    """Issue 35 finding 7: the launcher's prepare reads data.beir as a folder in its pod; a URL
+    there failed at run time, after the install; now the install says what to use instead."""
+    message = render_fails(kind_with_run({**TINY_RUN, "data": {"beir": beir}}))
+    assert f"run.data.beir: {beir} is a URL" in message and "beir:NAME" in message
+    render(kind_with_run({**TINY_RUN, "data": {"beir": "beir:fiqa"}}))
+
+
+def test_a_rescheduled_or_upgraded_launcher_takes_over_the_gone_holders_lease(tmp_path):
+    """Issue 35 finding 9: a launcher whose predecessor is gone (pod deleted by `helm upgrade` or
+    lost with its node; its lease no longer renewed) waits `launcher.leaseWaitSeconds`, longer than
+    the lease lives, and takes the run over; before, it gave up at once (LeaseHeld) while the lease
+    of the gone pod had not expired yet."""
+    from peg.config import StoreConfig
+    from peg.store import open_store
+    from peg.store.lease import Lease, LeaseHeld, read_lease
+
+    store = open_store(StoreConfig(uri=str(tmp_path)))
+    gone = json.dumps({"owner": "r1", "host": "demo-peg-launch-r1-x7k2p", "pid": 7, "command": "peg pipeline run",
+                       "acquired": "2026-12-06T20:00:00+00:00", "expires": time.time() + 2}).encode()
+    assert store.create_object("tiny/_lease.json", gone) is not None
+    with pytest.raises(LeaseHeld, match="demo-peg-launch-r1"):
+        Lease(store, "tiny", ttl=60).acquire(wait=0)  # what the launcher did without --wait
+    wait = int(yaml.safe_load((CHART / "values.yaml").read_text())["launcher"]["leaseWaitSeconds"])
+    assert wait > 2 * StoreConfig.model_fields["lease_seconds"].default  # outlives a gone holder's lease
+    successor = Lease(store, "tiny", ttl=60)
+    successor.acquire(wait=10)
+    try:
+        assert read_lease(store, "tiny").owner == successor.owner
+    finally:
+        successor.release()

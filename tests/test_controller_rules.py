@@ -185,3 +185,90 @@ def _conditions(kind: str, *true: str) -> dict:
 )
 def test_training_job_condition_vocabulary(obj, phase):
     assert job_phase(obj) == phase
+
+
+def test_finished_ray_clusters_are_released_and_stuck_jobs_have_deadlines():
+    """Issue 35 findings 5 and 6: with the defaults, a finished RayJob's cluster goes at once (its
+    RayJob and submitter Job, holding the driver log, stay), a RayJob that never starts running
+    fails after 30 min, and every stage job fails after 3 days."""
+    cfg = parse_config("model: {name_or_path: m}\ndata: {beir: /data/scifact}\n", "defaults.yaml", dict(S3))
+    assert (cfg.cluster.ray_cluster_ttl_seconds, cfg.cluster.pending_deadline_seconds) == (0, 1800)
+    jobs = _jobs(cfg)
+    rayjobs = [j for j in jobs if j["kind"] == "RayJob"]
+    assert rayjobs and all(
+        (j["spec"]["shutdownAfterJobFinishes"], j["spec"]["ttlSecondsAfterFinished"], j["spec"]["preRunningDeadlineSeconds"],
+         j["spec"]["activeDeadlineSeconds"]) == (True, 0, 1800, 259200) and "deletionStrategy" not in j["spec"]
+        for j in rayjobs)
+    deadlines = {j["kind"]: j["spec"].get("activeDeadlineSeconds") or j["spec"]["runPolicy"]["activeDeadlineSeconds"]
+                 for j in jobs if j["kind"] != "RayJob"}
+    assert deadlines == {"TrainJob": 259200, "PyTorchJob": 259200}
+    assert [v for j in jobs if (v := violations(j))] == []
+    unlimited = parse_config("model: {name_or_path: m}\ndata: {beir: /d}\ncluster: {pending_deadline_seconds: null, "
+                             "active_deadline_seconds: null}\n", "x.yaml", dict(S3))
+    assert not any({"preRunningDeadlineSeconds", "activeDeadlineSeconds"} & set(j["spec"]) for j in _jobs(unlimited))
+
+
+@pytest.mark.parametrize("beir", ["s3://my-team-peg/datasets/msmarco", "gs://bucket/scifact", "https://example.org/x"])
+def test_a_url_as_data_beir_is_refused_at_render_time(beir):
+    """Issue 35 finding 7: `prepare` reads data.beir on the machine it runs on; a URL is refused
+    before any job is created, naming the key and what to use."""
+    from peg.k8s.render import RenderError, check_renderable
+
+    cfg = parse_config("model: {name_or_path: m}\n", "x.yaml", {**S3, "data.beir": beir})
+    with pytest.raises(RenderError, match=r"data.beir: .* is a URL, .*beir:NAME"):
+        check_renderable(cfg)
+    check_renderable(parse_config("model: {name_or_path: m}\n", "x.yaml", {**S3, "data.beir": "beir:fiqa"}))
+
+
+def _pod_specs(job: dict) -> list[dict]:
+    if job["kind"] == "RayJob":
+        c = job["spec"]["rayClusterSpec"]
+        return [c["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in c["workerGroupSpecs"]),
+                job["spec"]["submitterPodTemplate"]["spec"]]
+    if job["kind"] == "PyTorchJob":
+        return [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+    return [_patch_node(job)["template"]["spec"]["template"]["spec"]]
+
+
+def _kueue_suspended(job: dict) -> dict:
+    """The job as Kueue's webhook leaves it on create: suspended until the queue admits it."""
+    out = copy.deepcopy(job)
+    (out["spec"]["runPolicy"] if job["kind"] == "PyTorchJob" else out["spec"])["suspend"] = True
+    return out
+
+
+def test_platform_settings_reach_every_job_and_pod():
+    """Issue 35, what platform teams expect: cluster.queue puts Kueue's queue-name label on every
+    job (and the jobs Kueue suspends on create pass the controllers' rules: a suspended RayJob
+    needs shutdownAfterJobFinishes), image pull secrets and a /tmp size limit on every pod, extra
+    environment on every container that runs peg."""
+    from k8s_validation import validate_custom
+
+    cfg = parse_config("model: {name_or_path: m}\ndata: {beir: /data/scifact}\n", "x.yaml", {
+        **S3, "cluster.queue": "team-gpu", "cluster.image_pull_secrets": ["registry-creds"],
+        "cluster.env": {"HTTPS_PROXY": "http://proxy:3128", "NCCL_DEBUG": "WARN"}, "cluster.scratch_size": "20Gi"})
+    jobs = _jobs(cfg)
+    assert {j["kind"] for j in jobs} == {"RayJob", "TrainJob", "PyTorchJob"}
+    for job in jobs:
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-gpu"
+        for pod in _pod_specs(job):
+            assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+            assert {"name": "scratch", "emptyDir": {"sizeLimit": "20Gi"}} in pod["volumes"]
+            assert "kueue.x-k8s.io/queue-name" not in str(pod)
+        env_lists = [job["spec"]["trainer"]["env"]] if job["kind"] == "TrainJob" else [
+            c["env"] for pod in _pod_specs(job) for c in pod["containers"]]
+        assert all({"name": "NCCL_DEBUG", "value": "WARN"} in env for env in env_lists)
+        suspended = _kueue_suspended(job)
+        assert violations(suspended) == [] and validate_custom(suspended) == [], job["kind"]
+        assert job_phase({**suspended, "status": {"jobDeploymentStatus": "Suspended"} if job["kind"] == "RayJob" else
+                          {"conditions": [{"type": "Suspended", "status": "True"}]}}) == "pending"
+    plain = [j for j in _jobs(parse_config("model: {name_or_path: m}\ndata: {beir: /d}\n", "x.yaml", dict(S3)))]
+    assert not any("kueue.x-k8s.io/queue-name" in j["metadata"]["labels"] or "imagePullSecrets" in str(j) for j in plain)
+
+
+def test_extra_environment_may_not_override_peg_or_torchrun():
+    from peg.k8s.render import RenderError, check_renderable
+
+    cfg = parse_config("model: {name_or_path: m}\n", "x.yaml", {**S3, "cluster.env": {"PET_NNODES": "4", "HOME": "/"}})
+    with pytest.raises(RenderError, match="cluster.env: HOME, PET_NNODES are set by peg or by the trainer"):
+        check_renderable(cfg)

@@ -151,3 +151,37 @@ def test_primary_pod_selectors():
     assert primary_pod_selector({"kind": "RayJob", "metadata": meta}) == "job-name=run-train"
     assert "replica-type=master" in primary_pod_selector({"kind": "PyTorchJob", "metadata": meta})
     assert "job-completion-index=0" in primary_pod_selector({"kind": "TrainJob", "metadata": meta})
+
+
+def test_a_stages_log_is_kept_in_the_store(monkeypatch, tmp_path):
+    """Issue 35 finding 5: finished Ray clusters go at once, so the stage's main pod log (the
+    submitter's, which tails the driver) is kept in the store when the stage ends."""
+    from kubernetes import watch
+
+    from peg.config import StoreConfig
+    from peg.store import open_store
+
+    class Pod:
+        metadata = type("Meta", (), {"name": "quickstart-encode-x7k2p"})()
+
+    class OnePod(FakeCore):
+        def list_namespaced_pod(self, ns, label_selector):
+            assert label_selector == "job-name=quickstart-encode"
+            return type("PodList", (), {"items": [Pod()]})()
+
+        def read_namespaced_pod_log(self, pod, ns):
+            raise AssertionError("read through watch.Watch().stream")
+
+    class Log:
+        def stream(self, read, pod, ns):
+            assert pod == "quickstart-encode-x7k2p"
+            yield from ["encoding 5183 passages", "encode: done"]
+
+    monkeypatch.setattr(watch, "Watch", Log)
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    config = load_config(REPO / "examples" / "k8s-quickstart.yaml")
+    custom, lines = FakeCustomObjects([RUNNING, DONE]), []
+    k8s = K8sBackend(config, apis=(custom, OnePod()), log=lines.append, poll_seconds=0, store=store)
+    assert k8s.submit("encode") == "succeeded"
+    assert store.get_bytes("quickstart/logs/encode.log") == b"encoding 5183 passages\nencode: done\n"
+    assert "encode: done" in lines

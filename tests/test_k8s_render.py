@@ -189,7 +189,8 @@ def test_pod_contract_of_rendered_jobs(rendered):
         if job["kind"] == "RayJob":
             spec = job["spec"]
             assert spec["entrypoint"] == f"peg pipeline stage {stage} {CONFIG_PATH}"
-            assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] == 3600
+            assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] == 0  # the cluster goes at once
+            assert spec["preRunningDeadlineSeconds"] == 1800
             assert spec["activeDeadlineSeconds"] == 7200 and spec["backoffLimit"] == 2
             assert len(job["metadata"]["name"]) <= 47
             pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],

@@ -17,6 +17,7 @@ chart's rules), and the real job controllers (KubeRay, Kubeflow Trainer): the ki
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -172,6 +173,29 @@ async def succeed(cluster: Cluster, plural: str, job: dict) -> None:
                             group, version, NAMESPACE, plural, job["metadata"]["name"], {"status": status})
 
 
+@contextlib.asynccontextmanager
+async def emulated_cluster(tmp_path, monkeypatch):
+    """kmock's Kubernetes emulator serving RESOURCES on 127.0.0.1, the kubeconfig pointing at it."""
+    from kubernetes import config as kube_config
+
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+        for key, (kind, namespaced, subresources) in RESOURCES.items():
+            k8s.resources[key].kind = kind
+            k8s.resources[key].namespaced = namespaced
+            k8s.resources[key].verbs = VERBS
+            k8s.resources[key].subresources = subresources
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(server.url).rstrip("/")}}],
+            "users": [{"name": "kmock", "user": {"token": "test"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+        }))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        kube_config.load_kube_config(str(kubeconfig))
+        yield Cluster(k8s)
+
+
 def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path, monkeypatch):
     spec = {"run": run_config(s3_server, bucket), "retries": {"limit": 1, "backoffSeconds": 1}}
     config = RunConfig.model_validate(spec["run"])
@@ -180,24 +204,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
     uid = str(uuid.uuid4())
 
     async def main():
-        from kubernetes import client, config as kube_config
-
-        async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
-            for key, (kind, namespaced, subresources) in RESOURCES.items():
-                k8s.resources[key].kind = kind
-                k8s.resources[key].namespaced = namespaced
-                k8s.resources[key].verbs = VERBS
-                k8s.resources[key].subresources = subresources
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-                "clusters": [{"name": "kmock", "cluster": {"server": str(server.url).rstrip("/")}}],
-                "users": [{"name": "kmock", "user": {"token": "test"}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-            }))
-            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-            kube_config.load_kube_config(str(kubeconfig))
-            cluster = Cluster(k8s)
+        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
 
             stop = asyncio.Event()
             operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
@@ -264,12 +271,14 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             reasons = Counter(reason for reason, _ in cluster.events())
             assert reasons["StageStarted"] == 6 and reasons["StageSucceeded"] == 7 and reasons["PipelineSucceeded"] == 1
             # every call is declared (so the chart's RBAC grants it); the declared ones this run never
-            # needed are deleting jobs (no retry here) and creating PyTorchJobs (trainer_api: trainjob)
+            # needed are deleting jobs (no retry here), creating PyTorchJobs (trainer_api: trainjob) and
+            # updating finalizers (only authorized, for blockOwnerDeletion: the emulator enforces nothing)
             assert metric("peg_operator_actions_total", action="create") >= 6
             assert metric("peg_operator_transitions_total", reason="StageSucceeded") >= 7
             declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
             assert cluster.calls() <= declared, cluster.calls() - declared
-            unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create")}
+            unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create"),
+                                                                        (GROUP, f"{PLURAL}/finalizers", "update")}
             assert declared - cluster.calls() == unused
 
     asyncio.run(main())
@@ -350,3 +359,69 @@ def test_apply_action_tells_lasting_refusals_from_passing_errors(monkeypatch, co
         apply_action(Create(job), NAMESPACE)
     if lasting:
         assert (err.value.request, err.value.code, err.value.message) == (f"create RayJob {NAMESPACE}/demo-encode", code, DENIAL)
+
+
+def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bucket, tmp_path, monkeypatch):
+    """Issue 35 finding 4, end to end: the API server (an admission webhook) denies the first
+    stage job; the pipeline shows Failed / ApiRejected with the webhook's message and an event,
+    and the operator does not send the same create again (before: kopf retried it forever with
+    the pipeline Running)."""
+    spec = {"run": run_config(s3_server, bucket)}
+    config = RunConfig.model_validate(spec["run"])
+    finish_stage(open_store(StoreConfig.model_validate(spec["run"]["store"])), config, "prepare")
+    denial = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+              "message": 'admission webhook "vrayjob.kb.io" denied the request: RayJob name is too long'}
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
+            cluster.k8s["post", kmock.resource("ray.io", "v1", "rayjobs")] << kmock.Response(status=422, payload=denial)
+            stop = asyncio.Event()
+            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
+                    "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
+                                 "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
+            await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Failed"
+                                        and cluster.pipeline()["status"])
+            failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+            assert failed["reason"] == "ApiRejected" and denial["message"] in failed["message"]
+            assert status["rejected"]["code"] == 422 and status["rejected"]["request"] == f"create RayJob {NAMESPACE}/demo-encode"
+            await cluster.wait(lambda: "ApiRejected" in dict(cluster.events()))
+            await asyncio.sleep(1.5)  # several reconcile intervals: the same create is not sent again
+            assert cluster.creates()["demo-encode"] == 1
+            stop.set()
+            await asyncio.wait_for(operator, 30)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("owner_uid", ["u1", "someone-else", None])
+def test_the_run_config_map_is_patched_only_when_it_is_this_pipelines(monkeypatch, owner_uid):
+    """Issue 35 finding 8: RBAC cannot narrow ConfigMap writes to peg's own, so the operator
+    patches an existing `<run>-config` only when this pipeline owns it."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from peg.operator.api import Rejected, apply_action
+    from peg.operator.reconcile import Apply
+
+    patched = []
+    refs = [client.V1OwnerReference(api_version="peg.dev/v1alpha1", kind=KIND, name="demo", uid=owner_uid)] if owner_uid else None
+    existing = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="demo-config", owner_references=refs))
+
+    def create(self, ns, body):
+        raise ApiException(status=409, reason="AlreadyExists")
+
+    monkeypatch.setattr(client.CoreV1Api, "__init__", lambda self, *a: None)
+    monkeypatch.setattr(client.CoreV1Api, "create_namespaced_config_map", create)
+    monkeypatch.setattr(client.CoreV1Api, "read_namespaced_config_map", lambda self, name, ns: existing)
+    monkeypatch.setattr(client.CoreV1Api, "patch_namespaced_config_map", lambda self, name, ns, body: patched.append(name))
+    ours = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "demo-config", "ownerReferences": [
+        {"apiVersion": "peg.dev/v1alpha1", "kind": KIND, "name": "demo", "uid": "u1"}]}, "data": {}}
+    if owner_uid == "u1":
+        apply_action(Apply(ours), NAMESPACE)
+        assert patched == ["demo-config"]
+    else:
+        with pytest.raises(Rejected, match="not this pipeline's") as err:
+            apply_action(Apply(ours), NAMESPACE)
+        assert err.value.code == 409 and patched == []

@@ -9,7 +9,7 @@ import pytest
 from chart_render import CHART, KUBE_VERSION, by_kind, ci_values, objects, render
 from k8s_validation import validate_object
 
-from peg.operator.api import API_CALLS
+from peg.operator.api import API_CALLS, CLUSTER_SCOPED
 
 OPERATOR = {"operator": {"enabled": True}}
 
@@ -35,6 +35,34 @@ def test_cluster_role_grants_exactly_the_calls_the_controller_makes(docs):
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-peg-operator", "namespace": "ml"}]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_namespaced_mode_grants_the_calls_in_the_watched_namespaces_only():
+    """Issue 35 finding 8: with operator.watchNamespaces, Roles in those namespaces grant the calls
+    (ConfigMaps and jobs nowhere else); the ClusterRole only reads the CRDs."""
+    docs = objects(render({**ci_values("kind"), "operator": {"enabled": True, "watchNamespaces": ["team-a", "team-b"]}}))
+    declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert {(g, r) for g, r, _ in granted(cluster_role["rules"])} == CLUSTER_SCOPED
+    roles = {d["metadata"]["namespace"]: d for d in by_kind(docs, "Role") if d["metadata"]["name"] == "demo-peg-operator"}
+    assert sorted(roles) == ["team-a", "team-b"]
+    for role in roles.values():
+        assert granted(role["rules"]) == {c for c in declared if c[:2] not in CLUSTER_SCOPED}
+        assert granted(role["rules"]) | granted(cluster_role["rules"]) == declared
+    bindings = [d for d in by_kind(docs, "RoleBinding") if d["metadata"]["name"] == "demo-peg-operator"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "demo-peg-operator", "namespace": "ml"}] for b in bindings)
+    (deployment,) = [d for d in by_kind(docs, "Deployment") if "operator" in d["metadata"]["name"]]
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:4] == ["kopf", "run", "--namespace=team-a", "--namespace=team-b"] and "--all-namespaces" not in command
+    for doc in [cluster_role, *roles.values(), *bindings]:
+        assert validate_object(doc) == [], doc["kind"]
+
+
+def test_children_with_block_owner_deletion_are_authorized():
+    """Issue 35 finding 8: OwnerReferencesPermissionEnforcement admits a child whose owner reference
+    sets blockOwnerDeletion only from an account that may update the owner's finalizers."""
+    assert ("peg.dev", "embeddingpipelines/finalizers", "update") in {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
 
 
 def test_rbac_comparison_catches_an_extra_or_missing_verb(docs):

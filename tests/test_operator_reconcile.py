@@ -453,3 +453,16 @@ def test_a_job_its_controller_still_works_on_is_left_alone(stage, kind, job_stat
     actions, after = run(s, [child], store(*[x for x in STAGES[: STAGES.index(stage)]]), status)
     assert [a for a in actions if isinstance(a, (Delete, Create))] == []
     assert stage_of(after, stage)["phase"] == "Running" and after["phase"] == "Running"
+
+
+def test_ready_condition_carries_the_generation_it_was_computed_for():
+    """`kubectl wait --for=condition=Ready` and Helm 4's readiness (kstatus) read the Ready condition
+    and its observedGeneration: both follow every generation."""
+    s = spec()
+    _, status = reconcile(s, 4, [], store(*STAGES), None, NOW, renderer=FakeRenderer)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "Completed", 4)
+    assert status["observedGeneration"] == 4
+    _, status = reconcile(s, 5, [], store("prepare"), status, NOW, renderer=FakeRenderer)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["observedGeneration"]) == ("False", 5)

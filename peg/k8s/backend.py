@@ -4,15 +4,20 @@ Jobs are created with the official `kubernetes` client's CustomObjectsApi (Train
 RayJob are custom resources; no Kubeflow SDK is needed: both SDKs install a `kubeflow` package
 and pin old clients). A job already on the cluster for the same stage hash is followed rather
 than created twice; one for another hash, or one that has finished, is replaced.
+
+The main pod's log of each stage is printed as it comes and kept in the store at
+`<run>/logs/<stage>.log` when the stage ends: finished Ray clusters are deleted at once
+(`cluster.ray_cluster_ttl_seconds`), and the log outlives every pod.
 """
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -20,6 +25,7 @@ from peg.config import RunConfig
 from peg.errors import PegError
 from peg.k8s.render import LABEL_HASH, LOCAL_STAGES, job_phase, render_config_map, render_stage
 from peg.pipeline import LocalBackend, Stage, StageFailed
+from peg.store import ArtifactStore, open_store
 
 API = {  # kind -> (group, version, plural)
     "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
@@ -66,8 +72,10 @@ class K8sBackend:
         log: Callable[[str], None] = print,
         poll_seconds: float = 10.0,
         follow_logs: bool = True,
+        store: ArtifactStore | None = None,
     ):
         self.config = config
+        self._store = store
         self.custom, self.core = apis or kubernetes_apis()
         self.log = log
         self.poll_seconds = poll_seconds
@@ -90,7 +98,7 @@ class K8sBackend:
         for obj in render_stage(self.config, stage, env):
             self._create_or_reuse(obj)
             if wait:
-                phase = self.follow(obj)
+                phase = self.follow(obj, stage)
                 if phase == "failed":
                     raise StageFailed(f"stage {stage}: {obj['kind']} {obj['metadata']['name']} failed; see its log above")
         return phase
@@ -140,8 +148,23 @@ class K8sBackend:
             time.sleep(min(self.poll_seconds, 2.0))
         raise ClusterError(f"{plural} {ns}/{name} was not deleted within {timeout:.0f} s")
 
-    def follow(self, obj: dict) -> str:
-        """Poll the job until it succeeds or fails, printing phase changes and its main pod's log."""
+    def log_key(self, stage: str) -> str:
+        """Where a stage's main pod log is kept in the store."""
+        return f"{self.config.name}/logs/{stage}.log"
+
+    def follow(self, obj: dict, stage: str | None = None) -> str:
+        """Poll the job until it succeeds or fails, printing phase changes and its main pod's log
+        (kept in the store at `log_key(stage)` when `stage` is given)."""
+        with tempfile.NamedTemporaryFile("w+", prefix="peg-stage-log-", suffix=".log") as kept:
+            phase = self._follow(obj, kept)
+            if stage is not None and self.follow_logs and kept.tell():
+                kept.flush()
+                store = self._store or open_store(self.config.store)
+                store.put_file(self.log_key(stage), kept.name, "k8s-backend")
+                self.log(f"[k8s] log of stage {stage} kept at {store.describe()}/{self.log_key(stage)}")
+        return phase
+
+    def _follow(self, obj: dict, kept: IO[str]) -> str:
         group, version, plural = API[obj["kind"]]
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         last, streamer = None, None
@@ -151,15 +174,15 @@ class K8sBackend:
             if phase != last:
                 self.log(f"[k8s] {obj['kind']} {ns}/{name}: {phase}")
                 last = phase
-            if self.follow_logs and streamer is None and phase == "running":
-                streamer = self._stream_logs(ns, primary_pod_selector(obj))
+            if self.follow_logs and streamer is None and phase in ("running", "succeeded", "failed"):
+                streamer = self._stream_logs(ns, primary_pod_selector(obj), kept)
             if phase in ("succeeded", "failed"):
                 if streamer is not None:
                     streamer.join(timeout=30)
                 return phase
             time.sleep(self.poll_seconds)
 
-    def _stream_logs(self, ns: str, selector: str) -> threading.Thread | None:
+    def _stream_logs(self, ns: str, selector: str, kept: IO[str]) -> threading.Thread | None:
         pods = self.core.list_namespaced_pod(ns, label_selector=selector).items
         if not pods:
             return None
@@ -171,6 +194,7 @@ class K8sBackend:
             try:
                 for line in watch.Watch().stream(self.core.read_namespaced_pod_log, pod, ns):
                     self.log(line)
+                    kept.write(line + "\n")
             except Exception as e:  # noqa: BLE001 - a log stream ending early must not fail the stage
                 self.log(f"[k8s] log of {ns}/{pod} ended: {e}")
 

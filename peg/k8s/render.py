@@ -35,6 +35,8 @@ TRAINING_STAGES = ("pretrain", "train")  # torchrun + DeepSpeed: a TrainJob / Py
 RAY_HEAD, RAY_WORKER = "ray-head", "ray-worker"
 GPU = "nvidia.com/gpu"
 LABEL_RUN, LABEL_STAGE, LABEL_HASH = "peg.dev/run", "peg.dev/stage", "peg.dev/stage-hash"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue reads it from the job object itself
+TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 MANAGER = "peg.dev/render"
 
 
@@ -67,6 +69,13 @@ def check_renderable(cfg: RunConfig) -> None:
             problems.append("cluster.s3_secret: name the Secret holding the S3 keys (required for an s3:// store)")
         if not cfg.store.endpoint:
             problems.append("store.endpoint: set the S3 endpoint host:port the pods reach")
+    beir = cfg.data.beir or ""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", beir):
+        problems.append(
+            f"data.beir: {beir!r} is a URL, but `prepare` reads data.beir from the machine it runs on (the "
+            "launcher's, or yours with the operator) and uploads it into the store: give a local BEIR folder "
+            "there, or beir:NAME (e.g. beir:fiqa) to have prepare download a BEIR dataset"
+        )
     if not c.runtime.strip():
         problems.append("cluster.runtime: the TrainJob's ClusterTrainingRuntime name is empty")
     if c.gpus_per_node and is_cpu_image(c.image):
@@ -89,6 +98,9 @@ def check_renderable(cfg: RunConfig) -> None:
             "cluster.priority_class: a TrainJob (Trainer v2.3) cannot set a pod priority class; set it in the "
             "ClusterTrainingRuntime or use cluster.trainer_api: pytorchjob"
         )
+    reserved = sorted(set(c.env) & {"HOME", "PEG_WORK_DIR", *TORCHRUN_ENV})
+    if reserved:
+        problems.append(f"cluster.env: {', '.join(reserved)} are set by peg or by the trainer (torchrun); leave them out")
     if problems:
         raise RenderError("\n".join(problems))
 
@@ -135,7 +147,7 @@ def render_stage(cfg: RunConfig, stage: str, env: Mapping[str, str] | None = Non
     where each API allows it: a TrainJob's `spec.trainer.env` (Trainer v2.3.0 rejects env on the
     `node` container of a runtime patch), every container of a PyTorchJob or RayJob.
     """
-    extra = [{"name": k, "value": v} for k, v in (env or {}).items()]
+    extra = [{"name": k, "value": v} for k, v in {**cfg.cluster.env, **(env or {})}.items()]
     check_renderable(cfg)
     enabled = [s.name for s in enabled_stages(cfg)]
     if stage in LOCAL_STAGES:
@@ -167,6 +179,15 @@ def _metadata(cfg: RunConfig, name: str, labels: dict[str, str]) -> dict:
     return {"name": name, "namespace": cfg.cluster.namespace, "labels": dict(labels)}
 
 
+def _job_metadata(cfg: RunConfig, name: str, labels: dict[str, str]) -> dict:
+    """A job's metadata: its labels, and `cluster.queue` as Kueue's queue-name label (on the job only:
+    Kueue admits the job, which then creates its pods)."""
+    meta = _metadata(cfg, name, labels)
+    if cfg.cluster.queue:
+        meta["labels"][LABEL_QUEUE] = cfg.cluster.queue
+    return meta
+
+
 def stage_command(stage: str) -> list[str]:
     return ["peg", "pipeline", "stage", stage, CONFIG_PATH]
 
@@ -186,7 +207,7 @@ def _volumes(cfg: RunConfig) -> list[dict]:
     volumes = [
         {"name": "config", "configMap": {"name": config_map_name(cfg)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.cluster.shm_size}},
-        {"name": "scratch", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": cfg.cluster.scratch_size} if cfg.cluster.scratch_size else {}},
     ]
     if cfg.cluster.s3_secret:
         volumes.append({"name": "s3", "secret": {"secretName": cfg.cluster.s3_secret, "defaultMode": 0o440}})
@@ -262,6 +283,8 @@ def _pod_spec(cfg: RunConfig, containers: list[dict], restart_policy: str | None
         spec["tolerations"] = _tolerations(cfg)
     if c.priority_class:
         spec["priorityClassName"] = c.priority_class
+    if c.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in c.image_pull_secrets]
     return spec
 
 
@@ -357,7 +380,7 @@ def render_trainjob(pods: TrainingPods) -> dict:
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
-        "metadata": _metadata(cfg, pods.name, pods.labels),
+        "metadata": _job_metadata(cfg, pods.name, pods.labels),
         "spec": spec,
     }
 
@@ -387,7 +410,7 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _metadata(cfg, pods.name, pods.labels),
+        "metadata": _job_metadata(cfg, pods.name, pods.labels),
         "spec": {"nprocPerNode": str(pods.nproc_per_node), "runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
     }
 
@@ -396,7 +419,12 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
 
 
 def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[dict]) -> dict:
-    """A KubeRay RayJob: head (runs the entrypoint) + one worker group; deleted after it finishes."""
+    """A KubeRay RayJob: head (runs the entrypoint) + one worker group.
+
+    Its Ray cluster is deleted `cluster.ray_cluster_ttl_seconds` after the job ends (KubeRay
+    v1.7.0 rayjob_controller.go, handleShutdownAfterJobFinishes: the RayJob and its submitter Job,
+    which holds the driver log, stay); a job not running within `cluster.pending_deadline_seconds`
+    fails (preRunningDeadlineSeconds)."""
     c = cfg.cluster
     head = _container(cfg, RAY_HEAD, c.ray_image, _resources(c.ray_head_resources.cpu, c.ray_head_resources.memory, 0), None, env)
     worker = _container(cfg, RAY_WORKER, c.ray_image, _resources(c.resources.cpu, c.resources.memory, c.ray_worker_gpus), None, env)
@@ -411,7 +439,7 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
     spec: dict[str, Any] = {
         "entrypoint": " ".join(stage_command(stage)),
         "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": c.ttl_seconds_after_finished,
+        "ttlSecondsAfterFinished": c.ray_cluster_ttl_seconds,
         "backoffLimit": c.backoff_limit,
         "submissionMode": "K8sJobMode",
         "submitterPodTemplate": submitter_template,
@@ -431,10 +459,12 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
     }
     if c.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = c.active_deadline_seconds
+    if c.pending_deadline_seconds:
+        spec["preRunningDeadlineSeconds"] = c.pending_deadline_seconds
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": _metadata(cfg, resource_name(cfg.name, stage), labels),
+        "metadata": _job_metadata(cfg, resource_name(cfg.name, stage), labels),
         "spec": spec,
     }
 

@@ -1,7 +1,8 @@
 """Every Kubernetes API call the controller makes, declared once, and the appliers that make them.
 
 `API_CALLS` is what the chart's RBAC must grant, no more and no less (tests/test_operator_rbac.py
-compares them; the emulator test checks that every request the running operator sends is in it).
+compares them, cluster-wide and namespaced; the emulator test checks that every request the running
+operator sends is in it). `CLUSTER_SCOPED` are the cluster-scoped resources among them.
 kopf itself watches the resources the handlers name, patches the pipelines (finalizer, status,
 annotations), posts events and scans the CRDs it serves; the appliers create, replace and delete
 the stage jobs and the run config's ConfigMap through the official `kubernetes` client.
@@ -49,11 +50,15 @@ JOB_KINDS = (
 API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, PLURAL, ("list", "watch", "patch")),  # kopf: watch pipelines; finalizer + status patches
     (GROUP, f"{PLURAL}/status", ("patch",)),  # kopf patches the status subresource
+    (GROUP, f"{PLURAL}/finalizers", ("update",)),  # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
     *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
-    ("", "configmaps", ("create", "patch")),  # Apply: the run config a stage's pods mount
+    ("", "configmaps", ("create", "get", "patch")),  # Apply: the run config a stage's pods mount (get: is it ours?)
     ("", "events", ("create",)),  # kopf.event: one per transition
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf: which resources exist
 )
+
+
+CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
 
 
 def job_kind(api_version: str, kind: str) -> JobKind:
@@ -88,6 +93,17 @@ def rejection_message(body: str | None, reason: str | None) -> str:
         return reason or ""
 
 
+def _require_same_owner(existing, action: Apply, namespace: str) -> None:
+    """Patch only a ConfigMap this pipeline owns: one of the same name made by someone else is
+    refused (409), never overwritten. RBAC cannot limit writes to peg's own ConfigMaps (it cannot
+    narrow `create` by name, nor anything by label), so the operator checks the owner itself."""
+    owners = {r.get("uid") for r in action.obj["metadata"].get("ownerReferences", [])}
+    theirs = {r.uid for r in existing.metadata.owner_references or []}
+    if not owners & theirs:
+        raise Rejected(describe(action, namespace), 409,
+                       "a ConfigMap of that name exists and is not this pipeline's: delete it or rename the run")
+
+
 def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
     """Make one reconcile action's API call; 409 on create and 404 on delete count as done.
 
@@ -108,7 +124,9 @@ def apply_action(action: Create | Apply | Delete, namespace: str) -> None:
             except ApiException as e:
                 if e.status != 409:
                     raise
-                core.patch_namespaced_config_map(action.obj["metadata"]["name"], namespace, action.obj)
+                name = action.obj["metadata"]["name"]
+                _require_same_owner(core.read_namespaced_config_map(name, namespace), action, namespace)
+                core.patch_namespaced_config_map(name, namespace, action.obj)
         else:
             k = job_kind(action.api_version, action.kind)
             body = client.V1DeleteOptions(propagation_policy="Background")

@@ -201,7 +201,8 @@ def reconcile(
 
 
 SPEC_REJECTIONS = (400, 422)  # the object itself is refused: only a spec change can help
-CLUSTER_REJECTIONS = (401, 403, 404, 405, 413, 415)  # the cluster refuses (RBAC, quota, a missing CRD): it may change
+CLUSTER_REJECTIONS = (401, 403, 404, 405, 409, 413, 415)  # the cluster refuses (RBAC, quota, a missing CRD,
+# a foreign object in the way: `api` raises 409 only for that): it may change
 
 
 def rejected(spec: Mapping[str, Any], generation: int | None, status: Mapping[str, Any] | None, now: datetime,

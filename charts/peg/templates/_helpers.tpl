@@ -227,6 +227,10 @@ Checks of the platform values that templates cannot express in values.schema.jso
 */}}
 {{- define "peg.validate" -}}
 {{- include "peg.requireCRDs" . }}
+{{- $data := (.Values.run | default dict).data | default dict }}
+{{- if regexMatch "^[a-z][a-z0-9+.-]*://" (toString ($data.beir | default "")) }}
+{{- fail (printf "run.data.beir: %s is a URL, but the launcher's prepare stage reads data.beir as a folder in its own pod and uploads it into the store: use beir:NAME (e.g. beir:fiqa; prepare downloads it) or run `peg pipeline stage prepare` where the data is, with the same run config" (toString $data.beir)) }}
+{{- end }}
 {{- if and (include "peg.hasRun" .) (not (include "peg.s3SecretName" .)) }}
 {{- $store := .Values.run.store | default dict }}
 {{- if or (not $store.uri) (hasPrefix "s3://" (toString $store.uri)) }}
@@ -247,4 +251,35 @@ imagePullSecrets:
   - name: {{ . }}
   {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+The operator's calls inside the namespaces it watches (peg/operator/api.py API_CALLS, all but the
+cluster-scoped CRD reads): a ClusterRole's rules cluster-wide, a Role's per watched namespace.
+*/}}
+{{- define "peg.operatorNamespacedRules" -}}
+- apiGroups: ["peg.dev"]
+  resources: ["embeddingpipelines"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["peg.dev"]
+  resources: ["embeddingpipelines/status"]
+  verbs: ["patch"]
+- apiGroups: ["peg.dev"]
+  resources: ["embeddingpipelines/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: ["kubeflow.org"]
+  resources: ["pytorchjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "get", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
 {{- end }}
