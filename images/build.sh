@@ -75,7 +75,7 @@ build() {  # build NAME TAG DOCKERFILE BUILD-ARG...
   echo "+ docker build --network host -f $dockerfile -t $image ${args[*]} ."
   start=$SECONDS
   docker build --network host -f "$dockerfile" -t "$image" --build-arg "PEG_UID=$PEG_UID" "${args[@]}" .
-  echo "built $image in $((SECONDS - start)) s, $(docker image inspect -f '{{.Size}}' "$image" | numfmt --to=si)B"
+  echo "built $image in $((SECONDS - start)) s, $(docker image inspect -f '{{.Size}}' "$image" | numfmt --to=si --format=%.2f)B"
   built+=("$image")
 }
 

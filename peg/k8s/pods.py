@@ -87,6 +87,7 @@ class Container:
     name: str
     image: str
     command: list[str]
+    hostname: str = ""  # the pod's name, as Kubernetes sets it
     env: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[dict[str, bytes], int]] = field(default_factory=dict)  # mount path -> (files, mode)
     tmpfs: dict[str, str | None] = field(default_factory=dict)  # mount path -> size
@@ -246,7 +247,7 @@ def pod_containers(pod: Mapping, pod_name: str, objects: Objects, namespace: str
         if not command:
             raise PodError(f"{cwhere}: no command: the pod runner does not read an image's default command")
         container = Container(name=f"{pod_name}-{spec.get('name', index)}", image=spec["image"], command=command,
-                              workdir=spec.get("workingDir"), server=server)
+                              hostname=pod_name, workdir=spec.get("workingDir"), server=server)
         container.env = {**_env(spec, objects, pod_name, namespace, cwhere), **(injected_env or {})}
         _security(container, pod.get("securityContext") or {}, spec.get("securityContext") or {}, cwhere)
         _volumes(container, spec, pod, objects, cwhere)
@@ -440,6 +441,8 @@ def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Contain
 def docker_run_command(container: Container, files_root: Path) -> list[str]:
     """`docker run` arguments for `container`; its ConfigMap/Secret files are written under `files_root`."""
     args = ["docker", "run", "--detach", "--name", container.name, "--network", "host", "--init=false"]
+    if container.hostname:
+        args += ["--hostname", container.hostname]
     if container.user:
         args += ["--user", container.user]
     args += [a for g in container.groups for a in ("--group-add", str(g))]
