@@ -135,12 +135,17 @@ def _bounds(path: Path, block_bytes: int) -> list[tuple[int, int, int]]:
     return list(zip(starts, ends, first_lines))
 
 
-def _scan(path: Path, start: int, end: int, first_line: int, hard_negatives: int, need_scores: bool) -> dict:
-    """Validate one block: its non-blank lines, usable examples, and the skipped (line, negatives)."""
+def _scan(
+    path: Path, start: int, end: int, first_line: int, hard_negatives: int, need_scores: bool, held_out: frozenset[str]
+) -> dict:
+    """Validate one block: its non-blank lines, usable examples, and the skipped (line, negatives);
+    examples whose query is `held_out` (the dev set's) are neither usable nor skipped."""
     block = Block(start, end, first_line, 0, 0)
     usable, skipped, lines = 0, [], _read_lines(path, block)
     for lineno, raw in lines:
         obj = _parse_line(raw, path, lineno)
+        if obj.get("query") in held_out:
+            continue
         if to_query(obj, path, lineno, hard_negatives, need_scores) is None:
             skipped.append((lineno, len(obj.get("neg") or [])))
         else:
@@ -151,11 +156,14 @@ def _scan(path: Path, start: int, end: int, first_line: int, hard_negatives: int
 class PairFile:
     """A training-pair JSONL file as indexed blocks; examples are read back from disk when asked for."""
 
-    def __init__(self, path: Path, blocks: list[Block], hard_negatives: int, need_scores: bool):
+    def __init__(
+        self, path: Path, blocks: list[Block], hard_negatives: int, need_scores: bool, held_out: frozenset[str] = frozenset()
+    ):
         self.path = path
         self.blocks = blocks
         self.hard_negatives = hard_negatives
         self.need_scores = need_scores
+        self.held_out = held_out
 
     @classmethod
     def index(
@@ -169,8 +177,11 @@ class PairFile:
         shard: int = 0,
         shards: int = 1,
         gather: Callable[[object], list[object]] | None = None,
+        held_out: frozenset[str] = frozenset(),
     ) -> PairFile:
         """Index and validate `path`; this process scans blocks `shard::shards`, `gather` shares the results.
+
+        Examples whose query text is in `held_out` (the dev set's queries) are left out.
 
         Examples with fewer negatives (mining keeps no padding: a query may have too few) are
         skipped with a warning naming how many and the first line; if none is left it is an
@@ -184,7 +195,7 @@ class PairFile:
         error: tuple | None = None  # (line, message): plain values travel through all_gather_object
         for b in range(shard, len(bounds), shards):
             try:
-                mine[b] = _scan(path, *bounds[b], hard_negatives, need_scores)
+                mine[b] = _scan(path, *bounds[b], hard_negatives, need_scores, held_out)
             except DataError as e:
                 error = (e.line or 0, e.message)
                 break
@@ -213,7 +224,7 @@ class PairFile:
                 "%s: skipped %d of %d examples with fewer than %d negatives (first: line %d, %d negatives)",
                 path, skipped, skipped + sum(s["examples"] for s in scans.values()), hard_negatives, *first_skip,
             )
-        return cls(path, blocks, hard_negatives, need_scores)
+        return cls(path, blocks, hard_negatives, need_scores, held_out)
 
     @property
     def examples(self) -> int:
@@ -228,7 +239,11 @@ class PairFile:
         return usable[: block.examples]
 
     def query(self, lineno: int, raw: bytes) -> Query | None:
-        return to_query(_parse_line(raw, self.path, lineno), self.path, lineno, self.hard_negatives, self.need_scores)
+        """The line's training query; None when it is held out or has too few negatives."""
+        obj = _parse_line(raw, self.path, lineno)
+        if obj.get("query") in self.held_out:
+            return None
+        return to_query(obj, self.path, lineno, self.hard_negatives, self.need_scores)
 
 
 class _EpochStream:
