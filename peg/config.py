@@ -54,6 +54,17 @@ class DataConfig(Section):
         description="Extra training-pair JSONL files ({query, pos, neg, ...}); one dataset each.",
     )
     max_train_queries: int | None = Field(None, ge=1, description="Use only the first N training queries.")
+    sampling: Literal["proportional", "round_robin", "weighted"] = Field(
+        "proportional",
+        description="How training files (datasets) share the batches; each batch comes from one dataset: "
+        "proportional (every batch of every dataset once per epoch, shuffled), round_robin (datasets in turn) "
+        "or weighted (each batch's dataset drawn by dataset_weights).",
+    )
+    dataset_weights: list[float] | None = Field(
+        None,
+        description="sampling weighted: one non-negative weight per training file, in training order (in a "
+        "pipeline run the mined file comes first, then train_files).",
+    )
     dev_split: str | None = Field(
         None,
         description="qrels split of `beir` scored as the dev set during training (train.eval_every), e.g. dev; "
@@ -73,6 +84,15 @@ class DataConfig(Section):
         description="Passages whose title and text are both empty: warn (count them and encode them as empty "
         "strings, as peers do) or error (refuse the corpus).",
     )
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> DataConfig:
+        weights = self.dataset_weights
+        if (self.sampling == "weighted") != (weights is not None):
+            raise KeyConflict("data.dataset_weights", "data.dataset_weights is set exactly when data.sampling is weighted")
+        if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
+            raise KeyConflict("data.dataset_weights", f"data.dataset_weights must be non-negative, not all 0; got {weights}")
+        return self
 
     @property
     def allow_empty_passages(self) -> bool:

@@ -113,7 +113,12 @@ def training_plan(
                           shards=world_size if gather else 1, gather=gather, held_out=held_out)
         for f in files
     }  # fmt: skip
-    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
+    d = config.data
+    if d.dataset_weights is not None and len(d.dataset_weights) != len(files):
+        raise TrainError(
+            f"data.dataset_weights has {len(d.dataset_weights)} weights for {len(files)} training files ({', '.join(files)})"
+        )
+    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed, d.sampling, d.dataset_weights)
     total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
     digest = hashlib.sha256()
     for f in files:
@@ -128,6 +133,7 @@ def training_plan(
         "data.block_bytes": config.data.block_bytes,
         "training data sha256": digest.hexdigest(),
         **dev_plan_identity(config),
+        **({} if d.sampling == "proportional" else {"data.sampling": d.sampling, "data.dataset_weights": d.dataset_weights}),
     }
     return plan, total_steps, identity, dev
 
