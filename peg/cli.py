@@ -477,10 +477,13 @@ def train_command(
     """Train with DeepSpeed under torchrun (started here with train.nproc_per_node processes
     unless already inside torchrun / a PyTorchJob pod); export the model to OUTPUT/model."""
     from peg.train import train
+    from peg.train.selection import best_summary
 
     config = read_config(path)
     log = begin("train")
     model_dir = train(config, output, resume=resume)
+    if best := best_summary(output):
+        say(best)
     say(f"model: {model_dir}\nlog: {log}")
 
 

@@ -54,6 +54,25 @@ class DataConfig(Section):
         description="Extra training-pair JSONL files ({query, pos, neg, ...}); one dataset each.",
     )
     max_train_queries: int | None = Field(None, ge=1, description="Use only the first N training queries.")
+    sampling: Literal["proportional", "round_robin", "weighted"] = Field(
+        "proportional",
+        description="How training files (datasets) share the batches; each batch comes from one dataset: "
+        "proportional (every batch of every dataset once per epoch, shuffled), round_robin (datasets in turn) "
+        "or weighted (each batch's dataset drawn by dataset_weights).",
+    )
+    dataset_weights: list[float] | None = Field(
+        None,
+        description="sampling weighted: one non-negative weight per training file, in training order (in a "
+        "pipeline run the mined file comes first, then train_files).",
+    )
+    dev_split: str | None = Field(
+        None,
+        description="qrels split of `beir` scored as the dev set during training (train.eval_every), e.g. dev; "
+        "null: data.dev_queries queries of train_split, chosen by train.seed, are held out of training instead.",
+    )
+    dev_queries: int = Field(
+        100, ge=1, description="Queries of train_split held out as the dev set when dev_split is null."
+    )
     train_queries: Literal["human", "synthetic", "both"] = Field(
         "human",
         description="Queries that mining turns into training data: human (the BEIR train split's queries and "
@@ -65,6 +84,15 @@ class DataConfig(Section):
         description="Passages whose title and text are both empty: warn (count them and encode them as empty "
         "strings, as peers do) or error (refuse the corpus).",
     )
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> DataConfig:
+        weights = self.dataset_weights
+        if (self.sampling == "weighted") != (weights is not None):
+            raise KeyConflict("data.dataset_weights", "data.dataset_weights is set exactly when data.sampling is weighted")
+        if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
+            raise KeyConflict("data.dataset_weights", f"data.dataset_weights must be non-negative, not all 0; got {weights}")
+        return self
 
     @property
     def allow_empty_passages(self) -> bool:
@@ -191,6 +219,20 @@ class TrainConfig(Section):
     )
     compile: bool = Field(False, description="torch.compile the encoder's transformer (dynamic shapes).")
     prefetch: int = Field(2, ge=0, description="Steps tokenised ahead in a background thread (0: inline).")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Score the dev set every N optimizer steps and at the end (rank 0, `peg eval`'s metrics), "
+        "keep the best model by train.select_metric and export that one; null: no evaluation during training.",
+    )
+    select_metric: str = Field(
+        "ndcg@10",
+        description="Dev metric that picks the best model: ndcg@10, mrr@10, map@K or recall@k (k in eval.k_values, "
+        "K the largest).",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many dev evaluations without improvement; null: never."
+    )
 
     @model_validator(mode="after")
     def _check_zero3_options(self) -> TrainConfig:
@@ -561,11 +603,36 @@ class RunConfig(Section):
                 "loss.kind listwise needs teacher scores: set score.enabled: true (or give data.train_files "
                 "that carry pos_scores/neg_scores)",
             )
+        self._check_eval_during_training()
         if self.data.train_queries != "human" and not self.synth.enabled:
             raise KeyConflict(
                 "data.train_queries", f"data.train_queries {self.data.train_queries!r} needs synth.enabled: true"
             )
         return self
+
+    def _check_eval_during_training(self) -> None:
+        t = self.train
+        if t.eval_every is None:
+            return
+        if self.data.beir is None:
+            raise KeyConflict("train.eval_every", "train.eval_every needs data.beir: the dev set is a BEIR split")
+        d = self.data
+        if d.dev_split is not None and d.dev_split == d.train_split:
+            raise KeyConflict(
+                "data.dev_split", f"data.dev_split {d.dev_split!r} is data.train_split: the dev set must be held out"
+            )
+        if d.dev_split is None and d.train_queries == "synthetic":
+            raise KeyConflict(
+                "train.eval_every",
+                "train.eval_every with data.train_queries synthetic needs data.dev_split (no human train split "
+                "to hold dev queries out of)",
+            )
+        k_values = self.eval.k_values
+        metrics = ["ndcg@10", "mrr@10", f"map@{max(k_values)}", *(f"recall@{k}" for k in k_values)]
+        if t.select_metric not in metrics:
+            raise KeyConflict(
+                "train.select_metric", f"train.select_metric {t.select_metric!r} is not reported; choose one of {metrics}"
+            )
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the named sections' canonical JSON: the identity a stage's outputs depend on."""

@@ -15,7 +15,8 @@ LAYERS = (
     ("peg.config", "peg.progress", "peg.store.files"),  # store.files: atomic writes, sha256 (no peg imports)
     ("peg.model", "peg.data", "peg.store", "peg.losses"),
     ("peg.runtime",),
-    ("peg.train", "peg.mine", "peg.llm", "peg.eval"),
+    ("peg.eval",),  # below train: evaluation during training scores with `peg eval`'s metrics code
+    ("peg.train", "peg.mine", "peg.llm"),
     ("peg.pipeline",),
     ("peg.k8s",),
     ("peg.operator",),

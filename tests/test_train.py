@@ -25,7 +25,7 @@ from peg.train.batches import Prefetcher
 from peg.train.metrics import read_metrics
 from peg.train.schedule import warmup_linear_decay
 from peg.train.telemetry import model_shape, peak_flops, step_flops, throughput
-from peg.train.trainer import runs_in_process, torchrun_command
+from peg.train.trainer import TrainError, runs_in_process, torchrun_command, training_plan
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_SCRIPTS = Path(__file__).parent / "dist_scripts"
@@ -359,3 +359,67 @@ def test_paper_scale_examples_load(name):
     else:
         assert b.queries_per_step == 16 * 256 and b.hard_negatives + 1 == config.score.list_size == 20
         assert config.loss.kind == "listwise"
+
+
+def _three_datasets(tmp_path: Path) -> dict[str, PairFile]:
+    sizes = {"a": 9, "b": 8, "c": 12}  # 2, 2 and 3 batches of 4
+    return {n: load_dataset(write_pairs(tmp_path / f"{n}.jsonl", n, k, 2), 2, need_scores=False, block_bytes=300)
+            for n, k in sizes.items()}  # fmt: skip
+
+
+def test_round_robin_takes_the_datasets_in_turn(tmp_path):
+    plan = BatchPlan(_three_datasets(tmp_path), queries_per_step=4, world_size=2, seed=1, sampling="round_robin")
+    want = [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("c", 2)]
+    assert plan.epoch_batches(0) == plan.epoch_batches(3) == want and plan.steps_per_epoch == 7
+
+
+def test_weighted_sampling_draws_by_weight_and_cycles_a_small_dataset(tmp_path):
+    datasets = _three_datasets(tmp_path)
+    plan = BatchPlan(datasets, queries_per_step=4, world_size=2, seed=1, sampling="weighted", weights=[6.0, 0.0, 1.0])
+    counts: dict[str, int] = {}
+    for epoch in range(30):
+        batches = plan.epoch_batches(epoch)
+        assert len(batches) == plan.steps_per_epoch == 7 and batches == plan.epoch_batches(epoch)
+        for name, _ in batches:
+            counts[name] = counts.get(name, 0) + 1
+    assert "b" not in counts and counts["a"] / (counts["a"] + counts["c"]) == pytest.approx(6 / 7, abs=0.06)
+    # "a" has 2 batches a pass: batch numbers 2 and 3 are a new cycle, reshuffled, every batch from "a" alone
+    cycles = [[q for r in range(2) for q in plan.rank_batch(0, "a", n, r).queries] for n in range(4)]
+    first, second = cycles[0] + cycles[1], cycles[2] + cycles[3]
+    assert len(set(first)) == len(set(second)) == 8 and first != second
+    assert all(q.startswith("a question") for q in first + second)
+
+
+@pytest.mark.parametrize("sampling", ["proportional", "round_robin", "weighted"])
+def test_every_sampling_resumes_exactly_from_any_position(tmp_path, sampling):
+    """A fresh plan (a resumed run) continuing from (epoch, index) reads what the uninterrupted run read."""
+    datasets = _three_datasets(tmp_path)
+    weights = [1.0, 2.0, 1.0] if sampling == "weighted" else None
+
+    def read(plan: BatchPlan, epoch: int, index: int, steps: int) -> list[tuple]:
+        positions, out = plan.positions(epoch, index), []
+        for _ in range(steps):
+            ep, i, name, number = next(positions)
+            out.append((ep, i, name, tuple(q for r in range(2) for q in plan.rank_batch(ep, name, number, r).queries)))
+        return out
+
+    whole = read(BatchPlan(datasets, 4, 2, seed=5, sampling=sampling, weights=weights), 0, 0, 20)
+    resumed = read(BatchPlan(datasets, 4, 2, seed=5, sampling=sampling, weights=weights), *whole[9][:2], 11)
+    assert resumed == whole[9:]
+
+
+def test_weights_must_match_the_training_files(tmp_path):
+    files = [write_pairs(tmp_path / "a.jsonl", "a", 8, 2), write_pairs(tmp_path / "b.jsonl", "b", 8, 2)]
+    config = RunConfig.model_validate({
+        "name": "w", "model": {"name_or_path": "m"}, "batch": {"queries_per_step": 4, "hard_negatives": 2},
+        "data": {"train_files": files, "sampling": "weighted", "dataset_weights": [1.0, 2.0, 3.0]},
+    })  # fmt: skip
+    with pytest.raises(TrainError, match=r"data.dataset_weights has 3 weights for 2 training files"):
+        training_plan(config, world_size=2)
+    config.data.dataset_weights = [1.0, 2.0]
+    _, _, identity, _ = training_plan(config, world_size=2)
+    assert identity["data.sampling"] == "weighted" and identity["data.dataset_weights"] == [1.0, 2.0]
+    for data, message in (({"sampling": "weighted"}, "set exactly when data.sampling is weighted"),
+                          ({"sampling": "weighted", "dataset_weights": [0.0, 0.0]}, "not all 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            RunConfig.model_validate({"name": "w", "model": {"name_or_path": "m"}, "data": data})

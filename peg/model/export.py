@@ -13,16 +13,40 @@ A model trained with Matryoshka losses records its dimensions as `matryoshka_dim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from peg.model.encoder import Encoder
 from peg.store.files import dir_mode
 
 _POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
+
+
+@contextlib.contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success it replaces `path` (a folder), else it is removed."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.st."))
+    tmp.chmod(dir_mode())  # readable by other users, like any folder
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_model_folder(source: Path, path: Path) -> Path:
+    """Replace `path` with a copy of the exported model folder `source`; returns `path`."""
+    with staged_folder(path) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    return path
 
 
 def export_sentence_transformers(
@@ -47,18 +71,10 @@ def export_sentence_transformers(
             modules.append(Normalize())
         prompts = {"query": cfg.query_prefix, "passage": cfg.passage_prefix}
         st = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device="cpu")
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.st."))
-        tmp.chmod(dir_mode())  # readable by other users, like any folder
-        try:
+        with staged_folder(path) as tmp:
             st.save(str(tmp))
             if matryoshka_dims:
                 st_config = tmp / "config_sentence_transformers.json"
                 recorded = {**json.loads(st_config.read_text()), "matryoshka_dims": sorted(matryoshka_dims, reverse=True)}
                 st_config.write_text(json.dumps(recorded, indent=2) + "\n")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return path

@@ -66,6 +66,8 @@ def _prepare(ctx: StageContext) -> list[str]:
     splits = [config.data.train_split] if config.data.train_queries != "synthetic" else []
     if config.eval.enabled:
         splits.append(config.data.eval_split)
+    if config.data.dev_split is not None:
+        splits.append(config.data.dev_split)  # the dev set scored during training (train.eval_every)
     splits = list(dict.fromkeys(splits))
     for split in splits:
         data = BeirDataset.load(config.data.beir, split, allow_empty=allow_empty)
@@ -152,7 +154,7 @@ def _run_with_store_checkpoints(ctx: StageContext, output: Path, run: Callable[[
     if not primary_node():
         return []
     keys = ctx.put_dir("model", model_dir)
-    for name in ("metrics.jsonl", "training.png"):
+    for name in ("metrics.jsonl", "training.png", "best.json"):
         if (output / name).is_file():
             key = ctx.output_key(name)
             ctx.store.put_file(key, output / name, producer=ctx.stage, config_hash=ctx.stage_hash)

@@ -11,7 +11,7 @@ the plan (data.train_files order), never from their paths: the same files read f
 directory (a pipeline's work directory, a pod's) give the same batches. Per dataset the blocks are
 shuffled and so are the examples inside each block, giving the dataset's example stream for the
 epoch; it is cut into global batches of `queries_per_step` (a short tail is dropped), and the
-batches of all datasets are interleaved in a shuffled order. A rank parses only its slice of a
+batches of all datasets are interleaved as `data.sampling` says (`BatchPlan`). A rank parses only its slice of a
 batch (where a block has no skipped lines). A batch position (epoch, index) is all a checkpoint
 needs to continue the data stream exactly: any position is read back directly.
 
@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -43,6 +44,8 @@ from peg.losses import Chunks, passage_ids_from_texts
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 16 << 20
+
+Sampling = Literal["proportional", "round_robin", "weighted"]
 
 
 class BatchError(PegError, ValueError):
@@ -135,12 +138,17 @@ def _bounds(path: Path, block_bytes: int) -> list[tuple[int, int, int]]:
     return list(zip(starts, ends, first_lines))
 
 
-def _scan(path: Path, start: int, end: int, first_line: int, hard_negatives: int, need_scores: bool) -> dict:
-    """Validate one block: its non-blank lines, usable examples, and the skipped (line, negatives)."""
+def _scan(
+    path: Path, start: int, end: int, first_line: int, hard_negatives: int, need_scores: bool, held_out: frozenset[str]
+) -> dict:
+    """Validate one block: its non-blank lines, usable examples, and the skipped (line, negatives);
+    examples whose query is `held_out` (the dev set's) are neither usable nor skipped."""
     block = Block(start, end, first_line, 0, 0)
     usable, skipped, lines = 0, [], _read_lines(path, block)
     for lineno, raw in lines:
         obj = _parse_line(raw, path, lineno)
+        if obj.get("query") in held_out:
+            continue
         if to_query(obj, path, lineno, hard_negatives, need_scores) is None:
             skipped.append((lineno, len(obj.get("neg") or [])))
         else:
@@ -151,11 +159,14 @@ def _scan(path: Path, start: int, end: int, first_line: int, hard_negatives: int
 class PairFile:
     """A training-pair JSONL file as indexed blocks; examples are read back from disk when asked for."""
 
-    def __init__(self, path: Path, blocks: list[Block], hard_negatives: int, need_scores: bool):
+    def __init__(
+        self, path: Path, blocks: list[Block], hard_negatives: int, need_scores: bool, held_out: frozenset[str] = frozenset()
+    ):
         self.path = path
         self.blocks = blocks
         self.hard_negatives = hard_negatives
         self.need_scores = need_scores
+        self.held_out = held_out
 
     @classmethod
     def index(
@@ -169,8 +180,11 @@ class PairFile:
         shard: int = 0,
         shards: int = 1,
         gather: Callable[[object], list[object]] | None = None,
+        held_out: frozenset[str] = frozenset(),
     ) -> PairFile:
         """Index and validate `path`; this process scans blocks `shard::shards`, `gather` shares the results.
+
+        Examples whose query text is in `held_out` (the dev set's queries) are left out.
 
         Examples with fewer negatives (mining keeps no padding: a query may have too few) are
         skipped with a warning naming how many and the first line; if none is left it is an
@@ -184,7 +198,7 @@ class PairFile:
         error: tuple | None = None  # (line, message): plain values travel through all_gather_object
         for b in range(shard, len(bounds), shards):
             try:
-                mine[b] = _scan(path, *bounds[b], hard_negatives, need_scores)
+                mine[b] = _scan(path, *bounds[b], hard_negatives, need_scores, held_out)
             except DataError as e:
                 error = (e.line or 0, e.message)
                 break
@@ -213,7 +227,7 @@ class PairFile:
                 "%s: skipped %d of %d examples with fewer than %d negatives (first: line %d, %d negatives)",
                 path, skipped, skipped + sum(s["examples"] for s in scans.values()), hard_negatives, *first_skip,
             )
-        return cls(path, blocks, hard_negatives, need_scores)
+        return cls(path, blocks, hard_negatives, need_scores, held_out)
 
     @property
     def examples(self) -> int:
@@ -228,7 +242,11 @@ class PairFile:
         return usable[: block.examples]
 
     def query(self, lineno: int, raw: bytes) -> Query | None:
-        return to_query(_parse_line(raw, self.path, lineno), self.path, lineno, self.hard_negatives, self.need_scores)
+        """The line's training query; None when it is held out or has too few negatives."""
+        obj = _parse_line(raw, self.path, lineno)
+        if obj.get("query") in self.held_out:
+            return None
+        return to_query(obj, self.path, lineno, self.hard_negatives, self.need_scores)
 
 
 class _EpochStream:
@@ -237,7 +255,7 @@ class _EpochStream:
     The last two blocks read are kept as raw lines; an example is parsed when it is taken.
     """
 
-    def __init__(self, data: PairFile, position: int, seed: int, epoch: int):
+    def __init__(self, data: PairFile, position: int, seed: int, epoch: int | str):
         self.data = data
         self.position = position  # the dataset's place in the plan: seeds its shuffles
         self.seed, self.epoch = seed, epoch
@@ -271,9 +289,31 @@ class _EpochStream:
 
 
 class BatchPlan:
-    """Deterministic global batches over several datasets; `rank_batch` reads one rank's slice."""
+    """Deterministic global batches over several datasets; `rank_batch` reads one rank's slice.
 
-    def __init__(self, datasets: dict[str, PairFile], queries_per_step: int, world_size: int, seed: int):
+    Every global batch comes from one dataset (its in-batch negatives stay in-domain). An epoch
+    has as many batches as the datasets hold together (sum of examples // queries_per_step);
+    `sampling` chooses which dataset each one comes from:
+    - proportional: every batch of every dataset once, in a shuffled order (a dataset's share is
+      its size);
+    - round_robin: the datasets in turn (a, b, c, a, b, c, ...), a finished dataset dropping out;
+    - weighted: each batch's dataset drawn with probability weight / sum(weights); a dataset
+      drawn more often than it has batches starts its stream over, reshuffled (a new cycle).
+    The order is a function of (seed, epoch) only, so any position is read back directly.
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, PairFile],
+        queries_per_step: int,
+        world_size: int,
+        seed: int,
+        sampling: Sampling = "proportional",
+        weights: list[float] | None = None,
+    ):
+        if (sampling == "weighted") != (weights is not None) or (weights is not None and len(weights) != len(datasets)):
+            raise BatchError(f"sampling {sampling!r} needs one weight per dataset exactly when weighted; got {weights}")
+        self.sampling, self.weights = sampling, weights
         if queries_per_step % world_size:
             raise BatchError(
                 f"batch.queries_per_step ({queries_per_step}) does not divide across {world_size} ranks"
@@ -292,12 +332,24 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return sum(data.examples // self.queries_per_step for data in self.datasets.values())
+        return sum(self.batches_of(name) for name in self.datasets)
+
+    def batches_of(self, name: str) -> int:
+        """Global batches in one pass over dataset `name`."""
+        return self.datasets[name].examples // self.queries_per_step
 
     def epoch_batches(self, epoch: int) -> list[tuple[str, int]]:
         """(dataset, the dataset's batch number) for every global batch of `epoch`, in training order."""
-        labels = [name for name in self.datasets for _ in range(self.datasets[name].examples // self.queries_per_step)]
-        random.Random(f"{self.seed}:{epoch}").shuffle(labels)
+        if self.sampling == "round_robin":
+            rounds = max(self.batches_of(name) for name in self.datasets)
+            labels = [name for r in range(rounds) for name in self.datasets if r < self.batches_of(name)]
+        elif self.sampling == "weighted":
+            labels = random.Random(f"{self.seed}:{epoch}:weighted").choices(
+                list(self.datasets), weights=self.weights, k=self.steps_per_epoch
+            )
+        else:
+            labels = [name for name in self.datasets for _ in range(self.batches_of(name))]
+            random.Random(f"{self.seed}:{epoch}").shuffle(labels)
         seen: dict[str, int] = {}
         batches = []
         for name in labels:
@@ -306,10 +358,13 @@ class BatchPlan:
         return batches
 
     def rank_batch(self, epoch: int, dataset: str, number: int, rank: int) -> RankBatch:
-        """Rank `rank`'s queries of global batch `number` of `dataset` in `epoch`."""
+        """Rank `rank`'s queries of global batch `number` of `dataset` in `epoch` (`number` past the
+        dataset's batches: the same position in its next cycle, reshuffled)."""
+        cycle, number = divmod(number, self.batches_of(dataset))
+        key = epoch if cycle == 0 else f"{epoch}+{cycle}"  # cycle 0: the plain epoch's shuffle
         stream = self._streams.get(dataset)
-        if stream is None or stream.epoch != epoch:
-            stream = self._streams[dataset] = _EpochStream(self.datasets[dataset], self._position[dataset], self.seed, epoch)
+        if stream is None or stream.epoch != key:
+            stream = self._streams[dataset] = _EpochStream(self.datasets[dataset], self._position[dataset], self.seed, key)
         per_rank = self.queries_per_step // self.world_size
         start = number * self.queries_per_step + rank * per_rank
         mine = stream.take(start, start + per_rank)

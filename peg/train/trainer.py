@@ -16,7 +16,9 @@ Output directory layout:
 A checkpoint records the training plan it belongs to (`plan.json`: seed, batch shape, world
 size, total steps, the training data's sha256); `--resume` with another plan is refused, naming
 what differs, instead of continuing at a batch index of another plan.
-    model/                 the final model as a sentence-transformers folder
+    model/                 the final model as a sentence-transformers folder: with train.eval_every, the
+                           best on the dev set (best.json names its step; the last step's is last-model/)
+    best.json, best-step<N>/  the best dev evaluation so far and its model (see peg.train.selection)
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from peg.store import open_store
 from peg.store.files import atomic_output, file_sha256, write_atomically
 from peg.train.batches import BatchPlan, PairFile, Prefetcher, prepare_step
 from peg.train.checkpoints import upload_checkpoint
+from peg.train.devset import DevSet, dev_plan_identity, dev_set
+from peg.train.selection import DevSelection
 from peg.train.metrics import MetricsLog, plot_metrics
 from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_gib, progress_text, step_flops, throughput
 
@@ -90,8 +94,9 @@ def torchrun_command(
 
 def training_plan(
     config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None
-) -> tuple[BatchPlan, int, dict]:
-    """Index and check the training data: (batch plan, total steps, the plan's identity).
+) -> tuple[BatchPlan, int, dict, DevSet | None]:
+    """Index and check the training data: (batch plan, total steps, the plan's identity, the dev set
+    or None without `train.eval_every`); the dev set's held-out queries are left out of the batches.
 
     With `gather` (inside the workers) each rank scans its share of the blocks; without it (the
     launcher, before any worker starts) this process scans them all. Raises `DataError` /
@@ -101,13 +106,20 @@ def training_plan(
     if not files:
         raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
     need_scores = config.loss.kind == "listwise"
+    dev = dev_set(config)
+    held_out = dev.held_out if dev else frozenset()
     datasets = {
         f: PairFile.index(f, config.batch.hard_negatives, need_scores, limit=config.data.max_train_queries,
                           block_bytes=config.data.block_bytes, shard=rank if gather else 0,
-                          shards=world_size if gather else 1, gather=gather)
+                          shards=world_size if gather else 1, gather=gather, held_out=held_out)
         for f in files
     }  # fmt: skip
-    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed)
+    d = config.data
+    if d.dataset_weights is not None and len(d.dataset_weights) != len(files):
+        raise TrainError(
+            f"data.dataset_weights has {len(d.dataset_weights)} weights for {len(files)} training files ({', '.join(files)})"
+        )
+    plan = BatchPlan(datasets, config.batch.queries_per_step, world_size, config.train.seed, d.sampling, d.dataset_weights)
     total_steps = config.train.max_steps or config.train.epochs * plan.steps_per_epoch
     digest = hashlib.sha256()
     for f in files:
@@ -121,8 +133,10 @@ def training_plan(
         "data.max_train_queries": config.data.max_train_queries,
         "data.block_bytes": config.data.block_bytes,
         "training data sha256": digest.hexdigest(),
+        **dev_plan_identity(config),
+        **({} if d.sampling == "proportional" else {"data.sampling": d.sampling, "data.dataset_weights": d.dataset_weights}),
     }
-    return plan, total_steps, identity
+    return plan, total_steps, identity, dev
 
 
 def check_resume(ckpt_dir: Path, identity: dict) -> str | None:
@@ -148,7 +162,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     `nproc_per_node` workers (training, or `pretrain`ing) with torch.distributed.run."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
     if not pretrain:
-        _, _, identity = training_plan(config, world_size)
+        _, _, identity, _ = training_plan(config, world_size)
         if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
             logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -246,12 +260,13 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         dist.all_gather_object(parts, obj)
         return parts
 
-    plan, total_steps, identity = training_plan(config, world_size, rank, gather)
+    plan, total_steps, identity, dev = training_plan(config, world_size, rank, gather)
     if resume:
         check_resume(ckpt_dir, identity)
 
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
+    selection = DevSelection(config, dev, encoder, output_dir, rank, resume) if dev else None
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss, config.model.normalize)
     if config.loss.matryoshka_dims and max(config.loss.matryoshka_dims) > encoder.dim:
@@ -300,18 +315,23 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                 step, index = step + 1, index + 1
                 rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size, peak)
                 rates["peak_memory_gib"] = peak_memory_gib(device)
-                if metrics is not None and (step % config.train.log_every == 0 or step == total_steps):
+                dev_metrics, stop = {}, False
+                if selection and selection.due(step, total_steps):
+                    dev_metrics, stop = selection.evaluate(engine, step)
+                if metrics is not None and (step % config.train.log_every == 0 or step == total_steps or dev_metrics):
                     record = {"step": step, "loss": float(counts[0]) / world_size, "lr": lr}
                     record.update({k: v for k, v in loss_fn.last_stats.items() if k != "loss"})
                     record.update(rates)
                     record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
-                    metrics.log(record)
+                    metrics.log({**record, **dev_metrics})
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
                     tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints,
                                            identity)
                     if checkpoint_key:
                         upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, config.train.keep_checkpoints)
                 advance(1, status=progress_text(rates))
+                if stop:  # early stopping: the best model is already kept
+                    break
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()
@@ -319,7 +339,10 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     if metrics is not None:
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
-    model_dir = _export(engine, encoder, output_dir / "model", rank, config.loss.matryoshka_dims)
+    model_dir = output_dir / "model"
+    _export(engine, encoder, output_dir / "last-model" if selection else model_dir, rank, config.loss.matryoshka_dims)
+    if selection:
+        selection.finish(model_dir)
     _shutdown(engine)
     return model_dir
 

@@ -1,0 +1,122 @@
+"""Dev evaluation during training, the best model kept, early stopping (`train.eval_every`).
+
+`DevSelection` is built on every rank before the DeepSpeed engine (under ZeRO-3 rank 0 keeps a
+CPU copy of the encoder then, to load the gathered weights into). Its `evaluate` is collective:
+rank 0 encodes the dev queries and the corpus and scores them (`peg.train.devset.score_dev`)
+while the other ranks wait at one barrier, so no rank is held longer than the encode and the
+scoring; under ZeRO-3 every rank first takes part in gathering the weights. When the score on
+`train.select_metric` beats the best so far, rank 0 exports that model as
+`best-step<N>/` (a sentence-transformers folder), then atomically rewrites `best.json` naming it,
+then deletes the previous best folder: at every moment `best.json` names a complete folder, so
+the best so far survives a kill -9 and `--resume` continues from it. Early stopping: with
+`train.early_stopping_patience` P, training stops once P evaluations have passed since the best
+one (steps since the best >= P x eval_every; rank 0 decides, every rank follows).
+`finish` makes `model/` a copy of the best folder (the last weights are in `last-model/`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from peg.config import RunConfig
+from peg.model.encoder import Encoder
+from peg.model.export import copy_model_folder, export_sentence_transformers
+from peg.train.devset import BEST_RECORD, BestRecord, DevSet, load_dev_corpus, score_dev
+
+logger = logging.getLogger(__name__)
+
+BEST_PREFIX = "best-step"
+
+
+class DevSelection:
+    """Evaluate, keep the best, stop early; every method is called on every rank."""
+
+    def __init__(self, config: RunConfig, dev: DevSet, encoder: Encoder, output_dir: Path, rank: int, resume: bool):
+        self.config, self.dev, self.encoder, self.output_dir, self.rank = config, dev, encoder, output_dir, rank
+        t = config.train
+        self.metric, self.every, self.patience = t.select_metric, t.eval_every, t.early_stopping_patience
+        self.corpus = load_dev_corpus(config) if rank == 0 else None
+        # ZeRO-3 partitions the encoder's weights in place: rank 0 scores a full copy instead
+        self.eval_copy = copy.deepcopy(encoder) if rank == 0 and t.zero_stage == 3 else None
+        self.best: BestRecord | None = None
+        if rank == 0:
+            if resume:
+                self.best = BestRecord.read(output_dir)
+            else:
+                (output_dir / BEST_RECORD).unlink(missing_ok=True)
+                self._remove_best_folders(keep=None)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.every == 0 or step == total_steps
+
+    def evaluate(self, engine, step: int) -> tuple[dict[str, float], bool]:
+        """Score the dev set at `step`: (rank 0: the dev metrics, other ranks: {}; stop early?)."""
+        import torch.distributed as dist
+
+        model = self._gathered_model(engine)
+        metrics: dict[str, float] = {}
+        stop = False
+        if self.rank == 0:
+            if model is self.eval_copy:
+                model.to(engine.device)
+            metrics = score_dev(model, self.dev, self.corpus, tuple(self.config.eval.k_values),
+                                self.config.loss.matryoshka_dims, self.config.encode.batch_size)  # fmt: skip
+            record = BestRecord(step, self.metric, metrics[f"dev_{self.metric}"], f"{BEST_PREFIX}{step:08d}", metrics)
+            if record.improves_on(self.best):
+                self._keep(model, record)
+            if model is self.eval_copy:
+                model.to("cpu")
+            metrics["dev_best_step"] = float(self.best.step)
+            stop = self.patience is not None and step - self.best.step >= self.patience * self.every
+            if stop:
+                logger.info("train: early stop at step %d: no better dev %s since step %d", step, self.metric, self.best.step)
+        flag = torch.tensor([int(stop)], device=engine.device)
+        dist.broadcast(flag, 0)
+        return metrics, bool(flag.item())
+
+    def finish(self, model_dir: Path) -> None:
+        """Rank 0: `model_dir` becomes a copy of the best model folder (atomically replaced)."""
+        if self.rank != 0:
+            return
+        best = self.best
+        copy_model_folder(self.output_dir / best.model, model_dir)
+        logger.info("train: best dev %s %.4f at step %d: exported to %s", best.metric, best.value, best.step, model_dir)
+
+    def _gathered_model(self, engine) -> Encoder:
+        """The model rank 0 scores: the engine's encoder, or under ZeRO-3 the copy loaded with the
+        gathered weights (collective)."""
+        if engine.zero_optimization_stage() != 3:
+            return self.encoder
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.encoder.model.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                state = {k: v.detach().float().cpu() for k, v in self.encoder.model.state_dict().items()}
+                self.eval_copy.model.load_state_dict(state)
+        return self.eval_copy
+
+    def _keep(self, model: Encoder, record: BestRecord) -> None:
+        state = {k: v.detach().float().cpu().clone() for k, v in model.model.state_dict().items()}
+        export_sentence_transformers(model, self.output_dir / record.model, state_dict=state,
+                                     matryoshka_dims=self.config.loss.matryoshka_dims)  # fmt: skip
+        record.write(self.output_dir)
+        self.best = record
+        self._remove_best_folders(keep=record.model)
+
+    def _remove_best_folders(self, keep: str | None) -> None:
+        for folder in self.output_dir.glob(f"{BEST_PREFIX}*"):
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def best_summary(output_dir: Path) -> str | None:
+    """One line naming the step whose model was exported, or None without evaluation."""
+    best = BestRecord.read(output_dir)
+    if best is None:
+        return None
+    return f"best: dev {best.metric} {best.value:.4f} at step {best.step} (exported to model/; last step: last-model/)"
