@@ -153,3 +153,24 @@ def test_bom_at_the_start_of_jsonl_and_qrels_is_accepted(tmp_path):
         (beir / name).write_bytes(b"\xef\xbb\xbf" + (beir / name).read_bytes())
     data = BeirDataset.load(beir, "test")
     assert sorted(data.corpus) == ["d0", "d1", "d2", "d3"] and data.qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}}
+
+
+def test_a_huge_passage_is_cut_before_tokenisation_to_the_tokens_the_model_reads(tmp_path):
+    """A 2 MB passage: the tokenizer sees only a max_length-bounded prefix, and the ids are those of
+    the whole text truncated (what the model would have read anyway)."""
+    from tiny import make_tiny_model
+
+    from peg.config import ModelConfig
+    from peg.model import Encoder
+
+    encoder = Encoder(ModelConfig(name_or_path=str(make_tiny_model(tmp_path / "m")), passage_max_length=48))
+    seen = []
+    tokenizer = encoder.tokenizer
+    encoder.tokenizer = lambda texts, **kwargs: seen.extend(len(t) for t in texts) or tokenizer(texts, **kwargs)
+    huge = " ".join(f"word{i % 997} piece" for i in range(150_000))
+    features = encoder.tokenize([huge, "a short one"], "passage", padding=False)
+    assert max(seen) <= 48 * 32 and seen[1] == len("a short one")
+    whole = tokenizer([huge[:100_000]], truncation=True, max_length=48)["input_ids"][0]
+    assert features["input_ids"][0] == whole and len(whole) == 48
+    encoder.tokenizer = tokenizer
+    assert encoder.encode([huge], "passage").shape == (1, 32)

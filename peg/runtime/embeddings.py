@@ -31,7 +31,7 @@ import numpy as np
 
 from peg.config import ModelConfig, RunConfig
 from peg.data import DataError, Passage, iter_corpus
-from peg.model import Encoder, resolve_model_path
+from peg.model import Encoder, clip_text, resolve_model_path
 from peg.progress import progress_bar
 from peg.runtime.session import ray_session
 from peg.store import ArtifactStore
@@ -146,8 +146,11 @@ def encode_texts(
     kind: Kind,
     show_progress: bool = False,
 ) -> EmbeddingSet:
-    """Embed `texts` (ids aligned) with `config.model` on Ray actors, or read them from the cache."""
-    ids, texts = list(ids), list(texts)
+    """Embed `texts` (ids aligned) with `config.model` on Ray actors, or read them from the cache.
+    Each text is first cut to what the model reads (`clip_text`), so a huge text costs no more
+    than one of that length and its cache key does not depend on what the model never sees."""
+    max_length = config.model.query_max_length if kind == "query" else config.model.passage_max_length
+    ids, texts = list(ids), [clip_text(t, max_length) for t in texts]
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
     if len(set(ids)) != len(ids):
