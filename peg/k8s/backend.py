@@ -8,12 +8,14 @@ than created twice; one for another hash, or one that has finished, is replaced.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
@@ -48,6 +50,11 @@ def kubernetes_apis() -> tuple[Any, Any]:
 
     try:
         config.load_kube_config()
+    except yaml.YAMLError as e:
+        where = os.environ.get("KUBECONFIG", "~/.kube/config")
+        mark = getattr(e, "problem_mark", None)
+        raise ClusterError(f"kubeconfig {where}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
+                           f"({getattr(e, 'problem', None) or e})") from None
     except (config.ConfigException, FileNotFoundError, TypeError):
         try:
             config.load_incluster_config()
