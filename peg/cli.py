@@ -384,7 +384,7 @@ def pipeline_run(
             raise typer.Exit(2) from None
         fail(f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
     except LeaseHeld as e:
-        fail(str(e))
+        fail(f"{e} (if that process is gone for good: peg pipeline break-lease {path} --host HOST --pid PID)")
     except PegError as e:
         fail(str(e) if e.bad_input else f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
     if seconds:
@@ -464,6 +464,22 @@ def pipeline_status_command(path: ConfigPath) -> None:
     Console().print(table)  # a result: stdout
     if holder is not None:
         say(f"in use by {holder.describe()}")
+
+
+@pipeline_app.command("break-lease")
+def pipeline_break_lease(
+    path: ConfigPath,
+    host: Annotated[str, typer.Option(help="The holder's host, as `peg pipeline status` shows it.")],
+    pid: Annotated[int, typer.Option(help="The holder's pid, as `peg pipeline status` shows it.")],
+) -> None:
+    """Remove the run's lease held by a process that is gone (a lost machine): only if it still
+    names that host and pid. Never break the lease of a live run: two writers would share the run."""
+    from peg.store import open_store
+    from peg.store.lease import break_lease
+
+    config = read_config(path)
+    record = break_lease(open_store(config.store), config.name, host, pid)
+    say(f"broke the lease of run {config.name!r}: {record.command!r} (pid {record.pid} on {record.host})")
 
 
 @pipeline_app.command("stage")

@@ -10,15 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from peg.errors import PegError
 
 BEIR_PREFIX = "beir:"
 """`data.beir: beir:NAME` names a BEIR dataset fetched into the cache (see `peg.data.fetch`)."""
+
+
+MAX_LEASE_SECONDS = 86_400.0
+"""The longest `store.lease_seconds`: a lease that expires later than this (plus clock slack) was
+not written by a peg run."""
 
 
 class ConfigError(PegError, ValueError):
@@ -35,8 +40,27 @@ class KeyConflict(ValueError):
         super().__init__(message)
 
 
+MAX_COUNT = 2**31 - 1
+"""The largest whole number a config may hold (seeds aside): no run counts steps, items or bytes
+past it, and torch and numpy would overflow on some of them."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse a boolean where a number is expected (YAML `yes` is not 1) and a whole number
+        beyond `MAX_COUNT` (seeds excepted)."""
+        kinds = set(get_args(cls.model_fields[info.field_name].annotation)) or {cls.model_fields[info.field_name].annotation}
+        numeric = bool(kinds & {int, float}) and bool not in kinds
+        if numeric and isinstance(value, bool):
+            raise ValueError(f"{value!r} is a boolean; a number is expected here")
+        if numeric and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT \
+                and "seed" not in info.field_name:
+            raise ValueError(f"{value}: beyond any real run (at most {MAX_COUNT:,})")
+        return value
 
 
 class DataConfig(Section):
@@ -363,6 +387,23 @@ class StoreConfig(Section):
         60.0, ge=10, description="A run's lease in the store expires this long after its last renewal."
     )
     part_size_mib: int = Field(64, ge=5, le=5120, description="Multipart upload part size (MiB) for large files.")
+
+    @field_validator("uri", "endpoint")
+    @classmethod
+    def _no_credentials_inside(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Keys never go in a URI or endpoint: both are rendered into Kubernetes objects and printed."""
+        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("holds credentials (user@ or key:secret@); give the keys through environment variables "
+                             "or store.credentials_file, never in the URI")
+        return value
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _lease_at_most_a_day(cls, seconds: float) -> float:
+        """A lease record expiring later than this is taken for damaged (`peg.store.lease`)."""
+        if seconds > MAX_LEASE_SECONDS:
+            raise ValueError(f"{seconds:g} s: a lease lasts at most {MAX_LEASE_SECONDS:g} s (a day)")
+        return seconds
 
     @model_validator(mode="after")
     def _check_endpoint(self) -> StoreConfig:

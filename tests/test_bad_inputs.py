@@ -228,6 +228,15 @@ CASES = [
     ("credentials-file-missing", s3_credentials_file(None), "keys.env: no such file or directory", "store"),
     ("render-onto-a-file", render_onto_a_file, "--output", "x"),
     ("kubeconfig-garbage", garbage_kubeconfig, "/kubeconfig:2: invalid YAML", "store"),
+    # nonsense values, refused at load with the key
+    ("boolean-for-a-count", config_show("train: {epochs: yes}\n"), "cfg.yaml:4: train.epochs: True is a boolean", "store"),
+    ("count-beyond-any-run", config_show("batch: {queries_per_step: 99999999999}\n"),
+     "cfg.yaml:4: batch.queries_per_step: 99999999999: beyond any real run", "store"),
+    ("credentials-in-the-uri", lambda r: ["config", "show", str(write_config(
+        r, "", '{uri: "s3://AKIAEXAMPLE:secret@bucket/p", endpoint: "127.0.0.1:9"}'))],
+     "cfg.yaml:3: store.uri: holds credentials", "store"),
+    ("lease-of-a-year", lambda r: ["config", "show", str(write_config(r, "", "{uri: store, lease_seconds: 31536000}"))],
+     "cfg.yaml:3: store.lease_seconds: 3.1536e+07 s: a lease lasts at most 86400 s", "store"),
 ]
 
 

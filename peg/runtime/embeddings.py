@@ -133,6 +133,13 @@ def _shard_key(folder: str, shard: int) -> str:
     return f"{folder}/shard-{shard:05d}.npz"
 
 
+def _made_here(store: ArtifactStore, key: str, digest: str) -> bool:
+    """True if the shard exists and its manifest says it was encoded for cache key `digest` (the
+    model, settings and texts): a shard put there by anything else is never read, but redone."""
+    manifest = store.manifest(key)
+    return manifest is not None and store.exists(key) and manifest.config_hash == digest
+
+
 def _read_shard(store: ArtifactStore, key: str, tmp: Path) -> tuple[list[str], np.ndarray]:
     with np.load(store.materialise(key, tmp), allow_pickle=False) as data:
         return [str(i) for i in data["ids"]], np.asarray(data["embeddings"], dtype=np.float32)
@@ -162,7 +169,7 @@ def encode_texts(
     num_shards = math.ceil(len(ids) / shard_size)
     with tempfile.TemporaryDirectory(prefix="peg-encode-") as tmpdir:
         tmp = Path(tmpdir)
-        missing = [s for s in range(num_shards) if not store.exists(_shard_key(folder, s))]
+        missing = [s for s in range(num_shards) if not _made_here(store, _shard_key(folder, s), digest)]
         if missing:
             _encode_shards(config, store, folder, digest, ids, texts, kind, missing, tmp, show_progress)
         matrix: np.ndarray | None = None
