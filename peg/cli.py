@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 import yaml
 from rich.markup import escape
@@ -22,7 +24,11 @@ from peg.process import serve_as_init
 
 
 class PegCommands(TyperGroup):
-    """The root command group: every `PegError` raised by any command becomes one line and exit 2."""
+    """The root command group: every `PegError` raised by any command becomes one line and exit 2.
+
+    Any other exception does too (its type, the file it names and its first line), unless `-v`
+    asks for the traceback; the traceback goes to the command's log file when it has one.
+    """
 
     def invoke(self, ctx):
         forget_log_file()
@@ -30,6 +36,24 @@ class PegCommands(TyperGroup):
             return super().invoke(ctx)
         except PegError as e:
             fail(str(e) if e.bad_input or log_file() is None else f"{e} (full log: {log_file()})")
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place an unexpected error becomes one line
+            if _options["verbose"]:
+                raise
+            if log_file() is None:
+                fail(f"{one_line(e)} (rerun with -v for the traceback)")
+            logging.getLogger().error("unexpected error", exc_info=True)  # the root logger: the log file only
+            fail(f"{one_line(e)} (full log: {log_file()})")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: the file an OSError names and its reason, else its type and first line."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 app = typer.Typer(
@@ -68,6 +92,13 @@ def say(message: str, **style) -> None:
 def fail(message: str) -> None:
     console().print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(2)
+
+
+def check_before_run(config: RunConfig, path: Path) -> None:
+    """The checks that need no work done (model, lengths, LLM paths): before a command starts any."""
+    from peg.pipeline.preflight import check_before_run as check
+
+    check(config, path)
 
 
 def read_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
@@ -181,6 +212,7 @@ def encode_command(path: ConfigPath) -> None:
     from peg.store import open_store
 
     config = read_config(path)
+    check_before_run(config, path)
     log = begin("encode")
     corpus, queries = run_encode(config, open_store(config.store))
     for name, emb in (("passages", corpus), ("queries", queries)):
@@ -195,6 +227,7 @@ def mine_command(path: ConfigPath) -> None:
     from peg.store import open_store
 
     config = read_config(path)
+    check_before_run(config, path)
     log = begin("mine")
     result = run_mine(config, open_store(config.store))
     stats = result.stats
@@ -330,11 +363,14 @@ def pipeline_run(
     wait: Annotated[float, typer.Option(min=0, help="Seconds to wait while another process runs this run.")] = 0,
 ) -> None:
     """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
-    from peg.pipeline import LocalBackend, StageFailed, pipeline_results, run_pipeline
+    from peg.pipeline import LocalBackend, StageFailed, current_lease, pipeline_results, run_pipeline
     from peg.store import open_store
     from peg.store.lease import LeaseHeld
 
     config = read_config(path)
+    if backend is BackendName.local:  # in a cluster the model is where the pods are
+        check_before_run(config, path)
+    current_lease(config, open_store(config.store))  # a store that cannot be used: said before any work, no rerun helps
     log = begin("pipeline")
     say(f"peg pipeline {config.name}: store {config.store.uri}; full log: {log}")
     if backend is BackendName.k8s:
@@ -356,7 +392,7 @@ def pipeline_run(
             raise typer.Exit(2) from None
         fail(f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
     except LeaseHeld as e:
-        fail(str(e))
+        fail(f"{e} (if that process is gone for good: peg pipeline break-lease {path} --host HOST --pid PID)")
     except PegError as e:
         fail(str(e) if e.bad_input else f"{e} (full log: {log}); rerun `peg pipeline run {path}` to resume")
     if seconds:
@@ -380,6 +416,8 @@ def render_command(
     from peg.store.files import write_atomically
 
     config = read_config(path, overrides)
+    if output is not None and output.exists() and not output.is_dir():
+        fail(f"--output {output}: exists and is not a directory (render writes one file per object into a folder)")
     try:
         objects = [render_config_map(config), *render_stage(config, stage)] if stage else render_run(config)
     except ConfigError as e:
@@ -436,6 +474,22 @@ def pipeline_status_command(path: ConfigPath) -> None:
         say(f"in use by {holder.describe()}")
 
 
+@pipeline_app.command("break-lease")
+def pipeline_break_lease(
+    path: ConfigPath,
+    host: Annotated[str, typer.Option(help="The holder's host, as `peg pipeline status` shows it.")],
+    pid: Annotated[int, typer.Option(help="The holder's pid, as `peg pipeline status` shows it.")],
+) -> None:
+    """Remove the run's lease held by a process that is gone (a lost machine): only if it still
+    names that host and pid. Never break the lease of a live run: two writers would share the run."""
+    from peg.store import open_store
+    from peg.store.lease import break_lease
+
+    config = read_config(path)
+    record = break_lease(open_store(config.store), config.name, host, pid)
+    say(f"broke the lease of run {config.name!r}: {record.command!r} (pid {record.pid} on {record.host})")
+
+
 @pipeline_app.command("stage")
 def pipeline_stage(
     name: Annotated[str, typer.Argument(help="Stage name.")],
@@ -449,7 +503,13 @@ def pipeline_stage(
     try:
         run_stage_entrypoint(config, path.resolve(), name)
     except (PegError, ValueError) as e:  # every stage's own errors are PegErrors: no heavy imports here
-        fail(f"stage {name}: {e}")
+        bad_input = isinstance(e, ValueError) or e.bad_input
+        fail(f"stage {name}: {e}" if bad_input else f"stage {name}: {e} (full log: {log_file()})")
+    except Exception as e:  # noqa: BLE001 - the pipeline shows this one line, the log the traceback
+        if _options["verbose"]:
+            raise
+        logging.getLogger().error("stage %s failed", name, exc_info=True)
+        fail(f"stage {name}: {one_line(e)} (full log: {log_file()})")
 
 
 @app.command("pretrain")
@@ -463,6 +523,7 @@ def pretrain_command(
     from peg.train.pretrain import pretrain
 
     config = read_config(path)
+    check_before_run(config, path)
     log = begin("pretrain")
     model_dir = pretrain(config, output, resume=resume)
     say(f"model: {model_dir}\nlog: {log}")
@@ -480,6 +541,7 @@ def train_command(
     from peg.train.selection import best_summary
 
     config = read_config(path)
+    check_before_run(config, path)
     log = begin("train")
     model_dir = train(config, output, resume=resume)
     if best := best_summary(output):

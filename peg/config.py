@@ -10,15 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from peg.errors import PegError
 
 BEIR_PREFIX = "beir:"
 """`data.beir: beir:NAME` names a BEIR dataset fetched into the cache (see `peg.data.fetch`)."""
+
+
+MAX_LEASE_SECONDS = 86_400.0
+"""The longest `store.lease_seconds`: a lease that expires later than this (plus clock slack) was
+not written by a peg run."""
 
 
 class ConfigError(PegError, ValueError):
@@ -35,8 +40,27 @@ class KeyConflict(ValueError):
         super().__init__(message)
 
 
+MAX_COUNT = 2**31 - 1
+"""The largest whole number a config may hold (seeds aside): no run counts steps, items or bytes
+past it, and torch and numpy would overflow on some of them."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse a boolean where a number is expected (YAML `yes` is not 1) and a whole number
+        beyond `MAX_COUNT` (seeds excepted)."""
+        kinds = set(get_args(cls.model_fields[info.field_name].annotation)) or {cls.model_fields[info.field_name].annotation}
+        numeric = bool(kinds & {int, float}) and bool not in kinds
+        if numeric and isinstance(value, bool):
+            raise ValueError(f"{value!r} is a boolean; a number is expected here")
+        if numeric and isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT \
+                and "seed" not in info.field_name:
+            raise ValueError(f"{value}: beyond any real run (at most {MAX_COUNT:,})")
+        return value
 
 
 class DataConfig(Section):
@@ -433,6 +457,23 @@ class StoreConfig(Section):
     )
     part_size_mib: int = Field(64, ge=5, le=5120, description="Multipart upload part size (MiB) for large files.")
 
+    @field_validator("uri", "endpoint")
+    @classmethod
+    def _no_credentials_inside(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Keys never go in a URI or endpoint: both are rendered into Kubernetes objects and printed."""
+        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("holds credentials (user@ or key:secret@); give the keys through environment variables "
+                             "or store.credentials_file, never in the URI")
+        return value
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _lease_at_most_a_day(cls, seconds: float) -> float:
+        """A lease record expiring later than this is taken for damaged (`peg.store.lease`)."""
+        if seconds > MAX_LEASE_SECONDS:
+            raise ValueError(f"{seconds:g} s: a lease lasts at most {MAX_LEASE_SECONDS:g} s (a day)")
+        return seconds
+
     @model_validator(mode="after")
     def _check_endpoint(self) -> StoreConfig:
         if self.endpoint is None:
@@ -559,6 +600,14 @@ class RunConfig(Section):
     store: StoreConfig = StoreConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _name_fits_a_label(cls, name: str) -> str:
+        """The run name is a Kubernetes label value and part of file names: at most 63 characters."""
+        if len(name) > 63:
+            raise ValueError(f"{len(name)} characters; a run name has at most 63 (a Kubernetes label value)")
+        return name
+
     @model_validator(mode="before")
     @classmethod
     def _derive_list_lengths(cls, data: Any) -> Any:
@@ -683,6 +732,18 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def key_location(path: str | Path, dotted: str) -> str:
+    """`path:line` of the nearest enclosing key of `dotted` written in the config file (just `path`
+    when none is, or the file cannot be read): where a check after loading points the user."""
+    try:
+        lines = _key_lines(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return str(path)
+    keys = tuple(dotted.split("."))
+    found = next((lines[keys[:n]] for n in range(len(keys), 0, -1) if keys[:n] in lines), None)
+    return f"{path}:{found}" if found else str(path)
+
+
 def _format_errors(err: ValidationError, source: str, key_lines: dict[tuple[str, ...], int]) -> str:
     messages = []
     for e in err.errors():
@@ -701,6 +762,31 @@ def _format_errors(err: ValidationError, source: str, key_lines: dict[tuple[str,
         message = e["msg"].removeprefix("Value error, ")
         messages.append(f"{where}: {message}" if isinstance(conflict, KeyConflict) else f"{where}: {key}: {message}")
     return "; ".join(messages)
+
+
+MAX_CONFIG_NODES = 100_000  # a real config has hundreds; YAML aliases can expand a few lines past any memory
+
+
+def _check_expansion(root: yaml.Node | None, source: str) -> None:
+    """Refuse YAML whose aliases refer to themselves or expand past `MAX_CONFIG_NODES` nodes, before
+    anything expands it (an alias shares its anchor's node, so counting walks the expanded tree)."""
+    if root is None:
+        return
+    count = 0
+    stack: list[tuple[yaml.Node, tuple[int, ...]]] = [(root, ())]
+    while stack:
+        node, ancestors = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases repeated "
+                              "inside each other); write the values out")
+        if id(node) in ancestors:
+            raise ConfigError(f"{source}:{node.start_mark.line + 1}: a YAML alias refers to a node that contains it "
+                              "(it would expand without end)")
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((child, (*ancestors, id(node))) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*ancestors, id(node))) for child in node.value)
 
 
 def _reject_duplicate_keys(node: yaml.Node | None, source: str, path: tuple[str, ...] = ()) -> None:
@@ -722,7 +808,9 @@ def _reject_duplicate_keys(node: yaml.Node | None, source: str, path: tuple[str,
 def parse_config(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None) -> RunConfig:
     """Validate YAML text as a `RunConfig`; errors name `source`, key path and line."""
     try:
-        _reject_duplicate_keys(yaml.compose(text), source)
+        root = yaml.compose(text)
+        _check_expansion(root, source)
+        _reject_duplicate_keys(root, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -779,7 +867,10 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
             return value
         if Path(value).expanduser().is_absolute():
             return str(Path(value).expanduser())
-        return str((base / value).resolve())
+        try:
+            return str((base / value).resolve())
+        except (RuntimeError, OSError):  # RuntimeError: Python < 3.13's symlink loop
+            raise ConfigError(f"{base / value}: symbolic links loop (the path leads back to itself)") from None
 
     def model(value: str | None) -> str | None:
         if value is None or Path(value).is_absolute():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -140,3 +141,38 @@ def _configure_logging(path: Path, verbose: bool, show_logs: bool) -> None:
         handler = _ConsoleHandler()
         peg.addHandler(handler)
         _handlers.append((peg, handler))
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)(?:\[\w+\])?: \S.*$")
+
+
+def _shared_log() -> Path | None:
+    """This process's log file, or the one an ancestor opened (`PEG_LOG_FILE`)."""
+    return log_file() or (Path(os.environ[LOG_FILE_ENV]) if os.environ.get(LOG_FILE_ENV) else None)
+
+
+def log_size() -> int:
+    """How many bytes this command's log file holds now (0 without one): a mark for `cause_since`."""
+    path = _shared_log()
+    try:
+        return path.stat().st_size if path else 0
+    except OSError:
+        return 0
+
+
+def cause_since(offset: int, limit: int = 1 << 20) -> str | None:
+    """The last exception line (`OSError: [Errno 28] No space left on device`) that child
+    processes wrote to this command's log file after byte `offset` (at most its last `limit`
+    bytes are read): what to show with a child's non-zero exit, whose traceback is in the log."""
+    path = _shared_log()
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, size - limit))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = [line.strip() for line in text.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+    return found[-1][:300] if found else None

@@ -4,6 +4,7 @@ work starts and without a partial artifact. One table; each row builds its input
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,9 @@ def write_pairs(path: Path, rows: int = 4, negatives: int = 2, scores: bool = Tr
     return path
 
 
-def write_config(root: Path, text: str, store: str = "{uri: store}") -> Path:
+def write_config(root: Path, text: str, store: str = "{uri: store}", model: str = MODEL) -> Path:
     path = root / "cfg.yaml"
-    path.write_text(f"name: bad\nmodel: {{name_or_path: {MODEL}}}\nstore: {store}\n{text}")
+    path.write_text(f"name: bad\nmodel: {{name_or_path: {model}}}\nstore: {store}\n{text}")
     return path
 
 
@@ -99,6 +100,82 @@ def config_show(text: str):
     return lambda root: ["config", "show", str(write_config(root, text))]
 
 
+def with_data(command: str, model_keys: str = "", model: str = MODEL):
+    """`peg <command> CONFIG` on a small BEIR folder (pipeline run, encode); `model_keys` are added
+    to the model section."""
+    def build(root: Path) -> list[str]:
+        write_beir(root)
+        return [*command.split(), str(write_config(root, "data: {beir: beir}\n", model=f"{model}{model_keys}"))]
+    return build
+
+
+def train_without_model(root: Path) -> list[str]:
+    write_pairs(root / "pairs.jsonl")
+    config = write_config(root, "data: {train_files: [pairs.jsonl]}\nbatch: {queries_per_step: 2, hard_negatives: 2}\n",
+                          model="./no-model")
+    return ["train", str(config), "--output", str(root / "out")]
+
+
+def long_run_name(root: Path) -> list[str]:
+    path = write_config(root, "")
+    path.write_text(path.read_text().replace("name: bad", f"name: {'a' * 300}"))
+    return ["pipeline", "run", str(path)]
+
+
+def symlink_loop_store(root: Path) -> list[str]:
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    return ["pipeline", "status", str(write_config(root, "", f"{{uri: {root / 'loop-a'}}}"))]
+
+
+def lease_is_a_directory(command: str):
+    def build(root: Path) -> list[str]:
+        (root / "store" / "bad" / "_lease.json").mkdir(parents=True)
+        return [*command.split(), str(write_config(root, ""))]
+    return build
+
+
+def self_referencing_alias(root: Path) -> list[str]:
+    path = root / "cfg.yaml"
+    path.write_text(f"name: bad\nmodel: &m {{name_or_path: {MODEL}, x: *m}}\n")
+    return ["config", "show", str(path)]
+
+
+def alias_bomb(root: Path) -> list[str]:
+    """Nine levels of ten aliases each: 10^9 values from 11 lines."""
+    lines = [f"name: bad\nmodel: {{name_or_path: {MODEL}}}", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = root / "cfg.yaml"
+    path.write_text("\n".join([*lines, "train: {epochs: *a8}"]) + "\n")
+    return ["config", "show", str(path)]
+
+
+def s3_credentials_file(content: bytes | None):
+    """`pipeline status` on an S3 store whose credentials file holds `content` (None: absent, while
+    the environment holds keys)."""
+    def build(root: Path) -> list[str]:
+        if content is not None:
+            (root / "keys.env").write_bytes(content)
+        else:
+            os.environ.update(AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")  # the test restores them
+        store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9", secure: false, credentials_file: keys.env}'
+        return ["pipeline", "status", str(write_config(root, "", store))]
+    return build
+
+
+def render_onto_a_file(root: Path) -> list[str]:
+    (root / "out").write_text("mine\n")
+    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
+    return ["render", str(write_config(root, "", store)), "-o", str(root / "out")]
+
+
+def garbage_kubeconfig(root: Path) -> list[str]:
+    (root / "kubeconfig").write_text("clusters: [unclosed\n")
+    os.environ["KUBECONFIG"] = str(root / "kubeconfig")  # the test restores the environment
+    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
+    return ["submit", str(write_config(root, "", store)), "--stage", "train", "--no-wait"]
+
+
 # (id, build(root) -> CLI args, text the one line must contain, path under root that must not exist)
 CASES = [
     ("utf8-config", bad_utf8_config, "cfg.yaml:4: invalid UTF-8 (byte 0xe9)", "store"),
@@ -129,11 +206,45 @@ CASES = [
     ("conflicting-qrels", conflicting_qrels, "test.tsv:4: (q0, d0) has relevance 0 here and 1 on line 2", "out"),
     ("nan-teacher-score", nan_teacher_score, "pairs.jsonl:1: field 'neg_scores' holds a non-finite value", "out"),
     ("empty-pairs-file", empty_pairs_file, "data.train_files[0]", "out"),
+    # checks before any stage starts: named at once, not as "stage encode failed (exit code 1)"
+    ("max-length-above-positions", with_data("pipeline run", ", passage_max_length: 1000"),
+     "cfg.yaml:2: model.passage_max_length (1000) exceeds the 512 positions of model", "store"),
+    ("max-length-above-positions-encode", with_data("encode", ", query_max_length: 600"),
+     "model.query_max_length (600) exceeds the 512 positions", "store"),
+    ("model-folder-pipeline", with_data("pipeline run", model="./no-model"), "no-model: no such folder", "store"),
+    ("model-folder-encode", with_data("encode", model="./no-model"), "no-model: no such folder", "store"),
+    ("model-folder-train", train_without_model, "no-model: no such folder", "out"),
+    ("hub-id-pipeline", with_data("pipeline run", model="no-such-org/no-such-model"),
+     "model no-such-org/no-such-model: not a local folder", "store"),
+    ("run-name-300", long_run_name, "cfg.yaml:1: name: 300 characters; a run name has at most 63", "store"),
+    ("store-symlink-loop", symlink_loop_store, "loop-a: symbolic links loop", "store"),
+    ("lease-is-a-directory-status", lease_is_a_directory("pipeline status"), "_lease.json: cannot read (Is a directory)", "x"),
+    ("lease-is-a-directory-run", lease_is_a_directory("pipeline run"), "_lease.json: cannot read (Is a directory)", "store/bad/prepare"),
+    # each of these printed a traceback
+    ("yaml-alias-loop", self_referencing_alias, "cfg.yaml:2: a YAML alias refers to a node that contains it", "store"),
+    ("yaml-alias-bomb", alias_bomb, "cfg.yaml: expands to more than 100,000 values", "store"),
+    ("credentials-not-utf8", s3_credentials_file(b"AWS_ACCESS_KEY_ID=caf\xe9\nAWS_SECRET_ACCESS_KEY=x\n"),
+     "keys.env:1: invalid UTF-8", "store"),
+    ("credentials-file-missing", s3_credentials_file(None), "keys.env: no such file or directory", "store"),
+    ("render-onto-a-file", render_onto_a_file, "--output", "x"),
+    ("kubeconfig-garbage", garbage_kubeconfig, "/kubeconfig:2: invalid YAML", "store"),
+    # nonsense values, refused at load with the key
+    ("boolean-for-a-count", config_show("train: {epochs: yes}\n"), "cfg.yaml:4: train.epochs: True is a boolean", "store"),
+    ("count-beyond-any-run", config_show("batch: {queries_per_step: 99999999999}\n"),
+     "cfg.yaml:4: batch.queries_per_step: 99999999999: beyond any real run", "store"),
+    ("credentials-in-the-uri", lambda r: ["config", "show", str(write_config(
+        r, "", '{uri: "s3://AKIAEXAMPLE:secret@bucket/p", endpoint: "127.0.0.1:9"}'))],
+     "cfg.yaml:3: store.uri: holds credentials", "store"),
+    ("lease-of-a-year", lambda r: ["config", "show", str(write_config(r, "", "{uri: store, lease_seconds: 31536000}"))],
+     "cfg.yaml:3: store.lease_seconds: 3.1536e+07 s: a lease lasts at most 86400 s", "store"),
 ]
 
 
 @pytest.mark.parametrize(("build", "expected", "absent"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clean_line_and_exit_2(tmp_path, monkeypatch, build, expected, absent):
+    for name in ("KUBECONFIG", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # rows may set them: restored after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PEG_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.chdir(tmp_path)
@@ -153,3 +264,24 @@ def test_bom_at_the_start_of_jsonl_and_qrels_is_accepted(tmp_path):
         (beir / name).write_bytes(b"\xef\xbb\xbf" + (beir / name).read_bytes())
     data = BeirDataset.load(beir, "test")
     assert sorted(data.corpus) == ["d0", "d1", "d2", "d3"] and data.qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}}
+
+
+def test_a_huge_passage_is_cut_before_tokenisation_to_the_tokens_the_model_reads(tmp_path):
+    """A 2 MB passage: the tokenizer sees only a max_length-bounded prefix, and the ids are those of
+    the whole text truncated (what the model would have read anyway)."""
+    from tiny import make_tiny_model
+
+    from peg.config import ModelConfig
+    from peg.model import Encoder
+
+    encoder = Encoder(ModelConfig(name_or_path=str(make_tiny_model(tmp_path / "m")), passage_max_length=48))
+    seen = []
+    tokenizer = encoder.tokenizer
+    encoder.tokenizer = lambda texts, **kwargs: seen.extend(len(t) for t in texts) or tokenizer(texts, **kwargs)
+    huge = " ".join(f"word{i % 997} piece" for i in range(150_000))
+    features = encoder.tokenize([huge, "a short one"], "passage", padding=False)
+    assert max(seen) <= 48 * 32 and seen[1] == len("a short one")
+    whole = tokenizer([huge[:100_000]], truncation=True, max_length=48)["input_ids"][0]
+    assert features["input_ids"][0] == whole and len(whole) == 48
+    encoder.tokenizer = tokenizer
+    assert encoder.encode([huge], "passage").shape == (1, 32)

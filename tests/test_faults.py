@@ -251,3 +251,37 @@ def test_a_flipped_byte_in_every_stage_is_found_and_healed_s3(assets):
 def healed_equals_clean(healed: dict[str, bytes]) -> None:
     assert healed.keys() == RESULTS["s3"].keys()
     assert healed == RESULTS["s3"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_corrupt_stored_checkpoint_falls_back_to_the_one_before(assets, kind):
+    """Killed after two checkpoints reached the store, the newest one gets a flipped byte: the
+    rerun on a fresh disk resumes from the one before and stores what a clean run stores."""
+    root, env, mark, s3, local = assets
+    config = yaml.safe_load((local if kind == "local" else s3).read_text())
+    config["store"]["uri"] = str(root / "store-ckpt") if kind == "local" else config["store"]["uri"] + "-ckpt"
+    config_path = root / f"ckpt-{kind}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    store = open_store(load_config(config_path).store)
+    env = {**env, "PEG_WORK_DIR": str(root / f"work-ckpt-{kind}")}
+    key = "tiny/train/checkpoints"
+    process = peg("pipeline", "run", str(config_path), env=env)
+    deadline = time.monotonic() + 900
+    while not (store.exists(f"{key}/latest") and store.read_text(f"{key}/latest") != "step00000002"):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    newest = store.read_text(f"{key}/latest")
+    flip_stored_byte(store, f"{key}/{newest}/mp_rank_00_model_states.pt")
+    shutil.rmtree(root / f"work-ckpt-{kind}")  # a fresh disk: the checkpoint can only come from the store
+
+    output = run_to_end(config_path, env)
+    log = Path(re.search(r"full log: (\S+)", output).group(1).rstrip(";")).read_text()
+    assert f"checkpoint {key}/{newest} does not verify" in log
+    assert re.search(r"resumed from checkpoint step\d{8}", log)
+    if "s3" not in RESULTS:  # run alone: the clean run to compare with
+        run_to_end(s3, env)
+        RESULTS["s3"] = outputs(s3, root / "clean-s3")
+    assert outputs(config_path, root / f"ckpt-{kind}-out") == RESULTS["s3"]

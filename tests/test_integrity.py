@@ -281,3 +281,116 @@ def test_report_renders_mining_statistics_as_tables():
     assert "<tr><th>relative margin</th><td>30</td></tr>" in page
     assert "<tr><th>candidates</th><td>2,400</td></tr>" in page
     assert "q9, and" not in page and "q0, q1" in page and "and 15 more" in page and "q10" not in page
+
+
+def _store_checkpoint(store, key: str, tag: str, payload: bytes, listed: bool = True) -> None:
+    """A stored checkpoint as `upload_checkpoint` leaves it (with its file list when `listed`)."""
+    names = ("mp_rank_00_model_states.pt", "rng-rank0.pt")
+    for name in names:
+        store.put_bytes(f"{key}/{tag}/{name}", payload + name.encode(), producer="train")
+    if listed:
+        store.put_json(f"{key}/{tag}/_files.json", {n: store.require_manifest(f"{key}/{tag}/{n}").sha256 for n in names},
+                       producer="train")
+    store.put_bytes(f"{key}/latest", tag.encode(), producer="train")
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "dropped file"])
+def test_a_stored_checkpoint_that_does_not_verify_falls_back_to_the_one_before(store, tmp_path, damage):
+    from peg.train.checkpoints import restore_checkpoint, stored_tags
+
+    key = "run/train/checkpoints"
+    _store_checkpoint(store, key, "step00000002", b"old")
+    _store_checkpoint(store, key, "step00000004", b"new")
+    if damage == "flipped byte":
+        flip_stored_byte(store, f"{key}/step00000004/rng-rank0.pt")
+    else:  # what a run of an earlier peg left: the bad file dropped, `latest` still naming its tag
+        store.delete(f"{key}/step00000004/rng-rank0.pt")
+    ckpt = tmp_path / "fresh" / "checkpoints"
+    for attempt in range(2):  # the fallback holds on every later rerun too: never a dead end
+        assert restore_checkpoint(store, key, ckpt) is True, attempt
+        assert (ckpt / "latest").read_text() == "step00000002"
+        assert (ckpt / "step00000002" / "rng-rank0.pt").read_bytes() == b"oldrng-rank0.pt"
+        assert not (ckpt / "step00000004").exists()
+        assert stored_tags(store, key) == ["step00000002"] and store.read_text(f"{key}/latest") == "step00000002"
+
+    flip_stored_byte(store, f"{key}/step00000002/mp_rank_00_model_states.pt")  # nothing verifies: a clean start
+    fresh = tmp_path / "other" / "checkpoints"
+    assert restore_checkpoint(store, key, fresh) is False
+    assert restore_checkpoint(store, key, ckpt) is False and not (ckpt / "latest").exists()
+    assert store.list(key) == []
+
+
+@pytest.mark.parametrize("store", ["s3"], indirect=True)  # a local store's lines were already its paths
+def test_the_final_model_and_report_lines_are_usable_locations(store):
+    from peg.config import RunConfig
+    from peg.pipeline import pipeline_results
+
+    config = RunConfig.model_validate({"name": "run", "model": {"name_or_path": "m"}, "store": {"uri": f"s3://{store.bucket}/p"}})
+    scores = {"ndcg@10": 0.5, "map@100": 0.4, "mrr@10": 0.5, "recall@10": 0.6, "recall@100": 0.9}
+    store.put_json("run/eval/summary.json", {"split": "test", "metrics": {"base": scores, "fine-tuned": scores}}, "eval")
+    store.put_text("run/export/model/modules.json", "[]", "export")
+    store.put_text("run/report/report.html", "<html></html>", "report")
+    lines = pipeline_results(config, store)
+    where = f"s3://{store.bucket}/p"
+    assert lines[-2] == f"model: {where}/run/export/model/" and lines[-1] == f"report: {where}/run/report/report.html"
+
+
+def test_cached_embeddings_of_another_model_are_never_used(tmp_path):
+    """A shard put under this model's cache key by anything else (here: another model's shard,
+    with a manifest) is re-encoded, not read."""
+    import numpy as np
+    from tiny import make_tiny_model
+
+    from peg.config import RunConfig
+    from peg.data import Passage
+    from peg.runtime import encode_corpus
+
+    corpus = [Passage(f"p{i}", "", f"passage number {i} about topic {i % 3}") for i in range(6)]
+
+    def config(model: Path) -> RunConfig:
+        return RunConfig.model_validate({"name": "c", "model": {"name_or_path": str(model), "passage_max_length": 16},
+                                         "encode": {"in_process_below": 100}, "store": {"uri": str(tmp_path / "store")}})
+
+    first, second = config(make_tiny_model(tmp_path / "a", seed=0)), config(make_tiny_model(tmp_path / "b", seed=1))
+    store = open_store(first.store)
+    theirs = encode_corpus(first, store, corpus)
+    wanted = encode_corpus(second, LocalStore(tmp_path / "clean"), corpus)
+    shard = next(k for k in store.list(theirs.key) if k.endswith(".npz"))
+    forged = wanted.key + shard[len(theirs.key):]
+    store.put_file(forged, store.local_path(shard), producer="encode", config_hash=store.manifest(shard).config_hash)
+    ours = encode_corpus(second, store, corpus)
+    assert ours.key == wanted.key and not np.allclose(ours.matrix, theirs.matrix)
+    np.testing.assert_array_equal(ours.matrix, wanted.matrix)
+
+
+def test_a_lease_expiring_later_than_any_run_sets_is_taken_over(store):
+    far = {"owner": "hostile", "host": "elsewhere", "pid": 7, "command": "peg pipeline run x", "acquired": "then",
+           "expires": time.time() + 10 * 365 * 86400}
+    store.create_object("run/_lease.json", json.dumps(far).encode())
+    lease = Lease(store, "run", ttl=30)
+    lease.acquire(wait=0)
+    assert read_lease(store, "run").owner == lease.owner
+    lease.release()
+
+
+def test_break_lease_removes_only_the_named_holders_lease(store, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from peg.cli import app
+
+    held = {"owner": "lost", "host": "node-7", "pid": 4242, "command": "peg pipeline run x", "acquired": "then",
+            "expires": time.time() + 3600}
+    store.create_object("run/_lease.json", json.dumps(held).encode())
+    with pytest.raises(LeaseHeld):
+        Lease(store, "run", ttl=30).acquire(wait=0)
+    store_yaml = {"uri": str(store.root)} if isinstance(store, LocalStore) else store.config.model_dump(mode="json")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"name": "run", "model": {"name_or_path": "m"}, "store": store_yaml}))
+    wrong = CliRunner().invoke(app, ["pipeline", "break-lease", str(config), "--host", "node-7", "--pid", "1"])
+    assert wrong.exit_code == 2 and "held by pid 4242 on node-7, not pid 1 on node-7" in " ".join(wrong.output.split())
+    assert read_lease(store, "run").owner == "lost"
+    broke = CliRunner().invoke(app, ["pipeline", "break-lease", str(config), "--host", "node-7", "--pid", "4242"])
+    assert broke.exit_code == 0 and "'peg pipeline run x' (pid 4242 on node-7)" in broke.output, broke.output
+    assert read_lease(store, "run") is None
+    with Lease(store, "run", ttl=30):
+        pass

@@ -12,6 +12,7 @@ The main pod's log of each stage is printed as it comes and kept in the store at
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
@@ -54,6 +56,11 @@ def kubernetes_apis() -> tuple[Any, Any]:
 
     try:
         config.load_kube_config()
+    except yaml.YAMLError as e:
+        where = os.environ.get("KUBECONFIG", "~/.kube/config")
+        mark = getattr(e, "problem_mark", None)
+        raise ClusterError(f"kubeconfig {where}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
+                           f"({getattr(e, 'problem', None) or e})") from None
     except (config.ConfigException, FileNotFoundError, TypeError):
         try:
             config.load_incluster_config()

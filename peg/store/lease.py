@@ -28,10 +28,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
+from peg.config import MAX_LEASE_SECONDS
 from peg.store.base import ArtifactStore, StoreError
 
 LEASE_NAME = "_lease.json"
 POLL_SECONDS = 1.0
+CLOCK_SLACK_SECONDS = 3_600.0  # how far ahead another host's clock may run before its expiry is nonsense
 
 
 class LeaseHeld(StoreError):
@@ -54,8 +56,10 @@ class LeaseRecord:
 
 
 def _is_dead(record: LeaseRecord) -> bool:
-    """True if the lease expired, or its holder ran on this host and that process is gone."""
-    if record.expires < time.time():
+    """True if the lease expired, expires later than any run would set (more than
+    `MAX_LEASE_SECONDS` plus `CLOCK_SLACK_SECONDS` ahead: not written by a peg run), or its holder
+    ran on this host and that process is gone."""
+    if record.expires < time.time() or record.expires > time.time() + MAX_LEASE_SECONDS + CLOCK_SLACK_SECONDS:
         return True
     if record.host != socket.gethostname():
         return False
@@ -164,6 +168,24 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def break_lease(store: ArtifactStore, run: str, host: str, pid: int) -> LeaseRecord:
+    """Remove `run`'s lease if it is held by process `pid` on `host` (as `pipeline status` shows
+    it); the removal is a compare-and-swap on the record read, so a lease renewed or taken by
+    anyone else in between is left alone. StoreError naming the holder otherwise. Only for a
+    holder that is gone: a live holder notices at its next renewal and stops before its next stage."""
+    key = f"{run}/{LEASE_NAME}"
+    current = store.read_object(key)
+    if current is None:
+        raise StoreError(f"{store.describe()}: run {run!r} has no lease to break")
+    record = parse_lease(current[0])
+    if record is not None and (record.host, record.pid) != (host, pid):
+        raise StoreError(f"{store.describe()}: the lease of run {run!r} is held by pid {record.pid} on {record.host}, "
+                         f"not pid {pid} on {host}: nothing broken")
+    if not store.remove_object(key, current[1]):
+        raise StoreError(f"{store.describe()}: the lease of run {run!r} changed while breaking it: nothing broken")
+    return record or LeaseRecord("?", host, pid, "(damaged record)", "?", 0.0)
 
 
 def read_lease(store: ArtifactStore, run: str) -> LeaseRecord | None:

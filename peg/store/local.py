@@ -39,6 +39,10 @@ class LocalStore(ArtifactStore):
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
+        try:
+            self.root.resolve(strict=False)
+        except (RuntimeError, OSError):  # RuntimeError: Python < 3.13's symlink loop
+            raise StoreError(f"local store {self.root}: symbolic links loop (the path leads back to itself)") from None
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"local store {self.root}: not a directory")
 
@@ -165,6 +169,8 @@ class LocalStore(ArtifactStore):
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:  # a directory or an unreadable file where the control object belongs
+            raise StoreError(f"{path}: cannot read ({e.strerror}); peg writes this file itself: move it away") from None
         return data, hashlib.sha256(data).hexdigest()
 
     def create_object(self, key: str, data: bytes) -> str | None:

@@ -102,24 +102,17 @@ def load_credentials(config: StoreConfig) -> tuple[str, str]:
     """
     names = (config.access_key_env, config.secret_key_env)
     values = [os.environ.get(name, "") for name in names]
+    path = Path(config.credentials_file) if config.credentials_file else None
+    if path is not None and not path.exists():  # named but absent: a mistake even if the environment has keys
+        raise StoreError(f"store.credentials_file {path}: no such file or directory")
     if all(values):
         return values[0], values[1]
-    if config.credentials_file:
-        path = Path(config.credentials_file)
+    if path is not None:
         if path.is_dir():
-            found = {}
-            for name in names:
-                try:
-                    found[name] = (path / name).read_text().strip()
-                except FileNotFoundError:
-                    pass
+            found = {name: _read_secret(path / name).strip() for name in names if (path / name).is_file()}
         else:
-            try:
-                text = path.read_text()
-            except OSError as e:
-                raise StoreError(f"store.credentials_file {path}: cannot read: {e.strerror}") from None
             found = {}
-            for line in text.splitlines():
+            for line in _read_secret(path).splitlines():
                 name, sep, value = line.strip().removeprefix("export ").partition("=")
                 if sep and not name.startswith("#"):
                     found[name.strip()] = value.strip().strip("'\"")
@@ -131,6 +124,19 @@ def load_credentials(config: StoreConfig) -> tuple[str, str]:
     raise StoreError(
         f"no S3 credentials: environment variable(s) {', '.join(unset)} not set and no store.credentials_file"
     )
+
+
+def _read_secret(path: Path) -> str:
+    """A credentials file's text; StoreError naming the file (never its content) if it cannot be read."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"store.credentials_file {path}: cannot read: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise StoreError(f"store.credentials_file {path}:{line}: invalid UTF-8") from None
 
 
 def is_transient(error: BaseException) -> bool:

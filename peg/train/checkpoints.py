@@ -1,19 +1,29 @@
 """Training checkpoints in the artifact store, so a training pod with a fresh disk resumes exactly.
 
-Layout under a store key prefix K: `K/<tag>/<file>` (every rank's DeepSpeed and RNG files) and
-`K/latest` (the tag). `latest` is written last, by rank 0, after every node has uploaded its
-files: a tag named by `K/latest` is always complete. Each node uploads the files its own ranks
-wrote (pods share no disk); on restore each node downloads the whole tag.
+Layout under a store key prefix K: `K/<tag>/<file>` (every rank's DeepSpeed and RNG files),
+`K/<tag>/_files.json` (every file of the tag with its sha256) and `K/latest` (the tag). The
+file list and then `latest` are written last, by rank 0, after every node has uploaded its files:
+a tag with a file list is complete. Each node uploads the files its own ranks wrote (pods share
+no disk); on restore each node downloads the whole tag.
+
+A stored checkpoint that does not verify (a changed byte, a missing file) is never a dead end:
+restore drops it and takes the newest one that verifies, or reports that there is none (a clean
+start).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 
-from peg.store import ArtifactStore
+from peg.store import ArtifactStore, IntegrityError
 
 LATEST = "latest"
+FILES = "_files.json"
+
+logger = logging.getLogger(__name__)
 
 
 def upload_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, tag: str, keep: int) -> None:
@@ -25,6 +35,9 @@ def upload_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, tag: str, 
             store.put_file(f"{key}/{tag}/{path.relative_to(ckpt_dir / tag).as_posix()}", path, producer="train")
     dist.barrier()
     if dist.get_rank() == 0:
+        files = {k[len(f"{key}/{tag}/") :]: store.require_manifest(k).sha256
+                 for k in store.list(f"{key}/{tag}") if not k.endswith(f"/{FILES}")}
+        store.put_json(f"{key}/{tag}/{FILES}", files, producer="train")
         store.put_bytes(f"{key}/{LATEST}", tag.encode(), producer="train")
         for old in stored_tags(store, key)[:-keep]:
             store.delete(f"{key}/{old}")
@@ -37,26 +50,72 @@ def stored_tags(store: ArtifactStore, key: str) -> list[str]:
 
 
 def restore_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, trust_local: bool = False) -> bool:
-    """Make `ckpt_dir` hold the newest complete checkpoint; False if there is none.
+    """Make `ckpt_dir` hold the newest stored checkpoint that verifies; False if there is none.
 
-    The store's latest is restored onto this disk. With `trust_local` (a single-node run: no
-    other node could lack it), a newer complete local checkpoint that did not reach the store
-    before the process died is resumed from instead.
+    Candidates, newest first, are the tags with a file list and (written by peg versions before
+    the list) tags no newer than `latest`. A candidate with a file that is missing or does not
+    verify is deleted from the store and from `ckpt_dir`, and the next older one is tried; the
+    store's `latest` is set to the tag restored (removed when none verifies). With `trust_local`
+    (a single-node run: no other node could lack it), a newer local checkpoint that did not reach
+    the store before the process died is resumed from instead.
     """
     local = ckpt_dir / LATEST
     local_tag = local.read_text().strip() if local.is_file() else None
-    stored_tag = store.get_bytes(f"{key}/{LATEST}").decode().strip() if store.exists(f"{key}/{LATEST}") else None
-    if trust_local and local_tag and (ckpt_dir / local_tag).is_dir() and (stored_tag is None or local_tag > stored_tag):
+    candidates = _complete_tags(store, key)
+    if trust_local and local_tag and (ckpt_dir / local_tag).is_dir() and (not candidates or local_tag > candidates[0]):
         return True
-    if stored_tag is None:
-        return False
-    for item in store.list(f"{key}/{stored_tag}"):
-        target = ckpt_dir / item[len(key) + 1 :]
+    for tag in candidates:
+        try:
+            _download_tag(store, key, tag, ckpt_dir)
+        except IntegrityError as e:
+            logger.warning("checkpoint %s/%s does not verify (%s): dropped, trying the one before", key, tag, e)
+            store.delete(f"{key}/{tag}")
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            continue
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, local)
+        if _stored_latest(store, key) != tag:
+            store.put_bytes(f"{key}/{LATEST}", tag.encode(), producer="train")
+        return True
+    if candidates:
+        logger.warning("no stored checkpoint under %s verifies: training starts from the beginning", key)
+    store.delete(f"{key}/{LATEST}")
+    local.unlink(missing_ok=True)
+    return False
+
+
+def _stored_latest(store: ArtifactStore, key: str) -> str | None:
+    """The tag `K/latest` names; None if it is absent or does not verify."""
+    try:
+        return store.get_bytes(f"{key}/{LATEST}").decode().strip() if store.exists(f"{key}/{LATEST}") else None
+    except (IntegrityError, UnicodeDecodeError):
+        return None
+
+
+def _complete_tags(store: ArtifactStore, key: str) -> list[str]:
+    """Tags that were complete when stored, newest first (see `restore_checkpoint`)."""
+    latest = _stored_latest(store, key)
+    return sorted((t for t in stored_tags(store, key)
+                   if store.exists(f"{key}/{t}/{FILES}") or (latest is not None and t <= latest)), reverse=True)
+
+
+def _download_tag(store: ArtifactStore, key: str, tag: str, ckpt_dir: Path) -> None:
+    """Copy the tag's files to `ckpt_dir/<tag>/`, verified (a same-size local copy is kept);
+    IntegrityError if a file of its list is missing or differs."""
+    prefix = f"{key}/{tag}/"
+    stored = {k[len(prefix) :]: k for k in store.list(f"{key}/{tag}") if not k.endswith(f"/{FILES}")}
+    if store.exists(prefix + FILES):
+        listed = store.read_json(prefix + FILES)
+        missing = sorted(set(listed) - set(stored))
+        if missing:
+            raise IntegrityError(prefix + missing[0], f"{store.describe()}: {prefix}{missing[0]} is missing")
+        changed = sorted(n for n in listed if store.require_manifest(stored[n]).sha256 != listed[n])
+        if changed:
+            raise IntegrityError(prefix + changed[0], f"{store.describe()}: {prefix}{changed[0]} is not the file the checkpoint stored")
+    for name, item in stored.items():
+        target = ckpt_dir / tag / name
         if not (target.is_file() and target.stat().st_size == store.require_manifest(item).size):
             target.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(item, target)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / f".{LATEST}.tmp"
-    tmp.write_text(stored_tag)
-    os.replace(tmp, local)
-    return True

@@ -29,7 +29,7 @@ import torch
 
 from peg.config import PretrainConfig, RunConfig
 from peg.data import iter_corpus
-from peg.model.encoder import Encoder, pool, resolve_model_path
+from peg.model.encoder import Encoder, clip_text, pool, resolve_model_path
 from peg.progress import progress_bar
 from peg.store import open_store
 from peg.train.batches import BatchError
@@ -156,7 +156,7 @@ def pretrain_identity(config: RunConfig, texts: list[str], world_size: int, tota
 
 def step_masks(tokenizer, texts: list[str], p: PretrainConfig, seed: int) -> dict[str, torch.Tensor]:
     """Tokenize a rank's passages and draw both masks from a generator seeded by `seed`."""
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=p.max_length, return_tensors="pt",
+    batch = tokenizer([clip_text(t, p.max_length) for t in texts], padding=True, truncation=True, max_length=p.max_length, return_tensors="pt",
                       return_special_tokens_mask=True)
     special = batch["special_tokens_mask"].bool() | (batch["attention_mask"] == 0)
     generator = torch.Generator().manual_seed(seed)

@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from peg.config import RunConfig
+from peg.console import cause_since, log_size
 from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
@@ -172,9 +173,11 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key, pretrain)
+    mark = log_size()
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise TrainError(f"training workers failed (exit status {rc})")
+        cause = cause_since(mark)  # the ranks' tracebacks are in the log: show their last error line
+        raise TrainError(f"training workers failed (exit status {rc})" + (f": {cause}" if cause else ""))
     return output_dir / "model"
 
 
