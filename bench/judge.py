@@ -44,7 +44,8 @@ def main() -> None:
 
     from peg.config import LLMConfig
     from peg.llm.loading import load_causal_lm
-    from peg.llm.scorer import LLMScorer, left_pad
+    from peg.llm.backends import left_pad
+    from peg.llm.scorer import LLMScorer
 
     config = LLMConfig(mode="yes_no", batch_size=args.batch)
     model, tokenizer = load_causal_lm(config)
@@ -58,9 +59,9 @@ def main() -> None:
     with torch.no_grad():
         for s in range(0, len(queries), args.batch):
             seqs = [scorer._yes_no_sequence(q, p) for q, p in zip(queries[s : s + args.batch], passages[s : s + args.batch])]
-            batch = left_pad(seqs, scorer.pad_id)
+            batch = left_pad(seqs, scorer.lm.pad_id)
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
-                                 max_new_tokens=args.new_tokens, pad_token_id=scorer.pad_id)  # fmt: skip
+                                 max_new_tokens=args.new_tokens, pad_token_id=scorer.lm.pad_id)  # fmt: skip
             generated += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     generate_s = time.perf_counter() - start
     answers = [g.strip().lower() for g in generated]

@@ -348,6 +348,16 @@ class LLMConfig(Section):
         description="yes_no: P(yes)/(P(yes)+P(no)) of a chat-template relevance question (instruct LLMs ~1B+); "
         "query_likelihood: mean log-prob of the query given the passage (UPR; works with small models).",
     )
+    backend: Literal["transformers", "ctranslate2"] = Field(
+        "transformers",
+        description="Inference engine: transformers, or ctranslate2 (the model converted once and cached; "
+        "faster on CPU, see bench/results.md).",
+    )
+    compute_type: Literal["int8", "float32"] = Field(
+        "int8",
+        description="ctranslate2: weight type at load (int8: quantized, fastest on CPU; float32: the "
+        "transformers path's numbers).",
+    )
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass / generate call.")
     max_passage_chars: int = Field(2000, ge=1, description="Passages are cut to this many characters.")
     shard_size: int = Field(64, ge=1, description="Examples (or passages) per Ray task and stored shard.")
@@ -394,19 +404,25 @@ class SynthConfig(Section):
 
     enabled: bool = False
     llm: LLMConfig = LLMConfig()
-    query_types: list[Literal["question", "claim", "keywords", "title", "web_query"]] = [
-        "question",
-        "claim",
-        "keywords",
-        "title",
-        "web_query",
-    ]
+    query_types: list[
+        Literal["question", "claim", "keywords", "title", "web_query", "passage_title", "inverse_cloze", "span_crop"]
+    ] = Field(
+        ["question", "claim", "keywords", "title", "web_query"],
+        description="LLM-written: question, claim, keywords, title, web_query; cut from the passage, no LLM: "
+        "passage_title, inverse_cloze (a sentence), span_crop (synth.span_words words).",
+    )
+    span_words: int = Field(12, ge=1, description="span_crop: words in the cropped query.")
     num_passages: int | None = Field(None, ge=1, description="Passages to write queries for (None: all).")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature (0: greedy).")
     max_new_tokens: int = Field(50, ge=1)
     filter_top_k: int = Field(20, ge=1, description="Round trip: the source must be in the top k.")
     filter_teacher: bool = Field(
         True, description="Round trip: the teacher (`score`) must also rank the source first among the top k."
+    )
+    gate_fraction: float = Field(
+        0.1, ge=0, lt=1,
+        description="Teacher gate: fraction of generated queries held out of training to compare the teacher's "
+        "reranking of the student's top filter_top_k with the student's (0: no gate; needs filter_teacher).",
     )
     seed: int = Field(0, description="Sampling seed (per shard: seed + shard number).")
 

@@ -152,8 +152,9 @@ def test_synthetic_query_settings_invalidate_everything_but_prepare_and_pretrain
     assert [s for s in a if a[s] == b[s]] == ["prepare", "pretrain"]  # pretraining reads the corpus alone
 
 
-def test_scifact_synthetic_example_trains_on_synthetic_queries_only():
-    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "scifact-synthetic.yaml")
+@pytest.mark.parametrize("example", ["scifact-synthetic.yaml", "scifact-corpus-fast.yaml"])
+def test_scifact_corpus_only_examples_train_on_synthetic_queries_only(example):
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / example)
     assert config.data.train_queries == "synthetic" and config.synth.enabled and config.score.enabled
     assert config.loss.kind == "listwise" and config.batch.hard_negatives + 1 == config.score.list_size
     assert [s.name for s in enabled_stages(config)] == [

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,17 +57,33 @@ def gguf_path(config: LLMConfig) -> Path | None:
     return Path(config.path) / config.gguf_file if config.path else Path(config.gguf_file)
 
 
+def cached_conversion(target: Path, done_marker: str, convert: Callable[[Path], None]) -> Path:
+    """`target`, made once by `convert(folder)` if `target/done_marker` is missing: under a file
+    lock (concurrent Ray actors convert once), into a temporary folder renamed into place (a
+    crash leaves no half-written target)."""
+    if (target / done_marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / done_marker).is_file():  # another process converted it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            convert(tmp)
+            tmp.chmod(dir_mode())
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
 def convert_gguf(path: Path) -> Path:
     """Return the cached fp32 transformers folder for GGUF file `path`, converting it once."""
     if not path.is_file():
         raise LLMError(f"GGUF file not found: {path}")
-    target = cache_dir() / "gguf" / file_sha256(path)[1]
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():  # another process converted it while we waited
-            return target
+
+    def convert(folder: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -76,16 +93,10 @@ def convert_gguf(path: Path) -> Path:
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(quantized.state_dict())
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            tmp.chmod(dir_mode())
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return cached_conversion(cache_dir() / "gguf" / file_sha256(path)[1], "config.json", convert)
 
 
 def check_model_source(config: LLMConfig) -> None:

@@ -9,8 +9,8 @@ Two modes (`LLMConfig.mode`):
   given the passage and the instruction "Write a question that this passage answers.", one
   batched teacher-forced forward pass. Works with small models (SmolLM2-135M).
 
-Batches are left-padded with explicit position ids, so a pair scores the same alone or in any
-batch. Passages are cut to `max_passage_chars`.
+The forward passes run on `llm.backend` (peg/llm/backends.py: transformers, or CTranslate2 for
+CPU speed); a pair scores the same alone or in any batch. Passages are cut to `max_passage_chars`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from peg.config import LLMConfig
-from peg.llm.loading import LLMError, load_causal_lm
+from peg.llm.backends import as_backend, load_lm
+from peg.llm.loading import LLMError
 from peg.progress import progress_bar
 
 YES_NO_PROMPT = (
@@ -43,30 +44,18 @@ def single_token_ids(tokenizer, variants: Sequence[str]) -> list[int]:
     return ids
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded input_ids, attention_mask and position_ids counting from each row's first token."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, width - len(seq) :] = 1
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-
-
 class LLMScorer:
-    """Scores (query, passage) pairs; higher means more relevant. See the module doc for the modes."""
+    """Scores (query, passage) pairs; higher means more relevant. See the module doc for the modes.
+
+    `model` is a backend (peg.llm.backends) or a transformers causal LM; without one, `config`'s
+    model is loaded on `config.backend`."""
 
     def __init__(self, config: LLMConfig, model=None, tokenizer=None):
         self.config = config
         if model is None or tokenizer is None:
-            model, tokenizer = load_causal_lm(config)
-        self.model = model.eval()
+            model, tokenizer = load_lm(config)
+        self.lm = as_backend(model, tokenizer)
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if self.pad_id is None:
-            self.pad_id = 0  # padded positions are masked out; any id works
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         if config.mode == "yes_no":
             if not self.has_chat_template:
@@ -101,24 +90,13 @@ class LLMScorer:
             raise LLMError(f"query {query!r} has no tokens")
         return prefix + query_ids, len(query_ids)
 
-    @torch.no_grad()
     def _score_batch(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
-        device = next(self.model.parameters()).device
         if self.config.mode == "yes_no":
-            batch = left_pad([self._yes_no_sequence(q, p) for q, p in zip(queries, passages)], self.pad_id)
-            logits = self.model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=1).logits[:, -1].float()
+            logits = self.lm.next_token_logits([self._yes_no_sequence(q, p) for q, p in zip(queries, passages)])
             margin = torch.logsumexp(logits[:, self.yes_ids], dim=-1) - torch.logsumexp(logits[:, self.no_ids], dim=-1)
-            return torch.sigmoid(margin).cpu().numpy()
+            return torch.sigmoid(margin).numpy()
         sequences, query_lengths = zip(*(self._likelihood_sequence(q, p) for q, p in zip(queries, passages)))
-        batch = left_pad(list(sequences), self.pad_id)
-        keep = max(query_lengths) + 1
-        logits = self.model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=keep).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token j + 1
-        targets = batch["input_ids"][:, -(keep - 1) :].to(device)
-        token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        lengths = torch.tensor(query_lengths, device=device)
-        mask = torch.arange(keep - 1, device=device).unsqueeze(0) >= (keep - 1 - lengths).unsqueeze(1)
-        return ((token_lp * mask).sum(dim=1) / lengths).cpu().numpy()
+        return self.lm.continuation_log_probs(list(sequences), list(query_lengths))
 
     def score(
         self, queries: Sequence[str], passages: Sequence[str], show_progress: bool = False

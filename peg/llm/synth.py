@@ -1,13 +1,28 @@
 """Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage
 (docs/methods.md §7).
 
-For each source passage and each type in `synth.query_types` (question, claim, keywords, title,
+For each source passage and each LLM type in `synth.query_types` (question, claim, keywords, title,
 web_query) the LLM gets a few-shot chat (two worked examples, then the passage cut to
 `synth.llm.max_passage_chars`) and samples one query (`synth.temperature`, at most
 `synth.max_new_tokens`), batched `generate` with left padding. The round-trip filter keeps a query
 only if dense retrieval with the run's encoder (`model`) over the whole corpus finds its source in
 the top `synth.filter_top_k`, and (with `synth.filter_teacher`) the teacher (`score`) ranks the
-source first among those retrieved candidates. Sampling is seeded per shard (`synth.seed` + shard number).
+source first among those retrieved candidates.
+
+The teacher gate (`synth.gate_fraction`, with a teacher): a seeded fraction of the generated
+queries is held out of training before any filtering (outcome `held_out`); for each, the source's
+rank in the student's top `synth.filter_top_k` and in the teacher's reordering of it are recorded,
+and the report's `teacher_gate` compares the two MRRs. The stage warns when the teacher does not
+beat the student, before anything trains on its scores.
+
+The generation-free types (`PSEUDO_QUERY_TYPES`, no LLM call) cut the query from the passage itself
+and train on what remains, so the pair is not an exact-match shortcut: `passage_title` (the title;
+positive: the text), `inverse_cloze` (one sentence of >= 4 words; positive: the other sentences,
+Lee et al. 2019), `span_crop` (`synth.span_words` consecutive words; positive: the passage without
+them, a Contriever-style crop). The pick is seeded by (`synth.seed`, passage id, type); a passage
+without a title, with fewer than two sentences or fewer than 2 x `span_words` words gives an
+`empty` query for that type. They pass the same round-trip filter and teacher. Sampling is seeded per shard and batch (`synth.seed` +
+shard number + batch number).
 
 Artifacts (keys under `<run name>/synth/`): `shard-NNNNN.{queries.jsonl,stats.json,jsonl}` per
 passage shard (every generated query with its fate; counts by type; kept examples), then
@@ -17,24 +32,26 @@ passage shard (every generated query with its fate; counts by type; kept example
 from __future__ import annotations
 
 import json
+import logging
+import random
 import re
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConfig
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
-from peg.llm.loading import LLMError, check_model_source, load_causal_lm
-from peg.llm.scorer import left_pad
+from peg.llm.backends import as_backend, load_lm
+from peg.llm.loading import LLMError, check_model_source
 from peg.runtime.shards import missing_shards, read_shards, run_shards
 from peg.llm.teacher import CalibratedTeacher, check_teacher, load_teacher, score_candidates
 from peg.store import ArtifactStore
 
 PARTS = ("queries.jsonl", "stats.json", "jsonl")
-OUTCOMES = ("empty", "not_retrieved", "not_top_teacher", "kept")
+OUTCOMES = ("empty", "held_out", "not_retrieved", "not_top_teacher", "kept")
+logger = logging.getLogger(__name__)
 
 _EXAMPLE_PASSAGES = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It was designed "
@@ -91,6 +108,72 @@ def clean_query(text: str) -> str:
     return ""
 
 
+PSEUDO_QUERY_TYPES = ("passage_title", "inverse_cloze", "span_crop")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def pseudo_query(passage: Passage, query_type: str, rng: random.Random, span_words: int) -> tuple[str, str]:
+    """(query, positive text) cut from `passage` for a generation-free type; ('', '') when the
+    passage is too short for it (see the module doc)."""
+    if query_type == "passage_title":
+        return (passage.title.strip(), passage.text.strip()) if passage.title.strip() and passage.text.strip() else ("", "")
+    if query_type == "inverse_cloze":
+        sentences = [s for s in _SENTENCE_END.split(passage.text.strip()) if s]
+        usable = [i for i, s in enumerate(sentences) if len(s.split()) >= 4]
+        if len(sentences) < 2 or not usable:
+            return "", ""
+        pick = rng.choice(usable)
+        rest = " ".join(s for i, s in enumerate(sentences) if i != pick)
+        return sentences[pick], f"{passage.title} {rest}".strip() if passage.title else rest
+    if query_type == "span_crop":
+        words = passage.full_text.split()
+        if len(words) < 2 * span_words:
+            return "", ""
+        start = rng.randrange(len(words) - span_words + 1)
+        return " ".join(words[start : start + span_words]), " ".join(words[:start] + words[start + span_words :])
+    raise ValueError(f"not a generation-free query type: {query_type!r}")
+
+
+def teacher_rank(source_id: str, retrieved_ids: Sequence[str], teacher_scores: Sequence[float]) -> int | None:
+    """1-based rank of the source among the retrieved candidates in the teacher's order (ties rank
+    the source first, as the round-trip filter does); None if the source was not retrieved."""
+    if source_id not in retrieved_ids:
+        return None
+    source_score = teacher_scores[list(retrieved_ids).index(source_id)]
+    return 1 + sum(score > source_score for score in teacher_scores)
+
+
+def teacher_gate(records: Sequence[dict]) -> dict:
+    """The teacher gate over the held-out records (`outcome` 'held_out', with `retrieved_rank` in
+    the student's top k and `teacher_rank` after the teacher reorders that top k): both MRR@k of
+    the source passage, and whether the teacher beats the student (a strictly higher MRR). A
+    teacher that does not cannot be expected to teach the student."""
+    held = [r for r in records if r["outcome"] == "held_out"]
+    if not held:
+        return {"queries": 0, "student_mrr": None, "teacher_mrr": None, "teacher_beats_student": None}
+
+    def mrr(key: str) -> float:
+        return sum(1 / r[key] for r in held if r.get(key)) / len(held)
+
+    student, teacher = mrr("retrieved_rank"), mrr("teacher_rank")
+    return {"queries": len(held), "student_mrr": student, "teacher_mrr": teacher, "teacher_beats_student": teacher > student}
+
+
+def log_teacher_gate(gate: dict, teacher: str, top_k: int) -> None:
+    """Log the gate's verdict: a warning when the teacher does not beat the student, else info."""
+    if gate["teacher_beats_student"] is None:
+        return
+    figures = (gate["queries"], gate["teacher_mrr"], gate["student_mrr"])
+    if gate["teacher_beats_student"]:
+        logger.info("teacher gate: the teacher beats the student on %d held-out synthetic queries (MRR %.3f vs %.3f)", *figures)
+        return
+    logger.warning(
+        "teacher gate: the teacher (%s) does not beat the student at reranking its top %d on %d held-out synthetic "
+        "queries (MRR %.3f vs %.3f): its scores may teach the student nothing, or harm it",
+        teacher, top_k, *figures,
+    )
+
+
 def round_trip_outcome(source_id: str, retrieved_ids: Sequence[str], teacher_scores: Sequence[float] | None) -> str:
     """'not_retrieved' if the source is not among `retrieved_ids` (the top k); 'not_top_teacher' if
     some other candidate has a higher teacher score than the source; else 'kept' (ties keep).
@@ -104,22 +187,19 @@ def round_trip_outcome(source_id: str, retrieved_ids: Sequence[str], teacher_sco
 
 
 class QueryWriter:
-    """Batched few-shot query generation with an instruct LLM (needs a chat template)."""
+    """Batched few-shot query generation with an instruct LLM (needs a chat template) on
+    `synth.llm.backend`; `model` is a backend (peg.llm.backends) or a transformers causal LM."""
 
     def __init__(self, config: SynthConfig, model=None, tokenizer=None):
         self.config = config
         if model is None or tokenizer is None:
-            model, tokenizer = load_causal_lm(config.llm)
+            model, tokenizer = load_lm(config.llm)
         if not getattr(tokenizer, "chat_template", None):
             raise LLMError(f"synth.llm: the model at {config.llm.path} has no chat template (use an instruct model)")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else pad
+        self.lm, self.tokenizer = as_backend(model, tokenizer), tokenizer
 
-    @torch.no_grad()
     def write(self, jobs: Sequence[tuple[str, str]], seed: int) -> list[str]:
         """One query per (passage text, query type) job, in input order ('' when nothing usable came out)."""
-        torch.manual_seed(seed)
         prompts = [
             self.tokenizer.apply_chat_template(
                 few_shot_messages(t, p, self.config.llm.max_passage_chars), tokenize=False, add_generation_prompt=True
@@ -129,22 +209,13 @@ class QueryWriter:
         ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         order = np.argsort([-len(i) for i in ids], kind="stable")
         out = [""] * len(jobs)
-        device = next(self.model.parameters()).device
-        sampling = self.config.temperature > 0
-        for start in range(0, len(order), self.config.llm.batch_size):
-            idx = order[start : start + self.config.llm.batch_size]
-            batch = left_pad([ids[i] for i in idx], self.pad_id)
-            generated = self.model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                do_sample=sampling,
-                temperature=self.config.temperature if sampling else None,
-                top_p=None,
-                top_k=None,
-                max_new_tokens=self.config.max_new_tokens,
-                pad_token_id=self.pad_id,
+        size = self.config.llm.batch_size
+        for batch_number, start in enumerate(range(0, len(order), size)):
+            idx = order[start : start + size]
+            generated = self.lm.generate(
+                [ids[i] for i in idx], self.config.max_new_tokens, self.config.temperature, seed=seed + batch_number
             )
-            texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
                 out[i] = clean_query(text)
         return out
@@ -160,13 +231,18 @@ class SynthProcessor:
 
         self.config = SynthConfig(**synth)
         score_config = ScoreConfig(**score)
-        self.writer = QueryWriter(self.config)
+        needs_llm = any(t not in PSEUDO_QUERY_TYPES for t in self.config.query_types)
+        self.writer = QueryWriter(self.config) if needs_llm else None
         self.encoder = Encoder(ModelConfig(**model))
-        shared_llm = score_config.teacher in ("llm", "llm_biencoder") and _same_model(score_config.llm, self.config.llm)
+        shared_llm = (
+            self.writer is not None
+            and score_config.teacher in ("llm", "llm_biencoder")
+            and _same_model(score_config.llm, self.config.llm)
+        )
         if not self.config.filter_teacher:
             self.teacher = None
         elif shared_llm:  # the writer's model scores too: one copy per actor
-            llm = LLMScorer(score_config.llm, self.writer.model, self.writer.tokenizer)
+            llm = LLMScorer(score_config.llm, self.writer.lm, self.writer.tokenizer)
             self.teacher = llm if score_config.teacher == "llm" else CalibratedTeacher(score_config, None, llm, self.encoder)
         else:
             self.teacher = load_teacher(score_config, ModelConfig(**model))
@@ -176,12 +252,19 @@ class SynthProcessor:
     def __call__(self, shard: int, passages: list[Passage]) -> dict[str, str]:
         types = self.config.query_types
         jobs = [(p, t) for p in passages for t in types]
-        queries = self.writer.write([(p.full_text, t) for p, t in jobs], seed=self.config.seed + shard)
-        records = [
-            {"passage_id": p.id, "query_type": t, "query": q, "outcome": "empty" if not q else None}
-            for (p, t), q in zip(jobs, queries, strict=True)
-        ]
+        llm_jobs = [(p.full_text, t) for p, t in jobs if t not in PSEUDO_QUERY_TYPES]
+        written = iter(self.writer.write(llm_jobs, seed=self.config.seed + shard) if llm_jobs else [])
+        records, positives = [], []
+        for p, t in jobs:
+            if t in PSEUDO_QUERY_TYPES:
+                rng = random.Random(f"{self.config.seed}/{p.id}/{t}")
+                query, positive = pseudo_query(p, t, rng, self.config.span_words)
+            else:
+                query, positive = next(written), p.full_text
+            records.append({"passage_id": p.id, "query_type": t, "query": query, "outcome": "empty" if not query else None})
+            positives.append(positive)
         live = {f"{r['passage_id']}/{r['query_type']}": r for r in records if r["outcome"] is None}
+        held_out = {key for key, r in live.items() if self._held_out(r)}
         if live:
             emb = self.encoder.encode([r["query"] for r in live.values()], "query")
             retrieved = dict(zip(live, self.index.search(emb, self.config.filter_top_k)[0], strict=True))
@@ -192,17 +275,20 @@ class SynthProcessor:
             for key, r in live.items():
                 ids = retrieved[key]
                 r["retrieved_rank"] = ids.index(r["passage_id"]) + 1 if r["passage_id"] in ids else None
-                r["outcome"] = round_trip_outcome(r["passage_id"], ids, scores.get(key))
+                if key in held_out:
+                    r["outcome"] = "held_out"
+                    r["teacher_rank"] = teacher_rank(r["passage_id"], ids, scores[key]) if key in scores else None
+                else:
+                    r["outcome"] = round_trip_outcome(r["passage_id"], ids, scores.get(key))
         stats = {t: dict.fromkeys(OUTCOMES, 0) for t in types}
         for r in records:
             stats[r["query_type"]][r["outcome"]] += 1
-        texts = {p.id: p.full_text for p in passages}
         kept = [
             TrainingExample(
-                query=r["query"], pos=[texts[r["passage_id"]]], query_id=f"synth-{r['passage_id']}-{r['query_type']}",
+                query=r["query"], pos=[positive], query_id=f"synth-{r['passage_id']}-{r['query_type']}",
                 pos_ids=[r["passage_id"]], query_type=r["query_type"],
             )
-            for r in records if r["outcome"] == "kept"
+            for r, positive in zip(records, positives, strict=True) if r["outcome"] == "kept"
         ]
         return {
             "queries.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
@@ -211,15 +297,25 @@ class SynthProcessor:
         }
 
 
+    def _held_out(self, record: dict) -> bool:
+        """Whether a query is held out for the teacher gate: a seeded draw per (passage, type),
+        with a teacher only (the gate compares it with the student)."""
+        if self.teacher is None or self.config.gate_fraction == 0:
+            return False
+        draw = random.Random(f"{self.config.seed}/gate/{record['passage_id']}/{record['query_type']}").random()
+        return draw < self.config.gate_fraction
+
+
 def _same_model(a: LLMConfig, b: LLMConfig) -> bool:
-    return (a.path, a.gguf_file) == (b.path, b.gguf_file)
+    return (a.path, a.gguf_file, a.backend, a.compute_type) == (b.path, b.gguf_file, b.backend, b.compute_type)
 
 
 def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> dict:
     """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
     from peg.runtime import ShardedIndex, encode_corpus, ray_session
 
-    check_model_source(config.synth.llm)  # bad paths fail here, not once per Ray actor
+    if any(t not in PSEUDO_QUERY_TYPES for t in config.synth.query_types):
+        check_model_source(config.synth.llm)  # bad paths fail here, not once per Ray actor
     if config.synth.filter_teacher:
         check_teacher(config.score)
     if not config.data.beir:
@@ -258,11 +354,14 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
             for t, by_outcome in json.loads(text).items():
                 for outcome, n in by_outcome.items():
                     counts[t][outcome] += n
+        gate = teacher_gate([json.loads(line) for text in stored["queries.jsonl"] for line in text.splitlines()])
+        log_teacher_gate(gate, config.score.teacher, config.synth.filter_top_k)
         report = {
             "passages": len(sources),
+            "teacher_gate": gate,
             "by_type": counts,
             "kept": sum(c["kept"] for c in counts.values()),
-            "dropped": sum(c[o] for c in counts.values() for o in OUTCOMES if o != "kept"),
+            "dropped": sum(c[o] for c in counts.values() for o in OUTCOMES if o not in ("kept", "held_out")),
             "filter_top_k": config.synth.filter_top_k,
             "teacher": config.score.teacher,
             "shards_computed": len(computed),
