@@ -425,3 +425,34 @@ def test_the_run_config_map_is_patched_only_when_it_is_this_pipelines(monkeypatc
         with pytest.raises(Rejected, match="not this pipeline's") as err:
             apply_action(Apply(ours), NAMESPACE)
         assert err.value.code == 409 and patched == []
+
+
+def test_operator_leaves_a_retrying_or_suspended_job_alone(s3_server, bucket, tmp_path, monkeypatch):
+    """Issue 35 finding 3, end to end: KubeRay's `Retrying` (jobStatus FAILED) and Kueue's
+    `Suspended` are no failure: the operator neither deletes the RayJob nor counts an attempt."""
+    spec = {"run": run_config(s3_server, bucket)}
+    config = RunConfig.model_validate(spec["run"])
+    finish_stage(open_store(StoreConfig.model_validate(spec["run"]["store"])), config, "prepare")
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
+            stop = asyncio.Event()
+            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
+                    "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
+                                 "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
+            await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+            await cluster.wait(lambda: cluster.job("encode"))
+            for status in ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "failed": 1},
+                           {"jobDeploymentStatus": "Suspended"}):
+                await asyncio.to_thread(as_test_client().patch_namespaced_custom_object_status,
+                                        "ray.io", "v1", NAMESPACE, "rayjobs", "demo-encode", {"status": status})
+                await asyncio.sleep(1.5)  # several reconcile intervals
+                assert not [r for r in cluster.k8s if r.method == "DELETE"]
+                encode = next(s for s in cluster.pipeline()["status"]["stages"] if s["name"] == "encode")
+                assert (encode["phase"], encode["attempts"]) == ("Running", 1), encode
+            assert cluster.creates()["demo-encode"] == 1
+            stop.set()
+            await asyncio.wait_for(operator, 30)
+
+    asyncio.run(main())
