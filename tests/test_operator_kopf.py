@@ -361,6 +361,17 @@ def test_apply_action_tells_lasting_refusals_from_passing_errors(monkeypatch, co
         assert (err.value.request, err.value.code, err.value.message) == (f"create RayJob {NAMESPACE}/demo-encode", code, DENIAL)
 
 
+async def operate_on_a_new_pipeline(spec: dict) -> tuple[asyncio.Event, asyncio.Task]:
+    """Start the operator and create the EmbeddingPipeline `demo` with `spec`: (its stop flag, its task)."""
+    stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
+            "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
+                         "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
+    await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+    return stop, operator
+
+
 def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bucket, tmp_path, monkeypatch):
     """Issue 35 finding 4, end to end: the API server (an admission webhook) denies the first
     stage job; the pipeline shows Failed / ApiRejected with the webhook's message and an event,
@@ -375,12 +386,7 @@ def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bu
     async def main():
         async with emulated_cluster(tmp_path, monkeypatch) as cluster:
             cluster.k8s["post", kmock.resource("ray.io", "v1", "rayjobs")] << kmock.Response(status=422, payload=denial)
-            stop = asyncio.Event()
-            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
-            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
-                    "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
-                                 "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
-            await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+            stop, operator = await operate_on_a_new_pipeline(spec)
             status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Failed"
                                         and cluster.pipeline()["status"])
             failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -436,12 +442,7 @@ def test_operator_leaves_a_retrying_or_suspended_job_alone(s3_server, bucket, tm
 
     async def main():
         async with emulated_cluster(tmp_path, monkeypatch) as cluster:
-            stop = asyncio.Event()
-            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
-            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
-                    "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
-                                 "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
-            await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+            stop, operator = await operate_on_a_new_pipeline(spec)
             await cluster.wait(lambda: cluster.job("encode"))
             for status in ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "failed": 1},
                            {"jobDeploymentStatus": "Suspended"}):
