@@ -7,7 +7,8 @@ the pipeline ends Succeeded with its metrics and report URI in the status. The c
 stopped and started again in the middle: it continues without creating any job twice.
 
 What the emulator does not model (tested elsewhere or not at all): schema validation, pruning
-and defaulting (the CRD is validated offline in test_operator_crd.py), garbage collection by
+and defaulting (the CRD is validated offline in test_operator_crd.py; the test creates each
+pipeline as the API server would store it, `k8s_validation.as_stored`), garbage collection by
 owner references (asserted here only as the references the jobs carry), uid / generation /
 resourceVersion / creationTimestamp (the test sets them), label selectors on the server side
 (kopf filters labels itself), RBAC (test_operator_rbac.py compares the calls below with the
@@ -31,6 +32,7 @@ kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
 import prometheus_client as prom  # noqa: E402
+from k8s_validation import as_stored  # noqa: E402
 from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
@@ -212,7 +214,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                     "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": uid, "generation": 1, "resourceVersion": "1",
                                  "creationTimestamp": "2026-11-30T12:00:00Z"}}
             await asyncio.to_thread(as_test_client().create_namespaced_custom_object,
-                                    GROUP, VERSION, NAMESPACE, PLURAL, body)
+                                    GROUP, VERSION, NAMESPACE, PLURAL, as_stored(body))
 
             plural, encode = await cluster.wait(lambda: cluster.job("encode"))
             assert plural == "rayjobs" and encode["metadata"]["name"] == "demo-encode"
@@ -368,7 +370,8 @@ async def operate_on_a_new_pipeline(spec: dict) -> tuple[asyncio.Event, asyncio.
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
             "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
                          "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
-    await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+    await asyncio.to_thread(as_test_client().create_namespaced_custom_object,
+                            GROUP, VERSION, NAMESPACE, PLURAL, as_stored(body))
     return stop, operator
 
 
