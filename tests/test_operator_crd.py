@@ -19,7 +19,7 @@ from peg.cli import app
 from peg.config import RunConfig, parse_config
 from peg.k8s import render
 from peg.k8s.schema import run_config_schema
-from peg.operator.crd import PRINTER_COLUMNS, crd, crd_yaml, pipeline_manifest, without_defaults
+from peg.operator.crd import PRINTER_COLUMNS, crd, crd_yaml, pipeline_manifest, as_written
 from peg.operator.model import PipelineSpec
 from peg.operator.reconcile import StoreState, reconcile
 
@@ -46,7 +46,7 @@ def test_committed_crd_equals_a_fresh_generation():
     """Fails when RunConfig or the operator's models change without `peg operator crd -o` (drift)."""
     assert CRD_FILE.read_text() == crd_yaml(), f"regenerate: peg operator crd -o {CRD_FILE.relative_to(REPO)}"
     run = schema()["properties"]["spec"]["properties"]["run"]
-    assert run["properties"] == without_defaults(run_config_schema())["properties"]
+    assert run["properties"] == as_written(run_config_schema())["properties"]
 
 
 def test_cli_writes_the_crd(tmp_path):
@@ -120,8 +120,8 @@ def test_example_pipeline_is_the_generated_manifest_of_the_manifests_run(tmp_pat
 def test_broken_pipelines_are_rejected_with_the_key():
     doc = yaml.safe_load(EXAMPLE.read_text())
     misspelt = copy.deepcopy(doc)
-    misspelt["spec"]["run"]["train"]["epochz"] = 2
-    assert any("epochz" in e for e in errors(misspelt))
+    misspelt["spec"]["retryz"] = 2
+    assert any("retryz" in e for e in errors(misspelt))
     wrong_type = copy.deepcopy(doc)
     wrong_type["spec"]["retries"]["limit"] = "three"
     assert errors(wrong_type) == ["spec.retries.limit: 'three' is not of type 'integer'"]
@@ -173,9 +173,21 @@ def test_derived_list_lengths_survive_the_api_server():
 def test_as_stored_prunes_unknown_fields_and_fills_defaults():
     doc = yaml.safe_load(EXAMPLE.read_text())
     del doc["spec"]["retries"]
-    doc["spec"]["run"]["train"]["epochz"] = 2
     doc["spec"]["colour"] = "blue"
     stored = as_stored(doc)
-    assert "epochz" not in stored["spec"]["run"]["train"] and "colour" not in stored["spec"]
+    assert "colour" not in stored["spec"]
     assert stored["spec"]["retries"] == {"limit": 2, "backoffSeconds": 30, "maxBackoffSeconds": 900}
     assert stored["metadata"] == doc["metadata"]
+
+
+def test_a_misspelt_run_key_reaches_the_operator_and_fails_as_in_the_cli():
+    """spec.run keeps unknown fields (the API server would prune them silently and the operator
+    would run the defaults): the operator refuses the key by name, as `peg pipeline run` does."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["run"]["train"]["epochz"] = 2
+    stored = as_stored(doc)
+    assert stored["spec"]["run"]["train"]["epochz"] == 2 and errors(stored) == []
+    _, status = reconcile(stored["spec"], 1, [], StoreState(), None, datetime.now(timezone.utc))
+    assert status["phase"] == "Failed" and "run.train.epochz" in status["conditions"][0]["message"]
+    with pytest.raises(ValueError, match="train.epochz"):
+        parse_config(yaml.safe_dump(doc["spec"]["run"]), "run.yaml")

@@ -7,7 +7,8 @@ the pipeline ends Succeeded with its metrics and report URI in the status. The c
 stopped and started again in the middle: it continues without creating any job twice.
 
 What the emulator does not model (tested elsewhere or not at all): schema validation, pruning
-and defaulting (the CRD is validated offline in test_operator_crd.py), garbage collection by
+and defaulting (the CRD is validated offline in test_operator_crd.py; the test creates each
+pipeline as the API server would store it, `k8s_validation.as_stored`), garbage collection by
 owner references (asserted here only as the references the jobs carry), uid / generation /
 resourceVersion / creationTimestamp (the test sets them), label selectors on the server side
 (kopf filters labels itself), RBAC (test_operator_rbac.py compares the calls below with the
@@ -31,6 +32,7 @@ kopf = pytest.importorskip("kopf")
 kmock = pytest.importorskip("kmock")
 
 import prometheus_client as prom  # noqa: E402
+from k8s_validation import as_stored  # noqa: E402
 from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
@@ -212,7 +214,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                     "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": uid, "generation": 1, "resourceVersion": "1",
                                  "creationTimestamp": "2026-11-30T12:00:00Z"}}
             await asyncio.to_thread(as_test_client().create_namespaced_custom_object,
-                                    GROUP, VERSION, NAMESPACE, PLURAL, body)
+                                    GROUP, VERSION, NAMESPACE, PLURAL, as_stored(body))
 
             plural, encode = await cluster.wait(lambda: cluster.job("encode"))
             assert plural == "rayjobs" and encode["metadata"]["name"] == "demo-encode"
@@ -361,6 +363,18 @@ def test_apply_action_tells_lasting_refusals_from_passing_errors(monkeypatch, co
         assert (err.value.request, err.value.code, err.value.message) == (f"create RayJob {NAMESPACE}/demo-encode", code, DENIAL)
 
 
+async def operate_on_a_new_pipeline(spec: dict) -> tuple[asyncio.Event, asyncio.Task]:
+    """Start the operator and create the EmbeddingPipeline `demo` with `spec`: (its stop flag, its task)."""
+    stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
+            "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
+                         "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
+    await asyncio.to_thread(as_test_client().create_namespaced_custom_object,
+                            GROUP, VERSION, NAMESPACE, PLURAL, as_stored(body))
+    return stop, operator
+
+
 def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bucket, tmp_path, monkeypatch):
     """Issue 35 finding 4, end to end: the API server (an admission webhook) denies the first
     stage job; the pipeline shows Failed / ApiRejected with the webhook's message and an event,
@@ -375,12 +389,7 @@ def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bu
     async def main():
         async with emulated_cluster(tmp_path, monkeypatch) as cluster:
             cluster.k8s["post", kmock.resource("ray.io", "v1", "rayjobs")] << kmock.Response(status=422, payload=denial)
-            stop = asyncio.Event()
-            operator = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop))
-            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": spec,
-                    "metadata": {"name": "demo", "namespace": NAMESPACE, "uid": str(uuid.uuid4()), "generation": 1,
-                                 "resourceVersion": "1", "creationTimestamp": "2026-11-30T12:00:00Z"}}
-            await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL, body)
+            stop, operator = await operate_on_a_new_pipeline(spec)
             status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Failed"
                                         and cluster.pipeline()["status"])
             failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -425,3 +434,29 @@ def test_the_run_config_map_is_patched_only_when_it_is_this_pipelines(monkeypatc
         with pytest.raises(Rejected, match="not this pipeline's") as err:
             apply_action(Apply(ours), NAMESPACE)
         assert err.value.code == 409 and patched == []
+
+
+def test_operator_leaves_a_retrying_or_suspended_job_alone(s3_server, bucket, tmp_path, monkeypatch):
+    """Issue 35 finding 3, end to end: KubeRay's `Retrying` (jobStatus FAILED) and Kueue's
+    `Suspended` are no failure: the operator neither deletes the RayJob nor counts an attempt."""
+    spec = {"run": run_config(s3_server, bucket)}
+    config = RunConfig.model_validate(spec["run"])
+    finish_stage(open_store(StoreConfig.model_validate(spec["run"]["store"])), config, "prepare")
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
+            stop, operator = await operate_on_a_new_pipeline(spec)
+            await cluster.wait(lambda: cluster.job("encode"))
+            for status in ({"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "failed": 1},
+                           {"jobDeploymentStatus": "Suspended"}):
+                await asyncio.to_thread(as_test_client().patch_namespaced_custom_object_status,
+                                        "ray.io", "v1", NAMESPACE, "rayjobs", "demo-encode", {"status": status})
+                await asyncio.sleep(1.5)  # several reconcile intervals
+                assert not [r for r in cluster.k8s if r.method == "DELETE"]
+                encode = next(s for s in cluster.pipeline()["status"]["stages"] if s["name"] == "encode")
+                assert (encode["phase"], encode["attempts"]) == ("Running", 1), encode
+            assert cluster.creates()["demo-encode"] == 1
+            stop.set()
+            await asyncio.wait_for(operator, 30)
+
+    asyncio.run(main())

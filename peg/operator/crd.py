@@ -26,7 +26,7 @@ PRINTER_COLUMNS = [
 def crd() -> dict[str, Any]:
     """The CustomResourceDefinition object."""
     spec = structural_schema(PipelineSpec.model_json_schema(by_alias=True))
-    spec["properties"]["run"] = {**without_defaults(run_config_schema()), "description": spec["properties"]["run"].get("description", "")}
+    spec["properties"]["run"] = {**as_written(run_config_schema()), "description": spec["properties"]["run"].get("description", "")}
     status = structural_schema(PipelineStatus.model_json_schema(by_alias=True))
     schema = {
         "type": "object",
@@ -61,20 +61,24 @@ def crd() -> dict[str, Any]:
     }
 
 
-def without_defaults(schema: Any) -> Any:
-    """`schema` with every `default` removed: the schema of `spec.run`.
+def as_written(schema: Any) -> Any:
+    """The schema of `spec.run`: `schema` without any `default`, keeping unknown fields.
 
     The API server fills a CRD's schema defaults into every object before anyone reads it, and
     `RunConfig` derives some values from what the config leaves out (`batch.hard_negatives` <->
     `mining.negatives_per_query`, `score.list_size`): filled in, they would arrive as explicit,
-    conflicting values and the operator would run another config than `peg pipeline run` runs
-    for the same YAML. Without defaults the operator reads `spec.run` as written and `RunConfig`
-    fills in the defaults, exactly as the CLI does.
+    conflicting values. It also drops unknown fields silently, where `RunConfig` refuses a
+    misspelt key. Without defaults and with `x-kubernetes-preserve-unknown-fields` on every object,
+    the operator reads `spec.run` as written, and `RunConfig` decides exactly as for the CLI: the
+    same defaults, the same derived values, the same error (InvalidSpec) naming a misspelt key.
     """
     if isinstance(schema, dict):
-        return {k: without_defaults(v) for k, v in schema.items() if k != "default"}
+        out = {k: as_written(v) for k, v in schema.items() if k != "default"}
+        if "properties" in out:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+        return out
     if isinstance(schema, list):
-        return [without_defaults(v) for v in schema]
+        return [as_written(v) for v in schema]
     return schema
 
 
