@@ -116,6 +116,19 @@ def train_without_model(root: Path) -> list[str]:
     return ["train", str(config), "--output", str(root / "out")]
 
 
+def nan_teacher_score_at_prepare(root: Path) -> list[str]:
+    write_pairs(root / "pairs.jsonl", nan=True)
+    write_beir(root)
+    return ["pipeline", "stage", "prepare", str(write_config(root, "data: {beir: beir, train_split: test, train_files: [pairs.jsonl]}\n"))]
+
+
+def corpus_replaced(root: Path, change) -> list[str]:
+    """`peg data check` on a BEIR folder whose corpus.jsonl `change(path)` replaced."""
+    beir = write_beir(root)
+    change(beir / "corpus.jsonl")
+    return ["data", "check", str(beir)]
+
+
 def long_run_name(root: Path) -> list[str]:
     path = write_config(root, "")
     path.write_text(path.read_text().replace("name: bad", f"name: {'a' * 300}"))
@@ -228,6 +241,15 @@ CASES = [
     ("credentials-file-missing", s3_credentials_file(None), "keys.env: no such file or directory", "store"),
     ("render-onto-a-file", render_onto_a_file, "--output", "x"),
     ("kubeconfig-garbage", garbage_kubeconfig, "/kubeconfig:2: invalid YAML", "store"),
+    # a corpus that is not a file gets its own reason
+    ("corpus-is-a-directory", lambda r: corpus_replaced(r, lambda c: (c.unlink(), c.mkdir())),
+     "corpus.jsonl: is a directory, not a file", "x"),
+    ("corpus-only-gzipped", lambda r: corpus_replaced(r, lambda c: c.rename(c.with_name("corpus.jsonl.gz"))),
+     "corpus.jsonl: file not found (there is corpus.jsonl.gz: decompress it first)", "x"),
+    ("corpus-symlink-loop", lambda r: corpus_replaced(r, lambda c: (c.unlink(), c.symlink_to(c))),
+     "corpus.jsonl: symbolic links loop", "x"),
+    ("nan-teacher-score-at-prepare", nan_teacher_score_at_prepare,
+     "pairs.jsonl:1: field 'neg_scores' holds a non-finite value", "store/bad/prepare/data"),
     # nonsense values, refused at load with the key
     ("boolean-for-a-count", config_show("train: {epochs: yes}\n"), "cfg.yaml:4: train.epochs: True is a boolean", "store"),
     ("count-beyond-any-run", config_show("batch: {queries_per_step: 99999999999}\n"),
@@ -285,3 +307,12 @@ def test_a_huge_passage_is_cut_before_tokenisation_to_the_tokens_the_model_reads
     assert features["input_ids"][0] == whole and len(whole) == 48
     encoder.tokenizer = tokenizer
     assert encoder.encode([huge], "passage").shape == (1, 32)
+
+
+def test_data_check_names_an_empty_passage_as_empty_not_as_missing(tmp_path):
+    corpus = b'{"_id": "d0", "title": "", "text": "passage 0"}\n{"_id": "d1", "title": "", "text": ""}\n'
+    beir = write_beir(tmp_path, corpus=corpus)
+    result = CliRunner().invoke(app, ["data", "check", str(beir)])
+    problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
+    assert result.exit_code == 1
+    assert problems == [f"problem: {beir / 'corpus.jsonl'}: passage 'd1' is empty (no title, no text)"]
