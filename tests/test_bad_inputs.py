@@ -116,6 +116,11 @@ def train_without_model(root: Path) -> list[str]:
     return ["train", str(config), "--output", str(root / "out")]
 
 
+def store_is_a_file(root: Path) -> list[str]:
+    (root / "taken").write_text("")
+    return ["pipeline", "run", str(write_config(root, "", "{uri: taken}"))]
+
+
 def nan_teacher_score_at_prepare(root: Path) -> list[str]:
     write_pairs(root / "pairs.jsonl", nan=True)
     write_beir(root)
@@ -250,6 +255,12 @@ CASES = [
      "corpus.jsonl: symbolic links loop", "x"),
     ("nan-teacher-score-at-prepare", nan_teacher_score_at_prepare,
      "pairs.jsonl:1: field 'neg_scores' holds a non-finite value", "store/bad/prepare/data"),
+    # a store that cannot be used: said before any work, without "rerun to resume" (no rerun helps)
+    ("store-is-a-file", store_is_a_file, "/taken: not a directory", "store"),
+    ("store-scheme", lambda r: ["pipeline", "run", str(write_config(r, "", '{uri: "ftp://host/p"}'))],
+     "store.uri 'ftp://host/p': unsupported scheme", "store"),
+    ("store-endpoint-missing", lambda r: ["pipeline", "run", str(write_config(r, "", '{uri: "s3://bucket/p"}'))],
+     "store.endpoint is required for s3://bucket/p", "store"),
     # nonsense values, refused at load with the key
     ("boolean-for-a-count", config_show("train: {epochs: yes}\n"), "cfg.yaml:4: train.epochs: True is a boolean", "store"),
     ("count-beyond-any-run", config_show("batch: {queries_per_step: 99999999999}\n"),
@@ -275,6 +286,7 @@ def test_bad_input_is_one_clean_line_and_exit_2(tmp_path, monkeypatch, build, ex
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert expected in lines[0], lines[0]
+    assert "rerun" not in lines[0] or "rerun with -v" in lines[0], lines[0]  # a rerun would meet the same input
     assert not (tmp_path / absent).exists()
 
 
