@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from peg.cli import app
@@ -119,6 +120,18 @@ def train_without_model(root: Path) -> list[str]:
 def store_is_a_file(root: Path) -> list[str]:
     (root / "taken").write_text("")
     return ["pipeline", "run", str(write_config(root, "", "{uri: taken}"))]
+
+
+def closed_api_port(root: Path) -> list[str]:
+    """A kubeconfig whose API server is 127.0.0.1:1 (nothing listens there)."""
+    (root / "kubeconfig").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    os.environ["KUBECONFIG"] = str(root / "kubeconfig")  # the test restores the environment
+    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
+    return ["submit", str(write_config(root, "", store)), "--stage", "train", "--no-wait"]
 
 
 def nan_teacher_score_at_prepare(root: Path) -> list[str]:
@@ -246,6 +259,7 @@ CASES = [
     ("credentials-file-missing", s3_credentials_file(None), "keys.env: no such file or directory", "store"),
     ("render-onto-a-file", render_onto_a_file, "--output", "x"),
     ("kubeconfig-garbage", garbage_kubeconfig, "/kubeconfig:2: invalid YAML", "store"),
+    ("api-server-port-closed", closed_api_port, "Kubernetes API https://127.0.0.1:1: cannot connect", "store"),
     # a corpus that is not a file gets its own reason
     ("corpus-is-a-directory", lambda r: corpus_replaced(r, lambda c: (c.unlink(), c.mkdir())),
      "corpus.jsonl: is a directory, not a file", "x"),
