@@ -122,6 +122,14 @@ def store_is_a_file(root: Path) -> list[str]:
     return ["pipeline", "run", str(write_config(root, "", "{uri: taken}"))]
 
 
+def render_with(cluster_keys: str, command: str = "render"):
+    """`peg render` (or another command) on an S3 config whose cluster section adds `cluster_keys`."""
+    def build(root: Path) -> list[str]:
+        store = f'{{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}}\ncluster: {{s3_secret: keys, {cluster_keys}}}'
+        return [*command.split(), str(write_config(root, "", store))]
+    return build
+
+
 def closed_api_port(root: Path) -> list[str]:
     """A kubeconfig whose API server is 127.0.0.1:1 (nothing listens there)."""
     (root / "kubeconfig").write_text(yaml.safe_dump({
@@ -259,6 +267,17 @@ CASES = [
     ("credentials-file-missing", s3_credentials_file(None), "keys.env: no such file or directory", "store"),
     ("render-onto-a-file", render_onto_a_file, "--output", "x"),
     ("kubeconfig-garbage", garbage_kubeconfig, "/kubeconfig:2: invalid YAML", "store"),
+    # what the API server would refuse, refused by `peg render` and `peg operator manifest`
+    ("render-quantity", render_with("resources: {cpu: four, memory: 16Gi}"),
+     "cluster.resources.cpu: 'four' is not a Kubernetes quantity", "x"),
+    ("render-node-selector-key", render_with("node_selector: {'bad key!': v}"),
+     "cluster.node_selector: 'bad key!': a label name has at most 63 characters", "x"),
+    ("render-image", render_with("image: 'Registry.io/Team/Peg:1'"),
+     "cluster.image: 'Registry.io/Team/Peg:1' is not an image reference", "x"),
+    ("render-secret-name", render_with("service_account: Peg_Runner"),
+     "cluster.service_account: 'Peg_Runner' is not a DNS-1123 subdomain", "x"),
+    ("operator-manifest-checks-as-render", render_with("resources: {cpu: '4', memory: lots}", "operator manifest"),
+     "cluster.resources.memory: 'lots' is not a Kubernetes quantity", "x"),
     ("api-server-port-closed", closed_api_port, "Kubernetes API https://127.0.0.1:1: cannot connect", "store"),
     # a corpus that is not a file gets its own reason
     ("corpus-is-a-directory", lambda r: corpus_replaced(r, lambda c: (c.unlink(), c.mkdir())),

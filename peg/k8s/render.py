@@ -22,6 +22,7 @@ import yaml
 
 from peg.config import ConfigError, RunConfig
 from peg.k8s.names import is_dns_1035, resource_name
+from peg.k8s.validation import image_problem, label_key_problem, label_value_problem, quantity_problem, subdomain_problem
 from peg.pipeline import enabled_stages, stage_hashes
 
 CONFIG_DIR = "/etc/peg"
@@ -88,8 +89,24 @@ def check_renderable(cfg: RunConfig) -> None:
             "cluster.priority_class: a TrainJob (Trainer v2.3) cannot set a pod priority class; set it in the "
             "ClusterTrainingRuntime or use cluster.trainer_api: pytorchjob"
         )
+    problems += api_server_problems(cfg)
     if problems:
         raise RenderError("\n".join(problems))
+
+
+def api_server_problems(cfg: RunConfig) -> list[str]:
+    """The cluster keys the API server would refuse (`peg.k8s.validation`), each naming its key."""
+    c = cfg.cluster
+    found = [(f"cluster.{name}.{part}", quantity_problem(getattr(getattr(c, name), part)))
+             for name in ("resources", "ray_head_resources") for part in ("cpu", "memory")]
+    found += [("cluster.shm_size", quantity_problem(c.shm_size)),
+              ("cluster.image", image_problem(c.image)), ("cluster.ray_image", image_problem(c.ray_image))]
+    found += [(f"cluster.{name}", subdomain_problem(getattr(c, name)))
+              for name in ("s3_secret", "service_account", "priority_class") if getattr(c, name)]
+    for key, value in c.node_selector.items():
+        found += [("cluster.node_selector", label_key_problem(key)), ("cluster.node_selector", label_value_problem(value))]
+    found += [(f"cluster.tolerations[{i}].key", label_key_problem(t.key)) for i, t in enumerate(c.tolerations) if t.key]
+    return [f"{key}: {problem}" for key, problem in found if problem]
 
 
 def is_cpu_image(image: str) -> bool:
