@@ -138,8 +138,7 @@ def closed_api_port(root: Path) -> list[str]:
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
     os.environ["KUBECONFIG"] = str(root / "kubeconfig")  # the test restores the environment
-    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
-    return ["submit", str(write_config(root, "", store)), "--stage", "train", "--no-wait"]
+    return ["submit", str(write_config(root, "", CLUSTER_STORE)), "--stage", "train", "--no-wait"]
 
 
 def nan_teacher_score_at_prepare(root: Path) -> list[str]:
@@ -202,17 +201,18 @@ def s3_credentials_file(content: bytes | None):
     return build
 
 
+CLUSTER_STORE = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'  # renderable
+
+
 def render_onto_a_file(root: Path) -> list[str]:
     (root / "out").write_text("mine\n")
-    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
-    return ["render", str(write_config(root, "", store)), "-o", str(root / "out")]
+    return ["render", str(write_config(root, "", CLUSTER_STORE)), "-o", str(root / "out")]
 
 
 def garbage_kubeconfig(root: Path) -> list[str]:
     (root / "kubeconfig").write_text("clusters: [unclosed\n")
     os.environ["KUBECONFIG"] = str(root / "kubeconfig")  # the test restores the environment
-    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
-    return ["submit", str(write_config(root, "", store)), "--stage", "train", "--no-wait"]
+    return ["submit", str(write_config(root, "", CLUSTER_STORE)), "--stage", "train", "--no-wait"]
 
 
 # (id, build(root) -> CLI args, text the one line must contain, path under root that must not exist)
