@@ -573,9 +573,11 @@ def operator_crd(output: OutputFile = None) -> None:
 @operator_app.command("manifest")
 def operator_manifest(path: ConfigPath, output: OutputFile = None) -> None:
     """Write an EmbeddingPipeline that runs CONFIG (name: the run name; namespace: cluster.namespace)."""
+    from peg.k8s import check_renderable
     from peg.operator.crd import pipeline_manifest
 
     config = read_config(path)
+    check_renderable(config)  # every check `peg render` makes: the operator renders the same objects
     run = yaml.safe_load(path.read_text())
     manifest = pipeline_manifest(run, config.cluster.namespace, config.name)
     header = f"# EmbeddingPipeline for {path.name} (`peg operator manifest {path.name}`); kubectl apply -f this file.\n"

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from peg.cli import app
@@ -116,6 +117,43 @@ def train_without_model(root: Path) -> list[str]:
     return ["train", str(config), "--output", str(root / "out")]
 
 
+def store_is_a_file(root: Path) -> list[str]:
+    (root / "taken").write_text("")
+    return ["pipeline", "run", str(write_config(root, "", "{uri: taken}"))]
+
+
+def render_with(cluster_keys: str, command: str = "render"):
+    """`peg render` (or another command) on an S3 config whose cluster section adds `cluster_keys`."""
+    def build(root: Path) -> list[str]:
+        store = f'{{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}}\ncluster: {{s3_secret: keys, {cluster_keys}}}'
+        return [*command.split(), str(write_config(root, "", store))]
+    return build
+
+
+def closed_api_port(root: Path) -> list[str]:
+    """A kubeconfig whose API server is 127.0.0.1:1 (nothing listens there)."""
+    (root / "kubeconfig").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    os.environ["KUBECONFIG"] = str(root / "kubeconfig")  # the test restores the environment
+    return ["submit", str(write_config(root, "", CLUSTER_STORE)), "--stage", "train", "--no-wait"]
+
+
+def nan_teacher_score_at_prepare(root: Path) -> list[str]:
+    write_pairs(root / "pairs.jsonl", nan=True)
+    write_beir(root)
+    return ["pipeline", "stage", "prepare", str(write_config(root, "data: {beir: beir, train_split: test, train_files: [pairs.jsonl]}\n"))]
+
+
+def corpus_replaced(root: Path, change) -> list[str]:
+    """`peg data check` on a BEIR folder whose corpus.jsonl `change(path)` replaced."""
+    beir = write_beir(root)
+    change(beir / "corpus.jsonl")
+    return ["data", "check", str(beir)]
+
+
 def long_run_name(root: Path) -> list[str]:
     path = write_config(root, "")
     path.write_text(path.read_text().replace("name: bad", f"name: {'a' * 300}"))
@@ -163,17 +201,18 @@ def s3_credentials_file(content: bytes | None):
     return build
 
 
+CLUSTER_STORE = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'  # renderable
+
+
 def render_onto_a_file(root: Path) -> list[str]:
     (root / "out").write_text("mine\n")
-    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
-    return ["render", str(write_config(root, "", store)), "-o", str(root / "out")]
+    return ["render", str(write_config(root, "", CLUSTER_STORE)), "-o", str(root / "out")]
 
 
 def garbage_kubeconfig(root: Path) -> list[str]:
     (root / "kubeconfig").write_text("clusters: [unclosed\n")
     os.environ["KUBECONFIG"] = str(root / "kubeconfig")  # the test restores the environment
-    store = '{uri: "s3://bucket/p", endpoint: "127.0.0.1:9"}\ncluster: {s3_secret: keys}'
-    return ["submit", str(write_config(root, "", store)), "--stage", "train", "--no-wait"]
+    return ["submit", str(write_config(root, "", CLUSTER_STORE)), "--stage", "train", "--no-wait"]
 
 
 # (id, build(root) -> CLI args, text the one line must contain, path under root that must not exist)
@@ -228,6 +267,37 @@ CASES = [
     ("credentials-file-missing", s3_credentials_file(None), "keys.env: no such file or directory", "store"),
     ("render-onto-a-file", render_onto_a_file, "--output", "x"),
     ("kubeconfig-garbage", garbage_kubeconfig, "/kubeconfig:2: invalid YAML", "store"),
+    # what the API server would refuse, refused by `peg render` and `peg operator manifest`
+    ("render-quantity", render_with("resources: {cpu: four, memory: 16Gi}"),
+     "cluster.resources.cpu: 'four' is not a Kubernetes quantity", "x"),
+    ("render-node-selector-key", render_with("node_selector: {'bad key!': v}"),
+     "cluster.node_selector: 'bad key!': a label name has at most 63 characters", "x"),
+    ("render-image", render_with("image: 'Registry.io/Team/Peg:1'"),
+     "cluster.image: 'Registry.io/Team/Peg:1' is not an image reference", "x"),
+    ("render-secret-name", render_with("service_account: Peg_Runner"),
+     "cluster.service_account: 'Peg_Runner' is not a DNS-1123 subdomain", "x"),
+    ("render-pull-secret-name", render_with("image_pull_secrets: [Regcred_1]"),
+     "cluster.image_pull_secrets[0]: 'Regcred_1' is not a DNS-1123 subdomain", "x"),
+    ("render-scratch-size", render_with("scratch_size: 2Gx"), "cluster.scratch_size: '2Gx' is not a Kubernetes quantity", "x"),
+    ("render-kueue-queue", render_with("queue: 'team queue'"), "cluster.queue: 'team queue': a label value", "x"),
+    ("operator-manifest-checks-as-render", render_with("resources: {cpu: '4', memory: lots}", "operator manifest"),
+     "cluster.resources.memory: 'lots' is not a Kubernetes quantity", "x"),
+    ("api-server-port-closed", closed_api_port, "Kubernetes API https://127.0.0.1:1: cannot connect", "store"),
+    # a corpus that is not a file gets its own reason
+    ("corpus-is-a-directory", lambda r: corpus_replaced(r, lambda c: (c.unlink(), c.mkdir())),
+     "corpus.jsonl: is a directory, not a file", "x"),
+    ("corpus-only-gzipped", lambda r: corpus_replaced(r, lambda c: c.rename(c.with_name("corpus.jsonl.gz"))),
+     "corpus.jsonl: file not found (there is corpus.jsonl.gz: decompress it first)", "x"),
+    ("corpus-symlink-loop", lambda r: corpus_replaced(r, lambda c: (c.unlink(), c.symlink_to(c))),
+     "corpus.jsonl: symbolic links loop", "x"),
+    ("nan-teacher-score-at-prepare", nan_teacher_score_at_prepare,
+     "pairs.jsonl:1: field 'neg_scores' holds a non-finite value", "store/bad/prepare/data"),
+    # a store that cannot be used: said before any work, without "rerun to resume" (no rerun helps)
+    ("store-is-a-file", store_is_a_file, "/taken: not a directory", "store"),
+    ("store-scheme", lambda r: ["pipeline", "run", str(write_config(r, "", '{uri: "ftp://host/p"}'))],
+     "store.uri 'ftp://host/p': unsupported scheme", "store"),
+    ("store-endpoint-missing", lambda r: ["pipeline", "run", str(write_config(r, "", '{uri: "s3://bucket/p"}'))],
+     "store.endpoint is required for s3://bucket/p", "store"),
     # nonsense values, refused at load with the key
     ("boolean-for-a-count", config_show("train: {epochs: yes}\n"), "cfg.yaml:4: train.epochs: True is a boolean", "store"),
     ("count-beyond-any-run", config_show("batch: {queries_per_step: 99999999999}\n"),
@@ -253,6 +323,7 @@ def test_bad_input_is_one_clean_line_and_exit_2(tmp_path, monkeypatch, build, ex
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert expected in lines[0], lines[0]
+    assert "rerun" not in lines[0] or "rerun with -v" in lines[0], lines[0]  # a rerun would meet the same input
     assert not (tmp_path / absent).exists()
 
 
@@ -285,3 +356,12 @@ def test_a_huge_passage_is_cut_before_tokenisation_to_the_tokens_the_model_reads
     assert features["input_ids"][0] == whole and len(whole) == 48
     encoder.tokenizer = tokenizer
     assert encoder.encode([huge], "passage").shape == (1, 32)
+
+
+def test_data_check_names_an_empty_passage_as_empty_not_as_missing(tmp_path):
+    corpus = b'{"_id": "d0", "title": "", "text": "passage 0"}\n{"_id": "d1", "title": "", "text": ""}\n'
+    beir = write_beir(tmp_path, corpus=corpus)
+    result = CliRunner().invoke(app, ["data", "check", str(beir)])
+    problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
+    assert result.exit_code == 1
+    assert problems == [f"problem: {beir / 'corpus.jsonl'}: passage 'd1' is empty (no title, no text)"]

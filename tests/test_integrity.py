@@ -394,3 +394,47 @@ def test_break_lease_removes_only_the_named_holders_lease(store, tmp_path, monke
     assert read_lease(store, "run") is None
     with Lease(store, "run", ttl=30):
         pass
+
+
+def test_a_store_down_at_the_end_does_not_hide_the_runs_own_error(tmp_path):
+    """Releasing the lease while the store is unreachable logs it (the lease expires by itself)
+    instead of raising over the error that is ending the run."""
+    from peg.store import StoreError
+
+    store = LocalStore(tmp_path / "store")
+    lease = Lease(store, "run", ttl=30)
+    lease.acquire()
+
+    def down(*args):
+        raise StoreError("S3 store http://127.0.0.1:9 bucket 'b': connection refused")
+
+    store.remove_object = down
+    with pytest.raises(ValueError, match="the stage's own error"):
+        try:
+            raise ValueError("the stage's own error")
+        finally:
+            lease.release()
+
+
+def test_an_s3_operation_warns_on_the_console_once_then_logs_its_retries(caplog):
+    import types
+
+    import urllib3
+
+    from peg.store.s3 import S3Store
+
+    fake = types.SimpleNamespace(backoff_seconds=0.001, max_attempts=5, describe=lambda: "S3 store x",
+                                 _explain=lambda e: "connection reset")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise urllib3.exceptions.ProtocolError("connection reset")
+        return "ok"
+
+    with caplog.at_level("INFO"):
+        assert S3Store._call(fake, "put 'k'", flaky) == "ok"
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert [r.name for r in retries] == ["peg.store.s3", "root", "root"]  # the console shows the first only
+    assert [r.levelname for r in retries] == ["WARNING", "INFO", "INFO"]

@@ -309,7 +309,8 @@ def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):
 
 
 def test_cli_rejects_a_batch_that_does_not_divide_across_ranks(tmp_path):
-    config = _train_config(tmp_path, "unused-model", [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2)])
+    # a packaged model: found offline by the check before any work, never loaded here
+    config = _train_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2)])
     data = json.loads(config.read_text())
     data["batch"]["queries_per_step"] = 5
     config.write_text(json.dumps(data))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peg.data.beir import check_qrels_ids, iter_corpus, load_qrels, load_queries
-from peg.data.errors import DataError
+from peg.data.errors import DataError, missing_file_reason
 from peg.data.fetch import resolve_beir
 from peg.data.pairs import iter_examples
 
@@ -27,8 +27,12 @@ def check_path(path: str | Path, splits: list[str] | None = None) -> CheckReport
         report.counts["examples"] = sum(1 for _ in iter_examples(path, collect))
         return report
     if not path.is_dir():
-        raise DataError(path, None, "not found (expected a BEIR folder or a training-pair JSONL file)")
-    corpus = {p.id: p for p in iter_corpus(path, collect)}
+        reason = missing_file_reason(path)
+        raise DataError(path, None, "not found (expected a BEIR folder or a training-pair JSONL file)"
+                        if reason == "file not found" else reason)
+    corpus = {p.id: p for p in iter_corpus(path, collect, allow_empty=True)}
+    for pid in (pid for pid, p in corpus.items() if not p.full_text.strip()):  # named as empty, not as missing
+        collect(DataError(path / "corpus.jsonl", None, f"passage '{pid}' is empty (no title, no text)"))
     report.counts["passages"] = len(corpus)
     if splits is None and not (path / "queries.jsonl").exists() and not (path / "qrels").exists():
         return report  # a corpus-only folder: valid input for training on synthetic queries

@@ -32,6 +32,22 @@ def raise_error(error: DataError) -> None:
     raise error
 
 
+def missing_file_reason(path: Path) -> str:
+    """Why `path`, which is not a readable file, cannot be read: the message a DataError gives."""
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        pass
+    except (RuntimeError, OSError):  # RuntimeError: Python < 3.13's symlink loop
+        return "symbolic links loop (the path leads back to itself)"
+    if path.is_dir():
+        return "is a directory, not a file"
+    compressed = [p.name for p in path.parent.glob(f"{path.name}.*") if p.suffix in (".gz", ".bz2", ".xz", ".zst", ".zip")]
+    if compressed:
+        return f"file not found (there is {compressed[0]}: decompress it first)"
+    return "file not found"
+
+
 def iter_lines(path: Path, on_error: OnError = raise_error) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) of a UTF-8 file; a leading BOM is dropped, a line that is not
     valid UTF-8 goes to `on_error`. Line endings are kept."""
@@ -49,7 +65,7 @@ def iter_jsonl(path: str | Path, on_error: OnError = raise_error) -> Iterator[tu
     """Yield (line number, object) for each non-blank line; a malformed line goes to `on_error`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, None, "file not found")
+        raise DataError(path, None, missing_file_reason(path))
     for lineno, raw in iter_lines(path, on_error):
         if not raw.strip():
             continue

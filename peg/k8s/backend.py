@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import urllib3
 import yaml
 from kubernetes.client.exceptions import ApiException
 
@@ -54,10 +55,11 @@ def kubernetes_apis() -> tuple[Any, Any]:
     """(CustomObjectsApi, CoreV1Api) from the kubeconfig, or the in-cluster service account."""
     from kubernetes import client, config
 
+    where = os.environ.get("KUBECONFIG") or None  # read now: the client reads it once, at its import
     try:
-        config.load_kube_config()
+        config.load_kube_config(config_file=where)
     except yaml.YAMLError as e:
-        where = os.environ.get("KUBECONFIG", "~/.kube/config")
+        where = where or "~/.kube/config"
         mark = getattr(e, "problem_mark", None)
         raise ClusterError(f"kubeconfig {where}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
                            f"({getattr(e, 'problem', None) or e})") from None
@@ -98,8 +100,16 @@ class K8sBackend:
         """Create (or find) the stage's job; with `wait`, follow it to the end. Returns the phase.
 
         `env` (the pipeline's run lease, handed to its stages) goes where the job's API allows
-        (`render_stage`).
+        (`render_stage`). ClusterError naming the API server when it cannot be reached.
         """
+        try:
+            return self._submit(stage, wait, env)
+        except urllib3.exceptions.HTTPError as e:
+            host = self.core.api_client.configuration.host
+            reason = getattr(e, "reason", None) or e
+            raise ClusterError(f"Kubernetes API {host}: cannot connect ({str(reason).splitlines()[0][-200:]})") from None
+
+    def _submit(self, stage: str, wait: bool, env: Mapping[str, str] | None) -> str:
         self.apply_config_map()
         phase = "pending"
         for obj in render_stage(self.config, stage, env):

@@ -23,6 +23,7 @@ import yaml
 
 from peg.config import ConfigError, RunConfig
 from peg.k8s.names import is_dns_1035, resource_name
+from peg.k8s.validation import image_problem, label_key_problem, label_value_problem, quantity_problem, subdomain_problem
 from peg.pipeline import enabled_stages, stage_hashes
 
 CONFIG_DIR = "/etc/peg"
@@ -101,8 +102,29 @@ def check_renderable(cfg: RunConfig) -> None:
     reserved = sorted(set(c.env) & {"HOME", "PEG_WORK_DIR", *TORCHRUN_ENV})
     if reserved:
         problems.append(f"cluster.env: {', '.join(reserved)} are set by peg or by the trainer (torchrun); leave them out")
+    problems += api_server_problems(cfg)
     if problems:
         raise RenderError("\n".join(problems))
+
+
+def api_server_problems(cfg: RunConfig) -> list[str]:
+    """The cluster keys the API server would refuse (`peg.k8s.validation`), each naming its key."""
+    c = cfg.cluster
+    found = [(f"cluster.{name}.{part}", quantity_problem(getattr(getattr(c, name), part)))
+             for name in ("resources", "ray_head_resources") for part in ("cpu", "memory")]
+    found += [("cluster.shm_size", quantity_problem(c.shm_size)),
+              ("cluster.image", image_problem(c.image)), ("cluster.ray_image", image_problem(c.ray_image))]
+    found += [(f"cluster.{name}", subdomain_problem(getattr(c, name)))
+              for name in ("s3_secret", "service_account", "priority_class") if getattr(c, name)]
+    for key, value in c.node_selector.items():
+        found += [("cluster.node_selector", label_key_problem(key)), ("cluster.node_selector", label_value_problem(value))]
+    found += [(f"cluster.tolerations[{i}].key", label_key_problem(t.key)) for i, t in enumerate(c.tolerations) if t.key]
+    found += [(f"cluster.image_pull_secrets[{i}]", subdomain_problem(name)) for i, name in enumerate(c.image_pull_secrets)]
+    if c.scratch_size:
+        found.append(("cluster.scratch_size", quantity_problem(c.scratch_size)))
+    if c.queue:
+        found.append(("cluster.queue", label_value_problem(c.queue)))
+    return [f"{key}: {problem}" for key, problem in found if problem]
 
 
 def is_cpu_image(image: str) -> bool:

@@ -44,11 +44,11 @@ class Stage:
 
 
 def _prepare(ctx: StageContext) -> list[str]:
-    """Validate the BEIR data this run reads (`beir:NAME` fetched first), record its counts and put
+    """Validate the BEIR data and training files this run reads (`beir:NAME` fetched first), record its counts and put
     that data (and any data.train_files) into the store, where every later stage reads it: the
     corpus, the train split when training uses human queries, the eval split when eval is on
     (nothing else is read)."""
-    from peg.data import BeirDataset, iter_corpus
+    from peg.data import BeirDataset, iter_corpus, iter_examples
     from peg.data.fetch import resolve_beir
 
     config = ctx.config
@@ -76,6 +76,8 @@ def _prepare(ctx: StageContext) -> list[str]:
     names = ["corpus.jsonl", *(["queries.jsonl"] if splits else []), *(f"qrels/{s}.tsv" for s in splits)]
     files = {f"beir/{name}": beir / name for name in names}
     for i, path in enumerate(config.data.train_files):
+        for _ in iter_examples(path):  # a malformed line or a NaN teacher score stops the run here, not in training
+            pass
         files[f"train_files/{stored_train_file(i, path)}"] = Path(path)
     with progress_bar(len(files), "upload data", unit="file") as advance:
         for name, path in files.items():

@@ -19,6 +19,7 @@ without working flock gives no exclusion.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -159,7 +160,11 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         if self._token is not None and not self.lost.is_set():
-            self.store.remove_object(self.key, self._token)
+            try:
+                self.store.remove_object(self.key, self._token)
+            except StoreError as e:  # the store is down: the lease expires by itself; the run's own error stands
+                logging.getLogger(__name__).warning("could not remove the run's lease (%s); it expires in %.0f s",
+                                                    e, self.ttl)
         self._token = None
 
     def __enter__(self) -> Lease:

@@ -50,6 +50,7 @@ from peg.store.base import (
 from peg.store.files import CHUNK_SIZE, copy_stream_atomically, file_sha256
 
 log = logging.getLogger(__name__)
+_file_log = logging.getLogger()  # the root logger: the log file, never the console (peg.console)
 
 T = TypeVar("T")
 
@@ -272,7 +273,10 @@ class S3Store(ArtifactStore):
                     raise StoreError(
                         f"{self.describe()}: {what} failed after {attempt} attempts: {self._explain(e)}"
                     ) from e
-                log.warning("%s: %s: %s; retrying in %.1f s", self.describe(), what, self._explain(e), delay)
+                # the console hears of an operation's first retry; later ones go to the log file only
+                (log.warning if attempt == 1 else _file_log.info)(
+                    "%s: %s: %s; retrying in %.1f s (attempt %d of %d)", self.describe(), what, self._explain(e), delay,
+                    attempt + 1, self.max_attempts)
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
                 attempt += 1
