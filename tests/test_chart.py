@@ -110,7 +110,7 @@ def backend_api_calls() -> set[tuple[str, str, str]]:
     """(API group, resource, verb) of every Kubernetes call in peg's cluster backend."""
     source = (ROOT / "peg" / "k8s" / "backend.py").read_text()
     calls = set()
-    for client, method in re.findall(r"self\.(core|custom)\.(\w+)", source):
+    for client, method in re.findall(r"self\.(core|custom)\.(\w+_namespaced_\w+)", source):
         verb, _, resource = method.partition("_namespaced_")
         if client == "custom":
             assert resource == "custom_object", method
