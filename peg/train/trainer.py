@@ -45,6 +45,7 @@ from peg.config import RunConfig
 from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
+from peg.model.lora import apply_lora, parameter_counts
 from peg.progress import progress_bar
 from peg.store import open_store
 from peg.store.files import atomic_output, file_sha256, write_atomically
@@ -265,6 +266,11 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
 
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
+    if config.model.lora.enabled:
+        apply_lora(encoder, config.model.lora)
+        if rank == 0:
+            trainable, total = parameter_counts(encoder)
+            logger.info("train: LoRA trains %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     selection = DevSelection(config, dev, encoder, output_dir, rank, resume) if dev else None
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss, config.model.normalize)
