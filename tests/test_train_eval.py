@@ -180,3 +180,29 @@ def test_resume_keeps_the_best_so_far_and_a_fresh_run_clears_it(tmp_path):
     fresh = DevSelection(config, dev_set(config), encoder, out, rank=0, resume=False)
     assert fresh.best is None and not (out / BEST_RECORD).exists() and not list(out.glob("best-step*"))
 
+
+
+def test_the_best_model_goes_to_the_store_and_a_fresh_disk_gets_it_back(tmp_path):
+    from peg.config import StoreConfig
+    from peg.store import open_store
+    from peg.train.checkpoints import restore_best, stored_tags, upload_best
+
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    key = "run/train/checkpoints"
+    store.put_bytes(f"{key}/step00000002/x", b"checkpoint", producer="train")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for step, value in ((2, 0.3), (4, 0.5)):
+        record = BestRecord(step, "ndcg@10", value, f"best-step{step:08d}")
+        (first / record.model / "sub").mkdir(parents=True)
+        (first / record.model / "sub" / "w.bin").write_bytes(bytes([step]) * 10)
+        record.write(first)
+        upload_best(store, key, first, record)
+    assert stored_tags(store, key) == ["step00000002"]  # the best is not a checkpoint tag
+    assert [k for k in store.list(f"{key}/best")] == [f"{key}/best/best-step00000004/sub/w.bin", f"{key}/best/best.json"]
+    restore_best(store, key, second)
+    assert BestRecord.read(second) == record and (second / record.model / "sub" / "w.bin").read_bytes() == bytes([4]) * 10
+    better = BestRecord(6, "ndcg@10", 0.9, "best-step00000006")
+    (second / better.model).mkdir()
+    better.write(second)
+    restore_best(store, key, second)  # a better local record stays
+    assert BestRecord.read(second) == better

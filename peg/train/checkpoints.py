@@ -4,6 +4,8 @@ Layout under a store key prefix K: `K/<tag>/<file>` (every rank's DeepSpeed and 
 `K/latest` (the tag). `latest` is written last, by rank 0, after every node has uploaded its
 files: a tag named by `K/latest` is always complete. Each node uploads the files its own ranks
 wrote (pods share no disk); on restore each node downloads the whole tag.
+`K/best/` holds the best dev model so far and its record (`upload_best` / `restore_best`), so
+evaluation during training keeps its best across a pod that lost its disk.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 from pathlib import Path
 
 from peg.store import ArtifactStore
+from peg.train.devset import BEST_RECORD, BestRecord
 
 LATEST = "latest"
+BEST = "best"  # K/best/: the best dev model so far and its record (upload_best), not a checkpoint tag
 
 
 def upload_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, tag: str, keep: int) -> None:
@@ -33,7 +37,7 @@ def upload_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, tag: str, 
 
 def stored_tags(store: ArtifactStore, key: str) -> list[str]:
     tags = {k[len(key) + 1 :].split("/", 1)[0] for k in store.list(key)}
-    return sorted(tags - {LATEST})
+    return sorted(tags - {LATEST, BEST})
 
 
 def restore_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, trust_local: bool = False) -> bool:
@@ -60,3 +64,31 @@ def restore_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, trust_loc
     tmp.write_text(stored_tag)
     os.replace(tmp, local)
     return True
+
+
+def upload_best(store: ArtifactStore, key: str, output_dir: Path, record: BestRecord) -> None:
+    """Rank 0, after keeping a new best dev model (`peg.train.selection`): put its folder under
+    `K/best/<folder>/`, then the record `K/best/best.json` (so a stored record always names a
+    complete stored folder), then delete the previous best folder."""
+    prefix = f"{key}/{BEST}"
+    folder = output_dir / record.model
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        store.put_file(f"{prefix}/{record.model}/{path.relative_to(folder).as_posix()}", path, producer="train")
+    store.put_file(f"{prefix}/{BEST_RECORD}", output_dir / BEST_RECORD, producer="train")
+    for old in {k[len(prefix) + 1 :].split("/", 1)[0] for k in store.list(prefix)} - {record.model, BEST_RECORD}:
+        store.delete(f"{prefix}/{old}")
+
+
+def restore_best(store: ArtifactStore, key: str, output_dir: Path) -> None:
+    """Bring the stored best model and record (`upload_best`) onto this disk (a rescheduled pod with
+    a fresh disk), unless the local record is at least as good."""
+    prefix = f"{key}/{BEST}"
+    if not store.exists(f"{prefix}/{BEST_RECORD}"):
+        return
+    stored = BestRecord(**store.read_json(f"{prefix}/{BEST_RECORD}"))
+    local = BestRecord.read(output_dir)
+    if local is not None and local.value >= stored.value:
+        return
+    for item in store.list(f"{prefix}/{stored.model}"):
+        store.get_file(item, output_dir / item[len(prefix) + 1 :])
+    store.get_file(f"{prefix}/{BEST_RECORD}", output_dir / BEST_RECORD)  # last: it names a complete folder

@@ -271,7 +271,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         if rank == 0:
             trainable, total = parameter_counts(encoder)
             logger.info("train: LoRA trains %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-    selection = DevSelection(config, dev, encoder, output_dir, rank, resume) if dev else None
+    selection = DevSelection(config, dev, encoder, output_dir, rank, resume, checkpoint_key) if dev else None
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss, config.model.normalize)
     if config.loss.matryoshka_dims and max(config.loss.matryoshka_dims) > encoder.dim:
