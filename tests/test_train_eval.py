@@ -206,3 +206,21 @@ def test_the_best_model_goes_to_the_store_and_a_fresh_disk_gets_it_back(tmp_path
     better.write(second)
     restore_best(store, key, second)  # a better local record stays
     assert BestRecord.read(second) == better
+
+
+def test_evaluate_at_dims_scores_each_smaller_prefix_renormalised():
+    import numpy as np
+
+    from peg.eval.retrieval import evaluate_at_dims, truncate_embeddings
+
+    rng = np.random.default_rng(0)
+    q, p = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(20, 8)).astype(np.float32)
+    q, p = q / np.linalg.norm(q, axis=1, keepdims=True), p / np.linalg.norm(p, axis=1, keepdims=True)
+    qids, pids = [f"q{i}" for i in range(5)], [f"d{i}" for i in range(20)]
+    qrels = {f"q{i}": {f"d{3 * i}": 1} for i in range(5)}
+    by_dim = evaluate_at_dims(qids, q, pids, p, qrels, (1, 10), [8, 2, 4], normalize=True)
+    assert list(by_dim) == [4, 2]  # the full dimension is not repeated; largest first
+    four = truncate_embeddings(q, 4, True)
+    np.testing.assert_allclose(np.linalg.norm(four, axis=1), 1.0, rtol=1e-6)
+    want = evaluate_embeddings(qids, four, pids, truncate_embeddings(p, 4, True), qrels, (1, 10)).metrics
+    assert by_dim[4] == want
