@@ -28,9 +28,8 @@ from bench.scifact import MINILM, ROOT, SCIFACT
 from peg.config import ModelConfig
 from peg.data import BeirDataset
 from peg.eval import evaluate_embeddings
-from peg.eval.retrieval import search
+from peg.eval.retrieval import search, truncate_embeddings
 from peg.model.encoder import Encoder
-from peg.train.devset import prefix
 from peg.train.metrics import read_metrics
 
 DIMS = [384, 256, 128, 64]
@@ -46,7 +45,7 @@ def embed(encoder: Encoder, data: BeirDataset) -> tuple[list[str], np.ndarray, l
 def at_dims(qids, q, pids, p, qrels) -> dict[str, dict[str, float]]:
     out = {}
     for dim in DIMS:
-        qd, pd = (q, p) if dim == q.shape[1] else (prefix(q, dim, True), prefix(p, dim, True))
+        qd, pd = (q, p) if dim == q.shape[1] else (truncate_embeddings(q, dim, True), truncate_embeddings(p, dim, True))
         metrics = evaluate_embeddings(qids, qd, pids, pd, qrels, (10, 100)).metrics
         out[str(dim)] = {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
     return out

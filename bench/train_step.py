@@ -28,6 +28,10 @@ VARIANTS = {  # name -> run-config overrides
     "peg without prefetch": {"train": {"prefetch": 0}},
     "peg without length grouping": {"batch": {"group_by_length": False}},
     "peg with eager attention": {"model": {"attn_implementation": "eager"}},
+    # decoder LLM embedders (gpu_bench.sh's 0.5B-class part): full fine-tuning vs LoRA r 16 on the attention
+    "peg decoder full": {"model": {"pooling": "last"}},
+    "peg decoder LoRA": {"model": {"pooling": "last", "lora": {
+        "enabled": True, "r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}},
 }
 
 
@@ -125,7 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--model", default=None, help="model folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated peg variants to run")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if "decoder" not in v),
+                        help="comma-separated peg variants to run (default: all but the decoder ones)")
     parser.add_argument("--st", action=argparse.BooleanOptionalAction, default=True, help="run the ST CachedMNRL peer (after peg)")
     parser.add_argument("--suffix", default="", help="results file suffix, e.g. _gpu")
     parser.add_argument("--st-worker", help=argparse.SUPPRESS)

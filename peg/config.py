@@ -127,6 +127,21 @@ class DataConfig(Section):
     )
 
 
+class LoraSettings(Section):
+    """LoRA adapters (Hu et al. 2021; `peft`) trained instead of the whole model; see `peg.model.lora`.
+    The export merges them into the weights."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1, description="Rank of each low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the update is (alpha / r) B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Names of the modules to adapt (e.g. [q_proj, k_proj, v_proj, o_proj]); null: peft's "
+        "default for the architecture (the attention query and value projections).",
+    )
+
+
 class ModelConfig(Section):
     """The encoder: a transformers model, its pooling and input formatting."""
 
@@ -139,6 +154,9 @@ class ModelConfig(Section):
     passage_max_length: int = Field(256, ge=1)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="transformers attention kernel; auto: its default (SDPA for BERT-family models)."
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Train LoRA adapters (decoder LLM embedders: pooling last)."
     )
 
 

@@ -87,3 +87,18 @@ def test_model_card_names_the_matryoshka_dims():
     assert "Matryoshka" not in model_card(config, None)
     config.loss.matryoshka_dims = [64, 384, 128]
     assert "dimensions [384, 128, 64]" in model_card(config, None) and "truncate_dim=64" in model_card(config, None)
+
+
+def test_decoder_with_a_chat_template_exports_plain_text_last_token_embeddings(tmp_path):
+    """sentence-transformers renders texts through a tokenizer's chat template unless the folder pins
+    the text modality; peg's encoder feeds the plain (prefixed) text, so the export must pin it."""
+    from sentence_transformers import SentenceTransformer
+    from tiny import make_tiny_llama
+
+    encoder = Encoder(ModelConfig(name_or_path=str(make_tiny_llama(tmp_path / "llama")), pooling="last",
+                                  query_prefix="Instruct: answer\nQuery: ", query_max_length=32, passage_max_length=32))  # fmt: skip
+    assert encoder.tokenizer.chat_template
+    st = SentenceTransformer(str(export_sentence_transformers(encoder, tmp_path / "model")), device="cpu")
+    for texts, kind in ((QUERIES, "query"), (PASSAGES, "passage")):
+        ours = encoder.encode(texts, kind, batch_size=1)
+        np.testing.assert_allclose(st.encode(texts, prompt_name=kind, batch_size=1), ours, atol=1e-5)

@@ -180,3 +180,47 @@ def test_resume_keeps_the_best_so_far_and_a_fresh_run_clears_it(tmp_path):
     fresh = DevSelection(config, dev_set(config), encoder, out, rank=0, resume=False)
     assert fresh.best is None and not (out / BEST_RECORD).exists() and not list(out.glob("best-step*"))
 
+
+
+def test_the_best_model_goes_to_the_store_and_a_fresh_disk_gets_it_back(tmp_path):
+    from peg.config import StoreConfig
+    from peg.store import open_store
+    from peg.train.checkpoints import restore_best, stored_tags, upload_best
+
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    key = "run/train/checkpoints"
+    store.put_bytes(f"{key}/step00000002/x", b"checkpoint", producer="train")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for step, value in ((2, 0.3), (4, 0.5)):
+        record = BestRecord(step, "ndcg@10", value, f"best-step{step:08d}")
+        (first / record.model / "sub").mkdir(parents=True)
+        (first / record.model / "sub" / "w.bin").write_bytes(bytes([step]) * 10)
+        record.write(first)
+        upload_best(store, key, first, record)
+    assert stored_tags(store, key) == ["step00000002"]  # the best is not a checkpoint tag
+    assert [k for k in store.list(f"{key}/best")] == [f"{key}/best/best-step00000004/sub/w.bin", f"{key}/best/best.json"]
+    restore_best(store, key, second)
+    assert BestRecord.read(second) == record and (second / record.model / "sub" / "w.bin").read_bytes() == bytes([4]) * 10
+    better = BestRecord(6, "ndcg@10", 0.9, "best-step00000006")
+    (second / better.model).mkdir()
+    better.write(second)
+    restore_best(store, key, second)  # a better local record stays
+    assert BestRecord.read(second) == better
+
+
+def test_evaluate_at_dims_scores_each_smaller_prefix_renormalised():
+    import numpy as np
+
+    from peg.eval.retrieval import evaluate_at_dims, truncate_embeddings
+
+    rng = np.random.default_rng(0)
+    q, p = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(20, 8)).astype(np.float32)
+    q, p = q / np.linalg.norm(q, axis=1, keepdims=True), p / np.linalg.norm(p, axis=1, keepdims=True)
+    qids, pids = [f"q{i}" for i in range(5)], [f"d{i}" for i in range(20)]
+    qrels = {f"q{i}": {f"d{3 * i}": 1} for i in range(5)}
+    by_dim = evaluate_at_dims(qids, q, pids, p, qrels, (1, 10), [8, 2, 4], normalize=True)
+    assert list(by_dim) == [4, 2]  # the full dimension is not repeated; largest first
+    four = truncate_embeddings(q, 4, True)
+    np.testing.assert_allclose(np.linalg.norm(four, axis=1), 1.0, rtol=1e-6)
+    want = evaluate_embeddings(qids, four, pids, truncate_embeddings(p, 4, True), qrels, (1, 10)).metrics
+    assert by_dim[4] == want

@@ -51,6 +51,34 @@ def search(query_emb: np.ndarray, passage_emb: np.ndarray, k: int) -> tuple[np.n
     return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(k, passage_emb.shape[0]))
 
 
+def truncate_embeddings(embeddings: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
+    """A Matryoshka prefix: the first `dim` components, L2-normalised again when `normalize` (the
+    encoder normalises; the prefix of a unit vector is not one)."""
+    part = np.ascontiguousarray(embeddings[:, :dim])
+    if normalize:
+        part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+    return part
+
+
+def evaluate_at_dims(
+    query_ids: list[str],
+    query_emb: np.ndarray,
+    passage_ids: list[str],
+    passage_emb: np.ndarray,
+    qrels: Qrels,
+    k_values: tuple[int, ...],
+    dims: list[int],
+    normalize: bool,
+) -> dict[int, dict[str, float]]:
+    """{dim: metrics} for each Matryoshka dimension in `dims` below the embeddings' own, largest first."""
+    full = query_emb.shape[1]
+    return {
+        dim: evaluate_embeddings(query_ids, truncate_embeddings(query_emb, dim, normalize), passage_ids,
+                                 truncate_embeddings(passage_emb, dim, normalize), qrels, k_values).metrics
+        for dim in sorted((d for d in dims if d < full), reverse=True)
+    }  # fmt: skip
+
+
 def evaluate_embeddings(
     query_ids: list[str],
     query_emb: np.ndarray,

@@ -6,6 +6,8 @@ normalisation and the prefixes as named prompts. sentence-transformers keeps one
 so the folder uses `passage_max_length`; queries longer than `query_max_length` tokens are
 the one case where the two differ.
 
+A LoRA-trained encoder (`peg.model.lora`) is written with its adapters merged into the weights.
+
 A model trained with Matryoshka losses records its dimensions as `matryoshka_dims` in
 `config_sentence_transformers.json` (largest first); load a prefix with
 `SentenceTransformer(path, truncate_dim=d)`.
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from peg.model.encoder import Encoder
+from peg.model.lora import is_lora, merged_copy
 from peg.store.files import dir_mode
 
 _POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
@@ -61,10 +64,16 @@ def export_sentence_transformers(
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = encoder.config
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.hf.") as hf_dir:
-        encoder.model.save_pretrained(hf_dir, state_dict=state_dict)
+        if is_lora(encoder.model):  # LoRA: the adapters merged into plain weights
+            merged_copy(encoder.model, state_dict).save_pretrained(hf_dir)
+        else:
+            encoder.model.save_pretrained(hf_dir, state_dict=state_dict)
         encoder.tokenizer.save_pretrained(hf_dir)
         modules = [
-            Transformer(hf_dir, max_seq_length=cfg.passage_max_length),
+            # plain text: sentence-transformers would render the texts through a chat template the tokenizer
+            # carries (decoder LLMs), which peg's encoder never does
+            Transformer(hf_dir, max_seq_length=cfg.passage_max_length, module_output_name="token_embeddings",
+                        modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}}),
             Pooling(encoder.dim, pooling_mode=_POOLING[cfg.pooling]),
         ]
         if cfg.normalize:

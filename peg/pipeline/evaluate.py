@@ -11,19 +11,24 @@ import numpy as np
 from peg.config import RunConfig
 from peg.data import BeirDataset
 from peg.eval import evaluate_embeddings
-from peg.eval.retrieval import EvalResult, markdown_table
+from peg.eval.retrieval import EvalResult, evaluate_at_dims, markdown_table
 from peg.pipeline.context import StageContext
 from peg.store.files import write_atomically
 
 LABELS = {"base": "base", "finetuned": "fine-tuned"}
 
 
-def _evaluate(config: RunConfig, ctx: StageContext, data: BeirDataset) -> EvalResult:
+def _evaluate(config: RunConfig, ctx: StageContext, data: BeirDataset) -> tuple[EvalResult, dict[int, dict[str, float]]]:
+    """The metrics at the full dimension, and {dim: metrics} at each smaller `loss.matryoshka_dims` prefix."""
     from peg.runtime import encode_corpus, encode_queries
 
     corpus = encode_corpus(config, ctx.store, data.corpus.values(), show_progress=True)
     queries = encode_queries(config, ctx.store, data.queries, show_progress=True)
-    return evaluate_embeddings(queries.ids, queries.matrix, corpus.ids, corpus.matrix, data.qrels, tuple(config.eval.k_values))
+    k_values = tuple(config.eval.k_values)
+    result = evaluate_embeddings(queries.ids, queries.matrix, corpus.ids, corpus.matrix, data.qrels, k_values)
+    by_dim = evaluate_at_dims(queries.ids, queries.matrix, corpus.ids, corpus.matrix, data.qrels, k_values,
+                              config.loss.matryoshka_dims, config.model.normalize)  # fmt: skip
+    return result, by_dim
 
 
 def eval_split(config: RunConfig) -> BeirDataset:
@@ -37,7 +42,8 @@ def finetuned_config(ctx: StageContext, model_dir: Path) -> RunConfig:
 
 
 def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
-    """Evaluate the base model (embeddings cached by the encode stage) and the trained one."""
+    """Evaluate the base model (embeddings cached by the encode stage) and the trained one; with
+    `loss.matryoshka_dims`, each also at every smaller prefix (rows `base @128d`, `fine-tuned @128d`)."""
     from peg.runtime import ray_scope
 
     data = eval_split(ctx.config)
@@ -45,11 +51,12 @@ def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
     results = {}
     with ray_scope(), tempfile.TemporaryDirectory(prefix="peg-eval-") as tmp:  # Ray only if an encode needs actors
         for name, config in (("base", ctx.config), ("finetuned", finetuned_config(ctx, model_dir))):
-            result = _evaluate(config, ctx, data)
+            result, by_dim = _evaluate(config, ctx, data)
             paths = result.write(Path(tmp) / name, title=LABELS[name])
             for path in paths.values():
                 ctx.store.put_file(ctx.output_key(f"{name}/{path.name}"), path, "eval", ctx.stage_hash)
             results[LABELS[name]] = result.metrics
+            results.update({f"{LABELS[name]} @{dim}d": metrics for dim, metrics in by_dim.items()})  # Matryoshka
     table = markdown_table(results)
     summary = {"split": ctx.config.data.eval_split, "metrics": results}
     ctx.store.put_text(ctx.output_key("metrics.md"), table, "eval", ctx.stage_hash)

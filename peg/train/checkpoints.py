@@ -9,6 +9,8 @@ no disk); on restore each node downloads the whole tag.
 A stored checkpoint that does not verify (a changed byte, a missing file) is never a dead end:
 restore drops it and takes the newest one that verifies, or reports that there is none (a clean
 start).
+`K/best/` holds the best dev model so far and its record (`upload_best` / `restore_best`), so
+evaluation during training keeps its best across a pod that lost its disk; it is not a checkpoint tag.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import shutil
 from pathlib import Path
 
 from peg.store import ArtifactStore, IntegrityError
+from peg.train.devset import BEST_RECORD, BestRecord
 
 LATEST = "latest"
 FILES = "_files.json"
+BEST = "best"  # K/best/: the best dev model so far and its record (upload_best), not a checkpoint tag
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ def upload_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, tag: str, 
 
 def stored_tags(store: ArtifactStore, key: str) -> list[str]:
     tags = {k[len(key) + 1 :].split("/", 1)[0] for k in store.list(key)}
-    return sorted(tags - {LATEST})
+    return sorted(tags - {LATEST, BEST})
 
 
 def restore_checkpoint(store: ArtifactStore, key: str, ckpt_dir: Path, trust_local: bool = False) -> bool:
@@ -119,3 +123,29 @@ def _download_tag(store: ArtifactStore, key: str, tag: str, ckpt_dir: Path) -> N
         if not (target.is_file() and target.stat().st_size == store.require_manifest(item).size):
             target.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(item, target)
+def upload_best(store: ArtifactStore, key: str, output_dir: Path, record: BestRecord) -> None:
+    """Rank 0, after keeping a new best dev model (`peg.train.selection`): put its folder under
+    `K/best/<folder>/`, then the record `K/best/best.json` (so a stored record always names a
+    complete stored folder), then delete the previous best folder."""
+    prefix = f"{key}/{BEST}"
+    folder = output_dir / record.model
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        store.put_file(f"{prefix}/{record.model}/{path.relative_to(folder).as_posix()}", path, producer="train")
+    store.put_file(f"{prefix}/{BEST_RECORD}", output_dir / BEST_RECORD, producer="train")
+    for old in {k[len(prefix) + 1 :].split("/", 1)[0] for k in store.list(prefix)} - {record.model, BEST_RECORD}:
+        store.delete(f"{prefix}/{old}")
+
+
+def restore_best(store: ArtifactStore, key: str, output_dir: Path) -> None:
+    """Bring the stored best model and record (`upload_best`) onto this disk (a rescheduled pod with
+    a fresh disk), unless the local record is at least as good."""
+    prefix = f"{key}/{BEST}"
+    if not store.exists(f"{prefix}/{BEST_RECORD}"):
+        return
+    stored = BestRecord(**store.read_json(f"{prefix}/{BEST_RECORD}"))
+    local = BestRecord.read(output_dir)
+    if local is not None and local.value >= stored.value:
+        return
+    for item in store.list(f"{prefix}/{stored.model}"):
+        store.get_file(item, output_dir / item[len(prefix) + 1 :])
+    store.get_file(f"{prefix}/{BEST_RECORD}", output_dir / BEST_RECORD)  # last: it names a complete folder

@@ -23,14 +23,13 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from peg.config import RunConfig
 from peg.data import iter_corpus
 from peg.data.beir import load_qrels, load_queries
 from peg.data.fetch import resolve_beir
 from peg.errors import PegError
 from peg.eval import evaluate_embeddings
+from peg.eval.retrieval import evaluate_at_dims
 from peg.model.encoder import Encoder
 from peg.store.files import write_atomically
 
@@ -87,14 +86,6 @@ def load_dev_corpus(config: RunConfig) -> tuple[list[str], list[str]]:
     return [p.id for p in passages], [p.full_text for p in passages]
 
 
-def prefix(embeddings: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
-    """The first `dim` components, L2-normalised again when the encoder normalises."""
-    part = np.ascontiguousarray(embeddings[:, :dim])
-    if normalize:
-        part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-    return part
-
-
 def score_dev(
     encoder: Encoder,
     dev: DevSet,
@@ -107,14 +98,11 @@ def score_dev(
     query_ids = list(dev.queries)
     q = encoder.encode([dev.queries[i] for i in query_ids], "query", batch_size)
     p = encoder.encode(corpus[1], "passage", batch_size)
-    full = q.shape[1]
-    out: dict[str, float] = {}
-    for dim in [full, *sorted((d for d in matryoshka_dims if d < full), reverse=True)]:
-        normalize = encoder.config.normalize and dim < full
-        qd, pd = (prefix(q, dim, normalize), prefix(p, dim, normalize)) if dim < full else (q, p)
-        metrics = evaluate_embeddings(query_ids, qd, corpus[0], pd, dev.qrels, k_values).metrics
-        suffix = "" if dim == full else f"_dim{dim}"
-        out.update({f"dev_{name}{suffix}": value for name, value in metrics.items()})
+    metrics = evaluate_embeddings(query_ids, q, corpus[0], p, dev.qrels, k_values).metrics
+    out = {f"dev_{name}": value for name, value in metrics.items()}
+    by_dim = evaluate_at_dims(query_ids, q, corpus[0], p, dev.qrels, k_values, matryoshka_dims, encoder.config.normalize)
+    for dim, metrics in by_dim.items():
+        out.update({f"dev_{name}_dim{dim}": value for name, value in metrics.items()})
     return out
 
 

@@ -62,7 +62,9 @@ def zero_config(stage: int) -> dict:
 
 
 def adamw(module: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """torch AdamW; no weight decay on biases and LayerNorm weights."""
+    """torch AdamW over the parameters that require gradients (LoRA: the adapters); no weight decay on
+    biases and LayerNorm weights. Empty groups are left out: ZeRO drops them, and the lr scheduler
+    must see the groups the optimizer keeps."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if param.requires_grad:
@@ -71,7 +73,7 @@ def adamw(module: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": config.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.train.learning_rate)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate)
 
 
 def build_engine(

@@ -8,7 +8,9 @@ scoring; under ZeRO-3 every rank first takes part in gathering the weights. When
 `train.select_metric` beats the best so far, rank 0 exports that model as
 `best-step<N>/` (a sentence-transformers folder), then atomically rewrites `best.json` naming it,
 then deletes the previous best folder: at every moment `best.json` names a complete folder, so
-the best so far survives a kill -9 and `--resume` continues from it. Early stopping: with
+the best so far survives a kill -9 and `--resume` continues from it. With a store key (a pipeline
+run) the best also goes to the store (`peg.train.checkpoints.upload_best`) and a resumed pod with a
+fresh disk gets it back from there. Early stopping: with
 `train.early_stopping_patience` P, training stops once P evaluations have passed since the best
 one (steps since the best >= P x eval_every; rank 0 decides, every rank follows).
 `finish` makes `model/` a copy of the best folder (the last weights are in `last-model/`).
@@ -26,6 +28,8 @@ import torch
 from peg.config import RunConfig
 from peg.model.encoder import Encoder
 from peg.model.export import copy_model_folder, export_sentence_transformers
+from peg.store import open_store
+from peg.train.checkpoints import restore_best, upload_best
 from peg.train.devset import BEST_RECORD, BestRecord, DevSet, load_dev_corpus, score_dev
 
 logger = logging.getLogger(__name__)
@@ -36,8 +40,13 @@ BEST_PREFIX = "best-step"
 class DevSelection:
     """Evaluate, keep the best, stop early; every method is called on every rank."""
 
-    def __init__(self, config: RunConfig, dev: DevSet, encoder: Encoder, output_dir: Path, rank: int, resume: bool):
+    def __init__(
+        self, config: RunConfig, dev: DevSet, encoder: Encoder, output_dir: Path, rank: int, resume: bool,
+        store_key: str | None = None,
+    ):
         self.config, self.dev, self.encoder, self.output_dir, self.rank = config, dev, encoder, output_dir, rank
+        self.store = open_store(config.store) if store_key and rank == 0 else None
+        self.store_key = store_key
         t = config.train
         self.metric, self.every, self.patience = t.select_metric, t.eval_every, t.early_stopping_patience
         self.corpus = load_dev_corpus(config) if rank == 0 else None
@@ -46,6 +55,8 @@ class DevSelection:
         self.best: BestRecord | None = None
         if rank == 0:
             if resume:
+                if self.store:
+                    restore_best(self.store, store_key, output_dir)
                 self.best = BestRecord.read(output_dir)
             else:
                 (output_dir / BEST_RECORD).unlink(missing_ok=True)
@@ -107,6 +118,8 @@ class DevSelection:
         record.write(self.output_dir)
         self.best = record
         self._remove_best_folders(keep=record.model)
+        if self.store:
+            upload_best(self.store, self.store_key, self.output_dir, record)
 
     def _remove_best_folders(self, keep: str | None) -> None:
         for folder in self.output_dir.glob(f"{BEST_PREFIX}*"):

@@ -46,6 +46,7 @@ from peg.console import cause_since, log_size
 from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
+from peg.model.lora import apply_lora, parameter_counts
 from peg.process import child_env
 from peg.progress import progress_bar
 from peg.store import open_store
@@ -269,7 +270,12 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
 
     _seed_all(config.train.seed)
     encoder = Encoder(config.model)
-    selection = DevSelection(config, dev, encoder, output_dir, rank, resume) if dev else None
+    if config.model.lora.enabled:
+        apply_lora(encoder, config.model.lora)
+        if rank == 0:
+            trainable, total = parameter_counts(encoder)
+            logger.info("train: LoRA trains %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    selection = DevSelection(config, dev, encoder, output_dir, rank, resume, checkpoint_key) if dev else None
     engine = build_engine(encoder, config, world_size, total_steps)
     loss_fn = build_loss(config.loss, config.model.normalize)
     if config.loss.matryoshka_dims and max(config.loss.matryoshka_dims) > encoder.dim:
