@@ -215,6 +215,18 @@ def test_capabilities_no_new_privileges_and_seccomp_bite(trainer_image):
 
 @containers
 @pytest.mark.containers
+def test_the_memory_limit_bites_and_an_oom_kill_is_reported(trainer_image):
+    obj = pod(command=["python", "-c", "x = bytearray(400 * 2**20); print('allocated')"],
+              resources={"limits": {"memory": "128Mi"}})
+    (result,) = run(containers_of(obj), timeout=120)
+    assert result.status == 137 and result.oom_killed and "allocated" not in result.log, result
+    obj["spec"]["containers"][0]["resources"]["limits"]["memory"] = "1Gi"
+    (result,) = run(containers_of(obj), timeout=120)
+    assert result.status == 0 and not result.oom_killed and "allocated" in result.log, result
+
+
+@containers
+@pytest.mark.containers
 def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_group(trainer_image):
     cfg = quickstart()
     (job,) = render_stage(cfg, "train")
@@ -253,7 +265,7 @@ def tiny_config(beir: Path, bucket: str, endpoint: str, nproc_per_node: int = 1)
                    "actor_cpus": 0.5},
         "store": {"uri": f"s3://{bucket}/runs", "endpoint": endpoint, "secure": False},
         "cluster": {"namespace": "peg", "nodes": 2, "s3_secret": "peg-s3", "image": TRAINER_IMAGE, "ray_image": RAY_IMAGE,
-                    "resources": {"cpu": "1", "memory": "3Gi"}, "ray_head_resources": {"cpu": "1", "memory": "3Gi"},
+                    "resources": {"cpu": "1", "memory": "5Gi"}, "ray_head_resources": {"cpu": "1", "memory": "3Gi"},
                     "shm_size": "512Mi"},
     }
 

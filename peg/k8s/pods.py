@@ -110,9 +110,13 @@ class Container:
 
 @dataclass
 class Result:
+    """A finished container: its exit status, its output, and whether the kernel's OOM killer
+    acted in it (its memory limit was too small, as a pod's `OOMKilled`)."""
+
     name: str
     status: int
     log: str
+    oom_killed: bool = False
 
 
 def free_port() -> int:
@@ -528,9 +532,9 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
                 if time.monotonic() > deadline:
                     raise PodError(f"container {container.name} still runs after {timeout:.0f} s")
                 time.sleep(1)
-            status = int(_docker("inspect", "-f", "{{.State.ExitCode}}", container.name).stdout.strip())
+            status, oom = _docker("inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", container.name).stdout.split()
             log = _docker("logs", container.name, check=False)
-            results.append(Result(container.name, status, log.stdout + log.stderr))
+            results.append(Result(container.name, int(status), log.stdout + log.stderr, oom == "true"))
         return results
     finally:
         for container in started:
@@ -570,4 +574,5 @@ class DockerBackend:
             for result in results:
                 if result.status != 0:
                     self.log(result.log[-4000:])
-                    raise StageFailed(f"stage {stage.name}: container {result.name} exited with status {result.status}")
+                    oom = " (OOMKilled: raise the memory limit)" if result.oom_killed else ""
+                    raise StageFailed(f"stage {stage.name}: container {result.name} exited with status {result.status}{oom}")
