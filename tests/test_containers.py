@@ -85,7 +85,9 @@ def test_rayjob_is_a_head_its_workers_and_a_submitter_of_the_entrypoint():
     dashboard = next(a for a in head.command if a.startswith("--dashboard-port=")).split("=")[1]
     assert submitter.command[:5] == ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}"]
     assert submitter.command[-5:] == ["peg", "pipeline", "stage", "encode", "/etc/peg/run.yaml"]
-    assert submitter.wait_for_url == f"http://127.0.0.1:{dashboard}/api/gcs_healthz"
+    agents = [next(a for a in c.command if a.startswith("--dashboard-agent-listen-port=")).split("=")[1] for c in (head, worker)]
+    assert submitter.wait_for_urls == [f"http://127.0.0.1:{dashboard}/api/gcs_healthz",
+                                       *(f"http://127.0.0.1:{port}/api/local_raylet_healthz" for port in agents)]
     assert head.files["/etc/peg"][0]["run.yaml"] and head.read_only and head.user == "10001:10001"
 
 

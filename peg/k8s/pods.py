@@ -105,7 +105,7 @@ class Container:
     memory: str | None = None
     workdir: str | None = None
     server: bool = False  # runs until the others are done (Ray head/workers, a Deployment)
-    wait_for_url: str | None = None  # started once this URL answers (a submitter: its Ray dashboard)
+    wait_for_urls: list[str] = field(default_factory=list)  # started once these answer (a submitter: its Ray cluster ready)
 
 
 @dataclass
@@ -351,14 +351,17 @@ def _pytorchjob(obj: Mapping, objects: Objects) -> list[Container]:
     return containers
 
 
-def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> list[str]:
+def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> tuple[list[str], str]:
     """`ray start` as KubeRay v1.7.0 builds it (common/pod.go: generateRayStartCommand and the
     defaults before it): num-cpus from the CPU limit (else request, rounded up), memory from the
     memory limit, --block; the node's fixed ports (metrics, dashboard agent) made free ports here,
-    its address 127.0.0.1 (host network: the pods share one address)."""
+    its address 127.0.0.1 (host network: the pods share one address). Returns the command and the
+    URL of the node's readiness check (the raylet health its dashboard agent serves, which
+    KubeRay's readiness probe asks)."""
     resources = pod["containers"][0].get("resources") or {}
+    agent_port = free_port()
     params = {**params, "node-ip-address": LOCALHOST, "metrics-export-port": free_port(),
-              "dashboard-agent-listen-port": free_port()}
+              "dashboard-agent-listen-port": agent_port}
     for kind in ("limits", "requests"):
         cpu = (resources.get(kind) or {}).get("cpu")
         if cpu is not None and "num-cpus" not in params:
@@ -366,7 +369,8 @@ def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> list[s
     if "memory" in (resources.get("limits") or {}) and "memory" not in params:
         params["memory"] = _quantity_bytes(resources["limits"]["memory"])
     flags = [f"--{k}" if v in ("", None, "true") else f"--{k}={v}" for k, v in params.items()]
-    return ["ray", "start", *(["--head"] if head else []), "--block", *flags]
+    command = ["ray", "start", *(["--head"] if head else []), "--block", *flags]
+    return command, f"http://{LOCALHOST}:{agent_port}/api/local_raylet_healthz"
 
 
 def _with_command(pod: Mapping, command: list[str]) -> dict:
@@ -376,9 +380,10 @@ def _with_command(pod: Mapping, command: list[str]) -> dict:
 def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
     """KubeRay v1.7.0: the head (`ray start --head`), workers joining it, the submitter.
 
-    The submitter runs `ray job submit` and waits for the job (its exit status is the job's); the
-    wait for the head's dashboard that KubeRay's submitter command loops on (common/job.go,
-    BuildJobSubmitCommand: api/gcs_healthz) is done by `run()` before it starts.
+    The submitter runs `ray job submit` and waits for the job (its exit status is the job's). It
+    starts once the cluster is ready, as KubeRay creates it only then: `run()` waits for the
+    dashboard's api/gcs_healthz (common/job.go, BuildJobSubmitCommand) and every node's
+    api/local_raylet_healthz (the Ray pods' readiness probe).
     """
     name, spec = obj["metadata"]["name"], obj["spec"]
     namespace = obj["metadata"].get("namespace", "default")
@@ -397,13 +402,17 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
     # setContainerEnvVars (common/pod.go): what KubeRay adds to every Ray container
     ray_env = {"RAY_CLUSTER_NAME": name, "RAY_CLUSTER_NAMESPACE": namespace, "RAY_PORT": str(gcs_port),
                "RAY_ADDRESS": address, "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "RAY_DASHBOARD_ENABLE_K8S_DISK_USAGE": "1"}
-    containers = pod_containers(_with_command(head_pod, _ray_start(True, head_params, head_pod)), f"{name}-head",
+    command, ready = _ray_start(True, head_params, head_pod)
+    readiness = [f"{dashboard}/api/gcs_healthz", ready]
+    containers = pod_containers(_with_command(head_pod, command), f"{name}-head",
                                 objects, namespace, {**ray_env, "RAY_NODE_TYPE_NAME": "headgroup"}, server=True)
     for group in cluster.get("workerGroupSpecs") or []:
         worker_pod = group["template"]["spec"]
         params = {**group.get("rayStartParams", {}), "address": address}
         for index in range(int(group.get("replicas", 1))):
-            containers += pod_containers(_with_command(worker_pod, _ray_start(False, params, worker_pod)),
+            command, ready = _ray_start(False, params, worker_pod)
+            readiness.append(ready)
+            containers += pod_containers(_with_command(worker_pod, command),
                                          f"{name}-{group['groupName']}-worker-{index}", objects, namespace,
                                          {**ray_env, "RAY_NODE_TYPE_NAME": group["groupName"], "FQ_RAY_IP": LOCALHOST,
                                           "RAY_IP": LOCALHOST}, server=True)
@@ -415,7 +424,7 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
                *shlex.split(spec["entrypoint"])]
     (submitter,) = pod_containers(_with_command(submitter_pod, command), f"{name}-submitter", objects, namespace,
                                   {"RAY_DASHBOARD_ADDRESS": dashboard, "RAY_JOB_SUBMISSION_ID": submission_id})
-    submitter.wait_for_url = f"{dashboard}/api/gcs_healthz"
+    submitter.wait_for_urls = readiness  # KubeRay submits once the RayCluster is ready
     return [*containers, submitter]
 
 
@@ -517,8 +526,8 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
     started: list[Container] = []
     try:
         for container in containers:
-            if container.wait_for_url:
-                _wait_for_url(container.wait_for_url, server_start_timeout)
+            for url in container.wait_for_urls:
+                _wait_for_url(url, server_start_timeout)
             _docker(*docker_run_command(container, files_root)[1:])
             started.append(container)
         deadline = time.monotonic() + timeout
