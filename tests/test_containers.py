@@ -78,6 +78,7 @@ def test_rayjob_is_a_head_its_workers_and_a_submitter_of_the_entrypoint():
     (job,) = render_stage(cfg, "encode")
     head, worker, submitter = containers_of(job, objects_for(cfg))
     assert head.server and worker.server and not submitter.server
+    assert head.wait_for_urls == [] and worker.wait_for_urls == [submitter.wait_for_urls[0]]  # wait-gcs-ready
     assert head.command[:4] == ["ray", "start", "--head", "--block"]
     assert "--dashboard-host=127.0.0.1" in head.command and "--num-cpus=1" in head.command
     gcs = next(a for a in head.command if a.startswith("--port=")).split("=")[1]

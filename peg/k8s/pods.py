@@ -412,10 +412,12 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
         for index in range(int(group.get("replicas", 1))):
             command, ready = _ray_start(False, params, worker_pod)
             readiness.append(ready)
-            containers += pod_containers(_with_command(worker_pod, command),
-                                         f"{name}-{group['groupName']}-worker-{index}", objects, namespace,
-                                         {**ray_env, "RAY_NODE_TYPE_NAME": group["groupName"], "FQ_RAY_IP": LOCALHOST,
-                                          "RAY_IP": LOCALHOST}, server=True)
+            (worker,) = pod_containers(_with_command(worker_pod, command), f"{name}-{group['groupName']}-worker-{index}",
+                                       objects, namespace, {**ray_env, "RAY_NODE_TYPE_NAME": group["groupName"],
+                                                            "FQ_RAY_IP": LOCALHOST, "RAY_IP": LOCALHOST}, server=True)
+            # KubeRay's injected init container `wait-gcs-ready` holds a worker until the head's GCS answers
+            worker.wait_for_urls = [f"{dashboard}/api/gcs_healthz"]
+            containers.append(worker)
     submitter_pod = spec.get("submitterPodTemplate", {}).get("spec")
     if submitter_pod is None:
         raise PodError(f"RayJob {name}: no submitterPodTemplate: the pod runner needs the submitter's spec")
