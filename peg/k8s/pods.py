@@ -457,8 +457,8 @@ def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Contain
 def docker_run_command(container: Container, files_root: Path) -> list[str]:
     """`docker run` arguments for `container`; its ConfigMap/Secret files are written under `files_root`."""
     args = ["docker", "run", "--detach", "--name", container.name, "--network", "host", "--init=false"]
-    if container.hostname:
-        args += ["--hostname", container.hostname]
+    if container.hostname:  # and in /etc/hosts with the pod's address, as the kubelet writes it
+        args += ["--hostname", container.hostname, "--add-host", f"{container.hostname}:{LOCALHOST}"]
     if container.user:
         args += ["--user", container.user]
     args += [a for g in container.groups for a in ("--group-add", str(g))]
