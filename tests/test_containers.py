@@ -19,7 +19,7 @@ import pytest
 
 from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
-from peg.k8s.pods import PodError, containers_of, docker_run_command, run
+from peg.k8s.pods import PodError, containers_of, docker_run_command, free_port, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "0.1.0-cpu"
@@ -226,6 +226,17 @@ def test_the_memory_limit_bites_and_an_oom_kill_is_reported(trainer_image):
     obj["spec"]["containers"][0]["resources"]["limits"]["memory"] = "1Gi"
     (result,) = run(containers_of(obj), timeout=120)
     assert result.status == 0 and not result.oom_killed and "allocated" in result.log, result
+
+
+@containers
+@pytest.mark.containers
+def test_a_server_that_exits_while_awaited_fails_loudly(trainer_image):
+    (server,) = containers_of(pod(command=["sh", "-c", "echo giving up; exit 3"]))
+    server.server = True
+    (waiting,) = containers_of(pod(command=["true"]))
+    waiting.name, waiting.wait_for_urls = "p-waiting", [f"http://127.0.0.1:{free_port()}/"]
+    with pytest.raises(PodError, match="(?s)p-c exited while .* was awaited.*giving up"):
+        run([server, waiting], timeout=60, server_start_timeout=60)
 
 
 @containers

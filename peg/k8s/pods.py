@@ -501,13 +501,19 @@ def _docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def _wait_for_url(url: str, timeout: float) -> None:
+def _wait_for_url(url: str, timeout: float, servers: list[Container]) -> None:
+    """Wait until `url` answers; a server that exits meanwhile (a Ray head that gave up) fails at once."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
         except OSError as error:
+            for server in servers:
+                if _docker("inspect", "-f", "{{.State.Running}}", server.name).stdout.strip() != "true":
+                    log = _docker("logs", "--tail", "20", server.name, check=False)
+                    raise PodError(f"container {server.name} exited while {url} was awaited:\n"
+                                   f"{log.stdout}{log.stderr}") from error
             if time.monotonic() > deadline:
                 raise PodError(f"{url} did not answer within {timeout:.0f} s: {error}") from error
             time.sleep(1)
@@ -517,9 +523,10 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
         kill_after: tuple[str, float] | None = None) -> list[Result]:
     """Run `containers` (servers in the background) until every non-server one has exited; remove all.
 
-    Images must be present locally. A submitter waits for its Ray dashboard first, as KubeRay waits
-    for the head. `kill_after=(name, seconds)` SIGKILLs that container after `seconds` (a preempted
-    node). Returns the non-server containers' results, in order.
+    Images must be present locally. A container with `wait_for_urls` starts once they answer (a
+    Ray worker: the head's GCS; a submitter: every Ray node ready); a server that exits meanwhile
+    raises `PodError` with its log. `kill_after=(name, seconds)` SIGKILLs that container after
+    `seconds` (a preempted node). Returns the non-server containers' results, in order.
     """
     for image in sorted({c.image for c in containers}):
         if _docker("image", "inspect", image, check=False).returncode != 0:
@@ -529,7 +536,7 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
     try:
         for container in containers:
             for url in container.wait_for_urls:
-                _wait_for_url(url, server_start_timeout)
+                _wait_for_url(url, server_start_timeout, [c for c in started if c.server])
             _docker(*docker_run_command(container, files_root)[1:])
             started.append(container)
         deadline = time.monotonic() + timeout
