@@ -13,6 +13,7 @@ import copy
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,16 @@ def test_a_server_that_exits_while_awaited_fails_loudly(trainer_image):
 
 @containers
 @pytest.mark.containers
+def test_kill_when_sigkills_the_named_container_once_its_condition_holds(trainer_image):
+    (sleeper,) = containers_of(pod(command=["sleep", "60"]))
+    calls = []
+    start = time.monotonic()
+    (result,) = run([sleeper], timeout=60, kill_when=("p-c", lambda: calls.append(1) or len(calls) >= 3))
+    assert result.status == 137 and len(calls) == 3 and time.monotonic() - start < 30
+
+
+@containers
+@pytest.mark.containers
 def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_group(trainer_image):
     cfg = quickstart()
     (job,) = render_stage(cfg, "train")
@@ -347,10 +358,11 @@ def test_training_2_nodes_as_trainjob_killed_node_resumes_from_the_store(boxed):
     if state(boxed, "mine") != "complete":
         pytest.skip("needs the mine stage of test_ray_stages_run_as_rayjob_containers")
     killed = f"{boxed['cfg'].name}-train-node-0-1-node"
-    results = run_stage_in_containers(boxed, "train", kill_after=(killed, 75))
-    assert any(r.status != 0 for r in results), "the node killed mid-run must fail its job"
     store = store_of(boxed)
-    assert store.list(f"{boxed['cfg'].name}/train/checkpoints"), "no checkpoint reached the store before the kill"
+    checkpoints = f"{boxed['cfg'].name}/train/checkpoints"
+    results = run_stage_in_containers(boxed, "train", kill_when=(killed, lambda: bool(store.list(checkpoints))))
+    assert any(r.status != 0 for r in results), "the node killed mid-run must fail its job"
+    assert state(boxed, "train") != "complete"
     results = run_stage_in_containers(boxed, "train")
     assert [r.status for r in results] == [0, 0], results[0].log[-6000:]
     assert "resuming from checkpoint" in results[0].log

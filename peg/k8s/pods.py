@@ -520,13 +520,14 @@ def _wait_for_url(url: str, timeout: float, servers: list[Container]) -> None:
 
 
 def run(containers: list[Container], timeout: float = 1800, server_start_timeout: float = 180,
-        kill_after: tuple[str, float] | None = None) -> list[Result]:
+        kill_when: tuple[str, Callable[[], bool]] | None = None) -> list[Result]:
     """Run `containers` (servers in the background) until every non-server one has exited; remove all.
 
     Images must be present locally. A container with `wait_for_urls` starts once they answer (a
     Ray worker: the head's GCS; a submitter: every Ray node ready); a server that exits meanwhile
-    raises `PodError` with its log. `kill_after=(name, seconds)` SIGKILLs that container after
-    `seconds` (a preempted node). Returns the non-server containers' results, in order.
+    raises `PodError` with its log. `kill_when=(name, condition)` SIGKILLs that container once
+    `condition()` is true, checked every second (a node preempted mid-run). Returns the non-server
+    containers' results, in order.
     """
     for image in sorted({c.image for c in containers}):
         if _docker("image", "inspect", image, check=False).returncode != 0:
@@ -540,13 +541,12 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
             _docker(*docker_run_command(container, files_root)[1:])
             started.append(container)
         deadline = time.monotonic() + timeout
-        killed_at = time.monotonic() + kill_after[1] if kill_after else None
         results = []
         for container in (c for c in started if not c.server):
             while _docker("inspect", "-f", "{{.State.Running}}", container.name).stdout.strip() == "true":
-                if killed_at is not None and time.monotonic() > killed_at:
-                    _docker("kill", "--signal", "KILL", kill_after[0], check=False)
-                    killed_at = None
+                if kill_when is not None and kill_when[1]():
+                    _docker("kill", "--signal", "KILL", kill_when[0], check=False)
+                    kill_when = None
                 if time.monotonic() > deadline:
                     raise PodError(f"container {container.name} still runs after {timeout:.0f} s")
                 time.sleep(1)
