@@ -252,6 +252,17 @@ def test_kill_when_sigkills_the_named_container_once_its_condition_holds(trainer
 
 @containers
 @pytest.mark.containers
+def test_one_failed_pod_stops_the_jobs_others(trainer_image):
+    (failing,) = containers_of(pod(command=["sh", "-c", "sleep 2; exit 3"]))
+    (sleeper,) = containers_of(pod(command=["sleep", "120"]))
+    sleeper.name = "p-sleeper"
+    start = time.monotonic()
+    first, second = run([failing, sleeper], timeout=100)
+    assert (first.status, second.status != 0) == (3, True) and time.monotonic() - start < 60
+
+
+@containers
+@pytest.mark.containers
 def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_group(trainer_image):
     cfg = quickstart()
     (job,) = render_stage(cfg, "train")

@@ -526,8 +526,9 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
     Images must be present locally. A container with `wait_for_urls` starts once they answer (a
     Ray worker: the head's GCS; a submitter: every Ray node ready); a server that exits meanwhile
     raises `PodError` with its log. `kill_when=(name, condition)` SIGKILLs that container once
-    `condition()` is true, checked every second (a node preempted mid-run). Returns the non-server
-    containers' results, in order.
+    `condition()` is true, checked every second (a node preempted mid-run). When one non-server
+    container fails, the others are stopped (SIGTERM, 10 s grace), as a failed TrainJob's JobSet or
+    PyTorchJob deletes its other pods. Returns the non-server containers' results, in order.
     """
     for image in sorted({c.image for c in containers}):
         if _docker("image", "inspect", image, check=False).returncode != 0:
@@ -541,19 +542,29 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
             _docker(*docker_run_command(container, files_root)[1:])
             started.append(container)
         deadline = time.monotonic() + timeout
-        results = []
-        for container in (c for c in started if not c.server):
-            while _docker("inspect", "-f", "{{.State.Running}}", container.name).stdout.strip() == "true":
-                if kill_when is not None and kill_when[1]():
-                    _docker("kill", "--signal", "KILL", kill_when[0], check=False)
-                    kill_when = None
+        waiting = [c for c in started if not c.server]
+        finished: dict[str, Result] = {}
+        while len(finished) < len(waiting):
+            for container in waiting:
+                if container.name in finished or _docker(
+                        "inspect", "-f", "{{.State.Running}}", container.name).stdout.strip() == "true":
+                    continue
+                status, oom = _docker("inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", container.name).stdout.split()
+                log = _docker("logs", container.name, check=False)
+                finished[container.name] = Result(container.name, int(status), log.stdout + log.stderr, oom == "true")
+                if int(status) != 0:  # the job has failed (JobSet / training-operator): its other pods are deleted
+                    for other in waiting:
+                        if other.name not in finished:
+                            _docker("stop", "--time", "10", other.name, check=False)
+            if kill_when is not None and kill_when[1]():
+                _docker("kill", "--signal", "KILL", kill_when[0], check=False)
+                kill_when = None
+            if len(finished) < len(waiting):
                 if time.monotonic() > deadline:
-                    raise PodError(f"container {container.name} still runs after {timeout:.0f} s")
+                    raise PodError(f"containers still run after {timeout:.0f} s: "
+                                   f"{', '.join(c.name for c in waiting if c.name not in finished)}")
                 time.sleep(1)
-            status, oom = _docker("inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", container.name).stdout.split()
-            log = _docker("logs", container.name, check=False)
-            results.append(Result(container.name, int(status), log.stdout + log.stderr, oom == "true"))
-        return results
+        return [finished[c.name] for c in waiting]
     finally:
         for container in started:
             _docker("rm", "--force", container.name, check=False)
