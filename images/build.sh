@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build peg's images from the repository root; optionally load them into a kind cluster.
-#   images/build.sh [cpu|gpu|all] [--local] [--kind CLUSTER] [--push]
+#   images/build.sh [cpu|gpu|all] [--local] [--only trainer|ray] [--kind CLUSTER] [--push]
 # Images (TAG defaults to the version in pyproject.toml, REGISTRY to ghcr.io/peg-dev):
 #   gpu: $REGISTRY/peg-trainer:$TAG      $REGISTRY/peg-ray:$TAG
 #   cpu: $REGISTRY/peg-trainer:$TAG-cpu  $REGISTRY/peg-ray:$TAG-cpu   (with the offline MiniLM model)
@@ -12,14 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-variant=cpu kind_cluster="" push=0 local_build=0
+variant=cpu kind_cluster="" push=0 local_build=0 only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu|all) variant=$1 ;;
     --local) local_build=1 ;;
+    --only) only=${2:?--only needs trainer or ray}; shift
+      case "$only" in trainer|ray) ;; *) echo "images/build.sh: --only takes trainer or ray" >&2; exit 2 ;; esac ;;
     --kind) kind_cluster=${2:?--kind needs a cluster name}; shift ;;
     --push) push=1 ;;
-    *) echo "usage: images/build.sh [cpu|gpu|all] [--local] [--kind CLUSTER] [--push]" >&2; exit 2 ;;
+    *) echo "usage: images/build.sh [cpu|gpu|all] [--local] [--only trainer|ray] [--kind CLUSTER] [--push]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -67,7 +69,10 @@ stage_local_files() {
 }
 
 built=()
-build() {  # build NAME TAG DOCKERFILE BUILD-ARG...
+build() {  # build NAME TAG DOCKERFILE BUILD-ARG...  (skipped when --only names the other image)
+  if [ -n "$only" ] && [ "$1" != "peg-$only" ]; then
+    return
+  fi
   local image="$REGISTRY/$1:$2" dockerfile=$3 start
   shift 3
   local args=()
