@@ -230,6 +230,6 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
     encoder = Encoder(config.model, model=mlm.base_model, tokenizer=tokenizer)
-    model_dir = _export(engine, encoder, output_dir / "model", rank)
+    model_dir = _export(engine, encoder, output_dir / "model", rank, matryoshka_dims=[])  # no Matryoshka in pretraining
     _shutdown(engine)
     return model_dir
