@@ -364,4 +364,4 @@ def test_data_check_names_an_empty_passage_as_empty_not_as_missing(tmp_path):
     result = CliRunner().invoke(app, ["data", "check", str(beir)])
     problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
     assert result.exit_code == 1
-    assert problems == [f"problem: {beir / 'corpus.jsonl'}: passage 'd1' is empty (no title, no text)"]
+    assert problems == [f"problem: {beir / 'corpus.jsonl'}:2: passage 'd1' is empty (no title, no text)"]

@@ -52,7 +52,9 @@ def test_the_config_switch_makes_empty_passages_an_error(beir):
 def test_data_check_lists_them_and_eval_runs_on_the_whole_collection(beir, tmp_path):
     check = CliRunner().invoke(app, ["data", "check", str(beir)])
     assert check.exit_code == 1
-    assert "corpus.jsonl:3: field 'text' is empty" in check.output and "corpus.jsonl:5: field 'text' is empty" in check.output
+    assert "corpus.jsonl:3: passage 'd2' is empty (no title, no text)" in check.output
+    assert "corpus.jsonl:5: passage 'd4' is empty (no title, no text)" in check.output
+    assert "not in corpus" not in check.output  # the qrels row of d2 names a passage that exists
 
     model = make_tiny_model(tmp_path / "model")
     result = CliRunner().invoke(app, ["eval", "--model", str(model), "--data", str(beir), "--output", str(tmp_path / "out")])

@@ -32,9 +32,12 @@ class Passage:
         return f"{self.title} {self.text}".strip() if self.title else self.text
 
 
-def iter_corpus(folder: str | Path, on_error: OnError = raise_error, allow_empty: bool = False) -> Iterator[Passage]:
+def iter_corpus(
+    folder: str | Path, on_error: OnError = raise_error, allow_empty: bool = False, on_empty: OnError | None = None
+) -> Iterator[Passage]:
     """Stream the passages of `folder/corpus.jsonl`, checking ids are unique and text non-empty
-    (`allow_empty`: a passage whose title and text are both empty is yielded as it is)."""
+    (`allow_empty`: a passage whose title and text are both empty is yielded as it is, and
+    `on_empty`, when given, is also told of it with its line)."""
     path = resolve_beir(folder) / "corpus.jsonl"
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path, on_error):
@@ -50,6 +53,8 @@ def iter_corpus(folder: str | Path, on_error: OnError = raise_error, allow_empty
             on_error(e)
             continue
         seen.add(pid)
+        if on_empty is not None and not (title.strip() or text.strip()):
+            on_empty(DataError(path, lineno, f"passage '{pid}' is empty (no title, no text)"))
         yield Passage(pid, title, text)
 
 

@@ -30,9 +30,8 @@ def check_path(path: str | Path, splits: list[str] | None = None) -> CheckReport
         reason = missing_file_reason(path)
         raise DataError(path, None, "not found (expected a BEIR folder or a training-pair JSONL file)"
                         if reason == "file not found" else reason)
-    corpus = {p.id: p for p in iter_corpus(path, collect, allow_empty=True)}
-    for pid in (pid for pid, p in corpus.items() if not p.full_text.strip()):  # named as empty, not as missing
-        collect(DataError(path / "corpus.jsonl", None, f"passage '{pid}' is empty (no title, no text)"))
+    # an empty passage is named as empty (with its line), and its id still counts for the qrels
+    corpus = {p.id: p for p in iter_corpus(path, collect, allow_empty=True, on_empty=collect)}
     report.counts["passages"] = len(corpus)
     if splits is None and not (path / "queries.jsonl").exists() and not (path / "qrels").exists():
         return report  # a corpus-only folder: valid input for training on synthetic queries
