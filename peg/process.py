@@ -15,6 +15,9 @@ PID 1 it forks, the child runs the command, and PID 1 forwards SIGTERM, SIGINT, 
 SIGUSR1 and SIGUSR2 to it, reaps every process that exits, and exits with the child's status
 (128 + N when signal N ended it), like `tini`. Anywhere else it does nothing.
 Elsewhere than Linux (macOS) both do nothing.
+
+`available_cpus()`: the CPUs this process may use, as a container's CPU limit sets them (cgroup v2
+`cpu.max`, v1 `cpu.cfs_quota_us`), not the host's core count that `os.cpu_count()` reports.
 """
 
 from __future__ import annotations
@@ -29,6 +32,29 @@ from collections.abc import Mapping
 _PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "PEG_PARENT_PID"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _cgroup_cpu_limit(root: str) -> float | None:
+    """The CPU quota of this process's cgroup under `root` (v2, then v1), or None when unlimited."""
+    try:
+        quota, period = open(f"{root}/cpu.max").read().split()  # v2: "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(open(f"{root}/cpu/cpu.cfs_quota_us").read())
+        period = int(open(f"{root}/cpu/cpu.cfs_period_us").read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Whole CPUs this process may use: its CPU affinity, capped by its cgroup's CPU quota
+    (a container's CPU limit; a fraction rounds down, never below 1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit(cgroup_root)
+    return max(1, min(cpus, int(limit))) if limit is not None else cpus
 
 
 def child_env(env: Mapping[str, str]) -> dict[str, str]:

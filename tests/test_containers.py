@@ -439,8 +439,6 @@ def test_pipeline_run_backend_docker_keeps_the_skip_rules(boxed):
 
 @containers_pipeline
 @pytest.mark.containers_pipeline
-@pytest.mark.xfail(strict=True, reason="measured here: model.safetensors and finetuned/run.trec differ between the "
-                   "containers' 2 nodes x 1 process and the local 1 node x 2 processes (README, Containers)")
 def test_exported_model_and_eval_equal_the_local_runs_byte_for_byte(boxed, s3_server, tmp_path):
     """The same run on this machine (`peg pipeline run`, world size 2 as 1 node x 2 processes)."""
     import sys

@@ -129,3 +129,24 @@ def test_the_peg_cli_as_pid_1_keeps_its_exit_status(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert "missing.yaml" in out
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit
+        ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: whole CPUs, rounded down
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU: never below 1
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+        ({}, None),  # no cgroup files (macOS, a sandbox)
+    ],
+)
+def test_available_cpus_is_the_containers_cpu_limit(tmp_path, files, expected):
+    from peg.process import available_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(str(tmp_path)) == (affinity if expected is None else min(affinity, expected))

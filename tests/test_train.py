@@ -424,3 +424,33 @@ def test_weights_must_match_the_training_files(tmp_path):
                           ({"sampling": "weighted", "dataset_weights": [0.0, 0.0]}, "not all 0")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             RunConfig.model_validate({"name": "w", "model": {"name_or_path": "m"}, "data": data})
+
+
+def test_topology_does_not_change_the_trained_bytes_and_no_deepspeed_op_is_built(tmp_path):
+    """1 node x 2 processes and 2 nodes x 1 process (two launchers joined through PET_*, as a
+    TrainJob's pods are) train the same bytes at the same threads per rank; neither run builds a
+    DeepSpeed op (the CPU accelerator's shm comm op is skipped: nothing lands in TORCH_EXTENSIONS_DIR)."""
+    model = make_tiny_bert(tmp_path / "tiny", dropout=0.1)
+    files = [write_pairs(tmp_path / "a.jsonl", "alpha", 12, 2)]
+    one_node = _train_config(tmp_path, model, files, max_steps=3, zero_stage=2)
+    two_nodes = tmp_path / "two-nodes.yaml"
+    config = json.loads(one_node.read_text())
+    config["train"]["nproc_per_node"] = 1
+    two_nodes.write_text(json.dumps(config))
+    extensions = tmp_path / "torch-extensions"
+    extensions.mkdir()
+    env = {**ENV, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    cli = [sys.executable, "-m", "peg", "train"]
+    single = subprocess.run([*cli, str(one_node), "--output", str(tmp_path / "1x2")], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert "training on CPU: 2 processes x 1 threads" in single.stderr
+    pet = {"PET_NNODES": "2", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}
+    nodes = [subprocess.Popen([*cli, str(two_nodes), "--output", str(tmp_path / f"2x1-{rank}")], cwd=REPO,
+                              env={**env, **pet, "PET_NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    errors = [node.communicate(timeout=400)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-4000:]
+    weights = "model/model.safetensors"
+    assert (tmp_path / "1x2" / weights).read_bytes() == (tmp_path / "2x1-0" / weights).read_bytes()
+    assert list(extensions.iterdir()) == []

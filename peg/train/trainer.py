@@ -47,7 +47,7 @@ from peg.errors import PegError
 from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.model.lora import apply_lora, parameter_counts
-from peg.process import child_env
+from peg.process import available_cpus, child_env
 from peg.progress import progress_bar
 from peg.store import open_store
 from peg.store.files import atomic_output, file_sha256, write_atomically
@@ -77,6 +77,18 @@ def train(config: RunConfig, output_dir: str | Path, resume: bool = False, check
 def runs_in_process(env: Mapping[str, str]) -> bool:
     """True inside torchrun (LOCAL_RANK) or as one process of a pod-per-rank job (RANK, WORLD_SIZE)."""
     return "LOCAL_RANK" in env or ("RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env)
+
+
+def cpu_threads_per_rank(nproc_per_node: int) -> int:
+    """Threads each CPU training rank uses: the CPUs this process may use (a pod's CPU limit, not the
+    node's cores) shared by the node's ranks, at least 1.
+
+    The number of threads splits each matmul's sums differently, so it decides the trained bytes: a
+    run of 1 node x 2 processes on 2 CPUs and one of 2 pods x 1 process with `cpu: 1` each train
+    with 1 thread per rank and give the same model. torchrun alone would give the pods every core of
+    their node (it sets OMP_NUM_THREADS=1 only with several processes per node).
+    """
+    return max(1, available_cpus() // nproc_per_node)
 
 
 def torchrun_command(
@@ -173,6 +185,9 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     env = child_env(os.environ)  # torchrun (peg.process) watches this process
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(config.train.nproc_per_node)))
+        logger.info("training on CPU: %s processes x %s threads (OMP_NUM_THREADS)", config.train.nproc_per_node,
+                 env["OMP_NUM_THREADS"])
     cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key, pretrain)
     mark = log_size()
     rc = subprocess.run(cmd, env=env).returncode
@@ -236,12 +251,28 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def skip_deepspeed_shm_comm() -> None:
+    """Keep DeepSpeed's CPU accelerator from compiling its shared-memory comm op in `init_distributed`.
+
+    That op (`deepspeed_shm_comm`) serves only `inference_all_reduce`; ZeRO training reduces through
+    torch.distributed (gloo), so the op is never called. Its just-in-time build takes about a minute
+    on an idle node (6-12 minutes on 2 busy cores), once in every fresh pod. DeepSpeed builds an op
+    only when `deepspeed.ops.__compatible_ops__` marks it compatible (deepspeed/comm/torch.py,
+    `build_shm_op`); marking it not compatible gives the gloo path it falls back to anyway.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def start_rank(output_dir: Path) -> tuple[int, int, Path]:
     """Join the process group (NCCL on GPUs, else gloo), take this rank's GPU and claim
     `output_dir` for this process: (rank, world size, checkpoint folder)."""
     import deepspeed
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        skip_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
