@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import pytest
 
 from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
-from peg.k8s.pods import PodError, containers_of, docker_run_command, free_port, run
+from peg.k8s.pods import Container, PodError, containers_of, docker_run_command, free_port, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "0.1.0-cpu"
@@ -469,3 +470,108 @@ def test_exported_model_and_eval_equal_the_local_runs_byte_for_byte(boxed, s3_se
         assert local.keys() == in_containers.keys()
         differing = [k for k in local if local[k] != in_containers[k] and not k.endswith("_stage.json")]  # the record: its time, hashes
         assert not differing, f"{stage}: {differing}"
+
+
+# ---- the operator end to end: kmock for the API, the pod runner for the job controllers ------------
+
+OPERATOR_STAGES = ("encode", "mine", "train", "eval", "export", "report")
+
+
+def operator_container(kubeconfig: str, interval: float, secret: dict) -> Container:
+    """The chart's operator Deployment (`helm template`, operator enabled, the CPU trainer image) as
+    its container, with one addition: a kubeconfig naming the emulated API, mounted read-only at
+    /etc/kmock/config where a pod would get its service-account token (kmock serves plain HTTP on
+    127.0.0.1, which in-cluster credentials cannot name)."""
+    from chart_render import by_kind, objects, render
+
+    values = {"image": {"tag": TAG}, "s3": {"existingSecret": "peg-s3"},
+              "operator": {"enabled": True, "interval": interval,
+                           "healthPort": free_port(), "metricsPort": free_port()}}  # fmt: skip
+    (deployment,) = [d for d in by_kind(objects(render(values, namespace="peg")), "Deployment")
+                     if d["metadata"]["name"].endswith("-operator")]  # fmt: skip
+    (container,) = containers_of(deployment, [secret])
+    container.files["/etc/kmock"] = ({"config": kubeconfig.encode()}, 0o444)
+    container.env["KUBECONFIG"] = "/etc/kmock/config"
+    return container
+
+
+@containers_pipeline
+@pytest.mark.containers_pipeline
+@pytest.mark.timeout(3600)
+def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s3_server, images, tmp_path, monkeypatch):
+    """The README's `kubectl apply` path, as far as it runs without a control plane: kmock serves the
+    Kubernetes API on 127.0.0.1; the operator runs in its image from the chart's Deployment; one
+    EmbeddingPipeline is created through the `kubernetes` client; the pod runner plays Trainer and
+    KubeRay (runs each job's pods as containers, then writes the status their pinned sources write).
+    The pipeline reaches Succeeded with every stage run in containers and the report URI in its status."""
+    import asyncio
+    import uuid
+
+    import yaml
+    from k8s_validation import as_stored
+    from kmock_cluster import as_test_client, emulated_cluster, job_status, running_job_status, write_job_status
+    from s3server import ADMIN
+    from tiny import make_tiny_beir
+
+    from peg.operator.api import JOB_KINDS
+    from peg.operator.model import GROUP, KIND, PLURAL, VERSION
+    from peg.pipeline import run_stage_entrypoint
+
+    bucket = f"opbox-{uuid.uuid4().hex[:8]}"
+    s3_server.client().make_bucket(bucket)
+    spec_run = tiny_config(make_tiny_beir(tmp_path / "beir"), bucket, s3_server.endpoint)
+    spec_run["name"] = "opbox"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(spec_run))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+    run_stage_entrypoint(load_config(config_path), config_path, "prepare")  # where the data is, as the README says
+    secret = s3_secret(*ADMIN)
+    ran: dict[str, list[int]] = {}
+
+    async def play_job_controllers(cluster) -> None:
+        """Run every new stage job's pods as containers, one job at a time, and write its status."""
+        while cluster.pipeline("opbox").get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+            for kind in JOB_KINDS:
+                for name, job in cluster.objects(kind.plural).items():
+                    if name in ran or job.get("status"):
+                        continue
+                    await write_job_status(kind.plural, job, running_job_status(job["kind"]))
+                    objects = [*cluster.objects("configmaps").values(), secret]
+                    results = await asyncio.to_thread(run, containers_of(job, objects), 2400)
+                    ran[name] = [r.status for r in results]
+                    succeeded = all(r.status == 0 for r in results)
+                    await write_job_status(kind.plural, job, job_status(job["kind"], succeeded))
+            await asyncio.sleep(1)
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
+            operator = operator_container((tmp_path / "kubeconfig").read_text(), interval=1, secret=secret)
+            operator.name = f"peg-operator-{uuid.uuid4().hex[:6]}"
+            subprocess.run(docker_run_command(operator, tmp_path / "operator-files"), check=True, capture_output=True)
+            try:
+                body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": {"run": spec_run},
+                        "metadata": {"name": "opbox", "namespace": "peg", "uid": str(uuid.uuid4()), "generation": 1,
+                                     "resourceVersion": "1", "creationTimestamp": "2026-12-06T23:00:00Z"}}  # fmt: skip
+                await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, "peg",
+                                        PLURAL, as_stored(body))  # fmt: skip
+                await asyncio.wait_for(play_job_controllers(cluster), 3000)
+                status = cluster.pipeline("opbox")["status"]
+                events = cluster.events()
+            finally:
+                log = subprocess.run(["docker", "logs", operator.name], capture_output=True, text=True).stderr
+                subprocess.run(["docker", "rm", "--force", operator.name], capture_output=True)
+            return status, events, log
+
+    status, events, log = asyncio.run(main())
+    print("conditions:", json.dumps(status["conditions"], indent=1))
+    print("events:", *(f"{reason}: {message}" for reason, message in events), sep="\n  ")
+    assert status["phase"] == "Succeeded", (json.dumps(status, indent=1), log[-4000:])
+    assert {job.rsplit("-", 1)[-1]: codes for job, codes in ran.items()} == {
+        "encode": [0], "mine": [0], "train": [0, 0], "eval": [0], "export": [0], "report": [0]}
+    assert status["artifacts"]["report"] == f"s3://{bucket}/runs/opbox/report/report.html"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["observedGeneration"] == 1
+    reasons = [reason for reason, _ in events]
+    assert reasons.count("StageStarted") == len(OPERATOR_STAGES) and "PipelineSucceeded" in reasons
+    assert state({"cfg": load_config(config_path)}, "report") == "complete"

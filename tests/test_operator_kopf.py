@@ -18,7 +18,6 @@ chart's rules), and the real job controllers (KubeRay, Kubeflow Trainer): the ki
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import uuid
@@ -33,6 +32,7 @@ kmock = pytest.importorskip("kmock")
 
 import prometheus_client as prom  # noqa: E402
 from k8s_validation import as_stored  # noqa: E402
+from kmock_cluster import Cluster, as_test_client, emulated_cluster, job_status, write_job_status  # noqa: E402
 from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
@@ -47,16 +47,6 @@ from peg.store import open_store  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 NAMESPACE = "team"
-RESOURCES = {
-    f"{GROUP}/{VERSION}/{PLURAL}": (KIND, True, {"status"}),
-    **{f"{k.group}/{k.version}/{k.plural}": (k.kind, True, set()) for k in JOB_KINDS},
-    "v1/configmaps": ("ConfigMap", True, set()),
-    "v1/events": ("Event", True, set()),
-    "v1/namespaces": ("Namespace", False, set()),  # kopf waits for it in discovery, never calls it
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
-}
-VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
-TEST_AGENT = "peg-operator-test"  # the test's own API calls carry it; the operator's do not
 SUMMARY = {"split": "test", "metrics": {"base": {"ndcg@10": 0.645}, "fine-tuned": {"ndcg@10": 0.702}}}
 
 
@@ -80,61 +70,6 @@ def run_config(s3_server, bucket: str) -> dict:
     }
 
 
-class Cluster:
-    """The emulator plus the helpers the test drives it with."""
-
-    def __init__(self, k8s):
-        self.k8s = k8s
-
-    def objects(self, resource: str) -> dict[str, dict]:
-        return {name: obj.raw for (res, ns, name), obj in self.k8s.objects.items()
-                if str(res.plural) == resource.rsplit("/", 1)[-1] and not obj.deleted}
-
-    def job(self, stage: str) -> tuple[str, dict] | None:
-        for k in JOB_KINDS:
-            for name, obj in self.objects(k.plural).items():
-                if obj["metadata"]["labels"]["peg.dev/stage"] == stage:
-                    return k.plural, obj
-        return None
-
-    def pipeline(self) -> dict:
-        return self.objects(PLURAL).get("demo", {})
-
-    async def wait(self, what, timeout: float = 20.0):
-        deadline = asyncio.get_running_loop().time() + timeout
-        while (result := what()) is None or result is False:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out waiting; pipeline status: {json.dumps(self.pipeline().get('status'), indent=1)}")
-            await asyncio.sleep(0.05)
-        return result
-
-    def creates(self) -> Counter:
-        """How many times each job was created (POSTs that reached the emulator)."""
-        return Counter(r.data["metadata"]["name"] for r in self.k8s
-                       if r.method == "POST" and r.resource is not None and str(r.resource.plural) in {k.plural for k in JOB_KINDS})
-
-    def events(self) -> list[tuple[str, str]]:
-        """(reason, message) of every event posted (the emulator answers 409 to all but the first:
-        it ignores generateName; the requests still show what the operator reported)."""
-        return [(r.data["reason"], r.data["message"]) for r in self.k8s
-                if r.method == "POST" and r.resource is not None and str(r.resource.plural) == "events"]
-
-    def calls(self) -> set[tuple[str, str, str]]:
-        """(group, resource, verb) of every request, as RBAC names them."""
-        verbs = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
-        out = set()
-        for r in self.k8s:
-            if r.resource is None or r.resource.plural is None or r.headers.get("User-Agent") == TEST_AGENT:
-                continue  # discovery (allowed to every authenticated user), or the test's own calls
-            if r.method == "GET":
-                verb = "watch" if r.params.get("watch") in ("true", "1") else "get" if r.name else "list"
-            else:
-                verb = verbs[str(r.method.value)]
-            plural = str(r.resource.plural) + (f"/{r.subresource}" if r.subresource else "")
-            out.add((str(r.resource.group or ""), plural, verb))
-        return out
-
-
 def metric(name: str, **labels) -> float:
     return prom.REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -156,46 +91,9 @@ def finish_stage(store, config: RunConfig, stage: str) -> None:
     write_record(store, f"demo/{stage}", StageRecord(stage, hashes[stage], "complete", {}, inputs))
 
 
-def as_test_client():
-    from kubernetes import client
-
-    api = client.ApiClient()
-    api.user_agent = TEST_AGENT
-    return client.CustomObjectsApi(api)
-
-
 async def succeed(cluster: Cluster, plural: str, job: dict) -> None:
     """Play the job controller: the job's status says it succeeded."""
-    from kubernetes import client
-
-    status = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"} if job["kind"] == "RayJob" else {
-        "conditions": [{"type": "Complete" if job["kind"] == "TrainJob" else "Succeeded", "status": "True"}]}
-    group, version = job["apiVersion"].split("/")
-    await asyncio.to_thread(as_test_client().patch_namespaced_custom_object_status,
-                            group, version, NAMESPACE, plural, job["metadata"]["name"], {"status": status})
-
-
-@contextlib.asynccontextmanager
-async def emulated_cluster(tmp_path, monkeypatch):
-    """kmock's Kubernetes emulator serving RESOURCES on 127.0.0.1, the kubeconfig pointing at it."""
-    from kubernetes import config as kube_config
-
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
-        for key, (kind, namespaced, subresources) in RESOURCES.items():
-            k8s.resources[key].kind = kind
-            k8s.resources[key].namespaced = namespaced
-            k8s.resources[key].verbs = VERBS
-            k8s.resources[key].subresources = subresources
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "kmock", "user": {"token": "test"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-        }))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        kube_config.load_kube_config(str(kubeconfig))
-        yield Cluster(k8s)
+    await write_job_status(plural, job, job_status(job["kind"], succeeded=True))
 
 
 def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path, monkeypatch):
