@@ -51,7 +51,8 @@ def cluster_stages(cfg: RunConfig) -> list[str]:
 
 
 def check_renderable(cfg: RunConfig) -> None:
-    """Raise `RenderError` naming every key that stops `cfg` from running on a cluster."""
+    """Raise `RenderError` naming every key that stops `cfg` from running on a cluster, all in one
+    line ("key: problem; key: problem"), as every `PegError` is."""
     c = cfg.cluster
     problems = []
     if not is_dns_1035(cfg.name):
@@ -104,7 +105,7 @@ def check_renderable(cfg: RunConfig) -> None:
         problems.append(f"cluster.env: {', '.join(reserved)} are set by peg or by the trainer (torchrun); leave them out")
     problems += api_server_problems(cfg)
     if problems:
-        raise RenderError("\n".join(problems))
+        raise RenderError("; ".join(problems))
 
 
 def api_server_problems(cfg: RunConfig) -> list[str]:
