@@ -13,7 +13,7 @@ from controller_rules import violations
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import load_config
-from peg.k8s.backend import K8sBackend, primary_pod_selector
+from peg.k8s.backend import ClusterError, K8sBackend, primary_pod_selector
 from peg.k8s.render import LABEL_HASH
 from peg.pipeline import STAGES, StageFailed
 
@@ -60,6 +60,11 @@ class FakeCore:
             raise ApiException(status=409)
         self.config_maps[body["metadata"]["name"]] = body
 
+    def read_namespaced_config_map(self, name, ns):
+        from kubernetes.client import V1ConfigMap, V1ObjectMeta
+
+        return V1ConfigMap(metadata=V1ObjectMeta(name=name, labels=self.config_maps[name]["metadata"].get("labels")))
+
     def replace_namespaced_config_map(self, name, ns, body):
         self.config_maps[name] = body
 
@@ -90,6 +95,17 @@ def test_submit_creates_config_map_and_job_and_follows_it_to_success():
     ]
     k8s.submit("mine")  # a second stage updates the ConfigMap in place
     assert custom.calls[-1] == "create rayjobs/quickstart-mine"
+
+
+@pytest.mark.parametrize("labels", [None, {"app": "billing"}, {"peg.dev/run": "another-run"}])
+def test_a_config_map_of_the_runs_name_that_is_not_the_runs_is_never_overwritten(labels):
+    k8s, custom, core, _ = backend([DONE])
+    theirs = {"metadata": {"name": "quickstart-config", "labels": labels}, "data": {"settings": "keep me"}}
+    core.config_maps["quickstart-config"] = copy.deepcopy(theirs)
+    with pytest.raises(ClusterError, match="ConfigMap peg/quickstart-config exists and is not this run's "
+                                           r"\(no label peg.dev/run=quickstart\)"):
+        k8s.submit("encode")
+    assert core.config_maps["quickstart-config"] == theirs and custom.calls == []
 
 
 def test_failed_job_fails_the_stage():

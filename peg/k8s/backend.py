@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
 from peg.errors import PegError
-from peg.k8s.render import LABEL_HASH, LOCAL_STAGES, job_phase, render_config_map, render_stage
+from peg.k8s.render import LABEL_HASH, LABEL_RUN, LOCAL_STAGES, job_phase, render_config_map, render_stage
 from peg.pipeline import LocalBackend, Stage, StageFailed
 from peg.store import ArtifactStore, open_store
 
@@ -121,6 +121,9 @@ class K8sBackend:
         return phase
 
     def apply_config_map(self) -> None:
+        """Create the run's ConfigMap, or replace the one already there only if it is this run's
+        (its `peg.dev/run` label names the run): a ConfigMap of that name made by anyone else is
+        refused (ClusterError), never overwritten."""
         cm = render_config_map(self.config)
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
         try:
@@ -128,6 +131,12 @@ class K8sBackend:
         except ApiException as e:
             if e.status != 409:
                 raise ClusterError(f"cannot create ConfigMap {ns}/{name}: {e}") from None
+            labels = self.core.read_namespaced_config_map(name, ns).metadata.labels or {}
+            if labels.get(LABEL_RUN) != self.config.name:
+                raise ClusterError(
+                    f"ConfigMap {ns}/{name} exists and is not this run's (no label {LABEL_RUN}={self.config.name}): "
+                    "peg does not overwrite it; delete it or rename the run (name)"
+                ) from None
             self.core.replace_namespaced_config_map(name, ns, cm)
 
     def _create_or_reuse(self, obj: dict) -> None:
