@@ -284,6 +284,29 @@ def test_job_deleted_by_hand_is_recreated_as_a_retry():
     assert "create TrainJob demo-train" in kinds(actions) and stage_of(status, "train")["attempts"] == 2
 
 
+@pytest.mark.parametrize(("record", "phase"), [("complete", "Succeeded"), ("partial", "Retrying"), (None, "Retrying")])
+def test_a_rayjob_kuberay_deleted_once_it_finished_is_read_by_the_stores_record(record, phase):
+    """KubeRay v1.7.0 with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true and ttlSecondsAfterFinished 0
+    deletes a RayJob as soon as it reaches Complete/Failed (rayjob_controller.go,
+    handleShutdownAfterJobFinishes). Observed: running, then gone. The store's record decides;
+    an incomplete one is a failed attempt that says the job ended and where its log is."""
+    s, status = running_at("mine")
+    actions, status = run(s, [job(s, "mine", "running")], store("prepare", "encode"), status, NOW + timedelta(minutes=1))
+    assert actions == []
+    records = store("prepare", "encode", "mine") if record == "complete" else StoreState(
+        stages={"prepare": "complete", "encode": "complete", **({"mine": record} if record else {})})
+    actions, status = run(s, [], records, status, NOW + timedelta(minutes=2))
+    mine = stage_of(status, "mine")
+    assert mine["phase"] == phase
+    if phase == "Retrying":
+        assert kinds(actions) == ["event Warning RayJobGone"]
+        assert (f"RayJob demo-mine ended and is gone (KubeRay deletes a finished RayJob when its operator runs with "
+                f"DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of the stage is {record or 'pending'}, "
+                "not complete; its log: s3://bucket/peg/demo/logs/mine.log") in mine["message"]
+    else:
+        assert status["stage"] == "train" and "create TrainJob demo-train" in kinds(actions)
+
+
 def test_job_not_yet_observed_after_its_create_is_not_missing():
     """The watch may lag behind the create: within the grace period the stage just waits."""
     s, status = running_at("train")

@@ -18,7 +18,11 @@ cluster and the store, call it, and apply the actions. Rules, in the order they 
   Pending and deletes its job if one runs: exactly the invalidated stages run again.
 - A failed job, a job that succeeded without a complete store record, and a job that vanished
   before its stage completed (deleted by hand; not observed for `JOB_VISIBLE_GRACE_SECONDS`
-  after its create) all count as a failed attempt. A failed attempt
+  after its create) all count as a failed attempt. A RayJob that vanished ended: KubeRay
+  deletes a finished RayJob itself when its operator runs with
+  `DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true` (v1.7.0 rayjob_controller.go,
+  `handleShutdownAfterJobFinishes`); the store's record decides, as for any stage, and an
+  incomplete one is a failed attempt that names the record and the stage's log in the store. A failed attempt
   is retried after `spec.retries` backoff (the failed job is deleted first) until the retries
   are spent; then the stage and the pipeline are Failed and the last job is kept for its logs.
   Raising `spec.retries.limit` on a Failed pipeline retries the stage.
@@ -373,6 +377,13 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
         started = datetime.fromisoformat(entry.started_at) if entry.started_at else step.now
         if step.now - started < timedelta(seconds=JOB_VISIBLE_GRACE_SECONDS):
             entry.message = f"waiting for job {name} to be observed"  # the watch lags behind our create
+            return
+        if entry.child and entry.child.kind == "RayJob":  # KubeRay may delete a RayJob itself once it ended
+            record = store.stages.get(entry.name, "pending")
+            _fail_attempt(step, spec, entry, f"RayJob {name} ended and is gone (KubeRay deletes a finished RayJob when "
+                          f"its operator runs with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of "
+                          f"the stage is {record}, not complete; its log: {store_prefix(config)}/logs/{entry.name}.log",
+                          "RayJobGone")
             return
         _fail_attempt(step, spec, entry, f"job {name} disappeared before the stage completed (deleted by hand?)", "JobMissing")
         return
