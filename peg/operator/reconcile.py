@@ -129,6 +129,16 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class KeepLog:
+    """Copy a finished stage job's main pod log into the store at `key` (`<run>/logs/<stage>.log`,
+    where `peg pipeline run --backend k8s` keeps it too); best effort: its pods may be gone."""
+
+    kind: str
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
 class Event:
     """A Kubernetes event on the pipeline."""
 
@@ -137,7 +147,7 @@ class Event:
     message: str
 
 
-Action = Create | Apply | Delete | Event
+Action = Create | Apply | Delete | KeepLog | Event
 
 
 def store_prefix(config: RunConfig) -> str:
@@ -306,6 +316,7 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
     for entry in entries:
         if store.stages.get(entry.name) == "complete":
             if entry.phase != "Succeeded":
+                _keep_logs(step, config, entry.name, by_stage.get(entry.name, []), renderer)
                 step.set_stage(entry, "Succeeded", "StageSucceeded", "complete in the store")
                 entry.finished_at = step.stamp
                 entry.retry_at = None
@@ -362,6 +373,7 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
             step.set_stage(entry, "Running", "StageRunning", f"job {job.name} is {job.phase} (attempt {entry.attempts}/{max_attempts})")
             return
         if entry.phase in ("Pending", "Running"):  # it finished, but the store has no complete record
+            _keep_logs(step, config, entry.name, [job], renderer)
             why = job.message or "failed"
             if job.phase == "succeeded":
                 why = f"succeeded but the store has no complete record ({store.stages.get(entry.name, 'pending')})"
@@ -382,7 +394,7 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
             record = store.stages.get(entry.name, "pending")
             _fail_attempt(step, spec, entry, f"RayJob {name} ended and is gone (KubeRay deletes a finished RayJob when "
                           f"its operator runs with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of "
-                          f"the stage is {record}, not complete; its log: {store_prefix(config)}/logs/{entry.name}.log",
+                          f"the stage is {record}, not complete; its log, if kept: {config.store.uri.rstrip('/')}/{log_key(config, entry.name)}",
                           "RayJobGone")
             return
         _fail_attempt(step, spec, entry, f"job {name} disappeared before the stage completed (deleted by hand?)", "JobMissing")
@@ -400,6 +412,21 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
     entry.finished_at = entry.retry_at = None
     reason = "StageStarted" if entry.attempts == 1 else "StageRetried"
     step.set_stage(entry, "Running", reason, f"created {main['kind']} {main['metadata']['name']} (attempt {entry.attempts}/{max_attempts})")
+
+
+def log_key(config: RunConfig, stage: str) -> str:
+    """Where a stage's main pod log is kept in the store (as `peg.k8s.backend.K8sBackend.log_key`)."""
+    return f"{config.name}/logs/{stage}.log"
+
+
+def _keep_logs(step: _Step, config: RunConfig, stage: str, jobs: Sequence[Child], renderer: Renderer) -> None:
+    """The stage ends: keep the log of its finished job of the current config (once, at the transition)."""
+    if stage not in renderer.cluster_stages(config):
+        return
+    wanted = _hash_label(renderer.render_stage(config, stage))
+    for job in jobs:
+        if job.stage_hash == wanted and job.phase in ("succeeded", "failed") and not job.deleting:
+            step.actions.append(KeepLog(job.kind, job.name, log_key(config, stage)))
 
 
 def _fail_attempt(step: _Step, spec: PipelineSpec, entry: StageStatus, why: str, reason: str = "StageFailed") -> None:
