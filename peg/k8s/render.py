@@ -24,7 +24,12 @@ import yaml
 from peg.config import ConfigError, RunConfig
 from peg.k8s.names import is_dns_1035, resource_name
 from peg.k8s.validation import (
-    image_problem, inline_secret_problem, is_secret_name, label_key_problem, label_value_problem, quantity_problem,
+    image_problem,
+    inline_secret_problem,
+    is_secret_name,
+    label_key_problem,
+    label_value_problem,
+    quantity_problem,
     subdomain_problem,
 )
 from peg.pipeline import enabled_stages, stage_hashes

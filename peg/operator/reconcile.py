@@ -392,10 +392,10 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
             return
         if entry.child and entry.child.kind == "RayJob":  # KubeRay may delete a RayJob itself once it ended
             record = store.stages.get(entry.name, "pending")
+            log = f"{config.store.uri.rstrip('/')}/{log_key(config, entry.name)}"
             _fail_attempt(step, spec, entry, f"RayJob {name} ended and is gone (KubeRay deletes a finished RayJob when "
                           f"its operator runs with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of "
-                          f"the stage is {record}, not complete; its log, if kept: {config.store.uri.rstrip('/')}/{log_key(config, entry.name)}",
-                          "RayJobGone")
+                          f"the stage is {record}, not complete; its log, if kept: {log}", "RayJobGone")
             return
         _fail_attempt(step, spec, entry, f"job {name} disappeared before the stage completed (deleted by hand?)", "JobMissing")
         return
