@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
 from peg.errors import PegError
+from peg.k8s.names import stage_log_key
 from peg.k8s.render import LABEL_HASH, LABEL_RUN, LOCAL_STAGES, job_phase, render_config_map, render_stage
 from peg.pipeline import LocalBackend, Stage, StageFailed, pipeline_status
 from peg.store import ArtifactStore, open_store
@@ -176,7 +177,7 @@ class K8sBackend:
 
     def log_key(self, stage: str) -> str:
         """Where a stage's main pod log is kept in the store."""
-        return f"{self.config.name}/logs/{stage}.log"
+        return stage_log_key(self.config.name, stage)
 
     def follow(self, obj: dict, stage: str | None = None) -> str:
         """Poll the job until it succeeds or fails, printing phase changes and its main pod's log

@@ -22,10 +22,13 @@ cluster and the store, call it, and apply the actions. Rules, in the order they 
   deletes a finished RayJob itself when its operator runs with
   `DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true` (v1.7.0 rayjob_controller.go,
   `handleShutdownAfterJobFinishes`); the store's record decides, as for any stage, and an
-  incomplete one is a failed attempt that names the record and the stage's log in the store. A failed attempt
-  is retried after `spec.retries` backoff (the failed job is deleted first) until the retries
-  are spent; then the stage and the pipeline are Failed and the last job is kept for its logs.
-  Raising `spec.retries.limit` on a Failed pipeline retries the stage.
+  incomplete one is a failed attempt that names the record and the stage's log in the store.
+  A failed attempt is retried after `spec.retries` backoff (the failed job is deleted first)
+  until the retries are spent; then the stage and the pipeline are Failed and the last job is
+  kept for its logs. Raising `spec.retries.limit` on a Failed pipeline retries the stage.
+- When a stage's job of the current config is seen ended (the stage succeeds in the store, or
+  its job failed or succeeded without a complete record), its main pod log is copied into the
+  store at `<run>/logs/<stage>.log` (`KeepLog`, before any Delete of that job), once.
 - Two pipelines that would write the same store prefix (same store uri and run name) or the
   same job names (same namespace and run name): the older one runs, the other is Refused with
   a condition naming the older one, and starts when it is gone.
@@ -49,6 +52,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from peg.config import RunConfig
+from peg.k8s.names import stage_log_key
 from peg.operator.model import (
     ApiRejection,
     Artifacts,
@@ -392,7 +396,7 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
             return
         if entry.child and entry.child.kind == "RayJob":  # KubeRay may delete a RayJob itself once it ended
             record = store.stages.get(entry.name, "pending")
-            log = f"{config.store.uri.rstrip('/')}/{log_key(config, entry.name)}"
+            log = f"{config.store.uri.rstrip('/')}/{stage_log_key(config.name, entry.name)}"
             _fail_attempt(step, spec, entry, f"RayJob {name} ended and is gone (KubeRay deletes a finished RayJob when "
                           f"its operator runs with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of "
                           f"the stage is {record}, not complete; its log, if kept: {log}", "RayJobGone")
@@ -414,11 +418,6 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
     step.set_stage(entry, "Running", reason, f"created {main['kind']} {main['metadata']['name']} (attempt {entry.attempts}/{max_attempts})")
 
 
-def log_key(config: RunConfig, stage: str) -> str:
-    """Where a stage's main pod log is kept in the store (as `peg.k8s.backend.K8sBackend.log_key`)."""
-    return f"{config.name}/logs/{stage}.log"
-
-
 def _keep_logs(step: _Step, config: RunConfig, stage: str, jobs: Sequence[Child], renderer: Renderer) -> None:
     """The stage ends: keep the log of its finished job of the current config (once, at the transition)."""
     if stage not in renderer.cluster_stages(config):
@@ -426,7 +425,7 @@ def _keep_logs(step: _Step, config: RunConfig, stage: str, jobs: Sequence[Child]
     wanted = _hash_label(renderer.render_stage(config, stage))
     for job in jobs:
         if job.stage_hash == wanted and job.phase in ("succeeded", "failed") and not job.deleting:
-            step.actions.append(KeepLog(job.kind, job.name, log_key(config, stage)))
+            step.actions.append(KeepLog(job.kind, job.name, stage_log_key(config.name, stage)))
 
 
 def _fail_attempt(step: _Step, spec: PipelineSpec, entry: StageStatus, why: str, reason: str = "StageFailed") -> None:
