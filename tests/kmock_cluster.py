@@ -22,6 +22,7 @@ RESOURCES = {
     f"{GROUP}/{VERSION}/{PLURAL}": (KIND, True, {"status"}),
     **{f"{k.group}/{k.version}/{k.plural}": (k.kind, True, set()) for k in JOB_KINDS},
     "v1/configmaps": ("ConfigMap", True, set()),
+    "v1/pods": ("Pod", True, {"log"}),
     "v1/events": ("Event", True, set()),
     "v1/namespaces": ("Namespace", False, set()),  # kopf waits for it in discovery, never calls it
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),

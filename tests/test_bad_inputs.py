@@ -280,6 +280,11 @@ CASES = [
      "cluster.image_pull_secrets[0]: 'Regcred_1' is not a DNS-1123 subdomain", "x"),
     ("render-scratch-size", render_with("scratch_size: 2Gx"), "cluster.scratch_size: '2Gx' is not a Kubernetes quantity", "x"),
     ("render-kueue-queue", render_with("queue: 'team queue'"), "cluster.queue: 'team queue': a label value", "x"),
+    ("render-every-problem-on-one-line", render_with("resources: {cpu: four, memory: lots}"),
+     "cluster.resources.cpu: 'four' is not a Kubernetes quantity (e.g. '4', '500m', '16Gi'); "
+     "cluster.resources.memory: 'lots' is not", "x"),
+    ("render-inline-secret", render_with("env: {HTTPS_PROXY: 'http://user:hunter2@proxy:3128'}"),
+     "cluster.env.HTTPS_PROXY: holds a URI with user:password@; a value written into the run's ConfigMap", "x"),
     ("operator-manifest-checks-as-render", render_with("resources: {cpu: '4', memory: lots}", "operator manifest"),
      "cluster.resources.memory: 'lots' is not a Kubernetes quantity", "x"),
     ("api-server-port-closed", closed_api_port, "Kubernetes API https://127.0.0.1:1: cannot connect", "store"),

@@ -13,7 +13,7 @@ from controller_rules import violations
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import load_config
-from peg.k8s.backend import K8sBackend, primary_pod_selector
+from peg.k8s.backend import ClusterError, K8sBackend, primary_pod_selector
 from peg.k8s.render import LABEL_HASH
 from peg.pipeline import STAGES, StageFailed
 
@@ -44,6 +44,9 @@ class FakeCustomObjects:
         if obj.get("_scripted", True):
             obj["status"] = self.statuses[min(obj["_gets"], len(self.statuses) - 1)]
             obj["_gets"] += 1
+            if obj["status"] is GONE:  # KubeRay deleted it (DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true)
+                del self.objects[(plural, ns, name)]
+                raise ApiException(status=404)
         return copy.deepcopy(obj)
 
     def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
@@ -60,6 +63,11 @@ class FakeCore:
             raise ApiException(status=409)
         self.config_maps[body["metadata"]["name"]] = body
 
+    def read_namespaced_config_map(self, name, ns):
+        from kubernetes.client import V1ConfigMap, V1ObjectMeta
+
+        return V1ConfigMap(metadata=V1ObjectMeta(name=name, labels=self.config_maps[name]["metadata"].get("labels")))
+
     def replace_namespaced_config_map(self, name, ns, body):
         self.config_maps[name] = body
 
@@ -67,6 +75,7 @@ class FakeCore:
         return type("PodList", (), {"items": []})()
 
 
+GONE = {"deleted": True}  # scripted: the get that reaches it finds the object deleted (404)
 RUNNING = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
 DONE = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
 FAILED = {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}
@@ -90,6 +99,47 @@ def test_submit_creates_config_map_and_job_and_follows_it_to_success():
     ]
     k8s.submit("mine")  # a second stage updates the ConfigMap in place
     assert custom.calls[-1] == "create rayjobs/quickstart-mine"
+
+
+@pytest.mark.parametrize("labels", [None, {"app": "billing"}, {"peg.dev/run": "another-run"}])
+def test_a_config_map_of_the_runs_name_that_is_not_the_runs_is_never_overwritten(labels):
+    k8s, custom, core, _ = backend([DONE])
+    theirs = {"metadata": {"name": "quickstart-config", "labels": labels}, "data": {"settings": "keep me"}}
+    core.config_maps["quickstart-config"] = copy.deepcopy(theirs)
+    with pytest.raises(ClusterError, match="ConfigMap peg/quickstart-config exists and is not this run's "
+                                           r"\(no label peg.dev/run=quickstart\)"):
+        k8s.submit("encode")
+    assert core.config_maps["quickstart-config"] == theirs and custom.calls == []
+
+
+@pytest.mark.parametrize(("statuses", "record", "outcome"), [
+    ([RUNNING, GONE], "complete", "succeeded"),  # finished and deleted between two polls
+    ([GONE], "complete", "succeeded"),  # ... before the first poll
+    ([RUNNING, GONE], "partial", "failed"),
+    ([{}, GONE], "pending", "failed"),
+])
+def test_a_rayjob_kuberay_deleted_after_it_finished_ends_as_the_stores_record_says(monkeypatch, tmp_path, statuses,
+                                                                                    record, outcome):
+    """KubeRay v1.7.0 with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true and ttlSecondsAfterFinished 0
+    deletes a finished RayJob at once (rayjob_controller.go, handleShutdownAfterJobFinishes): the
+    404 that follows is "it ended; the store's record says how", never a lost job or a crash."""
+    from peg.config import StoreConfig
+    from peg.k8s import backend as backend_module
+    from peg.pipeline.runner import StageStatus
+    from peg.store import open_store
+
+    monkeypatch.setattr(backend_module, "pipeline_status", lambda config, store: [StageStatus("mine", record, 1)])
+    config = load_config(REPO / "examples" / "k8s-quickstart.yaml")
+    custom, lines = FakeCustomObjects(statuses), []
+    store = open_store(StoreConfig(uri=str(tmp_path / "store")))
+    k8s = K8sBackend(config, apis=(custom, FakeCore()), log=lines.append, poll_seconds=0, store=store)
+    if outcome == "succeeded":
+        assert k8s.submit("mine") == "succeeded"
+    else:
+        with pytest.raises(StageFailed, match="stage mine: RayJob quickstart-mine failed"):
+            k8s.submit("mine")
+    assert f"the store's record of stage mine is {record}: {outcome}" in lines[-1]
+    assert "DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true" in lines[-1]
 
 
 def test_failed_job_fails_the_stage():

@@ -251,6 +251,57 @@ def test_bad_input_fails_at_render_time_naming_the_key(overrides, key):
         render_run(cfg)
 
 
+# Fake credentials in their published shapes, built from parts so no scanner takes them for real ones.
+AWS_KEY_ID = "AKIA" + "IOSFODNN7EXAMPLE"
+GITHUB_TOKEN = "ghp" + "_" + "0123456789abcdefghijABCDEFGHIJ012345"
+HF_TOKEN = "hf" + "_" + "abcdefghijklmnopqrstuvwxyzABCDEF"
+JWT = "eyJ" + "hbGciOiJIUzI1NiJ9." + "eyJ" + "zdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "kind"),
+    [
+        ({"model.name_or_path": "https://user:hunter2@models.example.com/m"}, "model.name_or_path", "holds a URI with user:password@"),
+        ({"data.beir": "beir:fiqa", "data.train_files": ["s3://me:pw@bucket/pairs.jsonl"]}, r"data.train_files\[0\]",
+         "holds a URI with user:password@"),
+        ({"cluster.env": {"HTTPS_PROXY": "http://proxyuser:proxypass@proxy.corp:3128"}}, "cluster.env.HTTPS_PROXY",
+         "holds a URI with user:password@"),
+        ({"cluster.env": {"AWS_ACCESS_KEY_ID": AWS_KEY_ID}}, "cluster.env.AWS_ACCESS_KEY_ID", "holds an AWS access key id"),
+        ({"cluster.env": {"EXTRA": f"aws_secret_access_key={'x' * 40}"}}, "cluster.env.EXTRA", "holds an AWS secret access key"),
+        ({"cluster.env": {"GH": GITHUB_TOKEN}}, "cluster.env.GH", "holds a GitHub token"),
+        ({"cluster.env": {"HUB": HF_TOKEN}}, "cluster.env.HUB", "holds a Hugging Face token"),
+        ({"cluster.env": {"AUTH": f"Bearer {JWT}"}}, "cluster.env.AUTH", "holds a JSON Web Token"),
+        ({"cluster.env": {"HF_TOKEN": "anything"}}, "cluster.env.HF_TOKEN", "is named like a secret and has a literal value"),
+        ({"cluster.env": {"DB_PASSWORD": "pw"}}, "cluster.env.DB_PASSWORD", "is named like a secret and has a literal value"),
+        ({"model.name_or_path": "https://h.example.com/m.tar?X-Amz-Signature=abc&X-Amz-Credential=k"},
+         "model.name_or_path", "holds a signed or token-carrying URL"),
+        ({"model.name_or_path": "-----BEGIN RSA PRIVATE KEY-----"}, "model.name_or_path", "holds a private key"),
+    ],
+)
+def test_an_inline_secret_in_any_rendered_field_is_refused_naming_the_key_never_the_value(overrides, key, kind):
+    cfg = k8s_quickstart(**overrides)
+    with pytest.raises(RenderError, match=f"{key}: {kind}") as refused:
+        render_run(cfg)
+    assert "cluster.s3_secret" in str(refused.value) and "Kubernetes Secret" in str(refused.value)
+    for value in overrides.values():
+        for secret in (value.values() if isinstance(value, dict) else [value] if isinstance(value, str) else value):
+            assert secret not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model.name_or_path": "sentence-transformers/all-MiniLM-L6-v2"},
+        {"cluster.image": "ghcr.io/peg-dev/peg-trainer@sha256:" + "ab" * 32},
+        {"cluster.env": {"HTTPS_PROXY": "http://proxy.corp:3128", "NCCL_DEBUG": "INFO", "TOKENIZERS_PARALLELISM": "false"}},
+        {"cluster.env": {"HF_TOKEN": ""}},  # a name alone carries nothing
+        {"data.beir": "beir:fiqa", "data.train_files": ["/data/pairs-0123456789abcdef0123456789abcdef01234567.jsonl"]},
+    ],
+)
+def test_ordinary_values_are_not_taken_for_secrets(overrides):
+    render_run(k8s_quickstart(**overrides))
+
+
 def test_empty_runtime_is_a_config_error():
     from peg.config import ConfigError
 

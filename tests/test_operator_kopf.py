@@ -178,7 +178,8 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
             declared = {(g, r, v) for g, r, verbs in API_CALLS for v in verbs}
             assert cluster.calls() <= declared, cluster.calls() - declared
             unused = {(k.group, k.plural, "delete") for k in JOB_KINDS} | {("kubeflow.org", "pytorchjobs", "create"),
-                                                                        (GROUP, f"{PLURAL}/finalizers", "update")}
+                                                                        (GROUP, f"{PLURAL}/finalizers", "update"),
+                                                                        ("", "pods/log", "get")}  # no pods here
             assert declared - cluster.calls() == unused
 
     asyncio.run(main())
@@ -271,6 +272,39 @@ async def operate_on_a_new_pipeline(spec: dict) -> tuple[asyncio.Event, asyncio.
     await asyncio.to_thread(as_test_client().create_namespaced_custom_object,
                             GROUP, VERSION, NAMESPACE, PLURAL, as_stored(body))
     return stop, operator
+
+
+def test_operator_keeps_a_finished_stages_log_in_the_store(s3_server, bucket, tmp_path, monkeypatch):
+    """Issue 35: as `peg pipeline run --backend k8s` does, the operator copies the main pod log of
+    each finished stage job (a RayJob's submitter, `job-name=<job>`) to `<run>/logs/<stage>.log`."""
+    from kubernetes import client
+
+    spec = {"run": run_config(s3_server, bucket)}
+    config = RunConfig.model_validate(spec["run"])
+    store = open_store(StoreConfig.model_validate(spec["run"]["store"]))
+    finish_stage(store, config, "prepare")
+    driver_log = "encoding 5183 passages\nencode: done\n"
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
+            pods = kmock.resource("", "v1", "pods")
+            cluster.k8s["get", pods, kmock.name("demo-encode-x7k2p"), kmock.subresource("log")] << kmock.body(driver_log.encode())
+            stop, operator = await operate_on_a_new_pipeline(spec)
+            plural, encode = await cluster.wait(lambda: cluster.job("encode"))
+            core = client.CoreV1Api(as_test_client().api_client)
+            submitter = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                "name": "demo-encode-x7k2p", "namespace": NAMESPACE, "labels": {"job-name": "demo-encode"}}}
+            await asyncio.to_thread(core.create_namespaced_pod, NAMESPACE, submitter)
+            assert not store.exists("demo/logs/encode.log")
+            finish_stage(store, config, "encode")
+            await succeed(cluster, plural, encode)
+            await cluster.wait(lambda: store.exists("demo/logs/encode.log"))
+            assert store.get_bytes("demo/logs/encode.log").decode() == driver_log
+            assert ("", "pods/log", "get") in cluster.calls()
+            stop.set()
+            await asyncio.wait_for(operator, 30)
+
+    asyncio.run(main())
 
 
 def test_operator_reports_a_denied_create_at_once_and_stops_asking(s3_server, bucket, tmp_path, monkeypatch):

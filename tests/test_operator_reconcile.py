@@ -16,6 +16,7 @@ from peg.operator.reconcile import (
     Create,
     Delete,
     Event,
+    KeepLog,
     StoreState,
     claim_keys,
     claimed_by,
@@ -97,6 +98,8 @@ def kinds(actions) -> list[str]:
             out.append(f"event {a.type} {a.reason}")
         elif isinstance(a, (Create, Apply)):
             out.append(f"{type(a).__name__.lower()} {a.obj['kind']} {a.obj['metadata']['name']}")
+        elif isinstance(a, KeepLog):
+            out.append(f"keep log of {a.kind} {a.name} at {a.key}")
         else:
             out.append(f"delete {a.kind} {a.name}")
     return out
@@ -169,23 +172,28 @@ def test_controller_restarted_mid_stage_with_status_continues():
     done = ["prepare", "encode", "mine"]
     assert run(s, [job(s, "train", "running")], store(*done), status)[0] == []
     actions, status = run(s, [job(s, "train", "succeeded")], store(*done, "train"), status)
-    assert kinds(actions) == ["event Normal StageSucceeded", "apply ConfigMap demo-config", "create RayJob demo-eval",
+    assert kinds(actions) == ["keep log of TrainJob demo-train at demo/logs/train.log", "event Normal StageSucceeded",
+                              "apply ConfigMap demo-config", "create RayJob demo-eval",
                               "event Normal StageStarted"]
 
 
 def test_stage_succeeded_starts_the_next_one():
     s, status = running_at("encode")
     actions, status = run(s, [job(s, "encode", "succeeded")], store("prepare", "encode"), status)
-    assert kinds(actions) == ["event Normal StageSucceeded", "apply ConfigMap demo-config", "create RayJob demo-mine",
+    assert kinds(actions) == ["keep log of RayJob demo-encode at demo/logs/encode.log", "event Normal StageSucceeded",
+                              "apply ConfigMap demo-config", "create RayJob demo-mine",
                               "event Normal StageStarted"]
     assert phases(status)["encode"] == "Succeeded" and status["stage"] == "mine"
+    again, _ = run(s, [job(s, "encode", "succeeded"), job(s, "mine", "running")], store("prepare", "encode"), status)
+    assert not [a for a in again if isinstance(a, KeepLog)]  # the log is kept once, when the stage ends
 
 
 def test_failed_stage_with_retries_left_is_retried_after_backoff():
     s, status = running_at("mine")
     done = store("prepare", "encode")
     actions, status = run(s, [job(s, "mine", "failed", message="OOMKilled")], done, status)
-    assert kinds(actions) == ["event Warning StageFailed", "delete RayJob demo-mine"]
+    assert kinds(actions) == ["keep log of RayJob demo-mine at demo/logs/mine.log", "event Warning StageFailed",
+                              "delete RayJob demo-mine"]  # the log first: deleting the job deletes its pods
     mine = stage_of(status, "mine")
     assert mine["phase"] == "Retrying" and mine["retryAt"] == (NOW + timedelta(seconds=30)).isoformat()
     assert "attempt 1/3 failed: job demo-mine: OOMKilled; retry in 30 s" in mine["message"]
@@ -205,7 +213,8 @@ def test_failed_stage_with_retries_left_is_retried_after_backoff():
 def test_failed_stage_with_retries_exhausted_fails_the_pipeline_and_keeps_the_job():
     s, status = running_at("encode", spec(retries=0))
     actions, status = run(s, [job(s, "encode", "failed", message="exit code 1")], store("prepare"), status)
-    assert kinds(actions) == ["event Warning StageFailed", "event Warning PipelineFailed"]
+    assert kinds(actions) == ["keep log of RayJob demo-encode at demo/logs/encode.log", "event Warning StageFailed",
+                              "event Warning PipelineFailed"]
     assert status["phase"] == "Failed" and status["stage"] == "encode"
     assert conditions(status) == {"Ready": ("False", "StageFailed"), "Progressing": ("False", "StageFailed"),
                                   "Failed": ("True", "StageFailed")}
@@ -223,7 +232,8 @@ def test_job_succeeded_without_a_complete_store_record_is_a_failed_attempt():
     s, status = running_at("encode")
     actions, status = run(s, [job(s, "encode", "succeeded")], StoreState(stages={"prepare": "complete", "encode": "partial"}), status)
     assert "succeeded but the store has no complete record (partial)" in stage_of(status, "encode")["message"]
-    assert kinds(actions) == ["event Warning StageFailed", "delete RayJob demo-encode"]
+    assert kinds(actions) == ["keep log of RayJob demo-encode at demo/logs/encode.log", "event Warning StageFailed",
+                              "delete RayJob demo-encode"]
 
 
 @pytest.mark.parametrize(
@@ -282,6 +292,29 @@ def test_job_deleted_by_hand_is_recreated_as_a_retry():
     assert train["phase"] == "Retrying" and "job demo-train disappeared before the stage completed" in train["message"]
     actions, status = run(s, [], done, status, later + timedelta(seconds=30))
     assert "create TrainJob demo-train" in kinds(actions) and stage_of(status, "train")["attempts"] == 2
+
+
+@pytest.mark.parametrize(("record", "phase"), [("complete", "Succeeded"), ("partial", "Retrying"), (None, "Retrying")])
+def test_a_rayjob_kuberay_deleted_once_it_finished_is_read_by_the_stores_record(record, phase):
+    """KubeRay v1.7.0 with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true and ttlSecondsAfterFinished 0
+    deletes a RayJob as soon as it reaches Complete/Failed (rayjob_controller.go,
+    handleShutdownAfterJobFinishes). Observed: running, then gone. The store's record decides;
+    an incomplete one is a failed attempt that says the job ended and where its log is."""
+    s, status = running_at("mine")
+    actions, status = run(s, [job(s, "mine", "running")], store("prepare", "encode"), status, NOW + timedelta(minutes=1))
+    assert actions == []
+    records = store("prepare", "encode", "mine") if record == "complete" else StoreState(
+        stages={"prepare": "complete", "encode": "complete", **({"mine": record} if record else {})})
+    actions, status = run(s, [], records, status, NOW + timedelta(minutes=2))
+    mine = stage_of(status, "mine")
+    assert mine["phase"] == phase
+    if phase == "Retrying":
+        assert kinds(actions) == ["event Warning RayJobGone"]
+        assert (f"RayJob demo-mine ended and is gone (KubeRay deletes a finished RayJob when its operator runs with "
+                f"DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of the stage is {record or 'pending'}, "
+                "not complete; its log, if kept: s3://bucket/peg/demo/logs/mine.log") in mine["message"]
+    else:
+        assert status["stage"] == "train" and "create TrainJob demo-train" in kinds(actions)
 
 
 def test_job_not_yet_observed_after_its_create_is_not_missing():

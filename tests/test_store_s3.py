@@ -347,17 +347,22 @@ def upload_part_then_die(*args):
     return real_upload_part(*args)
 
 store._transfer._upload_part = upload_part_then_die
-store.put_file("big/model.bin", sys.argv[2], producer="train")
+store.put_file(sys.argv[3], sys.argv[2], producer="train")
 """
+
+
+def killed_mid_upload(store: S3Store, local, key: str) -> None:
+    """A peg process putting `local` at `key` is killed (SIGKILL) after its third part."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT_KILLED_MID_UPLOAD, store.config.model_dump_json(), str(local), key],
+        env=os.environ.copy(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 def test_client_killed_mid_upload_leaves_no_object(store, s3_server, bucket, tmp_path):
     write_random(tmp_path / "big.bin", 20 << 20)  # 4 parts of 5 MiB
-    proc = subprocess.run(
-        [sys.executable, "-c", CLIENT_KILLED_MID_UPLOAD, store.config.model_dump_json(), str(tmp_path / "big.bin")],
-        env=os.environ.copy(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed_mid_upload(store, tmp_path / "big.bin", "big/model.bin")
     admin = s3_server.client()
     name = f"{store.prefix}/big/model.bin"
     pending = admin._list_multipart_uploads(bucket, prefix=name).uploads
@@ -368,6 +373,39 @@ def test_client_killed_mid_upload_leaves_no_object(store, s3_server, bucket, tmp
     data = write_random(tmp_path / "big.bin", 11 << 20)  # a rerun of the stage puts it cleanly
     store.put_file("big/model.bin", tmp_path / "big.bin", producer="train")
     assert store.get_bytes("big/model.bin") == data
+
+
+def test_a_run_taken_over_aborts_the_uploads_its_killed_holder_left_and_no_others(store, s3_server, bucket, tmp_path,
+                                                                                   caplog):
+    """Issue 30: a kill during a large upload leaves an incomplete multipart upload (billed,
+    listed as no object). The next holder of the run's lease aborts those under the run's prefix
+    that started before it took the lease, says so in the log, and leaves every other upload."""
+    from datetime import datetime, timezone
+
+    from peg.store.lease import Lease
+
+    write_random(tmp_path / "big.bin", 20 << 20)  # 4 parts of 5 MiB
+    killed_mid_upload(store, tmp_path / "big.bin", "run/train/model.bin")
+    admin = s3_server.client()
+    other = [f"{store.prefix}/run2/train/model.bin", f"{store.prefix}/other/train/model.bin"]  # not the run's
+    for name in other:
+        admin._create_multipart_upload(bucket, name, {})
+
+    def pending() -> list[str]:
+        return sorted(u.object_name for u in admin._list_multipart_uploads(bucket, prefix=f"{store.prefix}/").uploads)
+
+    assert pending() == sorted([f"{store.prefix}/run/train/model.bin", *other])
+    with caplog.at_level("WARNING", logger="peg.store.lease"), Lease(store, "run", ttl=30):
+        assert pending() == sorted(other)
+        taken = datetime.now(timezone.utc)
+        time.sleep(1.1)  # S3 times have whole seconds
+        admin._create_multipart_upload(bucket, f"{store.prefix}/run/eval/new.bin", {})  # started after: not stale
+        assert store.abort_interrupted_uploads("run", taken) == []
+        assert f"{store.prefix}/run/eval/new.bin" in pending()
+    assert ("run 'run': aborted 1 interrupted multipart upload(s) an earlier process left: run/train/model.bin"
+            in caplog.messages)
+    assert store.abort_interrupted_uploads("run", datetime.now(timezone.utc)) == ["run/eval/new.bin"]
+    assert pending() == sorted(other)
 
 
 def test_large_transfers_show_byte_progress(store, monkeypatch, tmp_path):

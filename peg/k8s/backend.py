@@ -26,8 +26,9 @@ from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
 from peg.errors import PegError
-from peg.k8s.render import LABEL_HASH, LOCAL_STAGES, job_phase, render_config_map, render_stage
-from peg.pipeline import LocalBackend, Stage, StageFailed
+from peg.k8s.names import stage_log_key
+from peg.k8s.render import LABEL_HASH, LABEL_RUN, LOCAL_STAGES, job_phase, render_config_map, render_stage
+from peg.pipeline import LocalBackend, Stage, StageFailed, pipeline_status
 from peg.store import ArtifactStore, open_store
 
 API = {  # kind -> (group, version, plural)
@@ -121,6 +122,9 @@ class K8sBackend:
         return phase
 
     def apply_config_map(self) -> None:
+        """Create the run's ConfigMap, or replace the one already there only if it is this run's
+        (its `peg.dev/run` label names the run): a ConfigMap of that name made by anyone else is
+        refused (ClusterError), never overwritten."""
         cm = render_config_map(self.config)
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
         try:
@@ -128,6 +132,12 @@ class K8sBackend:
         except ApiException as e:
             if e.status != 409:
                 raise ClusterError(f"cannot create ConfigMap {ns}/{name}: {e}") from None
+            labels = self.core.read_namespaced_config_map(name, ns).metadata.labels or {}
+            if labels.get(LABEL_RUN) != self.config.name:
+                raise ClusterError(
+                    f"ConfigMap {ns}/{name} exists and is not this run's (no label {LABEL_RUN}={self.config.name}): "
+                    "peg does not overwrite it; delete it or rename the run (name)"
+                ) from None
             self.core.replace_namespaced_config_map(name, ns, cm)
 
     def _create_or_reuse(self, obj: dict) -> None:
@@ -167,26 +177,52 @@ class K8sBackend:
 
     def log_key(self, stage: str) -> str:
         """Where a stage's main pod log is kept in the store."""
-        return f"{self.config.name}/logs/{stage}.log"
+        return stage_log_key(self.config.name, stage)
 
     def follow(self, obj: dict, stage: str | None = None) -> str:
         """Poll the job until it succeeds or fails, printing phase changes and its main pod's log
-        (kept in the store at `log_key(stage)` when `stage` is given)."""
+        (kept in the store at `log_key(stage)` when `stage` is given).
+
+        A job that is gone (404) ended: KubeRay deletes a finished RayJob itself when its operator
+        runs with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true (rayjob_controller.go,
+        handleShutdownAfterJobFinishes, `ttlSecondsAfterFinished` after it ended). The stage's
+        record in the store then says how it ended: "succeeded" when it is complete, else
+        "failed"; without `stage` there is no record to read, and a gone job is "failed"."""
         with tempfile.NamedTemporaryFile("w+", prefix="peg-stage-log-", suffix=".log") as kept:
             phase = self._follow(obj, kept)
             if stage is not None and self.follow_logs and kept.tell():
                 kept.flush()
-                store = self._store or open_store(self.config.store)
-                store.put_file(self.log_key(stage), kept.name, "k8s-backend")
-                self.log(f"[k8s] log of stage {stage} kept at {store.describe()}/{self.log_key(stage)}")
+                self.store.put_file(self.log_key(stage), kept.name, "k8s-backend")
+                self.log(f"[k8s] log of stage {stage} kept at {self.store.describe()}/{self.log_key(stage)}")
+        if phase == "deleted":
+            state = None if stage is None else next(r.state for r in pipeline_status(self.config, self.store) if r.name == stage)
+            phase = "succeeded" if state == "complete" else "failed"
+            self.log(f"[k8s] {obj['kind']} {obj['metadata']['namespace']}/{obj['metadata']['name']} is gone: it ended "
+                     "and was deleted (KubeRay deletes a finished RayJob when its operator runs with "
+                     f"DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true); the store's record of stage {stage} is "
+                     f"{state or 'unknown'}: {phase}")
         return phase
+
+    @property
+    def store(self) -> ArtifactStore:
+        """The run's store, opened at its first use (the stage logs, a gone job's record)."""
+        if self._store is None:
+            self._store = open_store(self.config.store)
+        return self._store
 
     def _follow(self, obj: dict, kept: IO[str]) -> str:
         group, version, plural = API[obj["kind"]]
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         last, streamer = None, None
         while True:
-            current = self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
+            try:
+                current = self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise ClusterError(f"cannot read {obj['kind']} {ns}/{name}: {e}") from None
+                if streamer is not None:
+                    streamer.join(timeout=30)
+                return "deleted"
             phase = job_phase(current)
             if phase != last:
                 self.log(f"[k8s] {obj['kind']} {ns}/{name}: {phase}")

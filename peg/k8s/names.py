@@ -1,4 +1,5 @@
-"""Kubernetes object names derived from a run name and a stage name."""
+"""Names derived from a run name and a stage name: Kubernetes objects, and the store key of a
+cluster stage's log."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ def resource_name(run_name: str, stage: str, max_len: int = RAYJOB_NAME_MAX) -> 
 
 def is_dns_1035(name: str, max_len: int = 63) -> bool:
     return len(name) <= max_len and DNS_1035.match(name) is not None
+
+
+def stage_log_key(run_name: str, stage: str) -> str:
+    """Where a cluster stage's main pod log is kept in the store, by the launcher and the operator alike."""
+    return f"{run_name}/logs/{stage}.log"

@@ -23,7 +23,15 @@ import yaml
 
 from peg.config import ConfigError, RunConfig
 from peg.k8s.names import is_dns_1035, resource_name
-from peg.k8s.validation import image_problem, label_key_problem, label_value_problem, quantity_problem, subdomain_problem
+from peg.k8s.validation import (
+    image_problem,
+    inline_secret_problem,
+    is_secret_name,
+    label_key_problem,
+    label_value_problem,
+    quantity_problem,
+    subdomain_problem,
+)
 from peg.pipeline import enabled_stages, stage_hashes
 
 CONFIG_DIR = "/etc/peg"
@@ -51,7 +59,8 @@ def cluster_stages(cfg: RunConfig) -> list[str]:
 
 
 def check_renderable(cfg: RunConfig) -> None:
-    """Raise `RenderError` naming every key that stops `cfg` from running on a cluster."""
+    """Raise `RenderError` naming every key that stops `cfg` from running on a cluster, all in one
+    line ("key: problem; key: problem"), as every `PegError` is."""
     c = cfg.cluster
     problems = []
     if not is_dns_1035(cfg.name):
@@ -103,8 +112,9 @@ def check_renderable(cfg: RunConfig) -> None:
     if reserved:
         problems.append(f"cluster.env: {', '.join(reserved)} are set by peg or by the trainer (torchrun); leave them out")
     problems += api_server_problems(cfg)
+    problems += inline_secret_problems(cfg)
     if problems:
-        raise RenderError("\n".join(problems))
+        raise RenderError("; ".join(problems))
 
 
 def api_server_problems(cfg: RunConfig) -> list[str]:
@@ -125,6 +135,35 @@ def api_server_problems(cfg: RunConfig) -> list[str]:
     if c.queue:
         found.append(("cluster.queue", label_value_problem(c.queue)))
     return [f"{key}: {problem}" for key, problem in found if problem]
+
+
+SECRET_ADVICE = (
+    "a value written into the run's ConfigMap and pod specs is readable by anyone who can read them: keep "
+    "credentials in a Kubernetes Secret (the S3 keys: cluster.s3_secret) and out of the config"
+)
+
+
+def inline_secret_problems(cfg: RunConfig) -> list[str]:
+    """Every config string rendered into a Kubernetes object (the whole config travels in the
+    ConfigMap; `cluster.env` into every container) that carries a credential, by its key; and
+    every `cluster.env` variable named like a secret that has a literal value."""
+    found: dict[str, str] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{key}.{name}" if key else str(name), item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{key}[{i}]", item)
+        elif isinstance(value, str) and (problem := inline_secret_problem(value)):
+            found[key] = problem
+
+    walk("", pod_config(cfg).model_dump(mode="json"))
+    for name, value in cfg.cluster.env.items():
+        if value and is_secret_name(name):
+            found.setdefault(f"cluster.env.{name}", "is named like a secret and has a literal value")
+    return [f"{key}: {problem}; {SECRET_ADVICE}" for key, problem in found.items()]
 
 
 def is_cpu_image(image: str) -> bool:

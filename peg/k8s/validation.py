@@ -52,3 +52,38 @@ def image_problem(reference: str) -> str | None:
     if _IMAGE.match(reference):
         return None
     return f"{reference!r} is not an image reference ([registry/]name[:tag][@sha256:digest], the name lower-case)"
+
+
+# What an inline secret looks like. Each pattern is a credential's own published shape (or a URI's
+# user:password@ / a signed URL's query), so ordinary values (paths, hub ids, image digests, hex
+# hashes) never match. The reason names the kind of secret, never the value.
+_SECRETS = (
+    (re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@:]+:[^/\s@]*@"), "a URI with user:password@"),
+    (re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"), "an AWS access key id"),
+    (re.compile(r"(?i)aws_secret_access_key\s*[=:]"), "an AWS secret access key"),
+    (re.compile(r"(?i)[?&](?:x-amz-signature|x-amz-credential|sig|signature|token|access_token|api_key|apikey|password)="),
+     "a signed or token-carrying URL"),
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,})"), "a GitHub token"),
+    (re.compile(r"\bhf_[A-Za-z0-9]{30,}"), "a Hugging Face token"),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), "an API key (sk-...)"),
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), "a Slack token"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "a JSON Web Token"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}"), "a bearer token"),
+)
+_SECRET_NAME = re.compile(r"(?i)(^|_)(secret|passw(or)?d|token|api_?key|access_?key|private_?key|credentials?)(_|$)")
+
+
+def inline_secret_problem(value: str) -> str | None:
+    """A string that carries a credential (an AWS key, a token, user:password@ in a URI, a private
+    key): the kind of secret found, for a message that names the key and never the value."""
+    for pattern, kind in _SECRETS:
+        if pattern.search(value):
+            return f"holds {kind}"
+    return None
+
+
+def is_secret_name(name: str) -> bool:
+    """An environment variable named like a secret: a `_`-separated part is one (`HF_TOKEN`,
+    `DB_PASSWORD`, `API_KEY`; not `TOKENIZERS_PARALLELISM`)."""
+    return bool(_SECRET_NAME.search(name))

@@ -5,17 +5,21 @@ compares them, cluster-wide and namespaced; the emulator test checks that every 
 operator sends is in it). `CLUSTER_SCOPED` are the cluster-scoped resources among them.
 kopf itself watches the resources the handlers name, patches the pipelines (finalizer, status,
 annotations), posts events and scans the CRDs it serves; the appliers create, replace and delete
-the stage jobs and the run config's ConfigMap through the official `kubernetes` client.
+the stage jobs and the run config's ConfigMap, and copy a finished job's main pod log into the
+store, through the official `kubernetes` client.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 
+from peg.k8s.backend import primary_pod_selector
 from peg.operator.model import GROUP, PLURAL, VERSION
-from peg.operator.reconcile import CLUSTER_REJECTIONS, SPEC_REJECTIONS, Apply, Create, Delete
+from peg.operator.reconcile import CLUSTER_REJECTIONS, SPEC_REJECTIONS, Apply, Create, Delete, KeepLog
+from peg.store import ArtifactStore
 
 
 class Rejected(Exception):
@@ -53,6 +57,8 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, f"{PLURAL}/finalizers", ("update",)),  # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
     *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
     ("", "configmaps", ("create", "get", "patch")),  # Apply: the run config a stage's pods mount (get: is it ours?)
+    ("", "pods", ("list",)),  # KeepLog: the finished job's main pod
+    ("", "pods/log", ("get",)),  # KeepLog: its log, copied into the store
     ("", "events", ("create",)),  # kopf.event: one per transition
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),  # kopf: which resources exist
 )
@@ -102,6 +108,25 @@ def _require_same_owner(existing, action: Apply, namespace: str) -> None:
     if not owners & theirs:
         raise Rejected(describe(action, namespace), 409,
                        "a ConfigMap of that name exists and is not this pipeline's: delete it or rename the run")
+
+
+def keep_log(action: KeepLog, namespace: str, store: ArtifactStore) -> bool:
+    """Copy the main pod log of a finished stage job into the store at `action.key`, streamed
+    through a temporary file; False when the job has no pod left. API and store errors propagate."""
+    from kubernetes import client
+
+    core = client.CoreV1Api()
+    selector = primary_pod_selector({"kind": action.kind, "metadata": {"name": action.name}})
+    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+    if not pods:
+        return False
+    response = core.read_namespaced_pod_log(pods[0].metadata.name, namespace, _preload_content=False)
+    with tempfile.NamedTemporaryFile(prefix="peg-stage-log-", suffix=".log") as kept:
+        for chunk in response.stream(1 << 16):
+            kept.write(chunk)
+        kept.flush()
+        store.put_file(action.key, kept.name, "operator")
+    return True
 
 
 def apply_action(action: Create | Apply | Delete, namespace: str) -> None:

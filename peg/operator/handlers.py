@@ -32,6 +32,7 @@ from peg.operator.reconcile import (
     Child,
     Delete,
     Event,
+    KeepLog,
     StoreState,
     claim_keys,
     claimed_by,
@@ -39,7 +40,7 @@ from peg.operator.reconcile import (
     rejected,
 )
 from peg.pipeline import pipeline_status
-from peg.store import StoreError, open_store
+from peg.store import ArtifactStore, StoreError, open_store
 
 INTERVAL = float(os.environ.get("PEG_OPERATOR_INTERVAL", "10"))
 
@@ -104,6 +105,38 @@ def pipeline_phases(status: kopf.Status, **_: Any) -> dict:
     return {status.get("phase", "Pending"): True}
 
 
+def run_store(config: RunConfig) -> ArtifactStore:
+    """The run's store, opened with the operator's own keys when it has them (a mounted Secret)."""
+    if os.environ.get("PEG_OPERATOR_S3_CREDENTIALS"):
+        config = config.model_copy(deep=True)
+        config.store.credentials_file = os.environ["PEG_OPERATOR_S3_CREDENTIALS"]
+    return open_store(config.store)
+
+
+def keep_logs(actions: list, spec: dict, namespace: str, logger: kopf.Logger) -> None:
+    """Apply the KeepLog actions: copy each finished stage job's main pod log into the store. Best
+    effort: a log that cannot be kept (pods gone, the store or the API failing) is logged, and
+    the pipeline goes on."""
+    wanted = [a for a in actions if isinstance(a, KeepLog)]
+    if not wanted:
+        return
+    try:
+        store = run_store(RunConfig.model_validate(spec["run"]))
+    except (StoreError, OSError, ValueError) as e:
+        logger.warning(f"stage logs not kept: cannot open the store ({e})")
+        return
+    for action in wanted:
+        try:
+            kept = api.keep_log(action, namespace, store)
+        except Exception as e:  # noqa: BLE001 - a log that cannot be copied must not stop the pipeline
+            logger.warning(f"log of {action.kind} {namespace}/{action.name} not kept: {e}")
+            continue
+        if kept:
+            logger.info(f"log of {action.kind} {namespace}/{action.name} kept at {store.describe()}/{action.key}")
+        else:
+            logger.warning(f"log of {action.kind} {namespace}/{action.name} not kept: no pod of it is left")
+
+
 def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> StoreState:
     """The store's view of the run (stage records, eval summary), or why it cannot be read."""
     try:
@@ -113,10 +146,8 @@ def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> 
     holder = claimed_by(f"{namespace}/{name}", {k: list(v) for k, v in claims.items()}, claim_keys(namespace, config))
     if holder:
         return StoreState(claimed_by=holder)
-    if os.environ.get("PEG_OPERATOR_S3_CREDENTIALS"):  # the operator's own keys (a mounted Secret)
-        config.store.credentials_file = os.environ["PEG_OPERATOR_S3_CREDENTIALS"]
     try:
-        store = open_store(config.store)
+        store = run_store(config)
         stages = {row.name: row.state for row in pipeline_status(config, store)}
         summary = None
         if stages.get("eval") == "complete":
@@ -150,9 +181,10 @@ def _reconcile(body, spec, meta, status, namespace, name, patch, logger, pipelin
         spec_dict, meta.get("generation"), children, store, dict(status), now,
         deleting=bool(meta.get("deletionTimestamp")),
     )
+    keep_logs(actions, spec_dict, namespace, logger)  # before any Delete takes the finished job's pods
     try:  # API calls first: if one fails, nothing is reported as done
         for action in actions:
-            if not isinstance(action, Event):
+            if not isinstance(action, (Event, KeepLog)):
                 if not isinstance(action, Delete):
                     action.obj["metadata"]["namespace"] = namespace  # owner references work within a namespace
                     kopf.adopt(action.obj, owner=body)

@@ -18,10 +18,17 @@ cluster and the store, call it, and apply the actions. Rules, in the order they 
   Pending and deletes its job if one runs: exactly the invalidated stages run again.
 - A failed job, a job that succeeded without a complete store record, and a job that vanished
   before its stage completed (deleted by hand; not observed for `JOB_VISIBLE_GRACE_SECONDS`
-  after its create) all count as a failed attempt. A failed attempt
-  is retried after `spec.retries` backoff (the failed job is deleted first) until the retries
-  are spent; then the stage and the pipeline are Failed and the last job is kept for its logs.
-  Raising `spec.retries.limit` on a Failed pipeline retries the stage.
+  after its create) all count as a failed attempt. A RayJob that vanished ended: KubeRay
+  deletes a finished RayJob itself when its operator runs with
+  `DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true` (v1.7.0 rayjob_controller.go,
+  `handleShutdownAfterJobFinishes`); the store's record decides, as for any stage, and an
+  incomplete one is a failed attempt that names the record and the stage's log in the store.
+  A failed attempt is retried after `spec.retries` backoff (the failed job is deleted first)
+  until the retries are spent; then the stage and the pipeline are Failed and the last job is
+  kept for its logs. Raising `spec.retries.limit` on a Failed pipeline retries the stage.
+- When a stage's job of the current config is seen ended (the stage succeeds in the store, or
+  its job failed or succeeded without a complete record), its main pod log is copied into the
+  store at `<run>/logs/<stage>.log` (`KeepLog`, before any Delete of that job), once.
 - Two pipelines that would write the same store prefix (same store uri and run name) or the
   same job names (same namespace and run name): the older one runs, the other is Refused with
   a condition naming the older one, and starts when it is gone.
@@ -45,6 +52,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from peg.config import RunConfig
+from peg.k8s.names import stage_log_key
 from peg.operator.model import (
     ApiRejection,
     Artifacts,
@@ -125,6 +133,16 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class KeepLog:
+    """Copy a finished stage job's main pod log into the store at `key` (`<run>/logs/<stage>.log`,
+    where `peg pipeline run --backend k8s` keeps it too); best effort: its pods may be gone."""
+
+    kind: str
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
 class Event:
     """A Kubernetes event on the pipeline."""
 
@@ -133,7 +151,7 @@ class Event:
     message: str
 
 
-Action = Create | Apply | Delete | Event
+Action = Create | Apply | Delete | KeepLog | Event
 
 
 def store_prefix(config: RunConfig) -> str:
@@ -302,6 +320,7 @@ def _run_stages(step: _Step, spec: PipelineSpec, children: Sequence[Child], stor
     for entry in entries:
         if store.stages.get(entry.name) == "complete":
             if entry.phase != "Succeeded":
+                _keep_logs(step, config, entry.name, by_stage.get(entry.name, []), renderer)
                 step.set_stage(entry, "Succeeded", "StageSucceeded", "complete in the store")
                 entry.finished_at = step.stamp
                 entry.retry_at = None
@@ -358,6 +377,7 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
             step.set_stage(entry, "Running", "StageRunning", f"job {job.name} is {job.phase} (attempt {entry.attempts}/{max_attempts})")
             return
         if entry.phase in ("Pending", "Running"):  # it finished, but the store has no complete record
+            _keep_logs(step, config, entry.name, [job], renderer)
             why = job.message or "failed"
             if job.phase == "succeeded":
                 why = f"succeeded but the store has no complete record ({store.stages.get(entry.name, 'pending')})"
@@ -374,6 +394,13 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
         if step.now - started < timedelta(seconds=JOB_VISIBLE_GRACE_SECONDS):
             entry.message = f"waiting for job {name} to be observed"  # the watch lags behind our create
             return
+        if entry.child and entry.child.kind == "RayJob":  # KubeRay may delete a RayJob itself once it ended
+            record = store.stages.get(entry.name, "pending")
+            log = f"{config.store.uri.rstrip('/')}/{stage_log_key(config.name, entry.name)}"
+            _fail_attempt(step, spec, entry, f"RayJob {name} ended and is gone (KubeRay deletes a finished RayJob when "
+                          f"its operator runs with DELETE_RAYJOB_CR_AFTER_JOB_FINISHES=true), and the store's record of "
+                          f"the stage is {record}, not complete; its log, if kept: {log}", "RayJobGone")
+            return
         _fail_attempt(step, spec, entry, f"job {name} disappeared before the stage completed (deleted by hand?)", "JobMissing")
         return
     if entry.phase == "Failed" and entry.attempts >= max_attempts:
@@ -389,6 +416,16 @@ def _advance(step: _Step, spec: PipelineSpec, entry: StageStatus, jobs: list[Chi
     entry.finished_at = entry.retry_at = None
     reason = "StageStarted" if entry.attempts == 1 else "StageRetried"
     step.set_stage(entry, "Running", reason, f"created {main['kind']} {main['metadata']['name']} (attempt {entry.attempts}/{max_attempts})")
+
+
+def _keep_logs(step: _Step, config: RunConfig, stage: str, jobs: Sequence[Child], renderer: Renderer) -> None:
+    """The stage ends: keep the log of its finished job of the current config (once, at the transition)."""
+    if stage not in renderer.cluster_stages(config):
+        return
+    wanted = _hash_label(renderer.render_stage(config, stage))
+    for job in jobs:
+        if job.stage_hash == wanted and job.phase in ("succeeded", "failed") and not job.deleting:
+            step.actions.append(KeepLog(job.kind, job.name, stage_log_key(config.name, stage)))
 
 
 def _fail_attempt(step: _Step, spec: PipelineSpec, entry: StageStatus, why: str, reason: str = "StageFailed") -> None:

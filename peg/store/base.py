@@ -220,6 +220,12 @@ class ArtifactStore(ABC):
     def remove_object(self, key: str, token: str) -> bool:
         """Remove control object `key` only if it still is what `token` was read from."""
 
+    def abort_interrupted_uploads(self, prefix: str, started_before: datetime) -> list[str]:
+        """Abort every incomplete multipart upload under the path `prefix` that started before
+        `started_before` (one a killed process left: S3 keeps and bills its parts but lists it
+        as no object); return their keys. A store without multipart uploads has none to abort."""
+        return []
+
     def verify(self, key: str) -> Manifest:
         """Check the stored object against its manifest (IntegrityError if it differs); return the manifest.
 

@@ -9,6 +9,8 @@ background thread. Another process:
 - finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
   gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so
   of two takers exactly one wins.
+Whoever takes the lease first aborts the run's incomplete multipart uploads that started before
+(`ArtifactStore.abort_interrupted_uploads`: a holder killed mid-upload left them), and logs them.
 Remaining races (README, "Integrity"): expiry uses the holders' wall clocks, so clocks skewed by
 more than `ttl` break it; a holder stalled past `ttl` (SIGSTOP, a VM pause) loses the lease and
 learns it only at its next renewal (`lost` is then set and the pipeline stops before its next
@@ -34,6 +36,7 @@ from peg.store.base import ArtifactStore, StoreError
 
 LEASE_NAME = "_lease.json"
 POLL_SECONDS = 1.0
+_log = logging.getLogger(__name__)
 CLOCK_SLACK_SECONDS = 3_600.0  # how far ahead another host's clock may run before its expiry is nonsense
 
 
@@ -132,9 +135,24 @@ class Lease:
                 raise LeaseHeld(f"{self.store.describe()}: run {self.key.rsplit('/', 1)[0]!r} is in use by "
                                 f"{holder.describe()}; wait for it to finish, or stop it")
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())) or POLL_SECONDS)
+        self._abort_interrupted_uploads(datetime.now(timezone.utc))
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="peg-lease", daemon=True)
         self._thread.start()
+
+    def _abort_interrupted_uploads(self, taken: datetime) -> None:
+        """Abort the multipart uploads under the run's prefix that started before the lease was
+        taken: a holder killed mid-upload left them (the run is ours now, and nothing of ours
+        uploads yet); said in the log. A store that refuses the listing is left as it is."""
+        run = self.key.rsplit("/", 1)[0]
+        try:
+            aborted = self.store.abort_interrupted_uploads(run, taken)
+        except StoreError as e:
+            _log.warning("run %r: could not look for interrupted uploads to abort (%s)", run, e)
+            return
+        if aborted:
+            _log.warning("run %r: aborted %d interrupted multipart upload(s) an earlier process left: %s", run,
+                         len(aborted), ", ".join(aborted))
 
     def renew(self) -> bool:
         """Extend the lease; False (and `lost` set) if it is no longer ours."""
@@ -163,7 +181,7 @@ class Lease:
             try:
                 self.store.remove_object(self.key, self._token)
             except StoreError as e:  # the store is down: the lease expires by itself; the run's own error stands
-                logging.getLogger(__name__).warning("could not remove the run's lease (%s); it expires in %.0f s",
+                _log.warning("could not remove the run's lease (%s); it expires in %.0f s",
                                                     e, self.ttl)
         self._token = None
 

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -392,6 +393,25 @@ class S3Store(ArtifactStore):
                 )
                 if errors:
                     raise StoreError(f"{self.describe()}: delete {prefix!r} failed for: {errors[0]}")
+
+    def abort_interrupted_uploads(self, prefix: str, started_before: datetime) -> list[str]:
+        """See `ArtifactStore`. The listing is paged by (key, upload id) markers; minio's client
+        has no public call for it, so this uses its `_list_multipart_uploads` and
+        `_abort_multipart_upload` (the S3 API calls ListMultipartUploads, AbortMultipartUpload)."""
+        names = self._name_prefix(check_prefix(prefix) if prefix else "")
+        names = names + "/" if prefix or self.prefix else names  # `a/b`: below `a/b/`, never `a/bc`
+        stale, key_marker, upload_marker = [], None, None
+        while True:
+            page = self._call(f"list interrupted uploads under {prefix!r}", lambda: self._client._list_multipart_uploads(
+                self.bucket, prefix=names, key_marker=key_marker, upload_id_marker=upload_marker, max_uploads=1000))
+            stale += [u for u in page.uploads if u.initiated_time is not None and u.initiated_time < started_before]
+            if not page.is_truncated or not page.uploads:
+                break
+            key_marker, upload_marker = page.uploads[-1].object_name, page.uploads[-1].upload_id
+        for upload in stale:
+            self._call(f"abort the interrupted upload of {self._key_of(upload.object_name)!r}",
+                       lambda u=upload: self._client._abort_multipart_upload(self.bucket, u.object_name, u.upload_id))
+        return [self._key_of(u.object_name) for u in stale]
 
     def local_path(self, key: str) -> None:
         return None

@@ -280,6 +280,12 @@ cluster-scoped CRD reads): a ClusterRole's rules cluster-wide, a Role's per watc
   resources: ["configmaps"]
   verbs: ["create", "get", "patch"]
 - apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+- apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
