@@ -294,6 +294,33 @@ def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_grou
     assert result.status != 0 and "Permission denied" in result.log  # mode 0440: the group is what reads it
 
 
+@containers
+@pytest.mark.containers
+def test_the_charts_helm_test_pod_opens_the_store_with_its_secret(trainer_image, s3_server):
+    """The chart's `helm test` Pod from `helm template` output (the platform's S3 store, the chart's
+    Secret mount, its security settings), run as a container against S3 on 127.0.0.1: it writes,
+    reads back and deletes one object. Its RBAC check (SelfSubjectAccessReview with in-cluster
+    credentials) needs a real API server, so the values leave `rbac.create` off, which skips it."""
+    import uuid
+
+    from chart_render import by_kind, objects, render
+    from s3server import ADMIN
+
+    bucket = f"helm-test-{uuid.uuid4().hex[:8]}"
+    s3_server.client().make_bucket(bucket)
+    values = {"image": {"tag": TAG}, "rbac": {"create": False},
+              "s3": {"existingSecret": "peg-s3", "endpoint": s3_server.endpoint, "secure": False, "bucket": bucket}}
+    (test_pod,) = [p for p in by_kind(objects(render(values, namespace="peg")), "Pod")
+                   if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]  # fmt: skip
+    (result,) = run(containers_of(test_pod, [s3_secret(*ADMIN)]), timeout=300)
+    assert result.status == 0, result.log
+    assert f"bucket '{bucket}' prefix '.peg-helm-test': write, read and delete ok" in result.log, result.log
+    assert list(s3_server.client().list_objects(bucket, recursive=True)) == []  # the probe cleaned up
+    (wrong,) = containers_of(test_pod, [s3_secret(ADMIN[0], "not-the-key")])
+    (refused,) = run([wrong], timeout=300)
+    assert refused.status == 1 and "store:" in refused.log, refused.log
+
+
 # ---- the tiny pipeline, stage by stage, as containers ----------------------------------------------
 
 CONTAINER_STAGES = ("encode", "mine", "train", "eval", "export", "report")
