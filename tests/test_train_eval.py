@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_train import make_tiny_bert, run, write_pairs
 
@@ -224,3 +225,21 @@ def test_evaluate_at_dims_scores_each_smaller_prefix_renormalised():
     np.testing.assert_allclose(np.linalg.norm(four, axis=1), 1.0, rtol=1e-6)
     want = evaluate_embeddings(qids, four, pids, truncate_embeddings(p, 4, True), qrels, (1, 10)).metrics
     assert by_dim[4] == want
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_ranks_dev_shares_concatenated_are_the_whole_encode(tmp_path, world):
+    """Under ZeRO 0-2 each rank encodes its share of the dev set (issue 32: no rank idles through a
+    corpus encode that could outlast the process group's timeout); rank 0's concatenation of the
+    shares in rank order is the one-process encode, row for row."""
+    from peg.train.devset import encode_dev_share
+
+    model = make_tiny_bert(tmp_path / "tiny", dropout=0.0)
+    config = RunConfig.model_validate(config_dict(tmp_path, model))
+    dev, corpus = dev_set(config), load_dev_corpus(config)
+    encoder = Encoder(ModelConfig(name_or_path=model, query_max_length=16, passage_max_length=24))
+    whole_q, whole_p = encode_dev_share(encoder, dev, corpus, 4)
+    shares = [encode_dev_share(encoder, dev, corpus, 4, rank, world) for rank in range(world)]
+    assert len(whole_q) == len(dev.queries) and len(whole_p) == len(corpus[0])
+    for whole, part in ((whole_q, 0), (whole_p, 1)):
+        np.testing.assert_allclose(np.concatenate([s[part] for s in shares]), whole, atol=1e-5)

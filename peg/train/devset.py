@@ -6,7 +6,7 @@ training examples are left out of training (matched by query text, `BatchPlan` /
 The corpus is the whole `data.beir` corpus. In a pipeline run `data.beir` is the local copy of
 what `prepare` put in the store, so a pod reads the dev set from the store.
 
-`score_dev` is `peg eval`'s metrics code (`peg.eval.evaluate_embeddings`, trec_eval) on the
+`dev_metrics` is `peg eval`'s metrics code (`peg.eval.evaluate_embeddings`, trec_eval) on the
 dev set; with Matryoshka dimensions each prefix (L2-normalised again when the encoder
 normalises) is scored too, reported as `<metric>_dim<d>`.
 
@@ -22,6 +22,8 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from peg.config import RunConfig
 from peg.data import iter_corpus
@@ -86,21 +88,34 @@ def load_dev_corpus(config: RunConfig) -> tuple[list[str], list[str]]:
     return [p.id for p in passages], [p.full_text for p in passages]
 
 
-def score_dev(
-    encoder: Encoder,
+def encode_dev_share(
+    encoder: Encoder, dev: DevSet, corpus: tuple[list[str], list[str]], batch_size: int, rank: int = 0, world: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's contiguous share of the dev queries' and the corpus's embeddings (rank r of w
+    takes items [r*n//w, (r+1)*n//w)): the shares of ranks 0..w-1, concatenated in rank order,
+    are the embeddings of every dev query (in `dev.queries` order) and every passage."""
+
+    def share(items: list[str]) -> list[str]:
+        return items[rank * len(items) // world:(rank + 1) * len(items) // world]
+
+    queries = [dev.queries[i] for i in dev.queries]
+    return encoder.encode(share(queries), "query", batch_size), encoder.encode(share(corpus[1]), "passage", batch_size)
+
+
+def dev_metrics(
     dev: DevSet,
-    corpus: tuple[list[str], list[str]],
+    query_embeddings: np.ndarray,
+    passage_ids: list[str],
+    passage_embeddings: np.ndarray,
     k_values: tuple[int, ...],
     matryoshka_dims: list[int],
-    batch_size: int,
+    normalize: bool,
 ) -> dict[str, float]:
     """`dev_<metric>` at the full dimension and `dev_<metric>_dim<d>` for each smaller Matryoshka prefix."""
-    query_ids = list(dev.queries)
-    q = encoder.encode([dev.queries[i] for i in query_ids], "query", batch_size)
-    p = encoder.encode(corpus[1], "passage", batch_size)
-    metrics = evaluate_embeddings(query_ids, q, corpus[0], p, dev.qrels, k_values).metrics
+    query_ids, q, p = list(dev.queries), query_embeddings, passage_embeddings
+    metrics = evaluate_embeddings(query_ids, q, passage_ids, p, dev.qrels, k_values).metrics
     out = {f"dev_{name}": value for name, value in metrics.items()}
-    by_dim = evaluate_at_dims(query_ids, q, corpus[0], p, dev.qrels, k_values, matryoshka_dims, encoder.config.normalize)
+    by_dim = evaluate_at_dims(query_ids, q, passage_ids, p, dev.qrels, k_values, matryoshka_dims, normalize)
     for dim, metrics in by_dim.items():
         out.update({f"dev_{name}_dim{dim}": value for name, value in metrics.items()})
     return out

@@ -2,9 +2,11 @@
 
 `DevSelection` is built on every rank before the DeepSpeed engine (under ZeRO-3 rank 0 keeps a
 CPU copy of the encoder then, to load the gathered weights into). Its `evaluate` is collective:
-rank 0 encodes the dev queries and the corpus and scores them (`peg.train.devset.score_dev`)
-while the other ranks wait at one barrier, so no rank is held longer than the encode and the
-scoring; under ZeRO-3 every rank first takes part in gathering the weights. When the score on
+under ZeRO 0-2 each rank encodes its share of the dev queries and the corpus and rank 0 gathers
+the embeddings and scores them (`peg.train.devset.dev_metrics`), so the dev encode takes 1/world
+of the time and no rank idles through it (a corpus one rank encodes alone could outlast the
+process group's 10-minute timeout while the others wait); under ZeRO-3 every rank takes part in
+gathering the weights and rank 0 encodes everything with its copy. When the score on
 `train.select_metric` beats the best so far, rank 0 exports that model as
 `best-step<N>/` (a sentence-transformers folder), then atomically rewrites `best.json` naming it,
 then deletes the previous best folder: at every moment `best.json` names a complete folder, so
@@ -23,6 +25,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from peg.config import RunConfig
@@ -30,7 +33,7 @@ from peg.model.encoder import Encoder
 from peg.model.export import copy_model_folder, export_sentence_transformers
 from peg.store import open_store
 from peg.train.checkpoints import restore_best, upload_best
-from peg.train.devset import BEST_RECORD, BestRecord, DevSet, load_dev_corpus, score_dev
+from peg.train.devset import BEST_RECORD, BestRecord, DevSet, dev_metrics, encode_dev_share, load_dev_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class DevSelection:
         self.store_key = store_key
         t = config.train
         self.metric, self.every, self.patience = t.select_metric, t.eval_every, t.early_stopping_patience
-        self.corpus = load_dev_corpus(config) if rank == 0 else None
+        self.corpus = load_dev_corpus(config)
         # ZeRO-3 partitions the encoder's weights in place: rank 0 scores a full copy instead
         self.eval_copy = copy.deepcopy(encoder) if rank == 0 and t.zero_stage == 3 else None
         self.best: BestRecord | None = None
@@ -70,13 +73,21 @@ class DevSelection:
         import torch.distributed as dist
 
         model = self._gathered_model(engine)
+        batch_size = self.config.encode.batch_size
+        if model is self.encoder:  # ZeRO 0-2: every rank holds the whole encoder and encodes its share
+            world = dist.get_world_size()
+            share = encode_dev_share(model, self.dev, self.corpus, batch_size, self.rank, world)
+            shares = [None] * world if self.rank == 0 else None
+            dist.gather_object(share, shares, dst=0)
+        elif self.rank == 0:  # ZeRO-3: rank 0 encodes everything with its gathered copy
+            model.to(engine.device)
+            shares = [encode_dev_share(model, self.dev, self.corpus, batch_size)]
         metrics: dict[str, float] = {}
         stop = False
         if self.rank == 0:
-            if model is self.eval_copy:
-                model.to(engine.device)
-            metrics = score_dev(model, self.dev, self.corpus, tuple(self.config.eval.k_values),
-                                self.config.loss.matryoshka_dims, self.config.encode.batch_size)  # fmt: skip
+            q, p = (np.concatenate([s[i] for s in shares]) for i in (0, 1))
+            metrics = dev_metrics(self.dev, q, self.corpus[0], p, tuple(self.config.eval.k_values),
+                                  self.config.loss.matryoshka_dims, model.config.normalize)  # fmt: skip
             record = BestRecord(step, self.metric, metrics[f"dev_{self.metric}"], f"{BEST_PREFIX}{step:08d}", metrics)
             if record.improves_on(self.best):
                 self._keep(model, record)
