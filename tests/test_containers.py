@@ -554,19 +554,19 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
     run_stage_entrypoint(load_config(config_path), config_path, "prepare")  # where the data is, as the README says
     secret = s3_secret(*ADMIN)
-    ran: dict[str, list[int]] = {}
+    ran: dict[str, list[list[int]]] = {}  # job name -> each attempt's container exit codes
 
     async def play_job_controllers(cluster) -> None:
         """Run every new stage job's pods as containers, one job at a time, and write its status."""
         while cluster.pipeline("opbox").get("status", {}).get("phase") not in ("Succeeded", "Failed"):
             for kind in JOB_KINDS:
                 for name, job in cluster.objects(kind.plural).items():
-                    if name in ran or job.get("status"):
+                    if job.get("status"):  # started or finished (a retry is a new job without status)
                         continue
                     await write_job_status(kind.plural, job, running_job_status(job["kind"]))
                     objects = [*cluster.objects("configmaps").values(), secret]
                     results = await asyncio.to_thread(run, containers_of(job, objects), 2400)
-                    ran[name] = [r.status for r in results]
+                    ran.setdefault(name, []).append([r.status for r in results])
                     succeeded = all(r.status == 0 for r in results)
                     await write_job_status(kind.plural, job, job_status(job["kind"], succeeded))
             await asyncio.sleep(1)
@@ -594,8 +594,8 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
     print("conditions:", json.dumps(status["conditions"], indent=1))
     print("events:", *(f"{reason}: {message}" for reason, message in events), sep="\n  ")
     assert status["phase"] == "Succeeded", (json.dumps(status, indent=1), log[-4000:])
-    assert {job.rsplit("-", 1)[-1]: codes for job, codes in ran.items()} == {
-        "encode": [0], "mine": [0], "train": [0, 0], "eval": [0], "export": [0], "report": [0]}
+    assert {job.rsplit("-", 1)[-1]: attempts for job, attempts in ran.items()} == {
+        "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}
     assert status["artifacts"]["report"] == f"s3://{bucket}/runs/opbox/report/report.html"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
