@@ -292,6 +292,12 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     engine.train()
     device = engine.device
     shape, peak = model_shape(encoder.model), peak_flops(device)
+    if rank == 0 and device.type == "cuda":
+        if peak:
+            logger.info("train: MFU against %.0f TFLOP/s (%s)", peak[0] / 1e12, peak[1])
+        else:
+            logger.info("train: no MFU: %s is not in the peak table and PEG_PEAK_TFLOPS is not set",
+                        torch.cuda.get_device_name(device))
     pin = device.type == "cuda"
 
     def prepare(position: tuple[int, int, str, int]):
@@ -322,7 +328,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                 dist.all_reduce(counts)
                 seconds = time.perf_counter() - start
                 step, index = step + 1, index + 1
-                rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size, peak)
+                rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size,
+                                   peak[0] if peak else None)
                 rates["peak_memory_gib"] = peak_memory_gib(device)
                 dev_metrics, stop = {}, False
                 if selection and selection.due(step, total_steps):
