@@ -329,6 +329,12 @@ class MiningConfig(Section):
     max_score: float | None = Field(None, description="Drop n if s(q,n) > max_score.")
     seed: int = Field(0, description="Seed of rank-window sampling (per query, independent of sharding).")
     query_shard_size: int = Field(1000, ge=1, description="Queries per resumable mining shard.")
+    placement: Literal["auto", "process", "ray"] = Field(
+        "auto",
+        description="Where mining runs. auto: in the calling process with all its cores (no Ray actors) when the "
+        "corpus's texts, embeddings and index fit in half the memory available and RAY_ADDRESS names no cluster, "
+        "else on Ray actors; process / ray: always there. The choice is logged; the negatives are the same.",
+    )
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per search actor and per mining task.")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per search actor (faiss GPU index when > 0).")
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists per shard (capped at shard size / 39).")
