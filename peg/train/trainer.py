@@ -282,8 +282,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         raise TrainError(
             f"loss.matryoshka_dims: {max(config.loss.matryoshka_dims)} exceeds the model's embedding dimension {encoder.dim}"
         )
-    chunk_size = config.batch.chunk_size
-    if chunk_size is None and engine.device.type == "cuda":
+    chunk_size, chunk_tokens = config.batch.chunk_size, config.batch.chunk_tokens
+    if chunk_size is None and chunk_tokens is None and engine.device.type == "cuda":
         chunk_size = auto_chunk_size(encoder, engine.device)
 
     step, epoch, index = restore(engine, ckpt_dir, rank, config.train.seed, resume, "train")
@@ -303,7 +303,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     def prepare(position: tuple[int, int, str, int]):
         ep, _, dataset, number = position
         group = chunk_size if config.batch.group_by_length else None  # None: one batch padded to its longest
-        return prepare_step(encoder, plan.rank_batch(ep, dataset, number, rank), group, pin_memory=pin)
+        return prepare_step(encoder, plan.rank_batch(ep, dataset, number, rank), group, pin_memory=pin,
+                            chunk_tokens=chunk_tokens)
 
     positions = plan.positions(epoch, index)
     batches = Prefetcher(positions, prepare, config.train.prefetch) if config.train.prefetch else (
@@ -320,7 +321,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                     (epoch, index, _, _), inputs = next(batches)
                 loss_fn.set_progress(step, total_steps)
                 lr = engine.get_lr()[0]
-                loss = train_step(engine, loss_fn, inputs, chunk_size, timer)
+                # token-budget chunks arrive as Chunks: any chunk size makes GradCache cache them
+                loss = train_step(engine, loss_fn, inputs, chunk_size or chunk_tokens, timer)
                 counts = torch.tensor(
                     [float(loss), inputs.passage_count, inputs.tokens, step_flops(shape, inputs.tokens, inputs.lengths_sq)],
                     dtype=torch.float64, device=device,
