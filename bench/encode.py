@@ -5,7 +5,8 @@
 
 Both run in this process, alternately, after one warm-up batch each; the max length is the
 model's (256 for MiniLM). On a GPU peg runs in bf16 autocast; the ST model is given bf16 weights
-(`SentenceTransformer.bfloat16()`). Also reports how close the two embeddings are.
+(`SentenceTransformer.bfloat16()`). `--attn flash_attention_2` gives both that kernel: peg then packs
+its batches without padding (`model.packed_inputs` auto) and ST unpads by itself. Also reports how close the two embeddings are.
 Writes bench/results/encode{suffix}.json / .md / .png.
 """
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--attn", default="sdpa", help="attention kernel of both (flash_attention_2: unpadded)")
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
 
@@ -44,9 +46,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = random.Random(0)
     texts = [words(rng, n) for n in passage_lengths(rng, args.passages, args.passage_words)]
-    config = model_config_for(args.model, passage_max_length=args.max_length, query_max_length=args.max_length)
+    config = model_config_for(args.model, passage_max_length=args.max_length, query_max_length=args.max_length,
+                              attn_implementation=args.attn)  # fmt: skip
     peg = Encoder(config).to(device)
-    st = SentenceTransformer(args.model, device=device)
+    st = SentenceTransformer(args.model, device=device, model_kwargs={"attn_implementation": args.attn})
     if device == "cuda":
         st.bfloat16()
     st.max_seq_length = args.max_length

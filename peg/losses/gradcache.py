@@ -28,8 +28,9 @@ Contract for the caller:
 - `extra` holds the loss's keyword arguments (`passage_ids`, `teacher_scores`, ...).
 - With `chunk_size=None`, `step` encodes all inputs at once with a graph and calls
   `backward_fn(loss)`: the uncached step with the same interface.
-- Inputs may come already chunked as `Chunks` (e.g. texts grouped by length, each chunk padded
-  to its own longest text): the chunks are used as given and the embeddings are put back in
+- Inputs may come already chunked as `Chunks` (e.g. texts grouped by length into chunks of so
+  many texts or tokens, each chunk padded to its own longest text or packed without padding,
+  see `Encoder.pack`): the chunks are used as given, and any `chunk_size` caches them and the embeddings are put back in
   batch order before the loss, so the loss sees the same batch whatever the chunking.
 - `phase(name)`, if given, returns a context manager timing each part of the step:
   "forward" (the no-grad pass), "loss" (loss and its backward to the embeddings), "replay".
@@ -66,8 +67,12 @@ def _to(inputs: Inputs, device: torch.device, non_blocking: bool) -> Inputs:
 
 
 def num_rows(inputs: Inputs) -> int:
+    """Texts in `inputs`: a tensor's first dimension, a padded mapping's common first dimension,
+    or, for packed inputs (a `cu_seq_lens` of n + 1 offsets), n."""
     if isinstance(inputs, torch.Tensor):
         return inputs.size(0)
+    if "cu_seq_lens" in inputs:
+        return inputs["cu_seq_lens"].numel() - 1
     sizes = {v.size(0) for v in inputs.values() if isinstance(v, torch.Tensor)}
     if len(sizes) != 1:
         raise ValueError(f"inputs must be tensors with one common first dimension, got sizes {sorted(sizes)}")
@@ -75,7 +80,10 @@ def num_rows(inputs: Inputs) -> int:
 
 
 def split_inputs(inputs: Inputs, chunk_size: int) -> list[Inputs]:
-    """Slices of `chunk_size` rows (the last may be shorter), in order."""
+    """Slices of `chunk_size` rows (the last may be shorter), in order. Packed inputs come already
+    chunked (`Chunks`): they cannot be sliced by rows."""
+    if not isinstance(inputs, torch.Tensor) and "cu_seq_lens" in inputs:
+        raise ValueError("packed inputs cannot be split by rows: pass them as Chunks")
     rows = num_rows(inputs)
     if isinstance(inputs, torch.Tensor):
         return list(inputs.split(chunk_size))

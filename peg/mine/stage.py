@@ -11,7 +11,10 @@ Artifacts (keys under `<run name>/mine/`):
     scores.png                histogram of positive vs selected negative retrieval scores
 
 Query shards run on the shared shard runner (`peg.runtime.shards`): Ray actors search the sharded
-corpus index and select negatives. Each finished shard is put to the store at once; a rerun skips
+corpus index and select negatives. Off a cluster, a corpus whose texts, embeddings and index fit in
+memory is mined in this process instead (`mining.placement`, decided by `run_here` and logged): the
+same encoder batches, shard searchers, merge and selection with all cores and no Ray actors, so
+the negatives are identical to the Ray path's. Each finished shard is put to the store at once; a rerun skips
 shards already stored with the same config hash, so a stage killed midway, or with a failed shard,
 redoes only what is missing.
 The retrieval scores stay out of the training file: its `neg_scores` are for teacher scores.
@@ -19,6 +22,7 @@ The retrieval scores stay out of the training file: its `neg_scores` are for tea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -35,7 +39,7 @@ from peg.data.fetch import resolve_beir
 from peg.mine.select import RULES, select_negatives
 from peg.runtime import EmbeddingSet, ShardedIndex, encode_corpus, encode_queries, ray_scope, ray_session
 from peg.runtime.index import search_shards
-from peg.runtime.shards import WorkerPool, run_shards, shard_key
+from peg.runtime.shards import WorkerPool, run_here, run_shards, shard_key
 from peg.store import ArtifactStore
 
 # A query shard's files; the examples file goes last: its presence marks the shard as done.
@@ -163,6 +167,18 @@ def mining_queries(dataset: BeirDataset, corpus: EmbeddingSet, texts: list[str],
     return items
 
 
+def mine_memory_bytes(config: RunConfig, dataset: BeirDataset) -> int:
+    """Memory the mine stage holds for its corpus: the texts, the float32 embedding matrix and
+    the flat index's copy of it (the model's hidden size taken as the embedding size)."""
+    from transformers import AutoConfig
+
+    from peg.model import resolve_model_path
+
+    dim = getattr(AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path)), "hidden_size", 1024)
+    texts = sum(len(p.full_text.encode()) for p in dataset.corpus.values())
+    return texts + 2 * 4 * dim * len(dataset.corpus)
+
+
 def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> MineResult:
     """Mine hard negatives for the train split; resumable per query shard (see the module docstring)."""
     started = time.monotonic()
@@ -170,17 +186,20 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
     mining = config.mining
     config_hash = config.stage_config_hash("mine") + training_queries_identity(config, store)
     base = f"{config.name}/mine"
-    with ray_session(), tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
+    here = run_here("mine", mine_memory_bytes(config, dataset), mining.placement)
+    session = contextlib.nullcontext() if here else ray_session()
+    with session, tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
         tmp = Path(tmpdir)
-        corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)
+        corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress, in_process=here)
         texts = [dataset.corpus[pid].full_text for pid in corpus.ids]
-        queries = encode_queries(config, store, dataset.queries, show_progress)  # the set `peg encode` caches
+        # the set `peg encode` caches
+        queries = encode_queries(config, store, dataset.queries, show_progress, in_process=here)
         items = mining_queries(dataset, corpus, texts, queries)
         index = ShardedIndex(
             corpus.matrix, corpus.ids, mining.num_shards, mining.index,
             actor_cpus=mining.actor_cpus, actor_gpus=mining.actor_gpus,
             ivf_nlist=mining.ivf_nlist, ivf_nprobe=mining.ivf_nprobe,
-            hnsw_m=mining.hnsw_m, hnsw_ef_search=mining.hnsw_ef_search,
+            hnsw_m=mining.hnsw_m, hnsw_ef_search=mining.hnsw_ef_search, in_process=here,
         )
         try:
             size = mining.query_shard_size
@@ -188,7 +207,7 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
                 stage="mine", store=store, base=base, items=items, shard_size=size, parts=PARTS,
                 build=partial(MineProcessor, index.actors, mining.model_dump(mode="json")),
                 pool=WorkerPool(num_actors=1, actor_cpus=mining.actor_cpus),
-                config_hash=config_hash, unit="queries", show_progress=show_progress,
+                config_hash=config_hash, unit="queries", show_progress=show_progress, in_process=here,
                 to_files=lambda s, result: shard_files(result, items[s * size : (s + 1) * size], dataset, corpus, texts),
             )
         finally:

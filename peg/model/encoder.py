@@ -4,10 +4,19 @@ Queries and passages get their own prefix and max length. `encode` sorts texts b
 batches them without gradients and returns embeddings in the input order. Every text is cut
 with `clip_text` before it reaches a tokenizer, so no input, however long, costs more memory
 than a text of `max_length * CHARS_PER_TOKEN` characters.
+
+Packed inputs (`model.packed_inputs`): the texts of a batch concatenated into one row without
+padding (`pack`: input_ids and position_ids [1, T], position ids restarting at each text, and
+`cu_seq_lens` [n + 1], the texts' start offsets). transformers reads the restarts from the
+position ids: with flash_attention_2 it runs varlen attention (no padding computed at all); with
+SDPA or eager it builds a block-diagonal mask over the packed row (each text sees only itself),
+exact but with attention work over the whole row, so "auto" packs only with a varlen kernel.
+Pooling then reads each text's own token range. Embeddings equal the padded path's.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -161,9 +170,52 @@ class Encoder(torch.nn.Module):
         """Unpadded `tokenize(..., padding=False)` rows as tensors padded to their longest row."""
         return dict(self.tokenizer.pad(features, return_tensors="pt"))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.config.pooling)
+    @property
+    def packs(self) -> bool:
+        """Whether batches go in packed (`pack`) rather than padded (`pad`): `model.packed_inputs`
+        on, or auto with a varlen attention kernel (flash_attention_2)."""
+        mode = self.config.packed_inputs
+        return mode == "on" or (mode == "auto" and "flash_attention" in str(self.model.config._attn_implementation))
+
+    def collate(self, features: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
+        """Unpadded rows as model inputs: `pack` or `pad`, whichever `packs` says."""
+        return self.pack(features) if self.packs else self.pad(features)
+
+    def pack(self, features: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
+        """Unpadded `tokenize(..., padding=False)` rows concatenated into one row: `input_ids` and
+        `position_ids` [1, T] (positions restart at 0 at each text, or at padding_idx + 1 for
+        RoBERTa-style position tables) and `cu_seq_lens` [n + 1] (int32 start offsets, then T)."""
+        rows = features["input_ids"]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        cu_seq_lens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()]) + self._position_offset
+        return {"input_ids": torch.tensor([i for r in rows for i in r], dtype=torch.long).unsqueeze(0),
+                "position_ids": positions.unsqueeze(0), "cu_seq_lens": cu_seq_lens}
+
+    @functools.cached_property
+    def _position_offset(self) -> int:
+        """First position id of a text: padding_idx + 1 where a learned position table sits beside a
+        padding index (RoBERTa, XLM-R, MPNet), else 0."""
+        for module in self.model.modules():
+            padding_idx = getattr(module, "padding_idx", None)
+            if isinstance(padding_idx, int) and isinstance(getattr(module, "position_embeddings", None), torch.nn.Embedding):
+                return padding_idx + 1
+        return 0
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None, **kwargs,
+    ) -> torch.Tensor:
+        """Embeddings [n, dim] of padded inputs (`pad`: input_ids, attention_mask) or packed ones
+        (`pack`: input_ids, position_ids, cu_seq_lens)."""
+        if cu_seq_lens is not None:
+            if hasattr(self.model.config, "use_cache"):  # a KV cache turns transformers' packed-row detection off
+                kwargs.setdefault("use_cache", False)
+            hidden = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state[0]
+            pooled = pool_packed(hidden, cu_seq_lens, self.config.pooling)
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            pooled = pool(hidden, attention_mask, self.config.pooling)
         return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
     @torch.no_grad()
@@ -178,7 +230,7 @@ class Encoder(torch.nn.Module):
         """Embed `texts` (float32, shape [len(texts), dim]) in their input order.
 
         All texts are tokenised in one call, sorted by token count (longest first) and batched,
-        so a batch pads to similar lengths. On a GPU the model runs in bf16 autocast, batches go
+        so a batch pads to similar lengths (or is packed without padding: `packs`). On a GPU the model runs in bf16 autocast, batches go
         through pinned memory and the embeddings stay on the device until the end.
         """
         if len(texts) == 0:
@@ -197,7 +249,7 @@ class Encoder(torch.nn.Module):
         ):
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
-                batch = self.pad({k: [v[i] for i in idx] for k, v in features.items()})
+                batch = self.collate({k: [v[i] for i in idx] for k, v in features.items()})
                 if on_gpu:
                     batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
                 parts.append(self(**batch).float())
@@ -211,6 +263,19 @@ class Encoder(torch.nn.Module):
     @property
     def dim(self) -> int:
         return self.model.config.hidden_size
+
+
+def pool_packed(hidden: torch.Tensor, cu_seq_lens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool the token states [T, H] of packed texts (text i at rows cu_seq_lens[i]:cu_seq_lens[i+1]) to [n, H]."""
+    starts, ends = cu_seq_lens[:-1].long(), cu_seq_lens[1:].long()
+    if pooling == "cls":
+        return hidden[starts]
+    if pooling == "last":
+        return hidden[ends - 1]
+    lengths = ends - starts
+    text = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths, output_size=hidden.size(0))
+    sums = hidden.new_zeros(len(lengths), hidden.size(1)).index_add(0, text, hidden)
+    return sums / lengths.unsqueeze(1).clamp(min=1).to(hidden.dtype)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

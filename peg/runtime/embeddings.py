@@ -152,8 +152,10 @@ def encode_texts(
     texts: Sequence[str],
     kind: Kind,
     show_progress: bool = False,
+    in_process: bool = False,
 ) -> EmbeddingSet:
-    """Embed `texts` (ids aligned) with `config.model` on Ray actors, or read them from the cache.
+    """Embed `texts` (ids aligned) with `config.model` on Ray actors (in this process with
+    `in_process`, or below `encode.in_process_below` texts), or read them from the cache.
     Each text is first cut to what the model reads (`clip_text`), so a huge text costs no more
     than one of that length and its cache key does not depend on what the model never sees."""
     max_length = config.model.query_max_length if kind == "query" else config.model.passage_max_length
@@ -171,7 +173,7 @@ def encode_texts(
         tmp = Path(tmpdir)
         missing = [s for s in range(num_shards) if not _made_here(store, _shard_key(folder, s), digest)]
         if missing:
-            _encode_shards(config, store, folder, digest, ids, texts, kind, missing, tmp, show_progress)
+            _encode_shards(config, store, folder, digest, ids, texts, kind, missing, tmp, show_progress, in_process)
         matrix: np.ndarray | None = None
         for shard in range(num_shards):
             shard_ids, emb = _read_shard(store, _shard_key(folder, shard), tmp)
@@ -251,9 +253,10 @@ def _encode_shards(
     shards: list[int],
     tmp: Path,
     show_progress: bool,
+    in_process: bool,
 ) -> None:
-    """Encode the rows of `shards` in one pass (Ray actors, or this process for few rows); put
-    each shard as soon as it is complete."""
+    """Encode the rows of `shards` in one pass (Ray actors, or this process with `in_process` or
+    for few rows); put each shard as soon as it is complete."""
     size = config.encode.shard_size
     items: list[dict] = []
     remaining: dict[int, int] = {}
@@ -262,7 +265,7 @@ def _encode_shards(
         remaining[shard] = len(rows)
         items.extend({"row": r, "text": texts[r]} for r in sorted(rows, key=lambda r: -len(texts[r])))
     buffers: dict[int, np.ndarray] = {}
-    here = len(items) < config.encode.in_process_below
+    here = in_process or len(items) < config.encode.in_process_below
     batches = (_embedded_here if here else _embedded_on_ray)(config, items, kind)
     plural = "queries" if kind == "query" else "passages"
     with progress_bar(len(items), f"encode {plural}", enabled=show_progress, unit=plural) as advance:
@@ -291,20 +294,23 @@ def _put_shard(store: ArtifactStore, folder: str, digest: str, shard: int, ids: 
 
 
 def encode_corpus(
-    config: RunConfig, store: ArtifactStore, corpus: str | Path | Iterable[Passage], show_progress: bool = False
+    config: RunConfig, store: ArtifactStore, corpus: str | Path | Iterable[Passage], show_progress: bool = False,
+    in_process: bool = False,
 ) -> EmbeddingSet:
     """Embed a corpus (a BEIR folder or passages) as `Passage.full_text`; an empty corpus is an error."""
     passages = list(iter_corpus(corpus) if isinstance(corpus, (str, Path)) else corpus)
     if not passages:
         where = Path(corpus) / "corpus.jsonl" if isinstance(corpus, (str, Path)) else "<corpus>"
         raise DataError(where, None, "the corpus has no passages")
-    return encode_texts(config, store, [p.id for p in passages], [p.full_text for p in passages], "passage", show_progress)
+    return encode_texts(config, store, [p.id for p in passages], [p.full_text for p in passages], "passage", show_progress,
+                        in_process)
 
 
 def encode_queries(
-    config: RunConfig, store: ArtifactStore, queries: dict[str, str], show_progress: bool = False
+    config: RunConfig, store: ArtifactStore, queries: dict[str, str], show_progress: bool = False,
+    in_process: bool = False,
 ) -> EmbeddingSet:
     """Embed queries ({id: text}) in their dict order."""
     if not queries:
         raise ValueError("no queries to encode")
-    return encode_texts(config, store, list(queries), list(queries.values()), "query", show_progress)
+    return encode_texts(config, store, list(queries), list(queries.values()), "query", show_progress, in_process)

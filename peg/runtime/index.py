@@ -5,6 +5,8 @@ holds one range (memory per actor ~ corpus / num_shards). A search sends the que
 shard and merges the per-shard top-k. Order is total and deterministic: score descending, then
 corpus row ascending, so ties never depend on the sharding. With the flat index the merged
 result equals one exact `faiss.IndexFlatIP` over the whole corpus, ids and scores.
+With `in_process` the same shard searchers are plain objects in this process (no Ray), searched
+in turn and merged the same way: the results are identical to the actors'.
 """
 
 from __future__ import annotations
@@ -91,14 +93,18 @@ def merge_top_k(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple
 
 
 def search_shards(actors: Sequence, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Send `queries` to every shard actor and merge: (scores [Q, k], corpus rows [Q, k])."""
+    """Send `queries` to every shard (Ray actors, or `ShardSearcher`s in this process) and merge:
+    (scores [Q, k], corpus rows [Q, k])."""
+    if all(isinstance(actor, ShardSearcher) for actor in actors):
+        return merge_top_k([actor.search(queries, k) for actor in actors], k)
     queries_ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
     parts = ray.get([actor.search.remote(queries_ref, k) for actor in actors])
     return merge_top_k(parts, k)
 
 
 class ShardedIndex:
-    """A corpus index spread over `num_shards` Ray actors (needs a Ray session: `peg.runtime.ray_session`)."""
+    """A corpus index spread over `num_shards` Ray actors (needs a Ray session: `peg.runtime.ray_session`),
+    or with `in_process` over `num_shards` searchers in this process."""
 
     def __init__(
         self,
@@ -109,6 +115,7 @@ class ShardedIndex:
         *,
         actor_cpus: float = 0.5,
         actor_gpus: float = 0.0,
+        in_process: bool = False,
         **index_options,
     ):
         if len(ids) != len(embeddings):
@@ -120,17 +127,21 @@ class ShardedIndex:
                 f"mining.num_shards ({num_shards}) exceeds the corpus size ({len(embeddings)} passages): "
                 f"shards {len(embeddings)}..{num_shards - 1} would be empty"
             )
+        self.ids = list(ids)
+        self.size = len(embeddings)
+        bounds = np.linspace(0, self.size, num_shards + 1).round().astype(int)
+        options = {**index_options, "use_gpu": actor_gpus > 0}
+        if in_process:
+            self.actors = [ShardSearcher(embeddings[a:b], int(a), index_kind, options)
+                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            return
         cpus = ray.cluster_resources().get("CPU", 0)
         if num_shards * actor_cpus > cpus:
             raise ValueError(
                 f"{num_shards} shard actors x {actor_cpus} CPUs (mining.num_shards x mining.actor_cpus) exceed the "
                 f"{cpus:g} CPUs of the Ray cluster: they could never all start; lower mining.actor_cpus"
             )
-        self.ids = list(ids)
-        self.size = len(embeddings)
-        bounds = np.linspace(0, self.size, num_shards + 1).round().astype(int)
         remote = ray.remote(num_cpus=actor_cpus, num_gpus=actor_gpus)(ShardSearcher)
-        options = {**index_options, "use_gpu": actor_gpus > 0}
         self.actors = [
             remote.remote(ray.put(np.ascontiguousarray(embeddings[a:b], dtype=np.float32)), int(a), index_kind, options)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
@@ -146,7 +157,8 @@ class ShardedIndex:
         return [[self.ids[r] for r in row if r >= 0] for row in rows], scores
 
     def close(self) -> None:
-        """Stop the shard actors."""
+        """Stop the shard actors (or drop the in-process searchers)."""
         for actor in self.actors:
-            ray.kill(actor)
+            if not isinstance(actor, ShardSearcher):
+                ray.kill(actor)
         self.actors = []

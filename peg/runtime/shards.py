@@ -7,12 +7,18 @@ as done). A rerun skips shards stored with the same config hash, so a killed sta
 failed shard, redoes only what is missing. A failing shard does not stop the others; the stage
 then raises `ShardsFailed` naming every failed shard.
 
+A stage whose data fits in this machine's memory, off a cluster, runs `in_process` instead
+(`run_here` decides and logs why): the processor is built once here and the shards run one after
+another with all the machine's cores, with the same store keys, resume and failure rules. On a
+laptop that saves the Ray start, one worker process and one model copy per actor.
+
 Fault injection (tests, drills): `PEG_FAIL_SHARDS="3,mine:1"` makes shard 3 of every stage and
 shard 1 of `mine` raise inside its Ray call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +32,11 @@ from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
 FAIL_SHARDS_ENV = "PEG_FAIL_SHARDS"
+
+logger = logging.getLogger(__name__)
+
+# In-process work may take at most this share of the memory available now.
+IN_PROCESS_MEMORY_SHARE = 0.5
 
 # A shard processor: (shard number, items) -> a result. Built inside the actor.
 Processor = Callable[[int, list], Any]
@@ -61,18 +72,44 @@ class WorkerPool:
 
 
 class ShardWorker:
-    """Ray actor: builds its processor once, then processes shards."""
+    """Ray actor (or, in process, a plain object): builds its processor once, then processes shards.
+    `threads` sets torch's intra-op threads; None keeps the process's own (all cores)."""
 
-    def __init__(self, build: Callable[[], Processor], threads: int):
+    def __init__(self, build: Callable[[], Processor], threads: int | None):
         import torch
 
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.process = build()
 
     def run(self, stage: str, shard: int, items: list, fail: bool) -> Any:
         if fail:
             raise RuntimeError(f"injected failure ({FAIL_SHARDS_ENV}) in {stage} shard {shard:05d}")
         return self.process(shard, items)
+
+
+def run_here(stage: str, need_bytes: int, placement: str = "auto") -> bool:
+    """Whether `stage` runs in this process (True) or on Ray actors (False); the choice is logged.
+
+    placement "process" / "ray" force it. "auto": on Ray when RAY_ADDRESS names a cluster (the
+    stage runs there, with that cluster's workers), or when `need_bytes` (the stage's data in
+    memory) exceeds IN_PROCESS_MEMORY_SHARE of the memory available now; otherwise in process.
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available
+    size = f"{need_bytes / 2**30:.2f} GiB of data, {available / 2**30:.1f} GiB available"
+    if placement != "auto":
+        here, why = placement == "process", f"placement: {placement}"
+    elif os.environ.get("RAY_ADDRESS"):
+        here, why = False, "RAY_ADDRESS names a Ray cluster"
+    elif need_bytes > IN_PROCESS_MEMORY_SHARE * available:
+        here, why = False, f"more than {IN_PROCESS_MEMORY_SHARE:.0%} of the memory available"
+    else:
+        here, why = True, f"fits in {IN_PROCESS_MEMORY_SHARE:.0%} of the memory available, not on a cluster"
+    where = f"in this process ({os.cpu_count()} cores, no Ray actors)" if here else "on Ray actors"
+    logger.info("%s: runs %s: %s (%s)", stage, where, why, size)
+    return here
 
 
 def failed_shards_from_env(stage: str) -> set[int]:
@@ -139,12 +176,15 @@ def run_shards(
     to_files: Callable[[int, Any], dict[str, str]] = lambda shard, result: result,
     show_progress: bool = True,
     unit: str = "items",
+    in_process: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Process `items` in shards of `shard_size` on `pool.num_actors` Ray actors.
+    """Process `items` in shards of `shard_size` on `pool.num_actors` Ray actors, or with
+    `in_process` one after another in this process (one processor, no Ray session needed).
 
     Each result goes through `to_files(shard, result)` on the driver ({part: file text}) and is
-    stored at once. Needs a Ray session (`peg.runtime.ray_session`). Returns (shards computed now,
-    shards reused). Raises `ShardsFailed` after the other shards finished if any shard failed.
+    stored at once. The Ray path needs a Ray session (`peg.runtime.ray_session`). Returns (shards
+    computed now, shards reused). Raises `ShardsFailed` after the other shards finished if any
+    shard failed.
     """
     shards = list(range(num_shards(len(items), shard_size)))
     todo = missing_shards(store, base, len(items), shard_size, parts, config_hash)
@@ -152,6 +192,31 @@ def run_shards(
     if not todo:
         return [], reused
     fail = failed_shards_from_env(stage)
+
+    def shard_items(s: int) -> list:
+        return list(items[s * shard_size : (s + 1) * shard_size])
+
+    def put(s: int, result: Any) -> None:
+        files = to_files(s, result)
+        for part in parts:  # the last part marks the shard as done
+            store.put_text(shard_key(base, s, part), files[part], producer=stage, config_hash=config_hash)
+
+    failed: dict[int, str] = {}
+    total = sum(len(shard_items(s)) for s in todo)
+    if in_process:
+        worker = ShardWorker(build, None)
+        with progress_bar(total, stage, enabled=show_progress, unit=unit) as advance:
+            for s in todo:
+                try:
+                    result = worker.run(stage, s, shard_items(s), s in fail)
+                except Exception as e:  # the shard raised: record it, finish the others
+                    failed[s] = f"{type(e).__name__}: {e}"
+                    continue
+                put(s, result)
+                advance(len(shard_items(s)))
+        if failed:
+            raise ShardsFailed(stage, failed, stored=len(shards) - len(failed))
+        return todo, reused
     actor_class = ray.remote(ShardWorker).options(
         num_cpus=pool.actor_cpus, num_gpus=pool.actor_gpus, max_restarts=0, max_task_retries=0
     )
@@ -160,12 +225,6 @@ def run_shards(
     idle = [actor_class.remote(build_ref, threads) for _ in range(min(pool.num_actors, len(todo)))]
     queue = list(todo)
     pending: dict[Any, tuple[int, Any]] = {}
-    failed: dict[int, str] = {}
-
-    def shard_items(s: int) -> list:
-        return list(items[s * shard_size : (s + 1) * shard_size])
-
-    total = sum(len(shard_items(s)) for s in todo)
     with progress_bar(total, stage, enabled=show_progress, unit=unit) as advance:
         while queue or pending:
             while queue and idle:
@@ -186,9 +245,7 @@ def run_shards(
                 idle.append(actor)
                 continue
             idle.append(actor)
-            files = to_files(s, result)
-            for part in parts:  # the last part marks the shard as done
-                store.put_text(shard_key(base, s, part), files[part], producer=stage, config_hash=config_hash)
+            put(s, result)
             advance(len(shard_items(s)))
     for actor in idle:
         ray.kill(actor)

@@ -16,7 +16,7 @@ batch (where a block has no skipped lines). A batch position (epoch, index) is a
 needs to continue the data stream exactly: any position is read back directly.
 
 `prepare_step` turns a rank's slice into model inputs (tokenised, grouped by length into
-GradCache chunks, each padded to its own longest text); `Prefetcher` runs it ahead of the
+GradCache chunks of so many texts or tokens, each padded to its own longest text or packed); `Prefetcher` runs it ahead of the
 training step in a background thread.
 """
 
@@ -407,30 +407,51 @@ class StepInputs:
 
 
 def group_by_length(
-    features: dict[str, list[list[int]]], chunk_size: int, pad: Callable[[dict], dict[str, torch.Tensor]]
+    features: dict[str, list[list[int]]],
+    chunk_size: int | None,
+    collate: Callable[[dict], dict[str, torch.Tensor]],
+    chunk_tokens: int | None = None,
+    packed: bool = False,
 ) -> Chunks:
-    """Rows sorted longest first, cut into chunks of `chunk_size`, each padded to its own longest row."""
+    """Rows sorted longest first and cut into chunks, each collated on its own (padded to its own
+    longest row, or packed). A chunk holds `chunk_size` rows, or with `chunk_tokens` as many rows
+    as keep its tokens within the budget: rows x its longest row when padded, the sum of its
+    rows' lengths when `packed`; a row longer than the budget gets a chunk of its own."""
     lengths = [len(ids) for ids in features["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    parts = []
-    for start in range(0, len(order), chunk_size):
-        rows = order[start : start + chunk_size]
-        parts.append(pad({k: [v[i] for i in rows] for k, v in features.items()}))
+    groups: list[list[int]] = []
+    if chunk_tokens is None:
+        groups = [order[start : start + chunk_size] for start in range(0, len(order), chunk_size)]
+    else:
+        used = 0
+        for i in order:
+            cost = lengths[i] if packed else lengths[groups[-1][0]] if groups else 0
+            if not groups or used + cost > chunk_tokens:
+                groups.append([i])
+                used = lengths[i]
+            else:
+                groups[-1].append(i)
+                used += cost
+    parts = [collate({k: [v[i] for i in rows] for k, v in features.items()}) for rows in groups]
     return Chunks(parts, torch.tensor(order, dtype=torch.long))
 
 
-def prepare_step(encoder, batch: RankBatch, chunk_size: int | None, pin_memory: bool = False) -> StepInputs:
-    """Tokenise a rank's batch: with `chunk_size`, texts grouped by length into padded chunks."""
+def prepare_step(
+    encoder, batch: RankBatch, chunk_size: int | None, pin_memory: bool = False, chunk_tokens: int | None = None
+) -> StepInputs:
+    """Tokenise a rank's batch: with `chunk_size` (texts) or `chunk_tokens` (a token budget), texts
+    grouped by length into chunks; each chunk, or else the whole batch, padded or packed as the
+    encoder `packs`."""
     inputs, tokens, lengths_sq = [], 0, 0
     for texts, kind in ((batch.queries, "query"), (batch.passages, "passage")):
         features = encoder.tokenize(texts, kind, padding=False)
         lengths = [len(ids) for ids in features["input_ids"]]
         tokens += sum(lengths)
         lengths_sq += sum(n * n for n in lengths)
-        if chunk_size:
-            inputs.append(group_by_length(dict(features), chunk_size, encoder.pad))
+        if chunk_size or chunk_tokens:
+            inputs.append(group_by_length(dict(features), chunk_size, encoder.collate, chunk_tokens, encoder.packs))
         else:
-            inputs.append(encoder.pad(dict(features)))
+            inputs.append(encoder.collate(dict(features)))
     extra = {"passage_ids": passage_ids_from_texts(batch.passages)}
     if batch.teacher_scores is not None:
         extra["teacher_scores"] = torch.tensor(batch.teacher_scores, dtype=torch.float32)

@@ -4,7 +4,8 @@ FLOPs of a step (model FLOPs, real tokens, GradCache's second forward not counte
 text of n real tokens, 6 * N * n + 12 * L * d * n^2, with N the transformer's non-embedding
 parameters, L its layers and d its hidden size (the PaLM appendix-B count: 6N per token plus
 attention). MFU = FLOPs / (step seconds x world size x peak FLOP/s of one device); the peak is
-taken from `PEG_PEAK_TFLOPS` or the device's name (dense bf16), and is reported only on a GPU.
+taken from `PEG_PEAK_TFLOPS` or the device's exact name (`device_peak`: the datasheet's dense bf16
+tensor-core figure, without sparsity; SXM, NVL and PCIe boards differ), and is reported only on a GPU.
 """
 
 from __future__ import annotations
@@ -18,24 +19,63 @@ from collections.abc import Iterator
 
 import torch
 
-# dense bf16 TFLOP/s of one device, from the vendors' spec sheets
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "L4": 121.0, "A10G": 70.0, "A10": 125.0, "B200": 2250.0}  # fmt: skip
+# Dense bf16 tensor-core TFLOP/s (no sparsity) from the vendors' datasheets, keyed by the name
+# torch.cuda.get_device_name / `nvidia-smi --query-gpu=name` report. Board variants differ: an H100
+# NVL or PCIe card runs at lower clocks and power than the SXM module.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM5
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H200": 989.0,  # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA H800": 989.0,  # H800 SXM
+    "NVIDIA H800 PCIe": 756.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L40": 181.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA A10G": 70.0,
+    "NVIDIA GeForce RTX 4090": 165.0,
+}
 
 PHASES = ("data", "forward", "loss", "replay", "optimizer")
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of `device` (None on CPU or an unknown GPU without PEG_PEAK_TFLOPS)."""
+def device_peak(name: str) -> tuple[float, str] | None:
+    """(dense bf16 TFLOP/s, the table entry used) for a device name, or None when unknown.
+
+    An exact name wins. Otherwise the longest entry that the name starts with and that ends at a
+    word boundary of it (so "NVIDIA H200 NVL" is never read as "NVIDIA H200", and "NVIDIA L40S"
+    never as "NVIDIA L4"); other names (a new board variant) are unknown rather than guessed.
+    """
+    name = " ".join(name.split())
+    if name in PEAK_BF16_TFLOPS:
+        return PEAK_BF16_TFLOPS[name], name
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if name.startswith(key) and name[len(key)] in " -":
+            return PEAK_BF16_TFLOPS[key], key
+    return None
+
+
+def peak_flops(device: torch.device) -> tuple[float, str] | None:
+    """(peak dense bf16 FLOP/s of `device`, where that figure came from), or None on CPU or an
+    unknown GPU without PEG_PEAK_TFLOPS."""
     if os.environ.get("PEG_PEAK_TFLOPS"):
-        return float(os.environ["PEG_PEAK_TFLOPS"]) * 1e12
+        return float(os.environ["PEG_PEAK_TFLOPS"]) * 1e12, "PEG_PEAK_TFLOPS"
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    found = device_peak(name)
+    if found is None:
+        return None
+    tflops, key = found
+    return tflops * 1e12, f"{name}: datasheet dense bf16 of {key}"
 
 
 def model_shape(model: torch.nn.Module) -> tuple[int, int, int]:

@@ -313,8 +313,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         raise TrainError(
             f"loss.matryoshka_dims: {max(config.loss.matryoshka_dims)} exceeds the model's embedding dimension {encoder.dim}"
         )
-    chunk_size = config.batch.chunk_size
-    if chunk_size is None and engine.device.type == "cuda":
+    chunk_size, chunk_tokens = config.batch.chunk_size, config.batch.chunk_tokens
+    if chunk_size is None and chunk_tokens is None and engine.device.type == "cuda":
         chunk_size = auto_chunk_size(encoder, engine.device)
 
     step, epoch, index = restore(engine, ckpt_dir, rank, config.train.seed, resume, "train")
@@ -323,12 +323,19 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
     engine.train()
     device = engine.device
     shape, peak = model_shape(encoder.model), peak_flops(device)
+    if rank == 0 and device.type == "cuda":
+        if peak:
+            logger.info("train: MFU against %.0f TFLOP/s (%s)", peak[0] / 1e12, peak[1])
+        else:
+            logger.info("train: no MFU: %s is not in the peak table and PEG_PEAK_TFLOPS is not set",
+                        torch.cuda.get_device_name(device))
     pin = device.type == "cuda"
 
     def prepare(position: tuple[int, int, str, int]):
         ep, _, dataset, number = position
         group = chunk_size if config.batch.group_by_length else None  # None: one batch padded to its longest
-        return prepare_step(encoder, plan.rank_batch(ep, dataset, number, rank), group, pin_memory=pin)
+        return prepare_step(encoder, plan.rank_batch(ep, dataset, number, rank), group, pin_memory=pin,
+                            chunk_tokens=chunk_tokens)
 
     positions = plan.positions(epoch, index)
     batches = Prefetcher(positions, prepare, config.train.prefetch) if config.train.prefetch else (
@@ -345,7 +352,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                     (epoch, index, _, _), inputs = next(batches)
                 loss_fn.set_progress(step, total_steps)
                 lr = engine.get_lr()[0]
-                loss = train_step(engine, loss_fn, inputs, chunk_size, timer)
+                # token-budget chunks arrive as Chunks: any chunk size makes GradCache cache them
+                loss = train_step(engine, loss_fn, inputs, chunk_size or chunk_tokens, timer)
                 counts = torch.tensor(
                     [float(loss), inputs.passage_count, inputs.tokens, step_flops(shape, inputs.tokens, inputs.lengths_sq)],
                     dtype=torch.float64, device=device,
@@ -353,7 +361,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                 dist.all_reduce(counts)
                 seconds = time.perf_counter() - start
                 step, index = step + 1, index + 1
-                rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size, peak)
+                rates = throughput(seconds, float(counts[1]), float(counts[2]), float(counts[3]), world_size,
+                                   peak[0] if peak else None)
                 rates["peak_memory_gib"] = peak_memory_gib(device)
                 dev_metrics, stop = {}, False
                 if selection and selection.due(step, total_steps):
