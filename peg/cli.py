@@ -439,7 +439,8 @@ def submit_command(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow status and logs until the job ends.")] = True,
 ) -> None:
     """Create a stage's job on the cluster (kubeconfig) and follow its status and logs."""
-    from peg.k8s.backend import ClusterError, K8sBackend
+    from peg.k8s.backend import K8sBackend
+    from peg.k8s.client import ClusterError
     from peg.pipeline import StageFailed
 
     config = read_config(path)

@@ -103,9 +103,3 @@ def test_the_walk_sees_lazy_imports():
     assert ("peg.pipeline.stages", "peg.mine.stage") in graph  # imported inside a function
     assert ("peg.cli", "peg.pipeline") in graph
 
-
-def test_the_pipeline_names_the_embedding_cache_the_runtime_writes():
-    from peg.pipeline.stages import EMBEDDING_CACHE
-    from peg.runtime.embeddings import CACHE_PREFIX
-
-    assert EMBEDDING_CACHE == CACHE_PREFIX

@@ -37,8 +37,8 @@ from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
 from peg.operator import handlers  # noqa: E402, F401  (importing registers the handlers)
-from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
-from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
+from peg.k8s.vocabulary import JOB_KINDS, PIPELINE  # noqa: E402
+from peg.operator.api import API_CALLS  # noqa: E402
 from peg.operator.reconcile import Child, StoreState, claim_keys  # noqa: E402
 from peg.pipeline import STAGES, stage_hashes  # noqa: E402
 from peg.pipeline.state import StageRecord, read_record, write_record  # noqa: E402
@@ -46,6 +46,7 @@ from peg.store import open_store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
+GROUP, VERSION, KIND, PLURAL = PIPELINE.group, PIPELINE.version, PIPELINE.kind, PIPELINE.plural
 NAMESPACE = "team"
 RESOURCES = {
     f"{GROUP}/{VERSION}/{PLURAL}": (KIND, True, {"status"}),

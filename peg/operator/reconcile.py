@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError
 
 from peg.config import RunConfig
+from peg.k8s.vocabulary import LABEL_HASH
 from peg.operator.model import (
     ApiRejection,
     Artifacts,
@@ -57,11 +58,9 @@ from peg.operator.model import (
 )
 from peg.pipeline import enabled_stages, stage_hashes
 
-STAGE_LABEL = "peg.dev/stage"
 # A job created less than this long ago and not observed yet is not "missing": the watch that
 # feeds the observations may lag behind the create (seen under load in the emulator test).
 JOB_VISIBLE_GRACE_SECONDS = 60
-HASH_LABEL = "peg.dev/stage-hash"
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
 StoreStageState = Literal["complete", "stale", "partial", "pending", "invalid"]  # peg.pipeline.pipeline_status
@@ -405,7 +404,7 @@ def _fail_attempt(step: _Step, spec: PipelineSpec, entry: StageStatus, why: str,
 
 
 def _hash_label(objects: list[dict]) -> str:
-    return objects[-1]["metadata"]["labels"][HASH_LABEL]
+    return objects[-1]["metadata"]["labels"][LABEL_HASH]
 
 
 def _artifacts(config: RunConfig, status: PipelineStatus) -> Artifacts:

@@ -36,10 +36,9 @@ from peg.progress import progress_bar
 from peg.runtime.session import ray_session
 from peg.store import ArtifactStore
 from peg.store.files import file_sha256
+from peg.store.keys import EMBEDDING_CACHE
 
 Kind = Literal["query", "passage"]
-
-CACHE_PREFIX = "encode"
 
 # Files that define a model's behaviour; anything else in its folder (README, ONNX exports) is not hashed.
 _MODEL_FILE_SUFFIXES = {".json", ".txt", ".model", ".safetensors", ".bin", ".py"}
@@ -163,7 +162,7 @@ def encode_texts(
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate {kind} ids")
     digest = cache_key(config.model, kind, ids, texts)
-    folder = f"{CACHE_PREFIX}/{kind}-{digest}"
+    folder = f"{EMBEDDING_CACHE}/{kind}-{digest}"
     index_key = f"{folder}/index.json"
     shard_size = config.encode.shard_size
     num_shards = math.ceil(len(ids) / shard_size)
