@@ -1,10 +1,24 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the `slow` marker's rule.
+
+A test is `slow` when it starts something that costs seconds: torchrun, Ray, the S3 server, kopf,
+docker or a real model. Modules and tests mark themselves (`pytestmark = pytest.mark.slow`,
+`@pytest.mark.slow`); a test that uses one of `SLOW_FIXTURES` is marked here, so the fast lane
+(`pytest -m "not slow"`) never starts one.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from s3server import WeedS3
+
+SLOW_FIXTURES = {"ray_local", "s3_server", "tiny_llama_dir", "tiny_cross_encoder_dir"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,3 +53,13 @@ def tiny_cross_encoder_dir(tmp_path_factory):
     from tiny import make_tiny_cross_encoder
 
     return make_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on 2 CPUs for the module's tests, shut down after them."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
