@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import typer
 from typer.testing import CliRunner
 
 from peg.cli import app

@@ -93,7 +93,7 @@ class Cluster:
 
     def job(self, stage: str) -> tuple[str, dict] | None:
         for k in JOB_KINDS:
-            for name, obj in self.objects(k.plural).items():
+            for obj in self.objects(k.plural).values():
                 if obj["metadata"]["labels"]["peg.dev/stage"] == stage:
                     return k.plural, obj
         return None
@@ -167,7 +167,6 @@ def as_test_client():
 
 async def succeed(cluster: Cluster, plural: str, job: dict) -> None:
     """Play the job controller: the job's status says it succeeded."""
-    from kubernetes import client
 
     status = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"} if job["kind"] == "RayJob" else {
         "conditions": [{"type": "Complete" if job["kind"] == "TrainJob" else "Succeeded", "status": "True"}]}
@@ -224,7 +223,8 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                  "controller": True, "blockOwnerDeletion": True}]
             config_map = cluster.objects("configmaps")["demo-config"]
             assert config_map["metadata"]["ownerReferences"][0]["uid"] == uid
-            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("stage") == "encode" and cluster.pipeline()["status"])
+            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("stage") == "encode"
+                                        and cluster.pipeline()["status"])
             assert status["phase"] == "Running"
 
             for stage in ("encode", "mine"):
@@ -232,7 +232,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                 finish_stage(store, config, stage)
                 await succeed(cluster, plural, job)
                 nxt = {"encode": "mine", "mine": "train"}[stage]
-                await cluster.wait(lambda: cluster.job(nxt))
+                await cluster.wait(lambda nxt=nxt: cluster.job(nxt))
 
             # restart the controller while train runs: it must continue, not start train again
             started = ("StageStarted", "stage train: created TrainJob demo-train (attempt 1/2)")
@@ -251,7 +251,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                 finish_stage(store, config, stage)
                 await succeed(cluster, plural, job)
                 if nxt:
-                    await cluster.wait(lambda: cluster.job(nxt))
+                    await cluster.wait(lambda nxt=nxt: cluster.job(nxt))
             status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Succeeded"
                                         and cluster.pipeline()["status"])
             await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 from k8s_validation import as_stored
@@ -24,7 +24,7 @@ from peg.operator.reconcile import (
 )
 from peg.pipeline import enabled_stages, stage_hashes
 
-NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 RUN = {"name": "demo", "model": {"name_or_path": "m"}, "data": {"beir": "/data/scifact"}, "store": {"uri": "s3://bucket/peg"}}
 STAGES = ["prepare", "encode", "mine", "train", "eval", "export", "report"]
 

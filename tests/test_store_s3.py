@@ -233,7 +233,8 @@ def test_server_killed_mid_upload_leaves_no_partial_object(tmp_path, credentials
             return real_upload_part(*args)
 
         store._transfer._upload_part = upload_part_then_crash
-        with pytest.raises(StoreError, match=rf"http://{server.endpoint} bucket 'crash'.*put 'big/model.bin' failed after 3 attempts: cannot reach the endpoint"):
+        expected = rf"http://{server.endpoint} bucket 'crash'.*put 'big/model.bin' failed after 3 attempts: cannot reach the endpoint"
+        with pytest.raises(StoreError, match=expected):
             store.put_file("big/model.bin", tmp_path / "big.bin", producer="train")
         assert len(parts_sent) >= 2
 

@@ -28,7 +28,8 @@ class Rejected(Exception):
 API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (PIPELINE.group, PIPELINE.plural, ("list", "watch", "patch")),  # kopf: watch pipelines; finalizer + status patches
     (PIPELINE.group, f"{PIPELINE.plural}/status", ("patch",)),  # kopf patches the status subresource
-    (PIPELINE.group, f"{PIPELINE.plural}/finalizers", ("update",)),  # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
+    # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
+    (PIPELINE.group, f"{PIPELINE.plural}/finalizers", ("update",)),
     *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
     ("", "configmaps", ("create", "get", "patch")),  # Apply: the run config a stage's pods mount (get: is it ours?)
     ("", "events", ("create",)),  # kopf.event: one per transition

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import kopf
@@ -144,7 +144,7 @@ def _reconcile(body, spec, meta, status, namespace, name, patch, logger, pipelin
     children = [job for k in JOB_KINDS for job in indexes[k.plural].get((namespace, name), [])]
     spec_dict = json.loads(json.dumps(dict(spec)))
     store = observe_store(spec_dict, namespace, name, pipeline_claims)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     actions, new_status = reconcile(
         spec_dict, meta.get("generation"), children, store, dict(status), now,
         deleting=bool(meta.get("deletionTimestamp")),

@@ -11,9 +11,10 @@ pays off only with work to spread. Embeddings are stored in shards of `encode.sh
     encode/<kind>-<cache key>/index.json      (written last: the set is complete)
 
 The keys carry no run name: every run in the same store shares the cache. The cache key hashes
-the model's identity (the sha256 of its config, tokenizer and weight files), the pooling / normalisation / prefix / max-length settings for this kind of text and the
-(id, text) sequence. A second call with the same inputs reads the shards and runs no model;
-an interrupted call re-encodes only the shards that are missing.
+the model's identity (the sha256 of its config, tokenizer and weight files), the pooling /
+normalisation / prefix / max-length settings for this kind of text and the (id, text) sequence.
+A second call with the same inputs reads the shards and runs no model; an interrupted call
+re-encodes only the shards that are missing.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ background thread. Another process:
   if the name exists), so of two starters exactly one wins;
 - finds it live: waits up to `wait` seconds, then raises `LeaseHeld` naming the holder;
 - finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
-  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so
-  of two takers exactly one wins.
+  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it
+  read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so of two
+  takers exactly one wins.
 Remaining races (README, "Integrity"): expiry uses the holders' wall clocks, so clocks skewed by
 more than `ttl` break it; a holder stalled past `ttl` (SIGSTOP, a VM pause) loses the lease and
 learns it only at its next renewal (`lost` is then set and the pipeline stops before its next
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from peg.config import MAX_LEASE_SECONDS
 from peg.store.base import ArtifactStore, StoreError
@@ -90,7 +91,7 @@ class Lease:
         self.ttl = ttl
         self.owner = uuid.uuid4().hex
         self.command = command or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
-        self.acquired = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.acquired = datetime.now(UTC).isoformat(timespec="seconds")
         self.lost = threading.Event()
         self._token: str | None = None
         self._stop = threading.Event()
