@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peg.config import LossConfig, ProgressiveConfig
+from peg.config import ListwiseConfig, LossConfig, ProgressiveConfig
 from peg.losses import (
     InfoNCELoss,
     ListwiseDistillationLoss,
@@ -256,14 +256,36 @@ def test_listwise_without_or_with_misaligned_teacher_scores_is_a_clear_error():
         ListwiseDistillationLoss()(q, p, teacher_scores=torch.tensor([[1.0, float("nan"), 0.0], [1.0, 0.0, 0.0]]))
 
 
+# A value other than the default for every field of the loss sections; build_loss must hand each to the loss.
+PROGRESSIVE = {"beta_start": -0.25, "beta_end": 0.75, "schedule": "step", "stages": 3, "self_paced": False,
+               "pace_start": 0.25, "pace_sharpness": 3.0}
+LISTWISE = {"teacher_temperature": 0.2, "student_temperature": 0.07, "nce_weight": 0.3, "nce_temperature": 0.02,
+            "false_negative_ratio": 0.5}
+
+
+def test_the_cases_below_cover_every_loss_field():
+    assert set(ProgressiveConfig.model_fields) == {"enabled", *PROGRESSIVE}
+    assert set(ListwiseConfig.model_fields) == set(LISTWISE)
+    assert set(LossConfig.model_fields) == {"kind", "temperature", "progressive", "listwise", "matryoshka_dims",
+                                            "matryoshka_weights"}
+    defaults = ProgressiveConfig(), ListwiseConfig()
+    assert all(getattr(defaults[0], k) != v for k, v in PROGRESSIVE.items())
+    assert all(getattr(defaults[1], k) != v for k, v in LISTWISE.items())
+
+
 def test_build_loss_from_config():
     assert type(build_loss(LossConfig())) is InfoNCELoss
-    config = LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, schedule="step", stages=3))
+    assert build_loss(LossConfig(temperature=0.02)).temperature == 0.02
+    config = LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, **PROGRESSIVE))
     progressive = build_loss(config)
-    assert isinstance(progressive, ProgressiveInfoNCELoss)
-    assert (progressive.temperature, progressive.schedule, progressive.stages) == (0.02, "step", 3)
-    listwise = build_loss(LossConfig(kind="listwise"))
-    assert isinstance(listwise, ListwiseDistillationLoss) and listwise.nce_temperature == 0.01
+    assert isinstance(progressive, ProgressiveInfoNCELoss) and progressive.temperature == 0.02
+    assert {k: getattr(progressive, k) for k in PROGRESSIVE} == PROGRESSIVE
+    listwise = build_loss(LossConfig(kind="listwise", listwise=ListwiseConfig(**LISTWISE)))
+    assert isinstance(listwise, ListwiseDistillationLoss)
+    assert {k: getattr(listwise, k) for k in LISTWISE} == LISTWISE
+    matryoshka = build_loss(LossConfig(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, 0.5]), normalize=False)
+    assert isinstance(matryoshka, MatryoshkaLoss) and type(matryoshka.inner) is InfoNCELoss
+    assert (matryoshka.dims, matryoshka.weights, matryoshka.normalize) == ([8, 4], [1.0, 0.5], False)
 
 
 def one_rank_reference(name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
