@@ -485,6 +485,7 @@ def test_the_chart_run_config_renders_valid_jobs(values_name):
     assert {j["kind"]: validate_object(j) for j in jobs if validate_object(j)} == {}
 
 
+@pytest.mark.slow
 def test_checkov_passes_the_chart_and_rejects_an_unrestricted_pod():
     if not CHECKOV.exists():
         pytest.skip("checkov is not installed in .venv-tools (scripts/setup.sh installs it)")

@@ -25,6 +25,8 @@ from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
 from peg.k8s.pods import PodError, containers_of, docker_run_command, free_port, run
 
+pytestmark = pytest.mark.slow  # docker
+
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "0.1.0-cpu"
 TRAINER_IMAGE = f"ghcr.io/peg-dev/peg-trainer:{TAG}"

@@ -6,6 +6,7 @@ import ast
 import builtins
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from peg.cli import app
@@ -99,6 +100,7 @@ except trainer.TrainError as e:
 """
 
 
+@pytest.mark.slow
 def test_failed_training_workers_show_the_cause_their_log_holds(tmp_path):
     import os
     import subprocess

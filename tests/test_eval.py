@@ -79,6 +79,7 @@ def test_malformed_run_file(tmp_path):
         read_run(path)
 
 
+@pytest.mark.slow
 def test_minilm_on_scifact_slice_matches_reference_from_run_file(tmp_path):
     """Real model, real data: 40 test queries against their positives plus 400 other passages."""
     full = BeirDataset.load(SCIFACT, "test")

@@ -26,7 +26,7 @@ from s3server import ADMIN
 from tiny import flip_stored_byte
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def store(request, tmp_path, monkeypatch):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
@@ -117,6 +117,7 @@ def _start_and_join(workers: list) -> None:
         worker.join(timeout=60)
 
 
+@pytest.mark.slow
 def test_an_expired_lease_is_taken_over_by_exactly_one(store, monkeypatch):
     # 8 takers released at once, over 20 rounds, each file read returning 2 ms late: a takeover that
     # leaves the name free while it compares (rename aside, compare, put back) lets a second taker
@@ -150,6 +151,7 @@ def _take_lease_in_a_process(root: str, run: str, start, outcomes) -> None:
     start.wait()  # stay alive until every taker has tried: a gone holder's lease is free to take
 
 
+@pytest.mark.slow
 def test_an_expired_local_lease_is_taken_over_by_exactly_one_process(tmp_path):
     context = multiprocessing.get_context("fork")
     store = LocalStore(tmp_path / "store")
@@ -190,6 +192,7 @@ def _peg(*args, cwd=None, timeout=300):
                           timeout=timeout, env={**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
 
 
+@pytest.mark.slow
 def test_a_silent_endpoint_fails_fast_saying_what_it_waited_for(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -259,6 +262,7 @@ def test_read_only_commands_create_nothing_and_say_when_empty(tmp_path):
     assert not (tmp_path / "mistyped").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_prepare_leaves_no_running_record(tmp_path):
     (tmp_path / "beir").mkdir()  # no corpus.jsonl
     config = tmp_path / "run.yaml"
@@ -320,6 +324,7 @@ def test_a_stored_checkpoint_that_does_not_verify_falls_back_to_the_one_before(s
     assert store.list(key) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["s3"], indirect=True)  # a local store's lines were already its paths
 def test_the_final_model_and_report_lines_are_usable_locations(store):
     from peg.config import RunConfig
@@ -335,6 +340,7 @@ def test_the_final_model_and_report_lines_are_usable_locations(store):
     assert lines[-2] == f"model: {where}/run/export/model/" and lines[-1] == f"report: {where}/run/report/report.html"
 
 
+@pytest.mark.slow
 def test_cached_embeddings_of_another_model_are_never_used(tmp_path):
     """A shard put under this model's cache key by anything else (here: another model's shard,
     with a manifest) is re-encoded, not read."""

@@ -103,6 +103,7 @@ def test_rendered_objects_validate(rendered):
             assert validate_object(obj) == [], (name, obj["kind"], obj["metadata"]["name"])
 
 
+@pytest.mark.slow
 def test_checkov_passes_rendered_objects_and_rejects_an_unrestricted_pod(rendered):
     if not CHECKOV.exists():
         pytest.skip("checkov is not installed in .venv-tools (scripts/setup.sh installs it)")

@@ -103,6 +103,7 @@ def test_a_positive_repeated_earlier_in_the_batch_keeps_its_own_column():
     torch.testing.assert_close(value, want)
 
 
+@pytest.mark.slow
 def test_passage_ids_are_equal_exactly_for_equal_texts_and_stable_across_processes():
     ids = passage_ids_from_texts(["x", "y", "x"])
     assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1]
@@ -308,6 +309,7 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["infonce", "progressive", "listwise", "matryoshka"])
 def test_two_ranks_with_half_batches_give_the_one_rank_gradient(two_rank_results, name):
     want, full_loss = one_rank_reference(name)
@@ -318,6 +320,7 @@ def test_two_ranks_with_half_batches_give_the_one_rank_gradient(two_rank_results
     torch.testing.assert_close(two_rank_results[name]["rank_losses"].mean(), full_loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_rank_targets_its_own_positives_among_gathered_passages(two_rank_results):
     """2 ranks x 4 queries x 2 hard negatives: each rank's loss equals the spelled-out reference."""
     batch = global_batch()
@@ -334,11 +337,13 @@ def test_each_rank_targets_its_own_positives_among_gathered_passages(two_rank_re
         torch.testing.assert_close(two_rank_results["infonce"]["rank_losses"][rank], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_progressive_weights_are_global_across_ranks(two_rank_results):
     stats = two_rank_results["progressive"]["stats"]
     assert stats["weight_mean"] == pytest.approx(1.0) and stats["weight_min"] < stats["weight_max"]
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_across_ranks_is_a_clear_error(two_rank_results):
     assert "same number of queries and passages" in two_rank_results["uneven_error"]
     assert "[(4, 12), (3, 9)]" in two_rank_results["uneven_error"]

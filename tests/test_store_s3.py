@@ -215,6 +215,7 @@ def test_persistent_transient_errors_give_up_after_max_attempts(store, monkeypat
     assert not store.exists("run/x/busy")
 
 
+@pytest.mark.slow
 def test_server_killed_mid_upload_leaves_no_partial_object(tmp_path, credentials):
     server = WeedS3(tmp_path / "server")
     server.start()
