@@ -8,9 +8,13 @@ docker or a real model. Modules and tests mark themselves (`pytestmark = pytest.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from s3server import WeedS3
+from peg.config import StoreConfig
+from peg.store import LocalStore, open_store
+from s3server import ADMIN, WeedS3
 
 SLOW_FIXTURES = {"ray_local", "s3_server", "tiny_llama_dir", "tiny_cross_encoder_dir"}
 
@@ -63,3 +67,17 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def store(request, tmp_path, monkeypatch):
+    """A fresh artifact store, once local and once on the S3 server (a bucket of its own, the
+    admin keys in the environment); a module may define its own `store`."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    bucket = f"store-{os.urandom(4).hex()}"
+    server.client().make_bucket(bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+    return open_store(StoreConfig(uri=f"s3://{bucket}/p", endpoint=server.endpoint, secure=False))
