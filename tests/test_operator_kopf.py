@@ -37,7 +37,7 @@ from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
 from peg.operator import handlers  # noqa: E402, F401  (importing registers the handlers)
-from peg.k8s.vocabulary import JOB_KINDS, PIPELINE  # noqa: E402
+from peg.k8s.vocabulary import JOB_KINDS, LABEL_STAGE, PIPELINE  # noqa: E402
 from peg.operator.api import API_CALLS  # noqa: E402
 from peg.operator.reconcile import Child, StoreState, claim_keys  # noqa: E402
 from peg.pipeline import STAGES, stage_hashes  # noqa: E402
@@ -94,7 +94,7 @@ class Cluster:
     def job(self, stage: str) -> tuple[str, dict] | None:
         for k in JOB_KINDS:
             for obj in self.objects(k.plural).values():
-                if obj["metadata"]["labels"]["peg.dev/stage"] == stage:
+                if obj["metadata"]["labels"][LABEL_STAGE] == stage:
                     return k.plural, obj
         return None
 
