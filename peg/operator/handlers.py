@@ -23,8 +23,8 @@ import prometheus_client as prom
 from pydantic import ValidationError
 
 from peg.config import RunConfig
-from peg.k8s.render import job_phase
 from peg.k8s.client import connect
+from peg.k8s.render import job_phase
 from peg.k8s.vocabulary import JOB_KINDS, LABEL_HASH, LABEL_STAGE, PIPELINE
 from peg.operator import api
 from peg.operator.reconcile import (
