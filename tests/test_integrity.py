@@ -1,6 +1,7 @@
 """Integrity pieces that need no pipeline run: verified reads, files written with the usual
 umask, clean copies, the silent-endpoint fail-fast, paths relative to the config file, read-only
-commands that create nothing, report tables. (The run lease: tests/test_lease.py.)"""
+commands that create nothing. (The run lease: tests/test_lease.py; stored checkpoints that do not
+verify: tests/test_checkpoint_store.py; the report's tables: tests/test_report.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pytest
 import yaml
 
 from peg.config import load_config
-from peg.pipeline.report import mining_tables
 from peg.pipeline.state import StageRecord, check_stage, write_record
 from peg.store import IntegrityError, LocalStore, open_store
 from peg.store.lease import read_lease
@@ -161,55 +161,6 @@ def test_a_failed_prepare_leaves_no_running_record(tmp_path):
     store = LocalStore(tmp_path / "store")
     assert store.list("r") == [] and read_lease(store, "r") is None
     assert "pending" in _peg("pipeline", "status", str(config)).stdout
-
-
-def test_report_renders_mining_statistics_as_tables():
-    stats = {"queries": 120, "candidates": 2400, "kept": 500, "not_selected": 7, "queries_short": 25,
-             "queries_without_positives": 2, "query_shards": 3,
-             "dropped": {"positive": 120, "duplicate": 4, "relative_margin": 30},
-             "short_query_ids": [f"q{i}" for i in range(25)], "mining": {"top_k": 20, "selection": "topk_percpos"}}
-    page = mining_tables(stats)
-    assert "<table>" in page and "{" not in page
-    assert "<tr><th>relative margin</th><td>30</td></tr>" in page
-    assert "<tr><th>candidates</th><td>2,400</td></tr>" in page
-    assert "q9, and" not in page and "q0, q1" in page and "and 15 more" in page and "q10" not in page
-
-
-def _store_checkpoint(store, key: str, tag: str, payload: bytes, listed: bool = True) -> None:
-    """A stored checkpoint as `upload_checkpoint` leaves it (with its file list when `listed`)."""
-    names = ("mp_rank_00_model_states.pt", "rng-rank0.pt")
-    for name in names:
-        store.put_bytes(f"{key}/{tag}/{name}", payload + name.encode(), producer="train")
-    if listed:
-        store.put_json(f"{key}/{tag}/_files.json", {n: store.require_manifest(f"{key}/{tag}/{n}").sha256 for n in names},
-                       producer="train")
-    store.put_bytes(f"{key}/latest", tag.encode(), producer="train")
-
-
-@pytest.mark.parametrize("damage", ["flipped byte", "dropped file"])
-def test_a_stored_checkpoint_that_does_not_verify_falls_back_to_the_one_before(store, tmp_path, damage):
-    from peg.train.checkpoints import restore_checkpoint, stored_tags
-
-    key = "run/train/checkpoints"
-    _store_checkpoint(store, key, "step00000002", b"old")
-    _store_checkpoint(store, key, "step00000004", b"new")
-    if damage == "flipped byte":
-        flip_stored_byte(store, f"{key}/step00000004/rng-rank0.pt")
-    else:  # what a run of an earlier peg left: the bad file dropped, `latest` still naming its tag
-        store.delete(f"{key}/step00000004/rng-rank0.pt")
-    ckpt = tmp_path / "fresh" / "checkpoints"
-    for attempt in range(2):  # the fallback holds on every later rerun too: never a dead end
-        assert restore_checkpoint(store, key, ckpt) is True, attempt
-        assert (ckpt / "latest").read_text() == "step00000002"
-        assert (ckpt / "step00000002" / "rng-rank0.pt").read_bytes() == b"oldrng-rank0.pt"
-        assert not (ckpt / "step00000004").exists()
-        assert stored_tags(store, key) == ["step00000002"] and store.read_text(f"{key}/latest") == "step00000002"
-
-    flip_stored_byte(store, f"{key}/step00000002/mp_rank_00_model_states.pt")  # nothing verifies: a clean start
-    fresh = tmp_path / "other" / "checkpoints"
-    assert restore_checkpoint(store, key, fresh) is False
-    assert restore_checkpoint(store, key, ckpt) is False and not (ckpt / "latest").exists()
-    assert store.list(key) == []
 
 
 @pytest.mark.slow
