@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -349,7 +349,7 @@ pipeline_app = typer.Typer(help="Run the whole pipeline: prepare -> ... -> repor
 app.add_typer(pipeline_app, name="pipeline")
 
 
-class BackendName(str, Enum):
+class BackendName(StrEnum):
     local = "local"
     k8s = "k8s"
     docker = "docker"
@@ -358,8 +358,9 @@ class BackendName(str, Enum):
 @pipeline_app.command("run")
 def pipeline_run(
     path: ConfigPath,
-    backend: Annotated[BackendName, typer.Option(help="local: processes here; k8s: each stage as its cluster job; docker: each stage's "
-                                                 "rendered pods as containers here (the CPU images, images/build.sh).")] = BackendName.local,
+    backend: Annotated[BackendName, typer.Option(
+        help="local: processes here; k8s: each stage as its cluster job; docker: each stage's "
+             "rendered pods as containers here (the CPU images, images/build.sh).")] = BackendName.local,
     wait: Annotated[float, typer.Option(min=0, help="Seconds to wait while another process runs this run.")] = 0,
 ) -> None:
     """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
@@ -439,7 +440,8 @@ def submit_command(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow status and logs until the job ends.")] = True,
 ) -> None:
     """Create a stage's job on the cluster (kubeconfig) and follow its status and logs."""
-    from peg.k8s.backend import ClusterError, K8sBackend
+    from peg.k8s.backend import K8sBackend
+    from peg.k8s.client import ClusterError
     from peg.pipeline import StageFailed
 
     config = read_config(path)

@@ -15,8 +15,9 @@ from collections import Counter
 
 import kmock
 
-from peg.operator.api import JOB_KINDS
-from peg.operator.model import GROUP, KIND, PLURAL, VERSION
+from peg.k8s.vocabulary import JOB_KINDS, LABEL_STAGE, PIPELINE
+
+GROUP, VERSION, KIND, PLURAL = PIPELINE.group, PIPELINE.version, PIPELINE.kind, PIPELINE.plural
 
 RESOURCES = {
     f"{GROUP}/{VERSION}/{PLURAL}": (KIND, True, {"status"}),
@@ -43,8 +44,8 @@ class Cluster:
 
     def job(self, stage: str) -> tuple[str, dict] | None:
         for k in JOB_KINDS:
-            for name, obj in self.objects(k.plural).items():
-                if obj["metadata"]["labels"]["peg.dev/stage"] == stage:
+            for obj in self.objects(k.plural).values():
+                if obj["metadata"]["labels"][LABEL_STAGE] == stage:
                     return k.plural, obj
         return None
 

@@ -342,6 +342,7 @@ def test_bom_at_the_start_of_jsonl_and_qrels_is_accepted(tmp_path):
     assert sorted(data.corpus) == ["d0", "d1", "d2", "d3"] and data.qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}}
 
 
+@pytest.mark.slow
 def test_a_huge_passage_is_cut_before_tokenisation_to_the_tokens_the_model_reads(tmp_path):
     """A 2 MB passage: the tokenizer sees only a max_length-bounded prefix, and the ids are those of
     the whole text truncated (what the model would have read anyway)."""

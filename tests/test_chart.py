@@ -38,8 +38,8 @@ from minio import Minio
 from s3server import free_ports, weed_binary
 
 from peg.config import ClusterConfig, parse_config
-from peg.k8s.backend import API as BACKEND_APIS
 from peg.k8s.render import render_run
+from peg.k8s.vocabulary import JOB_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = {"name": "tiny", "model": {"name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}}
@@ -114,7 +114,7 @@ def backend_api_calls() -> set[tuple[str, str, str]]:
         verb, _, resource = method.partition("_namespaced_")
         if client == "custom":
             assert resource == "custom_object", method
-            calls |= {(group, plural, CLIENT_VERBS[verb]) for group, _, plural in BACKEND_APIS.values()}
+            calls |= {(k.group, k.plural, CLIENT_VERBS[verb]) for k in JOB_KINDS}
         else:
             plural = {"config_map": "configmaps", "pod": "pods", "pod_log": "pods/log"}[resource]
             calls.add(("", plural, CLIENT_VERBS[verb]))
@@ -401,7 +401,8 @@ def smoke_test(monkeypatch, capsys, tmp_path, endpoint: str, secret: dict[str, s
     assert container["command"][:2] == ["python", "-c"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert "envFrom" not in container and "valueFrom" not in str(container["env"])
-    assert env["PEG_CHECK_RESOURCES"] == "trainer.kubeflow.org/trainjobs,kubeflow.org/pytorchjobs,ray.io/rayjobs,/configmaps"
+    checked = env["PEG_CHECK_RESOURCES"].split(",")
+    assert sorted(checked) == sorted([f"{k.group}/{k.plural}" for k in JOB_KINDS] + ["/configmaps"])
     keys_dir = tmp_path / "peg-s3"
     keys_dir.mkdir(exist_ok=True)
     for name, value in secret.items():
@@ -484,6 +485,7 @@ def test_the_chart_run_config_renders_valid_jobs(values_name):
     assert {j["kind"]: validate_object(j) for j in jobs if validate_object(j)} == {}
 
 
+@pytest.mark.slow
 def test_checkov_passes_the_chart_and_rejects_an_unrestricted_pod():
     if not CHECKOV.exists():
         pytest.skip("checkov is not installed in .venv-tools (scripts/setup.sh installs it)")

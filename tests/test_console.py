@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = """
 import logging, os, subprocess, sys, warnings
 from peg.console import capture, console
@@ -43,6 +45,7 @@ def run_probe(tmp_path: Path, *args: str) -> tuple[str, str]:
     return proc.stdout + proc.stderr, log
 
 
+@pytest.mark.slow
 def test_console_shows_peg_and_the_log_file_gets_the_rest(tmp_path):
     console, log = run_probe(tmp_path)
     assert console.splitlines() == ["peg line", "warning: peg warning", "child console", "parent after child"]
@@ -51,6 +54,7 @@ def test_console_shows_peg_and_the_log_file_gets_the_rest(tmp_path):
     assert "peg warning" in log  # peg's own records are in the log too
 
 
+@pytest.mark.slow
 def test_verbose_shows_everything(tmp_path):
     console, log = run_probe(tmp_path, "-v")
     for line in ("peg line", "warning: peg warning", *NOISE[:4]):
@@ -58,6 +62,7 @@ def test_verbose_shows_everything(tmp_path):
     assert "peg warning" in log
 
 
+@pytest.mark.slow
 def test_a_console_redirected_to_a_file_keeps_every_line(tmp_path):
     """`peg ... > out.txt` and `>> out.txt`: the children reopen the console file, and nobody
     truncates it or writes over another process's lines."""

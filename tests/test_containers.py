@@ -26,6 +26,8 @@ from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
 from peg.k8s.pods import Container, PodError, containers_of, docker_run_command, free_port, run
 
+pytestmark = pytest.mark.slow  # docker
+
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "0.1.0-cpu"
 TRAINER_IMAGE = f"ghcr.io/peg-dev/peg-trainer:{TAG}"
@@ -540,8 +542,7 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
     from s3server import ADMIN
     from tiny import make_tiny_beir
 
-    from peg.operator.api import JOB_KINDS
-    from peg.operator.model import GROUP, KIND, PLURAL, VERSION
+    from peg.k8s.vocabulary import JOB_KINDS, PIPELINE
     from peg.pipeline import run_stage_entrypoint
 
     bucket = f"opbox-{uuid.uuid4().hex[:8]}"
@@ -577,11 +578,11 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
             operator.name = f"peg-operator-{uuid.uuid4().hex[:6]}"
             subprocess.run(docker_run_command(operator, tmp_path / "operator-files"), check=True, capture_output=True)
             try:
-                body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "spec": {"run": spec_run},
+                body = {"apiVersion": PIPELINE.api_version, "kind": PIPELINE.kind, "spec": {"run": spec_run},
                         "metadata": {"name": "opbox", "namespace": "peg", "uid": str(uuid.uuid4()), "generation": 1,
                                      "resourceVersion": "1", "creationTimestamp": "2026-12-06T23:00:00Z"}}  # fmt: skip
-                await asyncio.to_thread(as_test_client().create_namespaced_custom_object, GROUP, VERSION, "peg",
-                                        PLURAL, as_stored(body))  # fmt: skip
+                await asyncio.to_thread(as_test_client().create_namespaced_custom_object, PIPELINE.group,
+                                        PIPELINE.version, "peg", PIPELINE.plural, as_stored(body))  # fmt: skip
                 await asyncio.wait_for(play_job_controllers(cluster), 3000)
                 status = cluster.pipeline("opbox")["status"]
                 events = cluster.events()

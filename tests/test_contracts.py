@@ -3,7 +3,6 @@ stage context's write scope; the pipeline keeps the user's settings; no import c
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import types
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-import peg
 from peg.config import STAGE_SECTIONS, RunConfig
 from peg.pipeline import STAGES, StageContext, stage_hashes
 from peg.pipeline.context import ScopedStore
@@ -155,44 +153,3 @@ def test_train_stage_keeps_the_users_train_files(tmp_path, monkeypatch):
     assert Path(seen["files"][0]).read_text() == '{"query": "q", "pos": ["p"]}\n'
     assert keys == ["contract/train/model/w.bin"]
     assert config.data.train_files == ["/mine/extra.jsonl"]  # the run config is not changed
-
-
-def _imports(path: Path, package_root: Path) -> set[str]:
-    module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts).removesuffix(".__init__")
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = module.split(".")[: -node.level] if not path.name == "__init__.py" else module.split(".")
-                base = ".".join(parent + ([base] if base else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
-    return {m for m in found if m == "peg" or m.startswith("peg.")}
-
-
-def test_no_import_cycle_in_peg():
-    root = Path(peg.__file__).parent
-    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in root.rglob("*.py")}
-    graph = {m: {i for i in _imports(p, root) if i in modules and i != m} for m, p in modules.items()}
-    # a package import runs its __init__: importing peg.x.y imports peg.x too
-    for m in graph:
-        graph[m] |= {".".join(i.split(".")[:k]) for i in list(graph[m]) for k in range(2, i.count(".") + 1)} & set(modules)
-        graph[m].discard(m)
-    state: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for n in sorted(graph[m]):
-            if state.get(n) == 1 and not m.startswith(n + "."):  # a package's own __init__ is not a cycle
-                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(n):], m, n]))
-            if n not in state:
-                visit(n, [*stack, n])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])

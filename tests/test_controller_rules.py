@@ -88,7 +88,8 @@ BREAK: dict[str, Callable[[dict], None]] = {
     "trainjob_runtime_ref_registered": lambda j: j["spec"]["runtimeRef"].update(kind="ClusterServingRuntime"),
     "trainjob_patch_manager_domain_prefixed": lambda j: j["spec"]["runtimePatches"][0].update(manager="peg"),
     "trainjob_patch_job_exists": lambda j: _patch_node(j).update(name="launcher"),
-    "trainjob_patch_container_exists": lambda j: _patch_node(j)["template"]["spec"]["template"]["spec"]["containers"][0].update(name="trainer"),
+    "trainjob_patch_container_exists":
+        lambda j: _patch_node(j)["template"]["spec"]["template"]["spec"]["containers"][0].update(name="trainer"),
     "trainjob_patch_no_env_on_node": lambda j: _patch_node(j)["template"]["spec"]["template"]["spec"]["containers"][0].update(
         env=[{"name": "PEG_RUN_LEASE", "value": "x"}]),
     "trainjob_no_reserved_torchrun_env": lambda j: j["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "2"}),
@@ -96,7 +97,8 @@ BREAK: dict[str, Callable[[dict], None]] = {
     "pytorchjob_managed_by_supported": lambda j: j["spec"]["runPolicy"].update(managedBy="peg.dev/operator"),
     "pytorchjob_nproc_once": lambda j: j["spec"].update(elasticPolicy={"nProcPerNode": 2}),
     "pytorchjob_replica_types": lambda j: j["spec"]["pytorchReplicaSpecs"].update(Launcher=j["spec"]["pytorchReplicaSpecs"]["Master"]),
-    "pytorchjob_pytorch_container": lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].update(name="main"),
+    "pytorchjob_pytorch_container":
+        lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].update(name="main"),
     "pytorchjob_replica_counts": lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2),
     "rayjob_name": lambda j: j["metadata"].update(name="r" * 48),
     "rayjob_suspend_needs_shutdown": lambda j: j["spec"].update(suspend=True, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0),

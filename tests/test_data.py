@@ -86,9 +86,9 @@ def test_check_collects_every_problem(tmp_path):
     )
     report = check_path(root)
     found = [str(p) for p in report.problems]
-    assert any(f"corpus.jsonl:2: malformed JSON" in p for p in found)
-    assert any(f"corpus.jsonl:3: duplicate id 'd1'" in p for p in found)
-    assert any(f"test.tsv:3: corpus id 'd2' is not in corpus.jsonl" in p for p in found)
+    assert any("corpus.jsonl:2: malformed JSON" in p for p in found)
+    assert any("corpus.jsonl:3: duplicate id 'd1'" in p for p in found)
+    assert any("test.tsv:3: corpus id 'd2' is not in corpus.jsonl" in p for p in found)
     assert report.counts["passages"] == 1
     result = CliRunner().invoke(app, ["data", "check", str(root)])
     assert result.exit_code == 1 and "3 problem(s)" in result.output

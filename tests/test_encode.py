@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import ray
 from tiny import make_tiny_model
 
 import peg.runtime.embeddings as encode_module
@@ -17,13 +16,6 @@ from peg.runtime import encode_corpus
 from peg.runtime.embeddings import cache_key
 from peg.model import Encoder
 from peg.store import open_store
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def test_malformed_run_file(tmp_path):
         read_run(path)
 
 
+@pytest.mark.slow
 def test_minilm_on_scifact_slice_matches_reference_from_run_file(tmp_path):
     """Real model, real data: 40 test queries against their positives plus 400 other passages."""
     full = BeirDataset.load(SCIFACT, "test")
@@ -95,6 +96,7 @@ def test_minilm_on_scifact_slice_matches_reference_from_run_file(tmp_path):
 
 
 def test_cli_eval_errors_name_the_file(tmp_path):
-    result = CliRunner().invoke(app, ["eval", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--data", str(SCIFACT), "--split", "dev"])
+    args = ["eval", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--data", str(SCIFACT), "--split", "dev"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "no qrels for split 'dev'" in result.output

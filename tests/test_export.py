@@ -31,6 +31,7 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_sentence_transformers_folder_matches_encoder(tiny_model_dir, tmp_path, pooling):
     from sentence_transformers import SentenceTransformer
@@ -52,6 +53,7 @@ def test_sentence_transformers_folder_matches_encoder(tiny_model_dir, tmp_path, 
     assert not np.allclose(plain, encoder.encode(QUERIES, "query"), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_writes_given_state_dict(tiny_model_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -63,6 +65,7 @@ def test_export_writes_given_state_dict(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), encoder.encode(PASSAGES, "passage"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_records_the_matryoshka_dims_and_sentence_transformers_loads_a_prefix(tiny_model_dir, tmp_path):
     import json
 
@@ -89,6 +92,7 @@ def test_model_card_names_the_matryoshka_dims():
     assert "dimensions [384, 128, 64]" in model_card(config, None) and "truncate_dim=64" in model_card(config, None)
 
 
+@pytest.mark.slow
 def test_decoder_with_a_chat_template_exports_plain_text_last_token_embeddings(tmp_path):
     """sentence-transformers renders texts through a tokenizer's chat template unless the folder pins
     the text modality; peg's encoder feeds the plain (prefixed) text, so the export must pin it."""

@@ -6,7 +6,8 @@ stages are skipped untouched, training restarts from the stored checkpoint, and 
 must equal it byte for byte. On each store one byte of an output
 of every stage is then flipped (and one `_stage.json` damaged): `status` names each bad
 artifact, a rerun redoes exactly those stages while a second, concurrent run is refused naming
-the holder, and the final outputs equal the run's before the damage. The tests run in order.
+the holder, and the final outputs equal the run's before the damage. The runs the tests share are
+module fixtures (`killed_and_resumed`, `clean_s3`), so any test runs alone (`-k`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_run_config, write_config
 from s3server import ADMIN
 from tiny import flip_stored_byte, make_tiny_beir, make_tiny_model
 
@@ -31,6 +34,8 @@ from peg.config import load_config
 from peg.pipeline import pipeline_status
 from peg.pipeline.state import read_record
 from peg.store import open_store
+
+pytestmark = pytest.mark.slow  # real pipeline runs: torchrun, Ray, the S3 server
 
 MARK = "PEG_FAULT_TEST_MARK"
 # The output whose byte is flipped, per stage (a key prefix picks the first key under it; the
@@ -44,24 +49,6 @@ FLIPPED = {
     "export": "tiny/export/model/model.safetensors",
 }
 DAMAGED_RECORD = "report"  # its `_stage.json` gets a flipped byte
-
-
-def write_config(root: Path, data: Path, model: Path, store: dict, name: str) -> Path:
-    config = {
-        "name": "tiny",
-        "data": {"beir": str(data)},
-        "model": {"name_or_path": str(model), "query_max_length": 32, "passage_max_length": 48},
-        "batch": {"queries_per_step": 4, "hard_negatives": 1},
-        "train": {"epochs": 2, "learning_rate": 1e-3, "nproc_per_node": 1, "zero_stage": 0, "checkpoint_every": 2},
-        "encode": {"batch_size": 32, "num_actors": 1, "actor_cpus": 0.5},
-        "mining": {"num_shards": 1, "top_k": 20, "negatives_per_query": 1, "selection": "rank_window",
-                   "rank_window": [0, 20]},
-        "eval": {"k_values": [10]},
-        "store": store,
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def peg(*args, env) -> subprocess.Popen:
@@ -139,19 +126,33 @@ def assets(tmp_path_factory, s3_server):
     data, model = make_tiny_beir(root / "beir"), make_tiny_model(root / "model")
     bucket = f"faults-{mark[:8]}"
     s3_server.client().make_bucket(bucket)
-    s3 = write_config(root, data, model, {"uri": f"s3://{bucket}/runs", "endpoint": s3_server.endpoint,
-                                          "secure": False}, "s3")
-    local = write_config(root, data, model, {"uri": str(root / "store")}, "local")
+    s3 = write_config(root / "s3.yaml", tiny_run_config(data, model, {"uri": f"s3://{bucket}/runs", "endpoint": s3_server.endpoint,
+                                          "secure": False}))
+    local = write_config(root / "local.yaml", tiny_run_config(data, model, {"uri": str(root / "store")}))
     with pytest.MonkeyPatch.context() as patch:  # this process reads the S3 store too
         for name, value in credentials.items():
             patch.setenv(name, value)
         yield root, env, mark, s3, local
 
 
-RESULTS: dict[str, dict[str, bytes]] = {}  # final outputs of the runs, shared by the tests below (in order)
+@dataclass(frozen=True)
+class KilledRun:
+    """What a local run killed (kill -9 of its process group) while training and rerun showed."""
+
+    survivors: list[str]  # processes of the killed run still alive
+    states: dict[str, str]  # `pipeline status` between the kill and the rerun
+    output: str  # the rerun's console
+    log: str  # the rerun's log file
+    manifests_before: dict[str, str]  # records and manifests of the stages before train, after the kill
+    manifests_after: dict[str, str]  # the same after the rerun
+    checkpoints_left: bool  # the stored checkpoints still exist after the rerun
+    report: str  # the rerun's report.html
+    outputs: dict[str, bytes]  # the final results (`outputs`)
 
 
-def test_kill_9_during_train_leaves_no_process_and_the_run_resumes(assets):
+@pytest.fixture(scope="module")
+def killed_and_resumed(assets) -> KilledRun:
+    """The local run, killed once a checkpoint reached the store and rerun on a fresh disk."""
     root, env, mark, _, local = assets
     process = peg("pipeline", "run", str(local), env=env)
     deadline = time.monotonic() + 900
@@ -168,25 +169,42 @@ def test_kill_9_during_train_leaves_no_process_and_the_run_resumes(assets):
             break
         time.sleep(0.1)
         survivors = marked_processes(mark)
-    assert survivors == []
     for run_dir in (root / "work").glob("tiny-*"):  # a rescheduled pod: no local disk survives, only the store
         shutil.rmtree(run_dir)
     store_root = root / "store"
     before = manifests(store_root, ["prepare", "encode", "mine"])
     states = {s.name: s.state for s in pipeline_status(load_config(local), open_store(load_config(local).store))}
-    assert states == {"prepare": "complete", "encode": "complete", "mine": "complete", "train": "partial",
-                      "eval": "pending", "export": "pending", "report": "pending"}
-
     output = run_to_end(local, env)  # the dead run's lease (same host, pid gone) is taken over at once
-    assert_quiet(output)
+    return KilledRun(
+        survivors=survivors, states=states, output=output,
+        log=Path(re.search(r"full log: (\S+)", output).group(1).rstrip(";")).read_text(),
+        manifests_before=before, manifests_after=manifests(store_root, ["prepare", "encode", "mine"]),
+        checkpoints_left=(store_root / "tiny" / "train" / "checkpoints").exists(),
+        report=(store_root / "tiny" / "report" / "report.html").read_text(),
+        outputs=outputs(local, root / "resumed"),
+    )
+
+
+@pytest.fixture(scope="module")
+def clean_s3(assets) -> dict[str, bytes]:
+    """The final results of an uninterrupted run on the S3 store."""
+    root, env, _, s3, _ = assets
+    run_to_end(s3, env)
+    return outputs(s3, root / "clean-s3")
+
+
+def test_kill_9_during_train_leaves_no_process_and_the_run_resumes(killed_and_resumed):
+    run = killed_and_resumed
+    assert run.survivors == []
+    assert run.states == {"prepare": "complete", "encode": "complete", "mine": "complete", "train": "partial",
+                          "eval": "pending", "export": "pending", "report": "pending"}
+    assert_quiet(run.output)
     for stage in ("prepare", "encode", "mine"):
-        assert f"[skip] {stage}: complete" in output
-    log = Path(re.search(r"full log: (\S+)", output).group(1).rstrip(";")).read_text()
-    assert "resumed from checkpoint" in log  # restored from the store's checkpoints; the ranks log to the file
-    assert manifests(store_root, ["prepare", "encode", "mine"]) == before  # untouched
-    assert not (store_root / "tiny" / "train" / "checkpoints").exists()  # dropped once the model is stored
-    assert (store_root / "tiny" / "report" / "report.html").read_text().count("<img") >= 2
-    RESULTS["resumed"] = outputs(local, root / "resumed")
+        assert f"[skip] {stage}: complete" in run.output
+    assert "resumed from checkpoint" in run.log  # restored from the store's checkpoints; the ranks log to the file
+    assert run.manifests_after == run.manifests_before  # untouched
+    assert not run.checkpoints_left  # dropped once the model is stored
+    assert run.report.count("<img") >= 2
 
 
 def heal(assets, kind: str) -> dict[str, bytes]:
@@ -233,28 +251,24 @@ def heal(assets, kind: str) -> dict[str, bytes]:
     return outputs(config_path, root / f"healed-{kind}")
 
 
-def test_a_clean_s3_run_equals_the_killed_and_resumed_local_run(assets):
-    root, env, _, s3, _ = assets
-    run_to_end(s3, env)
-    RESULTS["s3"] = outputs(s3, root / "clean-s3")
-    assert RESULTS["s3"] == RESULTS["resumed"]
+def test_a_clean_s3_run_equals_the_killed_and_resumed_local_run(clean_s3, killed_and_resumed):
+    assert clean_s3 == killed_and_resumed.outputs
 
 
-def test_a_flipped_byte_in_every_stage_is_found_and_healed_local(assets):
-    healed_equals_clean(heal(assets, "local"))  # the healed run retrains from scratch: equal to a clean run
+def test_a_flipped_byte_in_every_stage_is_found_and_healed_local(assets, killed_and_resumed, clean_s3):
+    healed = heal(assets, "local")  # the local store is complete once the killed run was resumed
+    assert healed.keys() == clean_s3.keys()
+    assert healed == clean_s3  # the healed run retrains from scratch: equal to a clean run
 
 
-def test_a_flipped_byte_in_every_stage_is_found_and_healed_s3(assets):
-    healed_equals_clean(heal(assets, "s3"))
-
-
-def healed_equals_clean(healed: dict[str, bytes]) -> None:
-    assert healed.keys() == RESULTS["s3"].keys()
-    assert healed == RESULTS["s3"]
+def test_a_flipped_byte_in_every_stage_is_found_and_healed_s3(assets, clean_s3):
+    healed = heal(assets, "s3")
+    assert healed.keys() == clean_s3.keys()
+    assert healed == clean_s3
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_a_corrupt_stored_checkpoint_falls_back_to_the_one_before(assets, kind):
+def test_a_corrupt_stored_checkpoint_falls_back_to_the_one_before(assets, clean_s3, kind):
     """Killed after two checkpoints reached the store, the newest one gets a flipped byte: the
     rerun on a fresh disk resumes from the one before and stores what a clean run stores."""
     root, env, mark, s3, local = assets
@@ -281,7 +295,4 @@ def test_a_corrupt_stored_checkpoint_falls_back_to_the_one_before(assets, kind):
     log = Path(re.search(r"full log: (\S+)", output).group(1).rstrip(";")).read_text()
     assert f"checkpoint {key}/{newest} does not verify" in log
     assert re.search(r"resumed from checkpoint step\d{8}", log)
-    if "s3" not in RESULTS:  # run alone: the clean run to compare with
-        run_to_end(s3, env)
-        RESULTS["s3"] = outputs(s3, root / "clean-s3")
-    assert outputs(config_path, root / f"ckpt-{kind}-out") == RESULTS["s3"]
+    assert outputs(config_path, root / f"ckpt-{kind}-out") == clean_s3

@@ -23,6 +23,8 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 from losses_cases import make_losses  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real MiniLM and torchrun
+
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 CHUNK = 4
 QUERIES = ["what causes rain", "boiling point of water", "who wrote hamlet", "speed of light", "largest ocean",

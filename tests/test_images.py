@@ -97,9 +97,9 @@ def test_one_uid_everywhere():
 
 
 def test_dockerignore_lets_in_only_what_the_images_install():
-    lines = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
-    allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == {"constraints.txt", "pyproject.toml", "README.md", "images/install-peg.sh", "peg", "images/local"}
     copied = set()
     for dockerfile in DOCKERFILES:

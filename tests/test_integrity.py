@@ -1,11 +1,10 @@
-"""Integrity pieces that need no pipeline run: verified reads, the run lease (local and S3),
-files written with the usual umask, clean copies, the silent-endpoint fail-fast, paths
-relative to the config file, read-only commands that create nothing, report tables."""
+"""Integrity pieces that need no pipeline run: verified reads, files written with the usual
+umask, clean copies, the silent-endpoint fail-fast, paths relative to the config file, read-only
+commands that create nothing. (The run lease: tests/test_lease.py; stored checkpoints that do not
+verify: tests/test_checkpoint_store.py; the report's tables: tests/test_report.py.)"""
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -17,25 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peg.config import StoreConfig, load_config
-from peg.pipeline.report import mining_tables
+from peg.config import load_config
 from peg.pipeline.state import StageRecord, check_stage, write_record
 from peg.store import IntegrityError, LocalStore, open_store
-from peg.store.lease import Lease, LeaseHeld, read_lease
-from s3server import ADMIN
+from peg.store.lease import read_lease
 from tiny import flip_stored_byte
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, monkeypatch):
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    server = request.getfixturevalue("s3_server")
-    bucket = f"integrity-{os.urandom(4).hex()}"
-    server.client().make_bucket(bucket)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
-    return open_store(StoreConfig(uri=f"s3://{bucket}/p", endpoint=server.endpoint, secure=False))
 
 
 def test_every_read_verifies_and_names_the_key(store, tmp_path):
@@ -67,101 +52,6 @@ def test_a_flipped_output_makes_its_stage_invalid_naming_the_artifact(store):
     assert "run/mine/train.jsonl" in check.detail
 
 
-def test_one_lease_holder_the_other_refused_naming_it(store):
-    first = Lease(store, "run", ttl=30, command="peg pipeline run a.yaml")
-    first.acquire()
-    try:
-        with pytest.raises(LeaseHeld, match=r"'peg pipeline run a.yaml' \(pid \d+ on .*expires in"):
-            Lease(store, "run", ttl=30).acquire(wait=0)
-        assert read_lease(store, "run").owner == first.owner
-        assert first.renew() and not first.lost.is_set()
-    finally:
-        first.release()
-    assert read_lease(store, "run") is None
-    second = Lease(store, "run", ttl=30)
-    second.acquire()
-    second.release()
-
-
-def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(store):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = {"owner": "dead", "host": socket.gethostname(), "pid": int(finished.stdout), "command": "peg pipeline run x",
-            "acquired": "then", "expires": time.time() + 600}
-    store.create_object("run/_lease.json", json.dumps(dead).encode())
-    lease = Lease(store, "run", ttl=30)
-    lease.acquire(wait=0)
-    assert read_lease(store, "run").owner == lease.owner
-    lease.release()
-
-
-def _plant_expired_lease(store, run: str) -> None:
-    dead = {"owner": "dead", "host": "gone", "pid": 1, "command": "peg pipeline run x", "acquired": "then",
-            "expires": time.time() - 1}
-    store.create_object(f"{run}/_lease.json", json.dumps(dead).encode())
-
-
-def _try_lease(lease: Lease, start, outcome) -> None:
-    """Wait at the `start` barrier, then try the lease once; report "won" or "refused"."""
-    start.wait()
-    try:
-        lease.acquire(wait=0)
-        outcome("won")
-    except LeaseHeld:
-        outcome("refused")
-
-
-def _start_and_join(workers: list) -> None:
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-
-
-def test_an_expired_lease_is_taken_over_by_exactly_one(store, monkeypatch):
-    # 8 takers released at once, over 20 rounds, each file read returning 2 ms late: a takeover that
-    # leaves the name free while it compares (rename aside, compare, put back) lets a second taker
-    # create the lease in that window (the rename-aside store failed 3 runs of 3).
-    read_bytes = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda path: (read_bytes(path), time.sleep(0.002))[0])
-    rounds = 20
-    for round_ in range(rounds):
-        run = f"run{round_}"
-        _plant_expired_lease(store, run)
-        takers = [Lease(store, run, ttl=30) for _ in range(8)]
-        start = threading.Barrier(len(takers))
-        results: list[str] = []
-        _start_and_join([threading.Thread(target=_try_lease, args=(lease, start, results.append)) for lease in takers])
-        assert sorted(results) == ["refused"] * 7 + ["won"], f"round {round_}"
-        winner = next(lease for lease in takers if lease._token is not None)
-        assert read_lease(store, run).owner == winner.owner
-        if round_ < rounds - 1:
-            winner.release()
-            assert read_lease(store, run) is None
-    # the loser of a later race: a holder whose lease was taken learns it at its next renewal
-    current, token = store.read_object(f"{run}/_lease.json")
-    store.replace_object(f"{run}/_lease.json", current.replace(winner.owner.encode(), b"someone-else"), token)
-    assert not winner.renew() and winner.lost.is_set()
-    winner.release()
-    assert read_lease(store, run).owner == "someone-else"  # a lost lease is not removed
-
-
-def _take_lease_in_a_process(root: str, run: str, start, outcomes) -> None:
-    _try_lease(Lease(LocalStore(root), run, ttl=30), start, outcomes.put)
-    start.wait()  # stay alive until every taker has tried: a gone holder's lease is free to take
-
-
-def test_an_expired_local_lease_is_taken_over_by_exactly_one_process(tmp_path):
-    context = multiprocessing.get_context("fork")
-    store = LocalStore(tmp_path / "store")
-    for round_ in range(30):
-        run = f"run{round_}"
-        _plant_expired_lease(store, run)
-        start, outcomes = context.Barrier(6), context.Queue()
-        _start_and_join([context.Process(target=_take_lease_in_a_process, args=(str(store.root), run, start, outcomes))
-                         for _ in range(6)])
-        assert sorted(outcomes.get(timeout=5) for _ in range(6)) == ["refused"] * 5 + ["won"], f"round {round_}"
-
-
 def test_files_are_written_with_the_usual_umask(tmp_path):
     old = os.umask(0o022)
     try:
@@ -190,6 +80,7 @@ def _peg(*args, cwd=None, timeout=300):
                           timeout=timeout, env={**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
 
 
+@pytest.mark.slow
 def test_a_silent_endpoint_fails_fast_saying_what_it_waited_for(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -259,6 +150,7 @@ def test_read_only_commands_create_nothing_and_say_when_empty(tmp_path):
     assert not (tmp_path / "mistyped").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_prepare_leaves_no_running_record(tmp_path):
     (tmp_path / "beir").mkdir()  # no corpus.jsonl
     config = tmp_path / "run.yaml"
@@ -271,55 +163,7 @@ def test_a_failed_prepare_leaves_no_running_record(tmp_path):
     assert "pending" in _peg("pipeline", "status", str(config)).stdout
 
 
-def test_report_renders_mining_statistics_as_tables():
-    stats = {"queries": 120, "candidates": 2400, "kept": 500, "not_selected": 7, "queries_short": 25,
-             "queries_without_positives": 2, "query_shards": 3,
-             "dropped": {"positive": 120, "duplicate": 4, "relative_margin": 30},
-             "short_query_ids": [f"q{i}" for i in range(25)], "mining": {"top_k": 20, "selection": "topk_percpos"}}
-    page = mining_tables(stats)
-    assert "<table>" in page and "{" not in page
-    assert "<tr><th>relative margin</th><td>30</td></tr>" in page
-    assert "<tr><th>candidates</th><td>2,400</td></tr>" in page
-    assert "q9, and" not in page and "q0, q1" in page and "and 15 more" in page and "q10" not in page
-
-
-def _store_checkpoint(store, key: str, tag: str, payload: bytes, listed: bool = True) -> None:
-    """A stored checkpoint as `upload_checkpoint` leaves it (with its file list when `listed`)."""
-    names = ("mp_rank_00_model_states.pt", "rng-rank0.pt")
-    for name in names:
-        store.put_bytes(f"{key}/{tag}/{name}", payload + name.encode(), producer="train")
-    if listed:
-        store.put_json(f"{key}/{tag}/_files.json", {n: store.require_manifest(f"{key}/{tag}/{n}").sha256 for n in names},
-                       producer="train")
-    store.put_bytes(f"{key}/latest", tag.encode(), producer="train")
-
-
-@pytest.mark.parametrize("damage", ["flipped byte", "dropped file"])
-def test_a_stored_checkpoint_that_does_not_verify_falls_back_to_the_one_before(store, tmp_path, damage):
-    from peg.train.checkpoints import restore_checkpoint, stored_tags
-
-    key = "run/train/checkpoints"
-    _store_checkpoint(store, key, "step00000002", b"old")
-    _store_checkpoint(store, key, "step00000004", b"new")
-    if damage == "flipped byte":
-        flip_stored_byte(store, f"{key}/step00000004/rng-rank0.pt")
-    else:  # what a run of an earlier peg left: the bad file dropped, `latest` still naming its tag
-        store.delete(f"{key}/step00000004/rng-rank0.pt")
-    ckpt = tmp_path / "fresh" / "checkpoints"
-    for attempt in range(2):  # the fallback holds on every later rerun too: never a dead end
-        assert restore_checkpoint(store, key, ckpt) is True, attempt
-        assert (ckpt / "latest").read_text() == "step00000002"
-        assert (ckpt / "step00000002" / "rng-rank0.pt").read_bytes() == b"oldrng-rank0.pt"
-        assert not (ckpt / "step00000004").exists()
-        assert stored_tags(store, key) == ["step00000002"] and store.read_text(f"{key}/latest") == "step00000002"
-
-    flip_stored_byte(store, f"{key}/step00000002/mp_rank_00_model_states.pt")  # nothing verifies: a clean start
-    fresh = tmp_path / "other" / "checkpoints"
-    assert restore_checkpoint(store, key, fresh) is False
-    assert restore_checkpoint(store, key, ckpt) is False and not (ckpt / "latest").exists()
-    assert store.list(key) == []
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["s3"], indirect=True)  # a local store's lines were already its paths
 def test_the_final_model_and_report_lines_are_usable_locations(store):
     from peg.config import RunConfig
@@ -335,6 +179,7 @@ def test_the_final_model_and_report_lines_are_usable_locations(store):
     assert lines[-2] == f"model: {where}/run/export/model/" and lines[-1] == f"report: {where}/run/report/report.html"
 
 
+@pytest.mark.slow
 def test_cached_embeddings_of_another_model_are_never_used(tmp_path):
     """A shard put under this model's cache key by anything else (here: another model's shard,
     with a manifest) is re-encoded, not read."""
@@ -361,59 +206,6 @@ def test_cached_embeddings_of_another_model_are_never_used(tmp_path):
     ours = encode_corpus(second, store, corpus)
     assert ours.key == wanted.key and not np.allclose(ours.matrix, theirs.matrix)
     np.testing.assert_array_equal(ours.matrix, wanted.matrix)
-
-
-def test_a_lease_expiring_later_than_any_run_sets_is_taken_over(store):
-    far = {"owner": "hostile", "host": "elsewhere", "pid": 7, "command": "peg pipeline run x", "acquired": "then",
-           "expires": time.time() + 10 * 365 * 86400}
-    store.create_object("run/_lease.json", json.dumps(far).encode())
-    lease = Lease(store, "run", ttl=30)
-    lease.acquire(wait=0)
-    assert read_lease(store, "run").owner == lease.owner
-    lease.release()
-
-
-def test_break_lease_removes_only_the_named_holders_lease(store, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from peg.cli import app
-
-    held = {"owner": "lost", "host": "node-7", "pid": 4242, "command": "peg pipeline run x", "acquired": "then",
-            "expires": time.time() + 3600}
-    store.create_object("run/_lease.json", json.dumps(held).encode())
-    with pytest.raises(LeaseHeld):
-        Lease(store, "run", ttl=30).acquire(wait=0)
-    store_yaml = {"uri": str(store.root)} if isinstance(store, LocalStore) else store.config.model_dump(mode="json")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"name": "run", "model": {"name_or_path": "m"}, "store": store_yaml}))
-    wrong = CliRunner().invoke(app, ["pipeline", "break-lease", str(config), "--host", "node-7", "--pid", "1"])
-    assert wrong.exit_code == 2 and "held by pid 4242 on node-7, not pid 1 on node-7" in " ".join(wrong.output.split())
-    assert read_lease(store, "run").owner == "lost"
-    broke = CliRunner().invoke(app, ["pipeline", "break-lease", str(config), "--host", "node-7", "--pid", "4242"])
-    assert broke.exit_code == 0 and "'peg pipeline run x' (pid 4242 on node-7)" in broke.output, broke.output
-    assert read_lease(store, "run") is None
-    with Lease(store, "run", ttl=30):
-        pass
-
-
-def test_a_store_down_at_the_end_does_not_hide_the_runs_own_error(tmp_path):
-    """Releasing the lease while the store is unreachable logs it (the lease expires by itself)
-    instead of raising over the error that is ending the run."""
-    from peg.store import StoreError
-
-    store = LocalStore(tmp_path / "store")
-    lease = Lease(store, "run", ttl=30)
-    lease.acquire()
-
-    def down(*args):
-        raise StoreError("S3 store http://127.0.0.1:9 bucket 'b': connection refused")
-
-    store.remove_object = down
-    with pytest.raises(ValueError, match="the stage's own error"):
-        try:
-            raise ValueError("the stage's own error")
-        finally:
-            lease.release()
 
 
 def test_an_s3_operation_warns_on_the_console_once_then_logs_its_retries(caplog):

@@ -13,8 +13,9 @@ from controller_rules import violations
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import load_config
-from peg.k8s.backend import ClusterError, K8sBackend, primary_pod_selector
-from peg.k8s.render import LABEL_HASH
+from peg.k8s.backend import K8sBackend
+from peg.k8s.client import ClusterError
+from peg.k8s.vocabulary import JOB_KINDS, LABEL_HASH, PYTORCHJOB, RAYJOB, TRAINJOB, job_kind, primary_pod_selector
 from peg.pipeline import STAGES, StageFailed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,10 +198,29 @@ def test_run_lease_reaches_every_peg_container_in_a_shape_the_controllers_accept
 
 
 def test_primary_pod_selectors():
-    meta = {"name": "run-train"}
-    assert primary_pod_selector({"kind": "RayJob", "metadata": meta}) == "job-name=run-train"
-    assert "replica-type=master" in primary_pod_selector({"kind": "PyTorchJob", "metadata": meta})
-    assert "job-completion-index=0" in primary_pod_selector({"kind": "TrainJob", "metadata": meta})
+    def job(k):
+        return {"apiVersion": k.api_version, "kind": k.kind, "metadata": {"name": "run-train"}}
+
+    assert primary_pod_selector(job(RAYJOB)) == "job-name=run-train"
+    assert "replica-type=master" in primary_pod_selector(job(PYTORCHJOB))
+    assert "job-completion-index=0" in primary_pod_selector(job(TRAINJOB))
+
+
+def test_every_rendered_job_is_a_declared_kind():
+    """The renderers make only the kinds `peg.k8s.vocabulary` declares, and make each of them."""
+    from peg.k8s.render import render_stage
+
+    rendered = set()
+    config = load_config(REPO / "examples" / "k8s-quickstart.yaml")
+    for trainer_api in ("trainjob", "pytorchjob"):
+        cfg = config.model_copy(update={"cluster": config.cluster.model_copy(update={"trainer_api": trainer_api})})
+        for stage in ("encode", "train"):
+            for obj in render_stage(cfg, stage):
+                if obj["kind"] != "ConfigMap":
+                    rendered.add(job_kind(obj["apiVersion"], obj["kind"]))
+    assert rendered == set(JOB_KINDS)
+    with pytest.raises(ValueError, match="not a stage job kind"):
+        job_kind("batch/v1", "Job")
 
 
 def test_a_stages_log_is_kept_in_the_store(monkeypatch, tmp_path):

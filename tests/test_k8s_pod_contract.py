@@ -27,6 +27,8 @@ from peg.store import open_store
 from s3server import ADMIN
 from tiny import make_tiny_beir, make_tiny_model
 
+pytestmark = pytest.mark.slow  # a Ray cluster and torchrun from the rendered pods
+
 PASS_THROUGH = ("PATH", "PYTHONPATH", "HOME", "DS_ACCELERATOR", "TMPDIR", "LANG", "RAY_USAGE_STATS_ENABLED")
 
 

@@ -103,6 +103,7 @@ def test_rendered_objects_validate(rendered):
             assert validate_object(obj) == [], (name, obj["kind"], obj["metadata"]["name"])
 
 
+@pytest.mark.slow
 def test_checkov_passes_rendered_objects_and_rejects_an_unrestricted_pod(rendered):
     if not CHECKOV.exists():
         pytest.skip("checkov is not installed in .venv-tools (scripts/setup.sh installs it)")
@@ -338,7 +339,8 @@ def test_pretrain_stage_renders_as_a_training_job_like_train():
         ({"kind": "RayJob", "status": {"jobDeploymentStatus": "Failed"}}, "failed"),
         ({"kind": "PyTorchJob", "status": {"conditions": [{"type": "Created", "status": "True"}]}}, "pending"),
         ({"kind": "PyTorchJob", "status": {"conditions": [{"type": "Running", "status": "True"}]}}, "running"),
-        ({"kind": "PyTorchJob", "status": {"conditions": [{"type": "Running", "status": "False"}, {"type": "Succeeded", "status": "True"}]}}, "succeeded"),
+        ({"kind": "PyTorchJob", "status": {"conditions": [{"type": "Running", "status": "False"},
+                                                          {"type": "Succeeded", "status": "True"}]}}, "succeeded"),
         ({"kind": "PyTorchJob", "status": {"conditions": [{"type": "Failed", "status": "True"}]}}, "failed"),
         ({"kind": "TrainJob", "status": {"jobsStatus": [{"name": "node", "active": 0, "ready": 0}]}}, "pending"),
         ({"kind": "TrainJob", "status": {"jobsStatus": [{"name": "node", "active": 2, "ready": 2}]}}, "running"),

@@ -9,6 +9,8 @@ import pytest
 from peg.config import LLMConfig
 from peg.llm.scorer import LLMScorer
 
+pytestmark = pytest.mark.slow  # the real SmolLM2
+
 ORDERING_CASES: list[tuple[str, str, str]] = [
     (
         "What is the boiling point of water at sea level?",

@@ -72,6 +72,7 @@ def chat_ids(tokenizer, content: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_yes_no_matches_unbatched_reference(tiny_llama, smollm2_tokenizer):
     tok = smollm2_tokenizer
@@ -92,6 +93,7 @@ def test_yes_no_matches_unbatched_reference(tiny_llama, smollm2_tokenizer):
     assert np.ptp(batched) > 0  # the pairs do get different scores
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_query_likelihood_matches_unbatched_reference(tiny_llama, smollm2_tokenizer):
     tok = smollm2_tokenizer
@@ -111,6 +113,7 @@ def test_query_likelihood_matches_unbatched_reference(tiny_llama, smollm2_tokeni
     assert (batched < 0).all()
 
 
+@pytest.mark.slow
 def test_query_likelihood_without_chat_template_batches_exactly(tiny_llama, smollm2_tokenizer):
     tok = copy.deepcopy(smollm2_tokenizer)
     tok.chat_template = None
@@ -120,6 +123,7 @@ def test_query_likelihood_without_chat_template_batches_exactly(tiny_llama, smol
     np.testing.assert_allclose(batched, one_by_one, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_yes_no_without_chat_template_is_an_error(tiny_llama, smollm2_tokenizer):
     tok = copy.deepcopy(smollm2_tokenizer)
     tok.chat_template = None
@@ -127,6 +131,7 @@ def test_yes_no_without_chat_template_is_an_error(tiny_llama, smollm2_tokenizer)
         LLMScorer(LLMConfig(path="/models/plain-lm", mode="yes_no"), tiny_llama, tok)
 
 
+@pytest.mark.slow
 def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
     import transformers
 
@@ -231,6 +236,7 @@ def test_score_candidates_of_a_run_and_unknown_ids():
         score_candidates(fixed_scores(table), queries, passages, {"q1": ["d7", "d1"]})
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_cross_encoder_teacher_scores_pairs_like_the_model():
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
@@ -255,6 +261,7 @@ def test_round_trip_outcome():
     assert round_trip_outcome("d2", ["d1", "d2"], [0.9, 0.9]) == "kept"
 
 
+@pytest.mark.slow
 def test_query_writer_prompts_and_cleaning(tiny_llama, smollm2_tokenizer):
     messages = few_shot_messages("title", "x" * 5000, max_chars=100)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]

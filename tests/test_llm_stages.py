@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-import yaml
+from helpers import write_config
 from typer.testing import CliRunner
 
 from peg.cli import app
@@ -26,13 +25,6 @@ from peg.runtime.shards import FAIL_SHARDS_ENV, ShardsFailed
 from peg.store import LocalStore
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def mined_examples() -> list[TrainingExample]:
@@ -50,17 +42,10 @@ def mined_examples() -> list[TrainingExample]:
     ]
 
 
-def write_config(folder: Path, store: Path, llm_dir: Path, **sections) -> Path:
-    config = {
-        "name": "llmrun",
-        "model": {"name_or_path": MINILM},
-        "store": {"uri": str(store)},
-        **sections,
-    }
+def write_llm_config(folder: Path, store: Path, **sections) -> Path:
+    config = {"name": "llmrun", "model": {"name_or_path": MINILM}, "store": {"uri": str(store)}, **sections}
     RunConfig.model_validate(config)
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(folder / "run.yaml", config)
 
 
 def put_mined(store: LocalStore, tmp: Path) -> None:
@@ -78,7 +63,7 @@ def test_judge_stage_names_failed_shard_and_rerun_redoes_only_it(ray_local, tiny
     parts = [judge_examples(mined_examples()[s : s + 2], scorer.score, JudgeConfig(**judge)) for s in (0, 2, 4)]
     expected_examples = [ex for p in parts for ex in p.examples]
     expected_judgments = [j for p in parts for j in p.judgments]
-    config_path = write_config(tmp_path, tmp_path / "store", tiny_llama_dir, judge=judge)
+    config_path = write_llm_config(tmp_path, tmp_path / "store", judge=judge)
     store = LocalStore(tmp_path / "store")
     runner = CliRunner()
 
@@ -203,7 +188,7 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
 
 def test_missing_gguf_is_a_clear_cli_error(tmp_path):
     judge = {"llm": {"path": str(tmp_path / "models"), "gguf_file": "absent.gguf"}}
-    config_path = write_config(tmp_path, tmp_path / "store", tmp_path, judge=judge)
+    config_path = write_llm_config(tmp_path, tmp_path / "store", judge=judge)
     result = CliRunner().invoke(app, ["judge", str(config_path)])
     assert result.exit_code == 2
     assert f"GGUF file not found: {tmp_path}/models/absent.gguf" in result.output

@@ -21,6 +21,8 @@ from peg.model.encoder import Encoder
 from peg.model.export import export_sentence_transformers
 from peg.model.lora import apply_lora, is_lora, parameter_counts
 
+pytestmark = pytest.mark.slow  # a tiny Llama with SmolLM2's tokenizer, torchrun
+
 QUERIES = ["what causes rain", "boiling point of water", "who wrote hamlet", "speed of light"]
 PASSAGES = [t for q in QUERIES for t in (f"an answer about {q}", f"unrelated words {len(q)}")]
 INSTRUCTION = "Instruct: find a passage that answers the question\nQuery: "

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peg.config import LossConfig, ProgressiveConfig
+from peg.config import ListwiseConfig, LossConfig, ProgressiveConfig
 from peg.losses import (
     InfoNCELoss,
     ListwiseDistillationLoss,
@@ -103,6 +103,7 @@ def test_a_positive_repeated_earlier_in_the_batch_keeps_its_own_column():
     torch.testing.assert_close(value, want)
 
 
+@pytest.mark.slow
 def test_passage_ids_are_equal_exactly_for_equal_texts_and_stable_across_processes():
     ids = passage_ids_from_texts(["x", "y", "x"])
     assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1]
@@ -256,14 +257,36 @@ def test_listwise_without_or_with_misaligned_teacher_scores_is_a_clear_error():
         ListwiseDistillationLoss()(q, p, teacher_scores=torch.tensor([[1.0, float("nan"), 0.0], [1.0, 0.0, 0.0]]))
 
 
+# A value other than the default for every field of the loss sections; build_loss must hand each to the loss.
+PROGRESSIVE = {"beta_start": -0.25, "beta_end": 0.75, "schedule": "step", "stages": 3, "self_paced": False,
+               "pace_start": 0.25, "pace_sharpness": 3.0}
+LISTWISE = {"teacher_temperature": 0.2, "student_temperature": 0.07, "nce_weight": 0.3, "nce_temperature": 0.02,
+            "false_negative_ratio": 0.5}
+
+
+def test_the_cases_below_cover_every_loss_field():
+    assert set(ProgressiveConfig.model_fields) == {"enabled", *PROGRESSIVE}
+    assert set(ListwiseConfig.model_fields) == set(LISTWISE)
+    assert set(LossConfig.model_fields) == {"kind", "temperature", "progressive", "listwise", "matryoshka_dims",
+                                            "matryoshka_weights"}
+    defaults = ProgressiveConfig(), ListwiseConfig()
+    assert all(getattr(defaults[0], k) != v for k, v in PROGRESSIVE.items())
+    assert all(getattr(defaults[1], k) != v for k, v in LISTWISE.items())
+
+
 def test_build_loss_from_config():
     assert type(build_loss(LossConfig())) is InfoNCELoss
-    config = LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, schedule="step", stages=3))
+    assert build_loss(LossConfig(temperature=0.02)).temperature == 0.02
+    config = LossConfig(temperature=0.02, progressive=ProgressiveConfig(enabled=True, **PROGRESSIVE))
     progressive = build_loss(config)
-    assert isinstance(progressive, ProgressiveInfoNCELoss)
-    assert (progressive.temperature, progressive.schedule, progressive.stages) == (0.02, "step", 3)
-    listwise = build_loss(LossConfig(kind="listwise"))
-    assert isinstance(listwise, ListwiseDistillationLoss) and listwise.nce_temperature == 0.01
+    assert isinstance(progressive, ProgressiveInfoNCELoss) and progressive.temperature == 0.02
+    assert {k: getattr(progressive, k) for k in PROGRESSIVE} == PROGRESSIVE
+    listwise = build_loss(LossConfig(kind="listwise", listwise=ListwiseConfig(**LISTWISE)))
+    assert isinstance(listwise, ListwiseDistillationLoss)
+    assert {k: getattr(listwise, k) for k in LISTWISE} == LISTWISE
+    matryoshka = build_loss(LossConfig(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, 0.5]), normalize=False)
+    assert isinstance(matryoshka, MatryoshkaLoss) and type(matryoshka.inner) is InfoNCELoss
+    assert (matryoshka.dims, matryoshka.weights, matryoshka.normalize) == ([8, 4], [1.0, 0.5], False)
 
 
 def one_rank_reference(name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -286,6 +309,7 @@ def two_rank_results(tmp_path_factory):
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["infonce", "progressive", "listwise", "matryoshka"])
 def test_two_ranks_with_half_batches_give_the_one_rank_gradient(two_rank_results, name):
     want, full_loss = one_rank_reference(name)
@@ -296,6 +320,7 @@ def test_two_ranks_with_half_batches_give_the_one_rank_gradient(two_rank_results
     torch.testing.assert_close(two_rank_results[name]["rank_losses"].mean(), full_loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_rank_targets_its_own_positives_among_gathered_passages(two_rank_results):
     """2 ranks x 4 queries x 2 hard negatives: each rank's loss equals the spelled-out reference."""
     batch = global_batch()
@@ -312,11 +337,13 @@ def test_each_rank_targets_its_own_positives_among_gathered_passages(two_rank_re
         torch.testing.assert_close(two_rank_results["infonce"]["rank_losses"][rank], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_progressive_weights_are_global_across_ranks(two_rank_results):
     stats = two_rank_results["progressive"]["stats"]
     assert stats["weight_mean"] == pytest.approx(1.0) and stats["weight_min"] < stats["weight_max"]
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_across_ranks_is_a_clear_error(two_rank_results):
     assert "same number of queries and passages" in two_rank_results["uneven_error"]
     assert "[(4, 12), (3, 9)]" in two_rank_results["uneven_error"]

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import ray
-import yaml
+from helpers import write_config
 from tiny import make_tiny_model
 from typer.testing import CliRunner
 
@@ -20,13 +19,6 @@ from peg.runtime.shards import FAIL_SHARDS_ENV
 from peg.store import open_store
 
 WORDS = "alpha beta gamma delta protein cell gene virus star orbit bread oven market loan song chord".split()
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def write_beir(folder, n_passages: int = 150, n_queries: int = 30) -> dict:
@@ -53,7 +45,7 @@ def write_beir(folder, n_passages: int = 150, n_queries: int = 30) -> dict:
     return duplicates
 
 
-def write_config(path, beir, store, **mining):
+def write_mine_config(path, beir, store, **mining):
     config = {
         "name": "mine-test",
         "data": {"beir": str(beir), "train_split": "train"},
@@ -63,8 +55,7 @@ def write_config(path, beir, store, **mining):
                    "actor_cpus": 0.25, **mining},
         "store": {"uri": str(store)},
     }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(path, config)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def mined(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("mine")
     make_tiny_model(root / "model")
     duplicates = write_beir(root / "beir")
-    config_path = write_config(root / "run.yaml", root / "beir", root / "store")
+    config_path = write_mine_config(root / "run.yaml", root / "beir", root / "store")
     config = load_config(config_path)
     store = open_store(config.store)
     result = run_mine(config, store, show_progress=False)
@@ -83,7 +74,7 @@ def mined(ray_local, tmp_path_factory):
 
 
 def test_mined_examples_obey_the_selection_rules(mined):
-    config, store, result = mined["config"], mined["store"], mined["result"]
+    store, result = mined["store"], mined["result"]
     assert result.computed == [0, 1, 2] and result.reused == []
     examples = list(iter_examples(store.local_path(result.keys["train"])))
     # "unjudged" has no train qrels, "q-zero" no positive: neither becomes an example.
@@ -156,7 +147,7 @@ def test_changed_mining_config_recomputes_every_shard(mined):
 
 def test_cli_encode_and_mine_reuse_stored_work(mined):
     runner = CliRunner()
-    path = write_config(mined["root"] / "cli.yaml", mined["root"] / "beir", mined["root"] / "store")
+    path = write_mine_config(mined["root"] / "cli.yaml", mined["root"] / "beir", mined["root"] / "store")
     encoded = runner.invoke(app, ["encode", str(path)])
     assert encoded.exit_code == 0, encoded.output
     assert "passages: 150 embeddings of dim 32" in encoded.output and "queries: 31 embeddings" in encoded.output
@@ -169,7 +160,7 @@ def test_cli_encode_and_mine_reuse_stored_work(mined):
 def test_cli_bad_input_errors(mined):
     runner = CliRunner()
     root = mined["root"]
-    too_many = write_config(root / "shards.yaml", root / "beir", root / "store", num_shards=151, actor_cpus=0.01)
+    too_many = write_mine_config(root / "shards.yaml", root / "beir", root / "store", num_shards=151, actor_cpus=0.01)
     result = runner.invoke(app, ["mine", str(too_many)])
     assert result.exit_code == 2
     assert "mining.num_shards (151) exceeds the corpus size (150 passages)" in result.output
@@ -178,7 +169,7 @@ def test_cli_bad_input_errors(mined):
     write_beir(bad)
     with (bad / "qrels" / "train.tsv").open("a") as f:
         f.write("ghost\tp1\t1\n")
-    result = runner.invoke(app, ["mine", str(write_config(root / "bad.yaml", bad, root / "store"))])
+    result = runner.invoke(app, ["mine", str(write_mine_config(root / "bad.yaml", bad, root / "store"))])
     assert result.exit_code == 2
     line = len((bad / "qrels" / "train.tsv").read_text().splitlines())
     assert f"train.tsv:{line}: query id 'ghost' is not in queries.jsonl" in " ".join(result.output.split())

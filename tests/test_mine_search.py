@@ -16,13 +16,6 @@ from peg.mine import select_negatives
 from peg.runtime import EmptyShardError, ShardedIndex
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def corpus_with_ties(n: int = 600, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     corpus = rng.standard_normal((n, dim)).astype(np.float32)

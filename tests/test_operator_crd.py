@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import jsonschema
@@ -136,7 +136,7 @@ def test_broken_pipelines_are_rejected_with_the_key():
 @pytest.mark.parametrize("store", [StoreState(), StoreState(stages={"prepare": "complete"}), StoreState(error="down")])
 def test_statuses_reconcile_writes_validate(store):
     doc = yaml.safe_load(EXAMPLE.read_text())
-    _, status = reconcile(doc["spec"], 1, [], store, None, datetime.now(timezone.utc))
+    _, status = reconcile(doc["spec"], 1, [], store, None, datetime.now(UTC))
     doc["status"] = json.loads(json.dumps(status))
     assert errors(doc) == []
     bad = copy.deepcopy(doc)
@@ -159,7 +159,7 @@ def test_operator_runs_the_clis_config_after_api_server_defaulting(name):
     assert errors(stored) == []
     spec = json.loads(json.dumps(stored["spec"]))  # as the handler hands it to reconcile
     assert PipelineSpec.model_validate(spec).run.model_dump_json() == cli.model_dump_json()
-    _, status = reconcile(spec, 1, [], StoreState(), None, datetime.now(timezone.utc))
+    _, status = reconcile(spec, 1, [], StoreState(), None, datetime.now(UTC))
     assert status["phase"] != "Failed", status["conditions"]
 
 
@@ -187,7 +187,7 @@ def test_a_misspelt_run_key_reaches_the_operator_and_fails_as_in_the_cli():
     doc["spec"]["run"]["train"]["epochz"] = 2
     stored = as_stored(doc)
     assert stored["spec"]["run"]["train"]["epochz"] == 2 and errors(stored) == []
-    _, status = reconcile(stored["spec"], 1, [], StoreState(), None, datetime.now(timezone.utc))
+    _, status = reconcile(stored["spec"], 1, [], StoreState(), None, datetime.now(UTC))
     assert status["phase"] == "Failed" and "run.train.epochz" in status["conditions"][0]["message"]
     with pytest.raises(ValueError, match="train.epochz"):
         parse_config(yaml.safe_dump(doc["spec"]["run"]), "run.yaml")

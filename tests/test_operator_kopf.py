@@ -37,8 +37,8 @@ from s3server import ADMIN  # noqa: E402
 
 from peg.config import RunConfig, StoreConfig  # noqa: E402
 from peg.operator import handlers  # noqa: E402, F401  (importing registers the handlers)
-from peg.operator.api import API_CALLS, JOB_KINDS  # noqa: E402
-from peg.operator.model import GROUP, KIND, PLURAL, VERSION  # noqa: E402
+from peg.k8s.vocabulary import JOB_KINDS, PIPELINE  # noqa: E402
+from peg.operator.api import API_CALLS  # noqa: E402
 from peg.operator.reconcile import Child, StoreState, claim_keys  # noqa: E402
 from peg.pipeline import STAGES, stage_hashes  # noqa: E402
 from peg.pipeline.state import StageRecord, read_record, write_record  # noqa: E402
@@ -46,6 +46,7 @@ from peg.store import open_store  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
+GROUP, VERSION, KIND, PLURAL = PIPELINE.group, PIPELINE.version, PIPELINE.kind, PIPELINE.plural
 NAMESPACE = "team"
 SUMMARY = {"split": "test", "metrics": {"base": {"ndcg@10": 0.645}, "fine-tuned": {"ndcg@10": 0.702}}}
 
@@ -121,7 +122,8 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                  "controller": True, "blockOwnerDeletion": True}]
             config_map = cluster.objects("configmaps")["demo-config"]
             assert config_map["metadata"]["ownerReferences"][0]["uid"] == uid
-            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("stage") == "encode" and cluster.pipeline()["status"])
+            status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("stage") == "encode"
+                                        and cluster.pipeline()["status"])
             assert status["phase"] == "Running"
 
             for stage in ("encode", "mine"):
@@ -129,7 +131,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                 finish_stage(store, config, stage)
                 await succeed(cluster, plural, job)
                 nxt = {"encode": "mine", "mine": "train"}[stage]
-                await cluster.wait(lambda: cluster.job(nxt))
+                await cluster.wait(lambda nxt=nxt: cluster.job(nxt))
 
             # restart the controller while train runs: it must continue, not start train again
             started = ("StageStarted", "stage train: created TrainJob demo-train (attempt 1/2)")
@@ -148,7 +150,7 @@ def test_operator_runs_a_pipeline_through_a_restart(s3_server, bucket, tmp_path,
                 finish_stage(store, config, stage)
                 await succeed(cluster, plural, job)
                 if nxt:
-                    await cluster.wait(lambda: cluster.job(nxt))
+                    await cluster.wait(lambda nxt=nxt: cluster.job(nxt))
             status = await cluster.wait(lambda: cluster.pipeline().get("status", {}).get("phase") == "Succeeded"
                                         and cluster.pipeline()["status"])
             await cluster.wait(lambda: "PipelineSucceeded" in dict(cluster.events()))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 
 import pytest
 from k8s_validation import as_stored
 
 from peg.config import RunConfig
+from peg.k8s.vocabulary import LABEL_HASH, LABEL_RUN, LABEL_STAGE
 from peg.operator.reconcile import (
-    HASH_LABEL,
     JOB_VISIBLE_GRACE_SECONDS,
     Apply,
     Child,
@@ -25,7 +25,7 @@ from peg.operator.reconcile import (
 )
 from peg.pipeline import enabled_stages, stage_hashes
 
-NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 RUN = {"name": "demo", "model": {"name_or_path": "m"}, "data": {"beir": "/data/scifact"}, "store": {"uri": "s3://bucket/peg"}}
 STAGES = ["prepare", "encode", "mine", "train", "eval", "export", "report"]
 
@@ -54,7 +54,7 @@ class FakeRenderer:
         if stage == "prepare":
             raise AssertionError("prepare is never rendered")
         api, kind = ("trainer.kubeflow.org/v1alpha1", "TrainJob") if stage == "train" else ("ray.io/v1", "RayJob")
-        labels = {"peg.dev/run": config.name, "peg.dev/stage": stage, HASH_LABEL: stage_hashes(config)[stage][:16]}
+        labels = {LABEL_RUN: config.name, LABEL_STAGE: stage, LABEL_HASH: stage_hashes(config)[stage][:16]}
         return [{"apiVersion": api, "kind": kind, "metadata": {"name": f"{config.name}-{stage}", "labels": labels}}]
 
     @staticmethod
@@ -67,7 +67,7 @@ render = FakeRenderer.render_stage
 
 def job(s: dict, stage: str, phase: str, deleting: bool = False, message: str = "") -> Child:
     obj = render(config_of(s), stage)[0]
-    return Child(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], stage, obj["metadata"]["labels"][HASH_LABEL],
+    return Child(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], stage, obj["metadata"]["labels"][LABEL_HASH],
                  phase, deleting, message)
 
 
@@ -271,7 +271,7 @@ def test_spec_change_mid_run_invalidates_exactly_the_changed_stages(change, inva
         actions, status = run(new_spec, [], store_now, status)
         objs = [a.obj for a in actions if isinstance(a, Create)]
         assert [o["metadata"]["name"] for o in objs] == ["demo-train"]
-        assert objs[0]["metadata"]["labels"][HASH_LABEL] == new_hashes["train"][:16]
+        assert objs[0]["metadata"]["labels"][LABEL_HASH] == new_hashes["train"][:16]
         assert stage_of(status, "train")["attempts"] == 1
 
 

@@ -72,6 +72,7 @@ def test_a_pretraining_checkpoint_of_another_plan_is_refused(tmp_path):
         check_resume(tmp_path, pretrain_identity(run, ["a passage", "an edited passage"], 1, 6))
 
 
+@pytest.mark.slow
 def test_pretraining_learns_and_resumes_exactly_from_the_store(tmp_path, monkeypatch):
     """ZeRO-2, dropout on, one rank in this process: the loss goes down; the step-3 checkpoint goes
     to the store, and a run restored from there (a fresh disk) gives the uninterrupted run's losses

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real process trees of peg and torchrun wrappers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 needs_pid_namespace = pytest.mark.skipif(

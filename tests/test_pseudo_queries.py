@@ -8,8 +8,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
-import ray
 
 from peg.config import RunConfig
 from peg.data import Passage, iter_examples
@@ -55,13 +53,6 @@ def test_span_crop_takes_span_words_consecutive_words_and_removes_them():
         assert len(positive.split()) == len(words) - 5
     assert pseudo_query(PASSAGE, "span_crop", random.Random(3), 5) == pseudo_query(PASSAGE, "span_crop", random.Random(3), 5)
     assert pseudo_query(PASSAGE, "span_crop", random.Random(0), len(words) // 2 + 1) == ("", "")  # too short
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 TOPICS = ["bees", "tides", "volcanoes", "jazz", "vaccines", "glaciers"]

@@ -1,8 +1,9 @@
-"""The report's progressive panel: beta(t), pace and query weights from the train metrics."""
+"""The report: its progressive panel (beta(t), pace and query weights from the train metrics) and
+its mining tables."""
 
 from __future__ import annotations
 
-from peg.pipeline.report import _progressive_chart
+from peg.pipeline.report import _progressive_chart, mining_tables
 
 
 def test_progressive_chart_is_drawn_only_for_progressive_runs(tmp_path):
@@ -12,3 +13,15 @@ def test_progressive_chart_is_drawn_only_for_progressive_runs(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not _progressive_chart([{"step": 1, "loss": 1.0}], tmp_path / "q.png")
     assert not (tmp_path / "q.png").exists()
+
+
+def test_report_renders_mining_statistics_as_tables():
+    stats = {"queries": 120, "candidates": 2400, "kept": 500, "not_selected": 7, "queries_short": 25,
+             "queries_without_positives": 2, "query_shards": 3,
+             "dropped": {"positive": 120, "duplicate": 4, "relative_margin": 30},
+             "short_query_ids": [f"q{i}" for i in range(25)], "mining": {"top_k": 20, "selection": "topk_percpos"}}
+    page = mining_tables(stats)
+    assert "<table>" in page and "{" not in page
+    assert "<tr><th>relative margin</th><td>30</td></tr>" in page
+    assert "<tr><th>candidates</th><td>2,400</td></tr>" in page
+    assert "q9, and" not in page and "q0, q1" in page and "and 15 more" in page and "q10" not in page

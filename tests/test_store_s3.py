@@ -23,6 +23,7 @@ from peg.config import StoreConfig
 from peg.store import StoreError, open_store
 from peg.store.s3 import S3Store, load_credentials
 from s3server import ADMIN, READER, WeedS3
+from datetime import UTC
 
 AK_ENV, SK_ENV = "PEG_TEST_S3_ACCESS_KEY", "PEG_TEST_S3_SECRET_KEY"
 
@@ -215,6 +216,7 @@ def test_persistent_transient_errors_give_up_after_max_attempts(store, monkeypat
     assert not store.exists("run/x/busy")
 
 
+@pytest.mark.slow
 def test_server_killed_mid_upload_leaves_no_partial_object(tmp_path, credentials):
     server = WeedS3(tmp_path / "server")
     server.start()
@@ -233,7 +235,8 @@ def test_server_killed_mid_upload_leaves_no_partial_object(tmp_path, credentials
             return real_upload_part(*args)
 
         store._transfer._upload_part = upload_part_then_crash
-        with pytest.raises(StoreError, match=rf"http://{server.endpoint} bucket 'crash'.*put 'big/model.bin' failed after 3 attempts: cannot reach the endpoint"):
+        expected = rf"http://{server.endpoint} bucket 'crash'.*put 'big/model.bin' failed after 3 attempts: cannot reach the endpoint"
+        with pytest.raises(StoreError, match=expected):
             store.put_file("big/model.bin", tmp_path / "big.bin", producer="train")
         assert len(parts_sent) >= 2
 
@@ -380,7 +383,7 @@ def test_a_run_taken_over_aborts_the_uploads_its_killed_holder_left_and_no_other
     """Issue 30: a kill during a large upload leaves an incomplete multipart upload (billed,
     listed as no object). The next holder of the run's lease aborts those under the run's prefix
     that started before it took the lease, says so in the log, and leaves every other upload."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from peg.store.lease import Lease
 
@@ -397,14 +400,14 @@ def test_a_run_taken_over_aborts_the_uploads_its_killed_holder_left_and_no_other
     assert pending() == sorted([f"{store.prefix}/run/train/model.bin", *other])
     with caplog.at_level("WARNING", logger="peg.store.lease"), Lease(store, "run", ttl=30):
         assert pending() == sorted(other)
-        taken = datetime.now(timezone.utc)
+        taken = datetime.now(UTC)
         time.sleep(1.1)  # S3 times have whole seconds
         admin._create_multipart_upload(bucket, f"{store.prefix}/run/eval/new.bin", {})  # started after: not stale
         assert store.abort_interrupted_uploads("run", taken) == []
         assert f"{store.prefix}/run/eval/new.bin" in pending()
     assert ("run 'run': aborted 1 interrupted multipart upload(s) an earlier process left: run/train/model.bin"
             in caplog.messages)
-    assert store.abort_interrupted_uploads("run", datetime.now(timezone.utc)) == ["run/eval/new.bin"]
+    assert store.abort_interrupted_uploads("run", datetime.now(UTC)) == ["run/eval/new.bin"]
     assert pending() == sorted(other)
 
 

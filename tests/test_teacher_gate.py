@@ -77,6 +77,7 @@ def processor():
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sign, beats", [(1.0, True), (-1.0, False)])
 def test_gate_tells_a_better_teacher_from_a_worse_one(processor, sign, beats, caplog):
     processor.teacher = OverlapTeacher(sign)
@@ -95,6 +96,7 @@ def test_gate_tells_a_better_teacher_from_a_worse_one(processor, sign, beats, ca
     assert bool(warned) is (not beats)
 
 
+@pytest.mark.slow
 def test_no_teacher_holds_nothing_out(processor):
     processor.teacher = None
     out = processor(0, PASSAGES)

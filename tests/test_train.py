@@ -77,6 +77,7 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_gradcache_matches_one_rank_full_batch_under_every_zero_stage(tmp_path):
     """2 ranks x B/2 through the DeepSpeed engine (uncached and GradCache chunk 3) equal the
     gradient of the loss on the whole batch B in one process, for ZeRO 0, 1, 2, 3."""
@@ -111,6 +112,7 @@ def _train_config(tmp_path: Path, model: str, files: list[str], **train) -> Path
     return path
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_exactly(tmp_path):
     """Kill a 2-rank ZeRO-3 GradCache run (dropout on, files streamed in several blocks, batches
     prefetched, chunks grouped by length) with SIGKILL after a checkpoint, resume: every step's
@@ -337,6 +339,7 @@ def test_batch_not_divisible_across_ranks_is_a_clear_error(tmp_path):
         BatchPlan({"a": a}, queries_per_step=5, world_size=2, seed=1)
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_batch_that_does_not_divide_across_ranks(tmp_path):
     # a packaged model: found offline by the check before any work, never loaded here
     config = _train_config(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2)])
@@ -349,6 +352,7 @@ def test_cli_rejects_a_batch_that_does_not_divide_across_ranks(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any process started
 
 
+@pytest.mark.slow
 def test_cli_listwise_without_teacher_scores_fails_with_file_and_line(tmp_path):
     model = make_tiny_bert(tmp_path / "tiny", dropout=0.0)
     files = [write_pairs(tmp_path / "a.jsonl", "alpha", 8, 2, scores=False)]

@@ -115,6 +115,7 @@ def _train(tmp_path: Path, raw: dict, out: str):
     return run([sys.executable, "-m", "peg", "train", str(path), "--output", str(tmp_path / out)], timeout=600)
 
 
+@pytest.mark.slow
 def test_two_rank_zero2_run_scores_the_dev_set_keeps_the_best_and_exports_it(tmp_path):
     model = make_tiny_bert(tmp_path / "tiny", dropout=0.1)
     raw = config_dict(tmp_path, model, checkpoint_every=2, eval_every=3)
@@ -149,6 +150,7 @@ def test_two_rank_zero2_run_scores_the_dev_set_keeps_the_best_and_exports_it(tmp
     assert again["ndcg@10"] == pytest.approx(best.value, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_zero3_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
     """A learning rate too small to change the ranking: the first evaluation stays the best and
     training stops `patience` evaluations later, before the planned last step."""

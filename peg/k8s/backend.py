@@ -12,7 +12,6 @@ The main pod's log of each stage is printed as it comes and kept in the store at
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -21,56 +20,15 @@ from pathlib import Path
 from typing import IO, Any
 
 import urllib3
-import yaml
 from kubernetes.client.exceptions import ApiException
 
 from peg.config import RunConfig
-from peg.errors import PegError
+from peg.k8s.client import ClusterError, kubernetes_apis
 from peg.k8s.names import stage_log_key
-from peg.k8s.render import LABEL_HASH, LABEL_RUN, LOCAL_STAGES, job_phase, render_config_map, render_stage
+from peg.k8s.render import LOCAL_STAGES, job_phase, render_config_map, render_stage
+from peg.k8s.vocabulary import LABEL_HASH, LABEL_RUN, job_kind_of, primary_pod_selector
 from peg.pipeline import LocalBackend, Stage, StageFailed, pipeline_status
 from peg.store import ArtifactStore, open_store
-
-API = {  # kind -> (group, version, plural)
-    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
-    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
-    "RayJob": ("ray.io", "v1", "rayjobs"),
-}
-
-
-class ClusterError(PegError, RuntimeError):
-    """The Kubernetes API refused a request, or is unreachable."""
-
-
-def primary_pod_selector(obj: dict) -> str:
-    """Label selector of the pod whose log is the stage's output (Ray submitter, master, node 0)."""
-    name = obj["metadata"]["name"]
-    return {
-        "RayJob": f"job-name={name}",  # KubeRay's submitter Job, named after the RayJob, tails the driver
-        "PyTorchJob": f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
-        "TrainJob": f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0",
-    }[obj["kind"]]
-
-
-def kubernetes_apis() -> tuple[Any, Any]:
-    """(CustomObjectsApi, CoreV1Api) from the kubeconfig, or the in-cluster service account."""
-    from kubernetes import client, config
-
-    where = os.environ.get("KUBECONFIG") or None  # read now: the client reads it once, at its import
-    try:
-        config.load_kube_config(config_file=where)
-    except yaml.YAMLError as e:
-        where = where or "~/.kube/config"
-        mark = getattr(e, "problem_mark", None)
-        raise ClusterError(f"kubeconfig {where}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
-                           f"({getattr(e, 'problem', None) or e})") from None
-    except (config.ConfigException, FileNotFoundError, TypeError):
-        try:
-            config.load_incluster_config()
-        except config.ConfigException as e:
-            raise ClusterError(f"no Kubernetes access: no usable kubeconfig and not in a cluster ({e})") from None
-    return client.CustomObjectsApi(), client.CoreV1Api()
-
 
 class K8sBackend:
     """Runs `prepare` here (it uploads this machine's data) and every other stage as its job."""
@@ -141,7 +99,8 @@ class K8sBackend:
             self.core.replace_namespaced_config_map(name, ns, cm)
 
     def _create_or_reuse(self, obj: dict) -> None:
-        group, version, plural = API[obj["kind"]]
+        k = job_kind_of(obj)
+        group, version, plural = k.group, k.version, k.plural
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
             existing = self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
@@ -211,7 +170,8 @@ class K8sBackend:
         return self._store
 
     def _follow(self, obj: dict, kept: IO[str]) -> str:
-        group, version, plural = API[obj["kind"]]
+        k = job_kind_of(obj)
+        group, version, plural = k.group, k.version, k.plural
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         last, streamer = None, None
         while True:

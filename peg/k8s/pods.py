@@ -58,6 +58,7 @@ from pathlib import Path
 from peg.config import RunConfig
 from peg.errors import PegError
 from peg.k8s.render import LOCAL_STAGES, check_renderable, render_config_map, render_stage
+from peg.k8s.vocabulary import PYTORCHJOB, RAYJOB, TRAINJOB
 from peg.pipeline import LocalBackend, StageFailed
 from peg.pipeline.stages import Stage
 
@@ -444,11 +445,11 @@ def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Contain
         if int(obj["spec"].get("replicas", 1)) != 1:
             raise PodError(f"Deployment {name}: replicas other than 1: not honoured by the pod runner")
         return pod_containers(obj["spec"]["template"]["spec"], f"{name}-0", known, namespace, server=True)
-    if kind == "TrainJob":
+    if kind == TRAINJOB.kind:
         return _trainjob(obj, known)
-    if kind == "PyTorchJob":
+    if kind == PYTORCHJOB.kind:
         return _pytorchjob(obj, known)
-    if kind == "RayJob":
+    if kind == RAYJOB.kind:
         return _rayjob(obj, known)
     raise PodError(f"{kind} {name}: the pod runner runs Pod, Job, Deployment, TrainJob, PyTorchJob and RayJob")
 

@@ -32,6 +32,7 @@ from peg.k8s.validation import (
     quantity_problem,
     subdomain_problem,
 )
+from peg.k8s.vocabulary import GROUP, LABEL_HASH, LABEL_QUEUE, LABEL_RUN, LABEL_STAGE, PYTORCHJOB, RAYJOB, TRAINJOB
 from peg.pipeline import enabled_stages, stage_hashes
 
 CONFIG_DIR = "/etc/peg"
@@ -43,10 +44,8 @@ LOCAL_STAGES = ("prepare",)  # run where the data is, never in a pod
 TRAINING_STAGES = ("pretrain", "train")  # torchrun + DeepSpeed: a TrainJob / PyTorchJob, not a RayJob
 RAY_HEAD, RAY_WORKER = "ray-head", "ray-worker"
 GPU = "nvidia.com/gpu"
-LABEL_RUN, LABEL_STAGE, LABEL_HASH = "peg.dev/run", "peg.dev/stage", "peg.dev/stage-hash"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue reads it from the job object itself
 TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
-MANAGER = "peg.dev/render"
+MANAGER = f"{GROUP}/render"  # the field manager of the TrainJob's pod-template overrides
 
 
 class RenderError(ConfigError):
@@ -412,7 +411,7 @@ def render_trainjob(pods: TrainingPods) -> dict:
         {"name": "node", "securityContext": _container_security(cfg), "volumeMounts": _volume_mounts(cfg)}
     ]
     spec: dict[str, Any] = {
-        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": c.runtime},
+        "runtimeRef": {"apiGroup": TRAINJOB.group, "kind": "ClusterTrainingRuntime", "name": c.runtime},
         "trainer": {
             "image": pods.image,
             "command": pods.command,
@@ -439,8 +438,8 @@ def render_trainjob(pods: TrainingPods) -> dict:
     if c.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = c.active_deadline_seconds
     return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1",
-        "kind": "TrainJob",
+        "apiVersion": TRAINJOB.api_version,
+        "kind": TRAINJOB.kind,
         "metadata": _job_metadata(cfg, pods.name, pods.labels),
         "spec": spec,
     }
@@ -469,8 +468,8 @@ def render_pytorchjob(pods: TrainingPods) -> dict:
     if c.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = c.active_deadline_seconds
     return {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
+        "apiVersion": PYTORCHJOB.api_version,
+        "kind": PYTORCHJOB.kind,
         "metadata": _job_metadata(cfg, pods.name, pods.labels),
         "spec": {"nprocPerNode": str(pods.nproc_per_node), "runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
     }
@@ -523,8 +522,8 @@ def render_rayjob(cfg: RunConfig, stage: str, labels: dict[str, str], env: list[
     if c.pending_deadline_seconds:
         spec["preRunningDeadlineSeconds"] = c.pending_deadline_seconds
     return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
+        "apiVersion": RAYJOB.api_version,
+        "kind": RAYJOB.kind,
         "metadata": _job_metadata(cfg, resource_name(cfg.name, stage), labels),
         "spec": spec,
     }
@@ -544,7 +543,7 @@ def job_phase(obj: dict) -> str:
     """
     status = obj.get("status") or {}
     kind = obj.get("kind")
-    if kind == "RayJob":
+    if kind == RAYJOB.kind:
         deployment, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
         if deployment in ("Failed", "ValidationFailed"):
             return "failed"
@@ -552,7 +551,7 @@ def job_phase(obj: dict) -> str:
             return "succeeded" if job == "SUCCEEDED" else "failed"
         return "running" if deployment in ("Running", "Retrying") else "pending"
     true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
-    if kind == "TrainJob":
+    if kind == TRAINJOB.kind:
         if "Failed" in true:
             return "failed"
         if "Complete" in true:
@@ -561,7 +560,7 @@ def job_phase(obj: dict) -> str:
             return "pending"
         jobs = status.get("jobsStatus") or []
         return "running" if any(j.get("active") or j.get("ready") or j.get("succeeded") for j in jobs) else "pending"
-    if kind == "PyTorchJob":
+    if kind == PYTORCHJOB.kind:
         if "Failed" in true:
             return "failed"
         if "Succeeded" in true:

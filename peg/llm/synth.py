@@ -69,7 +69,8 @@ FEW_SHOT: dict[str, tuple[str, tuple[str, str]]] = {
     ),
     "claim": (
         "Write one factual claim, a single sentence, that the passage supports. Reply with the claim only.",
-        ("The Eiffel Tower was built for the 1889 World's Fair.", "Endurance training lowers systolic blood pressure in hypertensive adults."),
+        ("The Eiffel Tower was built for the 1889 World's Fair.",
+         "Endurance training lowers systolic blood pressure in hypertensive adults."),
     ),
     "keywords": (
         "Write a keyword query of three to six words for which the passage is relevant. Reply with the keywords only.",

@@ -12,12 +12,9 @@ store, through the official `kubernetes` client.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-from dataclasses import dataclass
 
-from peg.k8s.backend import primary_pod_selector
-from peg.operator.model import GROUP, PLURAL, VERSION
+from peg.k8s.vocabulary import JOB_KINDS, PIPELINE, job_kind, primary_pod_selector
 from peg.operator.reconcile import CLUSTER_REJECTIONS, SPEC_REJECTIONS, Apply, Create, Delete, KeepLog
 from peg.store import ArtifactStore
 
@@ -30,31 +27,12 @@ class Rejected(Exception):
         self.request, self.code, self.message = request, code, message
 
 
-@dataclass(frozen=True)
-class JobKind:
-    """A kind of stage job the renderers make."""
-
-    group: str
-    version: str
-    kind: str
-    plural: str
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
-
-
-JOB_KINDS = (
-    JobKind("ray.io", "v1", "RayJob", "rayjobs"),
-    JobKind("trainer.kubeflow.org", "v1alpha1", "TrainJob", "trainjobs"),
-    JobKind("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs"),
-)
-
 # (API group, resource, verbs): what the controller calls, and why.
 API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    (GROUP, PLURAL, ("list", "watch", "patch")),  # kopf: watch pipelines; finalizer + status patches
-    (GROUP, f"{PLURAL}/status", ("patch",)),  # kopf patches the status subresource
-    (GROUP, f"{PLURAL}/finalizers", ("update",)),  # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
+    (PIPELINE.group, PIPELINE.plural, ("list", "watch", "patch")),  # kopf: watch pipelines; finalizer + status patches
+    (PIPELINE.group, f"{PIPELINE.plural}/status", ("patch",)),  # kopf patches the status subresource
+    # blockOwnerDeletion on the children (OwnerReferencesPermissionEnforcement)
+    (PIPELINE.group, f"{PIPELINE.plural}/finalizers", ("update",)),
     *((k.group, k.plural, ("list", "watch", "create", "delete")) for k in JOB_KINDS),  # index, create, delete jobs
     ("", "configmaps", ("create", "get", "patch")),  # Apply: the run config a stage's pods mount (get: is it ours?)
     ("", "pods", ("list",)),  # KeepLog: the finished job's main pod
@@ -65,23 +43,6 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 
 CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
-
-
-def job_kind(api_version: str, kind: str) -> JobKind:
-    for k in JOB_KINDS:
-        if (k.api_version, k.kind) == (api_version, kind):
-            return k
-    raise ValueError(f"{kind} ({api_version}) is not a stage job kind the operator manages")
-
-
-def connect() -> None:
-    """Configure the kubernetes client: in-cluster credentials in a pod, else the kubeconfig."""
-    from kubernetes import config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now, not at import
 
 
 def describe(action: Create | Apply | Delete, namespace: str) -> str:

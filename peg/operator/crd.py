@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from peg.k8s.schema import run_config_schema, structural_schema
-from peg.operator.model import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, PipelineSpec, PipelineStatus
+from peg.k8s.vocabulary import PIPELINE, PIPELINE_SHORT_NAMES, PIPELINE_SINGULAR
+from peg.operator.model import PipelineSpec, PipelineStatus
 
 PRINTER_COLUMNS = [
     {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "The stage running, retrying or failed."},
@@ -43,14 +44,14 @@ def crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "peg"}},
+        "metadata": {"name": f"{PIPELINE.plural}.{PIPELINE.group}", "labels": {"app.kubernetes.io/part-of": "peg"}},
         "spec": {
-            "group": GROUP,
+            "group": PIPELINE.group,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
-                      "shortNames": SHORT_NAMES, "categories": ["peg"]},
+            "names": {"kind": PIPELINE.kind, "listKind": f"{PIPELINE.kind}List", "plural": PIPELINE.plural,
+                      "singular": PIPELINE_SINGULAR, "shortNames": list(PIPELINE_SHORT_NAMES), "categories": ["peg"]},
             "versions": [{
-                "name": VERSION,
+                "name": PIPELINE.version,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
@@ -92,8 +93,8 @@ def pipeline_manifest(run: dict[str, Any], namespace: str, name: str) -> dict[st
     their defaults, relative paths stay relative) with the default retry policy."""
     spec = PipelineSpec.model_validate({"run": run})  # raises on a bad config or retry policy
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
+        "apiVersion": PIPELINE.api_version,
+        "kind": PIPELINE.kind,
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"run": run, "retries": spec.retries.model_dump(by_alias=True)},
     }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import kopf
@@ -23,12 +23,11 @@ import prometheus_client as prom
 from pydantic import ValidationError
 
 from peg.config import RunConfig
+from peg.k8s.client import connect
 from peg.k8s.render import job_phase
+from peg.k8s.vocabulary import JOB_KINDS, LABEL_HASH, LABEL_STAGE, PIPELINE
 from peg.operator import api
-from peg.operator.model import GROUP, KIND, PLURAL, VERSION
 from peg.operator.reconcile import (
-    HASH_LABEL,
-    STAGE_LABEL,
     Child,
     Delete,
     Event,
@@ -56,14 +55,14 @@ PHASES = ("Pending", "Running", "Succeeded", "Failed", "Refused")
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = f"{GROUP}/operator"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{PIPELINE.group}/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PIPELINE.group)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PIPELINE.group)
     settings.posting.loggers = False  # only the transitions reconcile emits become events
     # A pipeline deleted while its reconcile runs: re-check for the timer's exit every second, not
     # every 60 s (kopf's default), so the finalizer goes right after that reconcile returns.
     settings.background.cancellation_polling = 1
-    api.connect()
+    connect()
     if os.environ.get("PEG_OPERATOR_METRICS_PORT"):
         prom.start_http_server(int(os.environ["PEG_OPERATOR_METRICS_PORT"]))
 
@@ -74,22 +73,22 @@ def job_observation(body: kopf.Body) -> Child:
     status = body.get("status") or {}
     message = status.get("message") or status.get("reason") or ""
     return Child(
-        api_version=body["apiVersion"], kind=body["kind"], name=body.metadata.name, stage=labels[STAGE_LABEL],
-        stage_hash=labels.get(HASH_LABEL, ""), phase=job_phase(dict(body)),
+        api_version=body["apiVersion"], kind=body["kind"], name=body.metadata.name, stage=labels[LABEL_STAGE],
+        stage_hash=labels.get(LABEL_HASH, ""), phase=job_phase(dict(body)),
         deleting=bool(body.metadata.get("deletionTimestamp")), message=message,
     )
 
 
 def _index_jobs(body: kopf.Body, namespace: str, **_: Any) -> dict | None:
-    owner = next((r for r in body.metadata.get("ownerReferences", []) if r.get("kind") == KIND), None)
+    owner = next((r for r in body.metadata.get("ownerReferences", []) if r.get("kind") == PIPELINE.kind), None)
     return {(namespace, owner["name"]): job_observation(body)} if owner else None
 
 
-for _kind in api.JOB_KINDS:
-    kopf.index(_kind.group, _kind.version, _kind.plural, id=_kind.plural, labels={STAGE_LABEL: kopf.PRESENT})(_index_jobs)
+for _kind in JOB_KINDS:
+    kopf.index(_kind.group, _kind.version, _kind.plural, id=_kind.plural, labels={LABEL_STAGE: kopf.PRESENT})(_index_jobs)
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
+@kopf.index(PIPELINE.group, PIPELINE.version, PIPELINE.plural)
 def pipeline_claims(namespace: str, name: str, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> dict | None:
     """Claim key -> (created, "namespace/name") of every pipeline: who owns a store prefix / job names."""
     try:
@@ -99,7 +98,7 @@ def pipeline_claims(namespace: str, name: str, meta: kopf.Meta, spec: kopf.Spec,
     return {key: (meta.get("creationTimestamp") or "", f"{namespace}/{name}") for key in claim_keys(namespace, config)}
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
+@kopf.index(PIPELINE.group, PIPELINE.version, PIPELINE.plural)
 def pipeline_phases(status: kopf.Status, **_: Any) -> dict:
     """status.phase -> pipelines in it (the peg_operator_pipelines gauge)."""
     return {status.get("phase", "Pending"): True}
@@ -157,7 +156,7 @@ def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> 
     return StoreState(stages=stages, eval_summary=summary)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, id="reconcile")
+@kopf.timer(PIPELINE.group, PIPELINE.version, PIPELINE.plural, interval=INTERVAL, id="reconcile")
 def reconcile_pipeline(
     body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, namespace: str, name: str,
     patch: kopf.Patch, logger: kopf.Logger, pipeline_claims: kopf.Index, **indexes: Any,
@@ -173,10 +172,10 @@ def reconcile_pipeline(
 
 def _reconcile(body, spec, meta, status, namespace, name, patch, logger, pipeline_claims, indexes) -> None:
     pipeline_phases = indexes.pop("pipeline_phases")
-    children = [job for k in api.JOB_KINDS for job in indexes[k.plural].get((namespace, name), [])]
+    children = [job for k in JOB_KINDS for job in indexes[k.plural].get((namespace, name), [])]
     spec_dict = json.loads(json.dumps(dict(spec)))
     store = observe_store(spec_dict, namespace, name, pipeline_claims)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     actions, new_status = reconcile(
         spec_dict, meta.get("generation"), children, store, dict(status), now,
         deleting=bool(meta.get("deletionTimestamp")),

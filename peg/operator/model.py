@@ -16,13 +16,6 @@ from pydantic.alias_generators import to_camel
 
 from peg.config import RunConfig
 
-GROUP = "peg.dev"
-VERSION = "v1alpha1"
-KIND = "EmbeddingPipeline"
-PLURAL = "embeddingpipelines"
-SINGULAR = "embeddingpipeline"
-SHORT_NAMES = ["epipe"]
-
 StagePhase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed"]
 PipelinePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Refused"]
 

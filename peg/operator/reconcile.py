@@ -53,6 +53,7 @@ from pydantic import ValidationError
 
 from peg.config import RunConfig
 from peg.k8s.names import stage_log_key
+from peg.k8s.vocabulary import LABEL_HASH
 from peg.operator.model import (
     ApiRejection,
     Artifacts,
@@ -65,11 +66,9 @@ from peg.operator.model import (
 )
 from peg.pipeline import enabled_stages, stage_hashes
 
-STAGE_LABEL = "peg.dev/stage"
 # A job created less than this long ago and not observed yet is not "missing": the watch that
 # feeds the observations may lag behind the create (seen under load in the emulator test).
 JOB_VISIBLE_GRACE_SECONDS = 60
-HASH_LABEL = "peg.dev/stage-hash"
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
 StoreStageState = Literal["complete", "stale", "partial", "pending", "invalid"]  # peg.pipeline.pipeline_status
@@ -442,7 +441,7 @@ def _fail_attempt(step: _Step, spec: PipelineSpec, entry: StageStatus, why: str,
 
 
 def _hash_label(objects: list[dict]) -> str:
-    return objects[-1]["metadata"]["labels"][HASH_LABEL]
+    return objects[-1]["metadata"]["labels"][LABEL_HASH]
 
 
 def _artifacts(config: RunConfig, status: PipelineStatus) -> Artifacts:

@@ -174,7 +174,8 @@ def write_report(ctx: StageContext) -> list[str]:
         page = (
             "<!doctype html><meta charset='utf-8'><title>peg report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{text-align:left}img{max-width:100%;display:block}div img{min-width:0;flex:1}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{text-align:left}"
+            "img{max-width:100%;display:block}div img{min-width:0;flex:1}"
             "</style>" + "\n".join(sections)
         )
         report = tmp / "report.html"

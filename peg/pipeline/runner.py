@@ -28,7 +28,7 @@ from peg.config import RunConfig
 from peg.errors import PegError
 from peg.process import child_env
 from peg.pipeline.context import ScopedStore, StageContext, primary_node
-from peg.pipeline.stages import EMBEDDING_CACHE, STAGES, Stage, enabled_stages
+from peg.pipeline.stages import STAGES, Stage, enabled_stages
 from peg.pipeline.state import (
     DamagedRecord,
     StageRecord,
@@ -39,6 +39,7 @@ from peg.pipeline.state import (
     write_record,
 )
 from peg.store import ArtifactStore, IntegrityError, StoreError, open_store
+from peg.store.keys import EMBEDDING_CACHE
 from peg.store.lease import Lease, LeaseRecord, read_lease
 
 LEASE_ENV = "PEG_RUN_LEASE"  # the lease owner id a pipeline hands to the stages it starts

@@ -16,9 +16,7 @@ from pathlib import Path
 from peg.config import BEIR_PREFIX, STAGE_SECTIONS, RunConfig
 from peg.pipeline.context import DATA, StageContext, primary_node, stored_train_file
 from peg.progress import progress_bar
-
-
-EMBEDDING_CACHE = "encode"  # = peg.runtime.embeddings.CACHE_PREFIX (tests/test_architecture.py checks)
+from peg.store.keys import EMBEDDING_CACHE
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ pays off only with work to spread. Embeddings are stored in shards of `encode.sh
     encode/<kind>-<cache key>/index.json      (written last: the set is complete)
 
 The keys carry no run name: every run in the same store shares the cache. The cache key hashes
-the model's identity (the sha256 of its config, tokenizer and weight files), the pooling / normalisation / prefix / max-length settings for this kind of text and the
-(id, text) sequence. A second call with the same inputs reads the shards and runs no model;
-an interrupted call re-encodes only the shards that are missing.
+the model's identity (the sha256 of its config, tokenizer and weight files), the pooling /
+normalisation / prefix / max-length settings for this kind of text and the (id, text) sequence.
+A second call with the same inputs reads the shards and runs no model; an interrupted call
+re-encodes only the shards that are missing.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from peg.progress import progress_bar
 from peg.runtime.session import ray_session
 from peg.store import ArtifactStore
 from peg.store.files import file_sha256
+from peg.store.keys import EMBEDDING_CACHE
 
 Kind = Literal["query", "passage"]
-
-CACHE_PREFIX = "encode"
 
 # Files that define a model's behaviour; anything else in its folder (README, ONNX exports) is not hashed.
 _MODEL_FILE_SUFFIXES = {".json", ".txt", ".model", ".safetensors", ".bin", ".py"}
@@ -165,7 +165,7 @@ def encode_texts(
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate {kind} ids")
     digest = cache_key(config.model, kind, ids, texts)
-    folder = f"{CACHE_PREFIX}/{kind}-{digest}"
+    folder = f"{EMBEDDING_CACHE}/{kind}-{digest}"
     index_key = f"{folder}/index.json"
     shard_size = config.encode.shard_size
     num_shards = math.ceil(len(ids) / shard_size)

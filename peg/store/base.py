@@ -16,7 +16,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -70,7 +70,7 @@ class Manifest(BaseModel):
 
 
 def new_manifest(key: str, size: int, sha256: str, producer: str, config_hash: str, etag: str | None = None) -> Manifest:
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     return Manifest(key=key, size=size, sha256=sha256, producer=producer, config_hash=config_hash, created=created,
                     etag=etag)
 

@@ -7,8 +7,9 @@ background thread. Another process:
   if the name exists), so of two starters exactly one wins;
 - finds it live: waits up to `wait` seconds, then raises `LeaseHeld` naming the holder;
 - finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
-  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so
-  of two takers exactly one wins.
+  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it
+  read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so of two
+  takers exactly one wins.
 Whoever takes the lease first aborts the run's incomplete multipart uploads that started before
 (`ArtifactStore.abort_interrupted_uploads`: a holder killed mid-upload left them), and logs them.
 Remaining races (README, "Integrity"): expiry uses the holders' wall clocks, so clocks skewed by
@@ -29,7 +30,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from peg.config import MAX_LEASE_SECONDS
 from peg.store.base import ArtifactStore, StoreError
@@ -93,7 +94,7 @@ class Lease:
         self.ttl = ttl
         self.owner = uuid.uuid4().hex
         self.command = command or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
-        self.acquired = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.acquired = datetime.now(UTC).isoformat(timespec="seconds")
         self.lost = threading.Event()
         self._token: str | None = None
         self._stop = threading.Event()
@@ -135,7 +136,7 @@ class Lease:
                 raise LeaseHeld(f"{self.store.describe()}: run {self.key.rsplit('/', 1)[0]!r} is in use by "
                                 f"{holder.describe()}; wait for it to finish, or stop it")
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())) or POLL_SECONDS)
-        self._abort_interrupted_uploads(datetime.now(timezone.utc))
+        self._abort_interrupted_uploads(datetime.now(UTC))
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="peg-lease", daemon=True)
         self._thread.start()

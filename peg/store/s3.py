@@ -402,8 +402,11 @@ class S3Store(ArtifactStore):
         names = names + "/" if prefix or self.prefix else names  # `a/b`: below `a/b/`, never `a/bc`
         stale, key_marker, upload_marker = [], None, None
         while True:
-            page = self._call(f"list interrupted uploads under {prefix!r}", lambda: self._client._list_multipart_uploads(
-                self.bucket, prefix=names, key_marker=key_marker, upload_id_marker=upload_marker, max_uploads=1000))
+            def list_page(k=key_marker, u=upload_marker):
+                return self._client._list_multipart_uploads(self.bucket, prefix=names, key_marker=k, upload_id_marker=u,
+                                                            max_uploads=1000)
+
+            page = self._call(f"list interrupted uploads under {prefix!r}", list_page)
             stale += [u for u in page.uploads if u.initiated_time is not None and u.initiated_time < started_before]
             if not page.is_truncated or not page.uploads:
                 break

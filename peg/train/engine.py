@@ -66,7 +66,7 @@ def adamw(module: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     biases and LayerNorm weights. Empty groups are left out: ZeRO drops them, and the lr scheduler
     must see the groups the optimizer keeps."""
     decay, no_decay = [], []
-    for name, param in module.named_parameters():
+    for param in module.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [

@@ -156,8 +156,8 @@ def pretrain_identity(config: RunConfig, texts: list[str], world_size: int, tota
 
 def step_masks(tokenizer, texts: list[str], p: PretrainConfig, seed: int) -> dict[str, torch.Tensor]:
     """Tokenize a rank's passages and draw both masks from a generator seeded by `seed`."""
-    batch = tokenizer([clip_text(t, p.max_length) for t in texts], padding=True, truncation=True, max_length=p.max_length, return_tensors="pt",
-                      return_special_tokens_mask=True)
+    batch = tokenizer([clip_text(t, p.max_length) for t in texts], padding=True, truncation=True, max_length=p.max_length,
+                      return_tensors="pt", return_special_tokens_mask=True)
     special = batch["special_tokens_mask"].bool() | (batch["attention_mask"] == 0)
     generator = torch.Generator().manual_seed(seed)
     enc_ids, enc_labels = mask_tokens(batch["input_ids"], special, p.encoder_mask_rate, tokenizer.mask_token_id, generator)

@@ -38,7 +38,7 @@ def main(out: str) -> None:
         ddp = DistributedDataParallel(model)
         allreduces = [0]
 
-        def counting_hook(state, bucket):
+        def counting_hook(state, bucket, allreduces=allreduces):
             allreduces[0] += 1
             return allreduce_hook(state, bucket)
 
