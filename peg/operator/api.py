@@ -77,7 +77,7 @@ def keep_log(action: KeepLog, namespace: str, store: ArtifactStore) -> bool:
     from kubernetes import client
 
     core = client.CoreV1Api()
-    selector = primary_pod_selector({"kind": action.kind, "metadata": {"name": action.name}})
+    selector = primary_pod_selector({"apiVersion": action.api_version, "kind": action.kind, "metadata": {"name": action.name}})
     pods = core.list_namespaced_pod(namespace, label_selector=selector).items
     if not pods:
         return False

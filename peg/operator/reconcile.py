@@ -136,6 +136,7 @@ class KeepLog:
     """Copy a finished stage job's main pod log into the store at `key` (`<run>/logs/<stage>.log`,
     where `peg pipeline run --backend k8s` keeps it too); best effort: its pods may be gone."""
 
+    api_version: str
     kind: str
     name: str
     key: str
@@ -424,7 +425,7 @@ def _keep_logs(step: _Step, config: RunConfig, stage: str, jobs: Sequence[Child]
     wanted = _hash_label(renderer.render_stage(config, stage))
     for job in jobs:
         if job.stage_hash == wanted and job.phase in ("succeeded", "failed") and not job.deleting:
-            step.actions.append(KeepLog(job.kind, job.name, stage_log_key(config.name, stage)))
+            step.actions.append(KeepLog(job.api_version, job.kind, job.name, stage_log_key(config.name, stage)))
 
 
 def _fail_attempt(step: _Step, spec: PipelineSpec, entry: StageStatus, why: str, reason: str = "StageFailed") -> None:
