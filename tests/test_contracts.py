@@ -1,4 +1,4 @@
-"""Stage contracts: derived from the one declaration (STAGE_SECTIONS), for every stage; the
+"""Stage contracts: derived from the one declaration (`Stage` in peg/pipeline/stages.py), for every stage; the
 stage context's write scope; the pipeline keeps the user's settings; no import cycle in peg/."""
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import pytest
 from pydantic import BaseModel
 
 import peg
-from peg.config import STAGE_SECTIONS, RunConfig
+from peg.config import RunConfig
 from peg.pipeline import STAGES, StageContext, stage_hashes
 from peg.pipeline.context import ScopedStore
+from peg.pipeline.runner import stage_scope
+from peg.pipeline.stages import STAGE_BY_NAME
 from peg.pipeline.state import StageRecord, check_stage, write_record
 from peg.store import LocalStore, StoreError
+from peg.store.scope import StageScope
 
 ALL_ON = {
     "name": "contract",
@@ -86,13 +89,14 @@ def test_changing_any_section_a_stage_reads_reruns_it(stage, tmp_path):
     store = LocalStore(tmp_path / "store")
     write_record(store, f"contract/{stage}", StageRecord(stage, hashes[stage], "complete", {}))
     assert check_stage(store, f"contract/{stage}", hashes[stage], {}).state == "complete"
-    for section in STAGE_SECTIONS[stage]:
+    for section in STAGE_BY_NAME[stage].sections:
         changes = list(mutations(config, section))
         assert changes, f"no field of {section} could be changed"
         for field, changed in changes:
-            assert changed.stage_config_hash(stage) != config.stage_config_hash(stage), field  # shard reuse
             if stage not in stage_hashes(changed):  # `<stage>.enabled: false` switches the stage off
                 continue
+            shard_hash = stage_scope(changed, store, stage).shard_hash  # the shards' reuse hash
+            assert shard_hash != stage_scope(config, store, stage).shard_hash, field
             new_hash = stage_hashes(changed)[stage]
             assert new_hash != hashes[stage], field  # the pipeline's stage hash
             assert check_stage(store, f"contract/{stage}", new_hash, {}).state == "stale", field
@@ -107,15 +111,23 @@ def test_a_section_no_stage_upstream_reads_leaves_the_stage_alone():
 
 
 def test_synth_declares_mining_it_builds_its_index_with():
-    assert "mining" in STAGE_SECTIONS["synth"]
+    assert "mining" in STAGE_BY_NAME["synth"].sections
     config = RunConfig.model_validate(ALL_ON)
     changed = RunConfig.model_validate({**ALL_ON, "mining": {"index": "hnsw"}})
-    assert changed.stage_config_hash("synth") != config.stage_config_hash("synth")
+    assert stage_hashes(changed)["synth"] != stage_hashes(config)["synth"]
 
 
 def test_every_stage_is_declared_once():
-    assert [s.name for s in STAGES] == list(STAGE_SECTIONS)
-    assert all(s.sections == STAGE_SECTIONS[s.name] for s in STAGES)
+    assert len({s.name for s in STAGES}) == len(STAGES) == len(STAGE_BY_NAME)
+    assert all(set(s.sections) <= set(RunConfig.model_fields) for s in STAGES)
+    assert all(set(s.needs) < set(STAGE_BY_NAME) for s in STAGES)
+
+
+def test_the_renderers_read_where_a_stage_runs_from_its_declaration():
+    from peg.k8s.render import LOCAL_STAGES, TRAINING_STAGES
+
+    assert LOCAL_STAGES == ("prepare",) and TRAINING_STAGES == ("pretrain", "train")
+    assert {s.runs for s in STAGES} == {"local", "ray", "torchrun"}
 
 
 def test_a_stage_writes_only_under_its_prefix_or_what_it_declares(tmp_path):
@@ -149,11 +161,11 @@ def test_train_stage_keeps_the_users_train_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peg.train.checkpoints",
                         types.SimpleNamespace(restore_checkpoint=lambda *a, **k: False))
     monkeypatch.setenv("PEG_WORK_DIR", str(tmp_path / "work"))
-    ctx = StageContext(config, tmp_path / "c.yaml", ScopedStore(store, "train", ("contract/train",)), "train", "h" * 64)
-    keys = _train(ctx)
+    scope = StageScope("contract", "train", "h" * 64, ScopedStore(store, "train", ("contract/train",)))
+    _train(StageContext(config, tmp_path / "c.yaml", scope))
     assert seen["files"][1:] == ["/mine/extra.jsonl"]  # the user's file is kept, after the pipeline's
     assert Path(seen["files"][0]).read_text() == '{"query": "q", "pos": ["p"]}\n'
-    assert keys == ["contract/train/model/w.bin"]
+    assert store.list("contract/train/model") == ["contract/train/model/w.bin"]
     assert config.data.train_files == ["/mine/extra.jsonl"]  # the run config is not changed
 
 

@@ -24,15 +24,15 @@ import yaml
 from peg.config import ConfigError, RunConfig
 from peg.k8s.names import is_dns_1035, resource_name
 from peg.k8s.validation import image_problem, label_key_problem, label_value_problem, quantity_problem, subdomain_problem
-from peg.pipeline import enabled_stages, stage_hashes
+from peg.pipeline import STAGES, enabled_stages, stage_hashes
 
 CONFIG_DIR = "/etc/peg"
 CONFIG_FILE = "run.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 S3_DIR = "/etc/peg-s3"
 SCRATCH_DIR = "/tmp"
-LOCAL_STAGES = ("prepare",)  # run where the data is, never in a pod
-TRAINING_STAGES = ("pretrain", "train")  # torchrun + DeepSpeed: a TrainJob / PyTorchJob, not a RayJob
+LOCAL_STAGES = tuple(s.name for s in STAGES if s.runs == "local")  # run where the data is, never in a pod
+TRAINING_STAGES = tuple(s.name for s in STAGES if s.runs == "torchrun")  # a TrainJob / PyTorchJob, not a RayJob
 RAY_HEAD, RAY_WORKER = "ray-head", "ray-worker"
 GPU = "nvidia.com/gpu"
 LABEL_RUN, LABEL_STAGE, LABEL_HASH = "peg.dev/run", "peg.dev/stage", "peg.dev/stage-hash"
