@@ -217,16 +217,24 @@ def run_stage_command(path: Path, name: str) -> None:
     say("\n".join([*done.summary, f"log: {log}"]))
 
 
-@app.command("encode")
-def encode_command(path: ConfigPath) -> None:
-    """Encode the corpus and the train-split queries (Ray Data; cached in the store by model + data hash)."""
-    run_stage_command(path, "encode")
+STAGE_COMMANDS = {  # `peg NAME CONFIG`: one pipeline stage, after the stages it needs
+    "encode": "Encode the corpus and the train-split queries (Ray Data; cached in the store by model + data hash).",
+    "mine": "Mine hard negatives for the train split (sharded FAISS on Ray); resumes from stored query shards.",
+    "judge": "LLM false-negative judge: drop mined negatives the LLM scores as relevant (Ray; resumes from stored shards).",
+    "score": "Teacher scores (cross-encoder or LLM) for each query's candidate list (Ray; resumes from stored shards).",
+    "synth": "Synthetic queries from the corpus, round-trip filtered (Ray; resumes from stored shards).",
+}
 
 
-@app.command("mine")
-def mine_command(path: ConfigPath) -> None:
-    """Mine hard negatives for the train split (sharded FAISS on Ray); resumes from stored query shards."""
-    run_stage_command(path, "mine")
+def add_stage_command(name: str, help_text: str) -> None:
+    def command(path: ConfigPath) -> None:
+        run_stage_command(path, name)
+
+    app.command(name, help=help_text)(command)
+
+
+for _name, _help in STAGE_COMMANDS.items():
+    add_stage_command(_name, _help)
 
 
 store_app = typer.Typer(help="Inspect the artifact store.", no_args_is_help=True)
@@ -272,24 +280,6 @@ def store_get(
     except StoreError as e:
         fail(str(e))
     say(f"wrote {dest}")
-
-
-@app.command("judge")
-def judge_command(path: ConfigPath) -> None:
-    """LLM false-negative judge: drop mined negatives the LLM scores as relevant (Ray; resumes from stored shards)."""
-    run_stage_command(path, "judge")
-
-
-@app.command("score")
-def score_command(path: ConfigPath) -> None:
-    """Teacher scores (cross-encoder or LLM) for each query's candidate list (Ray; resumes from stored shards)."""
-    run_stage_command(path, "score")
-
-
-@app.command("synth")
-def synth_command(path: ConfigPath) -> None:
-    """Synthetic queries from the corpus, round-trip filtered (Ray; resumes from stored shards)."""
-    run_stage_command(path, "synth")
 
 
 pipeline_app = typer.Typer(help="Run the whole pipeline: prepare -> ... -> report.", no_args_is_help=True)

@@ -126,7 +126,7 @@ def test_score_stage_writes_teacher_scores(ray_local, tiny_cross_encoder_dir, tm
         "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(tiny_cross_encoder_dir),
                   "list_size": 3, "llm": {"shard_size": 3, "num_actors": 1}},
     })
-    stats = run_score(config, stage_scope(config, store, "score"), show_progress=False).stats
+    stats = run_score(config, stage_scope(config, store, "score"), show_progress=False).report
     assert stats["examples"] == 5 and stats["pairs"] == 15 and stats["shards_computed"] == 2
     from peg.llm import CrossEncoderTeacher
 

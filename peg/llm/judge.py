@@ -27,7 +27,7 @@ from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
 from peg.store.scope import StageScope
-from peg.runtime.sharded import ShardedStage, run_sharded
+from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -107,18 +107,10 @@ class JudgeProcessor:
         }
 
 
-@dataclass(frozen=True)
-class JudgeReport:
-    """What a `judge` run did (its report.json) and how `peg judge` shows it."""
-
-    stats: dict
-    keys: tuple[str, ...]
-
-    def summary_lines(self) -> list[str]:
-        s = self.stats
-        return [f"judged {s['negatives']:,} negatives of {s['examples']:,} queries ({s['mode']}): dropped "
-                f"{s['dropped']:,} (drop rate {s['drop_rate']:.1%}); shards: {s['shards_computed']} computed, "
-                f"{s['shards_reused']} reused", f"wrote {', '.join(self.keys)}"]
+def judge_headline(s: dict) -> list[str]:
+    return [f"judged {s['negatives']:,} negatives of {s['examples']:,} queries ({s['mode']}): dropped "
+            f"{s['dropped']:,} (drop rate {s['drop_rate']:.1%}); shards: {s['shards_computed']} computed, "
+            f"{s['shards_reused']} reused"]
 
 
 def load_input_examples(store: ArtifactStore, key: str, tmp: Path) -> list[TrainingExample]:
@@ -127,7 +119,7 @@ def load_input_examples(store: ArtifactStore, key: str, tmp: Path) -> list[Train
     return list(iter_examples(store.materialise(key, tmp)))
 
 
-def run_judge(config: RunConfig, scope: StageScope, show_progress: bool = True) -> JudgeReport:
+def run_judge(config: RunConfig, scope: StageScope, show_progress: bool = True) -> StageReport:
     """The `judge` stage: judge the negatives of the mine stage's training file on Ray."""
     check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
     input_key = scope.key_of("mine", "train.jsonl")
@@ -146,5 +138,4 @@ def run_judge(config: RunConfig, scope: StageScope, show_progress: bool = True) 
         **shards.counts(),
     })
     outputs = {"judgments.jsonl": shards.joined("judgments.jsonl"), "report.json": stats, "train.jsonl": shards.joined("jsonl")}
-    shards.put(outputs)
-    return JudgeReport(stats, tuple(scope.key(name) for name in outputs))
+    return StageReport(stats, shards.put(outputs), judge_headline)

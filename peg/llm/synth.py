@@ -36,7 +36,6 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.backends import as_backend, load_lm
 from peg.llm.loading import LLMError, check_model_source
 from peg.store.scope import StageScope
-from peg.runtime.sharded import ShardedStage, run_sharded
+from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.runtime.shards import missing_shards
 from peg.llm.teacher import CalibratedTeacher, check_teacher, load_teacher, score_candidates
 
@@ -312,24 +311,13 @@ def _same_model(a: LLMConfig, b: LLMConfig) -> bool:
     return (a.path, a.gguf_file, a.backend, a.compute_type) == (b.path, b.gguf_file, b.backend, b.compute_type)
 
 
-@dataclass(frozen=True)
-class SynthReport:
-    """What a `synth` run did (its report.json) and how `peg synth` shows it."""
-
-    report: dict
-    keys: tuple[str, ...]
-
-    def summary_lines(self) -> list[str]:
-        r = self.report
-        return [
-            f"{r['passages']:,} passages: kept {r['kept']:,}, dropped {r['dropped']:,}; shards: "
+def synth_headline(r: dict) -> list[str]:
+    return [f"{r['passages']:,} passages: kept {r['kept']:,}, dropped {r['dropped']:,}; shards: "
             f"{r['shards_computed']} computed, {r['shards_reused']} reused",
-            *(f"{t:<10} " + ", ".join(f"{k}={v}" for k, v in c.items()) for t, c in r["by_type"].items()),
-            f"wrote {', '.join(self.keys)}",
-        ]
+            *(f"{t:<10} " + ", ".join(f"{k}={v}" for k, v in c.items()) for t, c in r["by_type"].items())]
 
 
-def run_synth(config: RunConfig, scope: StageScope, show_progress: bool = True) -> SynthReport:
+def run_synth(config: RunConfig, scope: StageScope, show_progress: bool = True) -> StageReport:
     """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
     from peg.runtime import ShardedIndex, encode_corpus, ray_session
 
@@ -379,5 +367,4 @@ def run_synth(config: RunConfig, scope: StageScope, show_progress: bool = True) 
         **shards.counts(),
     }
     outputs = {"queries.jsonl": shards.joined("queries.jsonl"), "report.json": report, "train.jsonl": shards.joined("jsonl")}
-    shards.put(outputs)
-    return SynthReport(report, tuple(scope.key(name) for name in outputs))
+    return StageReport(report, shards.put(outputs), synth_headline)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
 from peg.model import clip_text
 from peg.store.scope import StageScope
-from peg.runtime.sharded import ShardedStage, run_sharded
+from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.progress import progress_bar
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -202,20 +202,12 @@ class ScoreProcessor:
         return {"stats.json": json.dumps(stats), "jsonl": "".join(ex.to_json() + "\n" for ex in scored)}
 
 
-@dataclass(frozen=True)
-class ScoreReport:
-    """What a `score` run did (its report.json) and how `peg score` shows it."""
-
-    stats: dict
-    keys: tuple[str, ...]
-
-    def summary_lines(self) -> list[str]:
-        s = self.stats
-        return [f"scored {s['pairs']:,} pairs of {s['examples']:,} queries with the {s['teacher']} teacher; "
-                f"shards: {s['shards_computed']} computed, {s['shards_reused']} reused", f"wrote {', '.join(self.keys)}"]
+def score_headline(s: dict) -> list[str]:
+    return [f"scored {s['pairs']:,} pairs of {s['examples']:,} queries with the {s['teacher']} teacher; "
+            f"shards: {s['shards_computed']} computed, {s['shards_reused']} reused"]
 
 
-def run_score(config: RunConfig, scope: StageScope, show_progress: bool = True) -> ScoreReport:
+def run_score(config: RunConfig, scope: StageScope, show_progress: bool = True) -> StageReport:
     """The `score` stage: teacher scores for every candidate list of the judge's training file (the
     mine stage's without a judge), on Ray."""
     check_teacher(config.score)  # a bad path fails here, not once per Ray actor
@@ -228,5 +220,4 @@ def run_score(config: RunConfig, scope: StageScope, show_progress: bool = True) 
     stats = {"examples": 0, "pairs": 0, **shards.summed(), "teacher": config.score.teacher,
              "list_size": config.score.list_size, "input": input_key, **shards.counts()}
     outputs = {"report.json": stats, "train.jsonl": shards.joined("jsonl")}
-    shards.put(outputs)
-    return ScoreReport(stats, tuple(scope.key(name) for name in outputs))
+    return StageReport(stats, shards.put(outputs), score_headline)

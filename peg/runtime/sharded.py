@@ -56,15 +56,29 @@ class ShardRun:
     def counts(self) -> dict[str, int]:
         return {"shards_computed": len(self.computed), "shards_reused": len(self.reused)}
 
-    def put(self, outputs: dict[str, str | dict]) -> None:
+    def put(self, outputs: dict[str, str | dict]) -> tuple[str, ...]:
         """Put the stage's combined outputs ({name: text, or a dict stored as JSON}) under its prefix,
-        in the order given (put the training file last: readers take its presence as done)."""
+        in the order given (put the training file last: readers take its presence as done); their keys."""
         store, stage, config_hash = self.scope.store, self.scope.stage, self.scope.shard_hash
         for name, value in outputs.items():
             if isinstance(value, dict):
                 store.put_json(self.scope.key(name), value, stage, config_hash)
             else:
                 store.put_text(self.scope.key(name), value, stage, config_hash)
+        return tuple(self.scope.key(name) for name in outputs)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What a sharded stage did: its report (report.json), the keys it wrote, and its summary
+    lines (`headline(report)` then the keys), which `peg judge|score|synth` print."""
+
+    report: dict
+    keys: tuple[str, ...]
+    headline: Callable[[dict], list[str]]
+
+    def summary_lines(self) -> list[str]:
+        return [*self.headline(self.report), f"wrote {', '.join(self.keys)}"]
 
 
 def run_sharded(scope: StageScope, stage: ShardedStage, items: Sequence[Any], show_progress: bool = True) -> ShardRun:

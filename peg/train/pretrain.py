@@ -35,18 +35,8 @@ from peg.store import open_store
 from peg.train.batches import BatchError
 from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
-from peg.train.trainer import (
-    TrainError,
-    _export,
-    _save_checkpoint,
-    _seed_all,
-    _shutdown,
-    check_resume,
-    launch,
-    restore,
-    runs_in_process,
-    start_rank,
-)
+from peg.train.rank import TrainError, check_resume, export_model, restore, save_checkpoint, seed_all, shutdown, start_rank
+from peg.train.trainer import launch, runs_in_process
 
 
 def engine_config(config: RunConfig) -> RunConfig:
@@ -185,7 +175,7 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
     identity = pretrain_identity(config, texts, world_size, total_steps)
     if resume:
         check_resume(ckpt_dir, identity)
-    _seed_all(p.seed)
+    seed_all(p.seed)
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.mask_token_id is None:
@@ -221,7 +211,7 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
                 metrics.log({"step": step, "loss": total, "encoder_mlm": enc, "decoder_mlm": dec, "lr": lr})
             if p.checkpoint_every and step % p.checkpoint_every == 0 and step < total_steps:
                 keep = config.train.keep_checkpoints
-                tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, keep, identity)
+                tag = save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, keep, identity)
                 if checkpoint_key:
                     upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, keep)
             advance(1)
@@ -230,6 +220,6 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
     encoder = Encoder(config.model, model=mlm.base_model, tokenizer=tokenizer)
-    model_dir = _export(engine, encoder, output_dir / "model", rank, matryoshka_dims=[])  # no Matryoshka in pretraining
-    _shutdown(engine)
+    model_dir = export_model(engine, encoder, output_dir / "model", rank, matryoshka_dims=[])  # no Matryoshka in pretraining
+    shutdown(engine)
     return model_dir
