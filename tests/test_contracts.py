@@ -142,31 +142,68 @@ def test_a_stage_writes_only_under_its_prefix_or_what_it_declares(tmp_path):
     assert store.list("run") == ["run/encode/query-abc/index.json", "run/eval/summary.json"]
 
 
-def test_train_stage_keeps_the_users_train_files(tmp_path, monkeypatch):
+def test_train_stage_keeps_the_users_train_files_and_passes_the_config_unchanged(tmp_path, monkeypatch):
     from peg.pipeline.stages import _train
+    from peg.train.trainer import TrainInputs
 
     store = LocalStore(tmp_path / "store")
     store.put_text("contract/mine/train.jsonl", '{"query": "q", "pos": ["p"]}\n', "mine")
     config = RunConfig.model_validate({**ALL_ON, "synth": {}, "judge": {}, "score": {}, "pretrain": {},
                                        "data": {"beir": "/b", "train_files": ["/mine/extra.jsonl"]}})
+    user = config.model_copy(deep=True)
     seen = {}
 
-    def fake_train(cfg, output, resume, checkpoint_key=None):
-        seen["files"] = cfg.data.train_files
+    def fake_train(cfg, output, resume, checkpoint_key=None, inputs=None):
+        seen["config"], seen["inputs"] = cfg, inputs
         (output / "model").mkdir(parents=True)
         (output / "model" / "w.bin").write_bytes(b"w")
         return output / "model"
 
-    monkeypatch.setitem(sys.modules, "peg.train", types.SimpleNamespace(train=fake_train))  # no torch import
+    monkeypatch.setitem(sys.modules, "peg.train", types.SimpleNamespace(train=fake_train, TrainInputs=TrainInputs))
     monkeypatch.setitem(sys.modules, "peg.train.checkpoints",
                         types.SimpleNamespace(restore_checkpoint=lambda *a, **k: False))
     monkeypatch.setenv("PEG_WORK_DIR", str(tmp_path / "work"))
     scope = StageScope("contract", "train", "h" * 64, ScopedStore(store, "train", ("contract/train",)))
     _train(StageContext(config, tmp_path / "c.yaml", scope))
-    assert seen["files"][1:] == ["/mine/extra.jsonl"]  # the user's file is kept, after the pipeline's
-    assert Path(seen["files"][0]).read_text() == '{"query": "q", "pos": ["p"]}\n'
+    files = seen["inputs"].train_files
+    assert files[1:] == ("/mine/extra.jsonl",)  # the user's file is kept, after the pipeline's
+    assert Path(files[0]).read_text() == '{"query": "q", "pos": ["p"]}\n'
+    assert seen["inputs"].init_model is None  # no pretrain stage: the config's model
+    assert seen["config"] == user  # training gets the config as the stage got it, not a rewritten copy
     assert store.list("contract/train/model") == ["contract/train/model/w.bin"]
-    assert config.data.train_files == ["/mine/extra.jsonl"]  # the run config is not changed
+
+
+@pytest.mark.parametrize("pretrain", [False, True])
+def test_the_config_the_workers_read_is_the_users(pretrain, tmp_path, monkeypatch):
+    """`launch` hands the workers the config as given (config.yaml) and the training inputs
+    beside it (inputs.json); pretraining settings are not written over `train` and `batch`."""
+    import yaml
+
+    from peg.train import trainer
+
+    (tmp_path / "pairs.jsonl").write_text("".join(
+        json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i}", f"m{i}"]}) + "\n" for i in range(8)))
+    config = RunConfig.model_validate({
+        "name": "worker", "model": {"name_or_path": "/models/m"}, "data": {"train_files": [str(tmp_path / "pairs.jsonl")]},
+        "batch": {"queries_per_step": 4, "hard_negatives": 2}, "train": {"nproc_per_node": 2},
+        "pretrain": {"enabled": pretrain, "batch_size": 2, "learning_rate": 1e-3}, "eval": {"enabled": False},
+    })
+    user = config.model_copy(deep=True)
+    started = []
+    monkeypatch.setattr(trainer.subprocess, "run", lambda cmd, env: started.append(cmd) or types.SimpleNamespace(returncode=0))
+    inputs = trainer.TrainInputs((str(tmp_path / "pairs.jsonl"),), "/work/pretrained")
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)  # this process launches the workers
+    if pretrain:
+        from peg.train.pretrain import pretrain as run_pretrain
+
+        run_pretrain(config, tmp_path / "out")
+    else:
+        trainer.train(config, tmp_path / "out", inputs=inputs)
+    assert started and config == user
+    assert RunConfig.model_validate(yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())) == user
+    if not pretrain:
+        assert trainer.TrainInputs.read(tmp_path / "out" / trainer.INPUTS_FILE) == inputs
 
 
 def _imports(path: Path, package_root: Path) -> set[str]:

@@ -75,7 +75,7 @@ def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(
     started_from = []
     real_train = peg.train.train
     monkeypatch.setattr(peg.train, "train", lambda config, *a, **kw: started_from.append(
-        config.model.name_or_path) or real_train(config, *a, **kw))
+        kw["inputs"].init_model) or real_train(config, *a, **kw))
     path = write(tmp_path / "run.yaml", synthetic_config(assets, tmp_path / "store", tiny_llama_dir, tiny_cross_encoder_dir))
     config = load_config(path)
     names = [s.name for s in enabled_stages(config)]

@@ -203,7 +203,7 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
 
 
 def test_missing_gguf_is_a_clear_cli_error(tmp_path):
-    judge = {"llm": {"path": str(tmp_path / "models"), "gguf_file": "absent.gguf"}}
+    judge = {"enabled": True, "llm": {"path": str(tmp_path / "models"), "gguf_file": "absent.gguf"}}
     config_path = write_config(tmp_path, tmp_path / "store", tmp_path, judge=judge)
     result = CliRunner().invoke(app, ["judge", str(config_path)])
     assert result.exit_code == 2

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from peg.config import RunConfig
+from peg.config import ConfigError, RunConfig
 from peg.errors import PegError
 from peg.process import child_env
 from peg.pipeline.context import ScopedStore, StageContext, primary_node
@@ -239,7 +239,7 @@ def run_with_needs(config: RunConfig, config_path: Path, name: str, log: Callabl
     `peg pipeline stage NAME CONFIG` leaves."""
     enabled = {s.name: s for s in enabled_stages(config)}
     if name not in enabled:
-        raise ValueError(f"stage {name!r} is not enabled in {config_path} (enabled: {', '.join(enabled)})")
+        raise ConfigError(f"{config_path}: {name}.enabled is false: `peg {name}` runs only an enabled stage")
     needed, frontier = set(), [name]
     while frontier:
         for need in enabled[frontier.pop()].needs:

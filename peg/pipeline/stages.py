@@ -170,19 +170,16 @@ def _run_with_store_checkpoints(ctx: StageContext, output: Path, run: Callable[[
 
 def _train(ctx: StageContext) -> StageDone:
     """Train on the upstream JSONL and the user's own `data.train_files` (kept, after the pipeline's),
-    from the pretrained encoder when `pretrain` ran."""
-    from peg.train import train
+    from the pretrained encoder when `pretrain` ran; the config goes to training unchanged."""
+    from peg.train import TrainInputs, train
 
     work = ctx.work_dir()
-    inputs = work / "inputs"
-    config = ctx.config.model_copy(deep=True)
-    if config.pretrain.enabled:
-        config.model.name_or_path = str(ctx.materialise_dir("pretrain", "model", work / "pretrained"))
-    fetched = [str(ctx.store.materialise(k, inputs)) for k in training_inputs(ctx)]
-    config.data.train_files = [*fetched, *ctx.config.data.train_files]
+    fetched = [str(ctx.store.materialise(k, work / "inputs")) for k in training_inputs(ctx)]
+    pretrained = ctx.materialise_dir("pretrain", "model", work / "pretrained") if ctx.config.pretrain.enabled else None
+    inputs = TrainInputs((*fetched, *ctx.config.data.train_files), str(pretrained) if pretrained else None)
     output = work / "output"
     return _run_with_store_checkpoints(
-        ctx, output, lambda resume, key: train(config, output, resume=resume, checkpoint_key=key)
+        ctx, output, lambda resume, key: train(ctx.config, output, resume=resume, checkpoint_key=key, inputs=inputs)
     )
 
 

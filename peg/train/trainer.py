@@ -7,7 +7,8 @@ Where it runs, decided from the environment:
   torchrun with `config.train.nproc_per_node` processes, which reads the PET_* values itself;
 - otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
 Output directory layout:
-    config.yaml            the resolved run config the workers read
+    config.yaml            the run config the workers read, as given
+    inputs.json            the training inputs the workers read (`TrainInputs`: train files, initial model)
     metrics.jsonl          one record a step (loss, lr, beta, weight statistics, throughput), rank 0
     tensorboard/           the same scalars as TensorBoard events
     training.png           loss / lr / beta(t) / weights / throughput / time split over steps, after the run
@@ -24,19 +25,21 @@ what differs, instead of continuing at a batch index of another plan.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from peg.config import RunConfig
+from peg.config import ModelConfig, RunConfig
 from peg.console import cause_since, log_size
 from peg.model.encoder import Encoder
 from peg.model.lora import apply_lora, parameter_counts
@@ -65,13 +68,45 @@ from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_
 logger = logging.getLogger(__name__)
 
 
-def train(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None) -> Path:
-    """Train, checkpoint and export to `output_dir`; returns the exported model directory.
-    With `checkpoint_key`, each checkpoint is also uploaded to the store under that key."""
+INPUTS_FILE = "inputs.json"  # beside config.yaml in the output folder: the `TrainInputs` the workers read
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What training reads besides its config, passed explicitly rather than written into it: the
+    training-pair files in order, and the model to start from (None: `model.name_or_path`)."""
+
+    train_files: tuple[str, ...]
+    init_model: str | None = None
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> TrainInputs:
+        """The inputs `peg train CONFIG` trains on: `data.train_files`, from `model.name_or_path`."""
+        return cls(tuple(config.data.train_files))
+
+    def model_config(self, config: RunConfig) -> ModelConfig:
+        """The model settings to build the encoder from: the config's, starting from `init_model`."""
+        return config.model if self.init_model is None else config.model.model_copy(update={"name_or_path": self.init_model})
+
+    def to_json(self) -> str:
+        return json.dumps({"train_files": list(self.train_files), "init_model": self.init_model}, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> TrainInputs:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(tuple(data["train_files"]), data["init_model"])
+
+
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None,
+          inputs: TrainInputs | None = None) -> Path:
+    """Train on `inputs` (default: `TrainInputs.from_config`), checkpoint and export to `output_dir`;
+    returns the exported model directory. With `checkpoint_key`, each checkpoint is also uploaded
+    to the store under that key. The config is passed on to the workers unchanged."""
     output_dir = Path(output_dir)
+    inputs = inputs or TrainInputs.from_config(config)
     if runs_in_process(os.environ):
-        return run_worker(config, output_dir, resume, checkpoint_key)
-    return launch(config, output_dir, resume, checkpoint_key)
+        return run_worker(config, output_dir, resume, checkpoint_key, inputs)
+    return launch(config, output_dir, resume, checkpoint_key, inputs=inputs)
 
 
 def runs_in_process(env: Mapping[str, str]) -> bool:
@@ -95,16 +130,18 @@ def torchrun_command(
 
 
 def training_plan(
-    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None
+    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None,
+    files: Sequence[str] | None = None,
 ) -> tuple[BatchPlan, int, dict, DevSet | None]:
     """Index and check the training data: (batch plan, total steps, the plan's identity, the dev set
     or None without `train.eval_every`); the dev set's held-out queries are left out of the batches.
 
     With `gather` (inside the workers) each rank scans its share of the blocks; without it (the
     launcher, before any worker starts) this process scans them all. Raises `DataError` /
-    `BatchError` / `TrainError` naming the file, line or key at fault.
+    `BatchError` / `TrainError` naming the file, line or key at fault. `files`: the training-pair
+    files (default: `data.train_files`).
     """
-    files = list(config.data.train_files)
+    files = list(config.data.train_files if files is None else files)
     if not files:
         raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
     need_scores = config.loss.kind == "listwise"
@@ -142,17 +179,21 @@ def training_plan(
 
 
 def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None,
-           pretrain: bool = False) -> Path:
+           pretrain: bool = False, inputs: TrainInputs | None = None) -> Path:
     """Check the data and the plan here (training: `pretrain` workers check theirs), then start
-    `nproc_per_node` workers (training, or `pretrain`ing) with torch.distributed.run."""
+    `nproc_per_node` workers (training on `inputs`, or `pretrain`ing) with torch.distributed.run.
+    The workers read `config` as given (config.yaml) and the training inputs (inputs.json)."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
     if not pretrain:
-        _, _, identity, _ = training_plan(config, world_size)
+        inputs = inputs or TrainInputs.from_config(config)
+        _, _, identity, _ = training_plan(config, world_size, files=inputs.train_files)
         if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
             logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_no_live_writer(output_dir)
     config_path = write_atomically(output_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if inputs is not None:
+        write_atomically(output_dir / INPUTS_FILE, inputs.to_json())
     env = child_env(os.environ)  # torchrun (peg.process) watches this process
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -171,12 +212,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
-    """The per-rank training loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
+def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None,
+               inputs: TrainInputs | None = None) -> Path:
+    """The per-rank training loop (inside torchrun) on `inputs` (default: `TrainInputs.from_config`);
+    checkpoints also go to the store at `checkpoint_key`."""
     import torch.distributed as dist
 
     from peg.losses import build_loss
-    from peg.train.engine import auto_chunk_size, build_engine, train_step
+    from peg.train.engine import EngineSettings, auto_chunk_size, build_engine, train_step
 
     rank, world_size, ckpt_dir = start_rank(output_dir)
 
@@ -185,19 +228,20 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         dist.all_gather_object(parts, obj)
         return parts
 
-    plan, total_steps, identity, dev = training_plan(config, world_size, rank, gather)
+    inputs = inputs or TrainInputs.from_config(config)
+    plan, total_steps, identity, dev = training_plan(config, world_size, rank, gather, files=inputs.train_files)
     if resume:
         check_resume(ckpt_dir, identity)
 
     seed_all(config.train.seed)
-    encoder = Encoder(config.model)
+    encoder = Encoder(inputs.model_config(config))
     if config.model.lora.enabled:
         apply_lora(encoder, config.model.lora)
         if rank == 0:
             trainable, total = parameter_counts(encoder)
             logger.info("train: LoRA trains %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     selection = DevSelection(config, dev, encoder, output_dir, rank, resume, checkpoint_key) if dev else None
-    engine = build_engine(encoder, config, world_size, total_steps)
+    engine = build_engine(encoder, EngineSettings.for_training(config), world_size, total_steps)
     loss_fn = build_loss(config.loss, config.model.normalize)
     if config.loss.matryoshka_dims and max(config.loss.matryoshka_dims) > encoder.dim:
         raise TrainError(
