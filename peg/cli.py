@@ -301,6 +301,7 @@ def pipeline_run(
 ) -> None:
     """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
     from peg.pipeline import LocalBackend, StageFailed, current_lease, pipeline_results, run_pipeline
+    from peg.pipeline.results import EXPORTED_MODEL, result_key
     from peg.store import open_store
     from peg.store.lease import LeaseHeld
 
@@ -336,7 +337,7 @@ def pipeline_run(
         say("ran " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
     for line in pipeline_results(config, open_store(config.store)):
         say(line)
-    say(f"the model as a plain folder: peg store get {path} {config.name}/export/model DEST")
+    say(f"the model as a plain folder: peg store get {path} {result_key(config.name, EXPORTED_MODEL)} DEST")
 
 
 @app.command("render")

@@ -28,7 +28,7 @@ from peg.config import RunConfig
 from peg.errors import PegError
 from peg.k8s.render import LABEL_HASH, LOCAL_STAGES, job_phase, render_config_map, render_stage
 from peg.pipeline import LocalBackend, Stage, StageFailed
-from peg.store import ArtifactStore, open_store
+from peg.store import ArtifactStore, artifact_key, open_store
 
 API = {  # kind -> (group, version, plural)
     "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
@@ -167,7 +167,7 @@ class K8sBackend:
 
     def log_key(self, stage: str) -> str:
         """Where a stage's main pod log is kept in the store."""
-        return f"{self.config.name}/logs/{stage}.log"
+        return artifact_key(self.config.name, "logs", f"{stage}.log")
 
     def follow(self, obj: dict, stage: str | None = None) -> str:
         """Poll the job until it succeeds or fails, printing phase changes and its main pod's log

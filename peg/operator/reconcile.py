@@ -56,6 +56,7 @@ from peg.operator.model import (
     StageStatus,
 )
 from peg.pipeline import enabled_stages, stage_hashes
+from peg.pipeline.results import EVAL_SUMMARY, EXPORTED_MODEL, REPORT_PAGE, result_key
 
 STAGE_LABEL = "peg.dev/stage"
 # A job created less than this long ago and not observed yet is not "missing": the watch that
@@ -409,13 +410,17 @@ def _hash_label(objects: list[dict]) -> str:
 
 
 def _artifacts(config: RunConfig, status: PipelineStatus) -> Artifacts:
-    prefix = store_prefix(config)
     done = {s.name for s in status.stages if s.phase == "Succeeded"}
+
+    def where(result: tuple[str, str], folder: bool = False) -> str | None:
+        stage, _ = result
+        return f"{config.store.uri.rstrip('/')}/{result_key(config.name, result)}" + "/" * folder if stage in done else None
+
     return Artifacts(
-        store_prefix=prefix,
-        report=f"{prefix}/report/report.html" if "report" in done else None,
-        model=f"{prefix}/export/model/" if "export" in done else None,
-        eval_summary=f"{prefix}/eval/summary.json" if "eval" in done else None,
+        store_prefix=store_prefix(config),
+        report=where(REPORT_PAGE),
+        model=where(EXPORTED_MODEL, folder=True),
+        eval_summary=where(EVAL_SUMMARY),
     )
 
 

@@ -306,25 +306,3 @@ def _drop_empty_record(store: ArtifactStore, prefix: str) -> None:
             store.delete(record_key(prefix))
     except StoreError:
         pass
-
-
-def result_lines(config: RunConfig, store: ArtifactStore) -> list[str]:
-    """What a finished pipeline shows its user: the metrics table, the nDCG@10 change and where
-    the exported model and the report are."""
-    summary_key = f"{config.name}/eval/summary.json"
-    if not store.exists(summary_key):
-        return []
-    from peg.eval.retrieval import markdown_table
-
-    summary = store.read_json(summary_key)
-    results = summary["metrics"]
-    base, tuned = results["base"]["ndcg@10"], results["fine-tuned"]["ndcg@10"]
-    lines = [markdown_table(results).rstrip("\n"),
-             f"nDCG@10 on {summary['split']}: base {base:.4f} -> fine-tuned {tuned:.4f} ({tuned - base:+.4f})"]
-    for label, key in (("model", f"{config.name}/export/model/modules.json"), ("report", f"{config.name}/report/report.html")):
-        if store.exists(key):
-            local = store.local_path(key)
-            shown = key.rsplit("/", 1)[0] + "/" if label == "model" else key  # the model is a folder
-            where = (local.parent if label == "model" else local) if local else f"{config.store.uri.rstrip('/')}/{shown}"
-            lines.append(f"{label}: {where}")
-    return lines
