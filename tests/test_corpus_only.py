@@ -20,7 +20,7 @@ from peg.data import DataError, TrainingExample, iter_examples, write_examples
 from peg.mine.stage import load_train_split
 from peg.pipeline.runner import stage_scope
 from peg.pipeline import enabled_stages, run_stage_entrypoint, stage_hashes
-from peg.store import LocalStore, open_store
+from peg.store import IntegrityError, LocalStore, open_store
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,20 @@ def test_synthetic_training_queries_are_the_synth_stage_output(assets, tmp_path)
         "beir": str(assets["full"]), "train_queries": "both"})))
     data = load_train_split(both, stage_scope(both, store, "mine"))
     assert len(data.queries) == 1 + 18 and "synth-cooking-0-question" in data.queries
+
+
+def test_synthetic_training_queries_are_read_verified(assets, tmp_path):
+    """The synth stage's queries file is read through the store's sha256 check, like every input:
+    a file changed after it was stored stops mining with an IntegrityError naming it."""
+    store = LocalStore(tmp_path / "store")
+    kept = [TrainingExample(query="what bakes bread", pos=["x"], query_id="synth-cooking-0-question", pos_ids=["cooking-0"])]
+    write_examples(tmp_path / "synth.jsonl", kept)
+    store.put_file("corpus-only/synth/train.jsonl", tmp_path / "synth.jsonl", producer="synth", config_hash="h")
+    stored = store.local_path("corpus-only/synth/train.jsonl")
+    stored.write_text(stored.read_text().replace("bakes", "fakes"))  # same length, other bytes
+    config = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store")))
+    with pytest.raises(IntegrityError, match="corpus-only/synth/train.jsonl"):
+        load_train_split(config, stage_scope(config, store, "mine"))
 
 
 def test_synthetic_queries_need_the_synth_stage(assets, tmp_path):

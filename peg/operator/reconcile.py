@@ -57,6 +57,7 @@ from peg.operator.model import (
 )
 from peg.pipeline import enabled_stages, stage_hashes
 from peg.pipeline.results import EVAL_SUMMARY, EXPORTED_MODEL, REPORT_PAGE, result_key
+from peg.pipeline.state import StageState
 
 STAGE_LABEL = "peg.dev/stage"
 # A job created less than this long ago and not observed yet is not "missing": the watch that
@@ -65,7 +66,6 @@ JOB_VISIBLE_GRACE_SECONDS = 60
 HASH_LABEL = "peg.dev/stage-hash"
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
-StoreStageState = Literal["complete", "stale", "partial", "pending", "invalid"]  # peg.pipeline.pipeline_status
 
 
 class Renderer(Protocol):
@@ -96,7 +96,7 @@ class Child:
 class StoreState:
     """What the artifact store says about the run, and who else claims its prefix."""
 
-    stages: Mapping[str, StoreStageState] = field(default_factory=dict)
+    stages: Mapping[str, StageState] = field(default_factory=dict)
     eval_summary: Mapping[str, Any] | None = None  # the eval stage's summary.json, when complete
     error: str | None = None  # the store could not be read
     claimed_by: str | None = None  # an older pipeline ("namespace/name (why)") using the same prefix or job names

@@ -32,6 +32,7 @@ from peg.pipeline.stages import EMBEDDING_CACHE, STAGES, Stage, StageDone, enabl
 from peg.pipeline.state import (
     DamagedRecord,
     StageRecord,
+    StageState,
     check_stage,
     outputs_of,
     read_record,
@@ -108,7 +109,7 @@ def _record_or_none(store: ArtifactStore, prefix: str) -> StageRecord | None:
 @dataclass
 class StageStatus:
     name: str
-    state: str  # complete | stale | partial | pending | invalid
+    state: StageState
     outputs: int
     detail: str = ""
 
