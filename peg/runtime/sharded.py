@@ -3,12 +3,13 @@
 A sharded stage declares a `ShardedStage` (its shard parts, its processor, its pool and shard
 size) and hands `run_sharded` its scope and items. The template runs the shards under the
 scope's prefix with the scope's `shard_hash` (a changed config or input redoes them, a rerun
-reuses what is stored) inside a Ray session, reads every shard back verified, and gives the stage
+reuses what is stored) on Ray actors, reads every shard back verified, and gives the stage
 a `ShardRun`: the per-part texts, summed shard stats and `put` for the stage's combined outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 from peg.store.scope import StageScope
 from peg.runtime.session import ray_session
-from peg.runtime.shards import Pool, Processor, read_shards, run_shards
+from peg.runtime.shards import Pool, Processor, missing_shards, read_shards, run_shards
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,10 @@ class StageReport:
 
 def run_sharded(scope: StageScope, stage: ShardedStage, items: Sequence[Any], show_progress: bool = True) -> ShardRun:
     """Run `items` through `stage`'s processor in shards stored under `scope` (resuming), and read
-    every shard back. Raises `ShardsFailed` after the other shards finished if any failed."""
-    with ray_session():
+    every shard back. Ray starts only if a shard is to be computed (a rerun that reuses every shard
+    starts none). Raises `ShardsFailed` after the other shards finished if any failed."""
+    todo = missing_shards(scope.store, scope.prefix, len(items), stage.shard_size, stage.parts, scope.shard_hash)
+    with ray_session() if todo else contextlib.nullcontext():
         computed, reused = run_shards(
             stage=scope.stage, store=scope.store, base=scope.prefix, items=items, shard_size=stage.shard_size,
             parts=stage.parts, build=stage.build, pool=stage.pool, config_hash=scope.shard_hash,
