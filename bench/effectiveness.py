@@ -49,7 +49,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from bench.scifact import DEFAULT_STORE, MINILM, RUN_NAME, ROOT, SCIFACT, bench_config, dev_split, embed_split
+from bench.scifact import DEFAULT_STORE, MINILM, ROOT, SCIFACT, bench_config, dev_split, embed_split
 from peg.config import ListwiseConfig, RunConfig
 from peg.data import BeirDataset, iter_examples, write_examples
 from peg.eval import evaluate_embeddings
@@ -167,13 +167,13 @@ class Bench:
         """Mined lists for `source` (human / synthetic) via the synth and mine stages."""
         from peg.llm import run_synth
         from peg.mine import run_mine
+        from peg.pipeline.runner import stage_scope
 
         def build() -> str:
             config = self.config(data={"train_queries": source})
             if source != "human":
-                run_synth(config, self.store)
-            run_mine(config, self.store)
-            return f"{RUN_NAME}/mine/train.jsonl"
+                run_synth(config, stage_scope(config, self.store, "synth"))
+            return run_mine(config, stage_scope(config, self.store, "mine")).keys["train"]
 
         return self._stage_file(f"mined-{source}", build)
 
@@ -192,6 +192,7 @@ class Bench:
         """Teacher-scored lists via the score stage: `synthetic` (all), `human` (human_sample), or
         `both` (the two files together)."""
         from peg.llm import run_score
+        from peg.pipeline.runner import stage_scope
 
         if source == "both":
             path = self._data_file(f"scored-both-{self.args.teacher}")
@@ -202,10 +203,11 @@ class Bench:
 
         def build() -> str:
             mined = self.human_sample() if source == "human" else self.mined(source)
-            key = f"{RUN_NAME}/bench-input/{mined.stem}.jsonl"
-            self.store.put_file(key, mined, producer="bench", config_hash=source)
-            run_score(self.config(data={"train_queries": source}), self.store, input_key=key)
-            return f"{RUN_NAME}/score/train.jsonl"
+            config = self.config(data={"train_queries": source})
+            scope = stage_scope(config, self.store, "score", {"mine": mined.stem})  # a changed input: new shards
+            self.store.put_file(scope.key_of("mine", "train.jsonl"), mined, producer="bench", config_hash=source)
+            run_score(config, scope)  # reads mine/train.jsonl (the bench's config has no judge)
+            return scope.key("train.jsonl")
 
         return self._stage_file(f"scored-{source}-{self.args.teacher}", build)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from peg.config import RunConfig
 from peg.llm import run_synth
+from peg.pipeline.runner import stage_scope
 from peg.store import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def main() -> None:
     })
     store = LocalStore(args.store)
     started = time.monotonic()
-    report = run_synth(config, store, show_progress=True)
+    report = run_synth(config, stage_scope(config, store, "synth"), show_progress=True).report
     seconds = time.monotonic() - started
     records = [json.loads(line) for line in store.local_path("synth-bench/synth/queries.jsonl").open()]
     examples = {}

@@ -205,41 +205,36 @@ def eval_command(
     say(f"log: {log}")
 
 
-@app.command("encode")
-def encode_command(path: ConfigPath) -> None:
-    """Encode the corpus and the train-split queries (Ray Data; cached in the store by model + data hash)."""
-    from peg.mine import run_encode
-    from peg.store import open_store
+def run_stage_command(path: Path, name: str) -> None:
+    """A single-stage command (`peg encode|mine|judge|score|synth CONFIG`): the pipeline's own
+    stage entrypoint, after the stages it needs that are not complete; prints the stage's summary."""
+    from peg.pipeline.runner import run_with_needs
 
     config = read_config(path)
     check_before_run(config, path)
-    log = begin("encode")
-    corpus, queries = run_encode(config, open_store(config.store))
-    for name, emb in (("passages", corpus), ("queries", queries)):
-        say(f"{name}: {len(emb.ids):,} embeddings of dim {emb.matrix.shape[1]} at {emb.key}")
-    say(f"log: {log}")
+    log = begin(name)
+    done = run_with_needs(config, path.resolve(), name, log=say)
+    say("\n".join([*done.summary, f"log: {log}"]))
 
 
-@app.command("mine")
-def mine_command(path: ConfigPath) -> None:
-    """Mine hard negatives for the train split (sharded FAISS on Ray); resumes from stored query shards."""
-    from peg.mine import run_mine
-    from peg.store import open_store
+STAGE_COMMANDS = {  # `peg NAME CONFIG`: one pipeline stage, after the stages it needs
+    "encode": "Encode the corpus and the train-split queries (Ray Data; cached in the store by model + data hash).",
+    "mine": "Mine hard negatives for the train split (sharded FAISS on Ray); resumes from stored query shards.",
+    "judge": "LLM false-negative judge: drop mined negatives the LLM scores as relevant (Ray; resumes from stored shards).",
+    "score": "Teacher scores (cross-encoder or LLM) for each query's candidate list (Ray; resumes from stored shards).",
+    "synth": "Synthetic queries from the corpus, round-trip filtered (Ray; resumes from stored shards).",
+}
 
-    config = read_config(path)
-    check_before_run(config, path)
-    log = begin("mine")
-    result = run_mine(config, open_store(config.store))
-    stats = result.stats
-    console().print(
-        f"query shards: {len(result.computed)} mined, {len(result.reused)} reused; {result.seconds:.1f} s\n"
-        f"queries: {stats['queries']:,}, negatives kept: {stats['kept']:,}, "
-        f"queries short of {config.mining.negatives_per_query}: {stats['queries_short']:,}\n"
-        f"dropped by rule: " + ", ".join(f"{k}={v:,}" for k, v in stats["dropped"].items()) + "\n"
-        f"wrote {', '.join(result.keys.values())}\nlog: {log}",
-        highlight=False,
-        markup=False,
-    )
+
+def add_stage_command(name: str, help_text: str) -> None:
+    def command(path: ConfigPath) -> None:
+        run_stage_command(path, name)
+
+    app.command(name, help=help_text)(command)
+
+
+for _name, _help in STAGE_COMMANDS.items():
+    add_stage_command(_name, _help)
 
 
 store_app = typer.Typer(help="Inspect the artifact store.", no_args_is_help=True)
@@ -287,64 +282,6 @@ def store_get(
     say(f"wrote {dest}")
 
 
-InputKey = Annotated[
-    str | None, typer.Option("--input", help="Store key of the training JSONL to read (default: the previous stage's).")
-]
-
-
-@app.command("judge")
-def judge_command(path: ConfigPath, input_key: InputKey = None) -> None:
-    """LLM false-negative judge: drop mined negatives the LLM scores as relevant (Ray; resumes from stored shards)."""
-    from peg.llm import run_judge
-    from peg.store import open_store
-
-    config = read_config(path)
-    log = begin("judge")
-    stats = run_judge(config, open_store(config.store), input_key)
-    console().print(
-        f"judged {stats['negatives']:,} negatives of {stats['examples']:,} queries ({stats['mode']}): "
-        f"dropped {stats['dropped']:,} (drop rate {stats['drop_rate']:.1%}); shards: {stats['shards_computed']} "
-        f"computed, {stats['shards_reused']} reused\nwrote {config.name}/judge/train.jsonl, judgments.jsonl, report.json"
-        f"\nlog: {log}",
-        highlight=False, markup=False,
-    )
-
-
-@app.command("score")
-def score_command(path: ConfigPath, input_key: InputKey = None) -> None:
-    """Teacher scores (cross-encoder or LLM) for each query's candidate list (Ray; resumes from stored shards)."""
-    from peg.llm import run_score
-    from peg.store import open_store
-
-    config = read_config(path)
-    log = begin("score")
-    stats = run_score(config, open_store(config.store), input_key)
-    console().print(
-        f"scored {stats['pairs']:,} pairs of {stats['examples']:,} queries with the {stats['teacher']} teacher; "
-        f"shards: {stats['shards_computed']} computed, {stats['shards_reused']} reused\n"
-        f"wrote {config.name}/score/train.jsonl, report.json\nlog: {log}",
-        highlight=False, markup=False,
-    )
-
-
-@app.command("synth")
-def synth_command(path: ConfigPath) -> None:
-    """Synthetic queries from the corpus, round-trip filtered (Ray; resumes from stored shards)."""
-    from peg.llm import run_synth
-    from peg.store import open_store
-
-    config = read_config(path)
-    log = begin("synth")
-    report = run_synth(config, open_store(config.store))
-    lines = [f"{t:<10} " + ", ".join(f"{k}={v}" for k, v in c.items()) for t, c in report["by_type"].items()]
-    console().print(
-        f"{report['passages']:,} passages: kept {report['kept']:,}, dropped {report['dropped']:,}; shards: "
-        f"{report['shards_computed']} computed, {report['shards_reused']} reused\n" + "\n".join(lines)
-        + f"\nwrote {config.name}/synth/train.jsonl, queries.jsonl, report.json\nlog: {log}",
-        highlight=False, markup=False,
-    )
-
-
 pipeline_app = typer.Typer(help="Run the whole pipeline: prepare -> ... -> report.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 
@@ -365,6 +302,7 @@ def pipeline_run(
 ) -> None:
     """Run every stage that is not complete (a rerun skips completed stages and redoes invalid ones)."""
     from peg.pipeline import LocalBackend, StageFailed, current_lease, pipeline_results, run_pipeline
+    from peg.pipeline.results import EXPORTED_MODEL, result_key
     from peg.store import open_store
     from peg.store.lease import LeaseHeld
 
@@ -400,7 +338,7 @@ def pipeline_run(
         say("ran " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
     for line in pipeline_results(config, open_store(config.store)):
         say(line)
-    say(f"the model as a plain folder: peg store get {path} {config.name}/export/model DEST")
+    say(f"the model as a plain folder: peg store get {path} {result_key(config.name, EXPORTED_MODEL)} DEST")
 
 
 @app.command("render")

@@ -749,28 +749,6 @@ class RunConfig(Section):
         payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def stage_config_hash(self, stage: str) -> str:
-        """The hash of the sections stage `stage` reads (STAGE_SECTIONS): the pipeline's stage hash and
-        the stage's own shard-reuse hash are both built from it."""
-        return self.section_hash(*STAGE_SECTIONS[stage])
-
-
-# The config sections each pipeline stage reads: the one declaration of a stage's config contract.
-# A change in any of them reruns the stage (and, through its outputs, what follows).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("data",),
-    "synth": ("model", "data", "encode", "mining", "synth", "score"),  # encoder + index for the round trip
-    "encode": ("model", "data", "encode"),
-    "mine": ("model", "data", "encode", "mining"),
-    "judge": ("judge",),  # + the identity of its input file
-    "score": ("score",),  # + the identity of its input file
-    "pretrain": ("model", "data", "pretrain", "train"),  # the corpus; engine settings from train
-    "train": ("model", "data", "loss", "batch", "train"),
-    "eval": ("model", "data", "encode", "eval"),
-    "export": ("model", "data", "loss", "eval"),  # sample eval queries (corpus passages without eval); model card
-    "report": ("model", "data", "loss", "batch", "train", "eval"),
-}
-
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each mapping key path in a YAML document to its 1-based line."""

@@ -113,3 +113,39 @@ def test_the_walk_sees_lazy_imports():
     assert ("peg.pipeline.stages", "peg.mine.stage") in graph  # imported inside a function
     assert ("peg.cli", "peg.pipeline") in graph
 
+
+def private_imports(root: Path = PEG) -> list[str]:
+    """`module:line imports _name from other` for every import of a private name (`_x`, not a
+    dunder) from another peg module, also inside functions."""
+    def dotted(path: Path) -> str:
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {dotted(p): p for p in root.rglob("*.py")}
+    found = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            source = node.module or ""
+            if node.level:
+                source = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], source]).strip(".")
+            if not source.startswith("peg") or source == name:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{name}:{node.lineno} imports {alias.name} from {source}")
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    offenders = private_imports()
+    assert not offenders, "a private name is that module's own; make it public where it is shared:\n" + "\n".join(offenders)
+
+
+def test_the_private_import_check_sees_one(tmp_path):
+    (tmp_path / "peg").mkdir()
+    (tmp_path / "peg" / "a.py").write_text("def _helper():\n    pass\n")
+    (tmp_path / "peg" / "b.py").write_text("def f():\n    from peg.a import _helper\n")
+    assert private_imports(tmp_path / "peg") == ["peg.b:2 imports _helper from peg.a"]

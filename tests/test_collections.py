@@ -43,10 +43,10 @@ def test_empty_passages_load_with_a_counted_warning_and_keep_their_qrels(beir, c
 
 def test_the_config_switch_makes_empty_passages_an_error(beir):
     text = f"model: {{name_or_path: m}}\ndata: {{beir: {beir}}}\n"
-    assert len(load_train_split(parse_config(text, "cfg.yaml"), store=None).corpus) == 6  # human queries: no store read
+    assert len(load_train_split(parse_config(text, "cfg.yaml"), scope=None).corpus) == 6  # human queries: no store read
     strict = parse_config(f"model: {{name_or_path: m}}\ndata: {{beir: {beir}, empty_passages: error}}\n", "cfg.yaml")
     with pytest.raises(DataError, match=r"corpus.jsonl:3: field 'text' is empty"):
-        load_train_split(strict, store=None)
+        load_train_split(strict, scope=None)
 
 
 def test_data_check_lists_them_and_eval_runs_on_the_whole_collection(beir, tmp_path):

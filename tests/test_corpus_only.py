@@ -18,8 +18,9 @@ import peg.train
 from peg.config import ConfigError, load_config, parse_config
 from peg.data import DataError, TrainingExample, iter_examples, write_examples
 from peg.mine.stage import load_train_split
+from peg.pipeline.runner import stage_scope
 from peg.pipeline import enabled_stages, run_stage_entrypoint, stage_hashes
-from peg.store import LocalStore, open_store
+from peg.store import IntegrityError, LocalStore, open_store
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_corpus_only_folder_trains_listwise_on_synthetic_queries_alone(
     started_from = []
     real_train = peg.train.train
     monkeypatch.setattr(peg.train, "train", lambda config, *a, **kw: started_from.append(
-        config.model.name_or_path) or real_train(config, *a, **kw))
+        kw["inputs"].init_model) or real_train(config, *a, **kw))
     path = write(tmp_path / "run.yaml", synthetic_config(assets, tmp_path / "store", tiny_llama_dir, tiny_cross_encoder_dir))
     config = load_config(path)
     names = [s.name for s in enabled_stages(config)]
@@ -127,13 +128,27 @@ def test_synthetic_training_queries_are_the_synth_stage_output(assets, tmp_path)
     write_examples(tmp_path / "synth.jsonl", kept)
     store.put_file("corpus-only/synth/train.jsonl", tmp_path / "synth.jsonl", producer="synth", config_hash="h")
     config = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store")))
-    data = load_train_split(config, store)
+    data = load_train_split(config, stage_scope(config, store, "mine"))
     assert data.queries == {"synth-cooking-0-question": "what bakes bread"}
     assert data.qrels == {"synth-cooking-0-question": {"cooking-0": 1}}
     both = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store", data={
         "beir": str(assets["full"]), "train_queries": "both"})))
-    data = load_train_split(both, store)
+    data = load_train_split(both, stage_scope(both, store, "mine"))
     assert len(data.queries) == 1 + 18 and "synth-cooking-0-question" in data.queries
+
+
+def test_synthetic_training_queries_are_read_verified(assets, tmp_path):
+    """The synth stage's queries file is read through the store's sha256 check, like every input:
+    a file changed after it was stored stops mining with an IntegrityError naming it."""
+    store = LocalStore(tmp_path / "store")
+    kept = [TrainingExample(query="what bakes bread", pos=["x"], query_id="synth-cooking-0-question", pos_ids=["cooking-0"])]
+    write_examples(tmp_path / "synth.jsonl", kept)
+    store.put_file("corpus-only/synth/train.jsonl", tmp_path / "synth.jsonl", producer="synth", config_hash="h")
+    stored = store.local_path("corpus-only/synth/train.jsonl")
+    stored.write_text(stored.read_text().replace("bakes", "fakes"))  # same length, other bytes
+    config = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store")))
+    with pytest.raises(IntegrityError, match="corpus-only/synth/train.jsonl"):
+        load_train_split(config, stage_scope(config, store, "mine"))
 
 
 def test_synthetic_queries_need_the_synth_stage(assets, tmp_path):
@@ -142,7 +157,7 @@ def test_synthetic_queries_need_the_synth_stage(assets, tmp_path):
         parse_config(yaml.safe_dump(config))
     no_synth_output = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store")))
     with pytest.raises(ConfigError, match=r"corpus-only/synth/train.jsonl is not in the store"):
-        load_train_split(no_synth_output, open_store(no_synth_output.store))
+        load_train_split(no_synth_output, stage_scope(no_synth_output, open_store(no_synth_output.store), "mine"))
 
 
 def test_synthetic_query_settings_invalidate_everything_but_prepare_and_pretrain(assets, tmp_path):

@@ -1,4 +1,4 @@
-"""The judge, score and synth stages on a real local Ray, through the store and the CLI.
+"""The judge, score and synth stages on a real local Ray, through the store (and the CLI's errors).
 
 Tiny models built in the test (a Llama with the SmolLM2 tokenizer, a BERT cross-encoder) keep
 them fast; the packaged MiniLM is the synth round trip's retriever. A failed shard (fault
@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import write_config
 from typer.testing import CliRunner
 
 from peg.cli import app
 from peg.config import JudgeConfig, LLMConfig, RunConfig
-from peg.data import TrainingExample, iter_examples, write_examples
-from peg.llm import LLMScorer, judge_examples, run_score, run_synth
+from peg.data import DataError, TrainingExample, iter_examples, write_examples
+from peg.llm import LLMScorer, judge_examples, run_judge, run_score, run_synth
+from peg.pipeline.runner import stage_scope
 from peg.runtime.shards import FAIL_SHARDS_ENV, ShardsFailed
 from peg.store import LocalStore
 
@@ -64,26 +66,26 @@ def test_judge_stage_names_failed_shard_and_rerun_redoes_only_it(ray_local, tiny
     expected_examples = [ex for p in parts for ex in p.examples]
     expected_judgments = [j for p in parts for j in p.judgments]
     config_path = write_llm_config(tmp_path, tmp_path / "store", judge=judge)
+    config = RunConfig.model_validate(yaml.safe_load(config_path.read_text()))
     store = LocalStore(tmp_path / "store")
-    runner = CliRunner()
+    scope = stage_scope(config, store, "judge")
 
-    missing = runner.invoke(app, ["judge", str(config_path)])
-    assert missing.exit_code == 2 and "llmrun/mine/train.jsonl: input artifact not found" in missing.output
+    with pytest.raises(DataError, match="llmrun/mine/train.jsonl: input artifact not found"):
+        run_judge(config, scope, show_progress=False)
 
     put_mined(store, tmp_path)
     monkeypatch.setenv(FAIL_SHARDS_ENV, "1")
-    failed = runner.invoke(app, ["judge", str(config_path)])
-    assert failed.exit_code == 2
-    assert "judge shard 00001 failed" in failed.output and "shard 00000" not in failed.output
+    with pytest.raises(ShardsFailed, match="judge shard 00001 failed") as failed:
+        run_judge(config, scope, show_progress=False)
+    assert "shard 00000" not in str(failed.value)
     assert sorted(store.list("llmrun/judge")) == sorted(
         f"llmrun/judge/shard-{s:05d}.{part}" for s in (0, 2) for part in ("judgments.jsonl", "jsonl", "stats.json")
     )
     stored_mtime = store.local_path("llmrun/judge/shard-00000.jsonl").stat().st_mtime_ns
 
     monkeypatch.delenv(FAIL_SHARDS_ENV)
-    rerun = runner.invoke(app, ["judge", str(config_path)])
-    assert rerun.exit_code == 0, rerun.output
-    assert "shards: 1 computed, 2 reused" in rerun.output
+    rerun = run_judge(config, scope, show_progress=False)
+    assert "shards: 1 computed, 2 reused" in rerun.summary_lines()[0]
     assert store.local_path("llmrun/judge/shard-00000.jsonl").stat().st_mtime_ns == stored_mtime
 
     # The Ray stage gives what judging the examples in-process gives.
@@ -110,7 +112,7 @@ def test_score_stage_writes_teacher_scores(ray_local, tiny_cross_encoder_dir, tm
         "score": {"enabled": True, "teacher": "cross_encoder", "cross_encoder_path": str(tiny_cross_encoder_dir),
                   "list_size": 3, "llm": {"shard_size": 3, "num_actors": 1}},
     })
-    stats = run_score(config, store, show_progress=False)
+    stats = run_score(config, stage_scope(config, store, "score"), show_progress=False).report
     assert stats["examples"] == 5 and stats["pairs"] == 15 and stats["shards_computed"] == 2
     from peg.llm import CrossEncoderTeacher
 
@@ -150,7 +152,7 @@ def synth_config(tmp_path: Path, store: str, llm_dir: Path) -> RunConfig:
 def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_dir, tmp_path, monkeypatch):
     write_beir(tmp_path / "beir")
     whole = synth_config(tmp_path, str(tmp_path / "whole"), tiny_llama_dir)
-    report = run_synth(whole, LocalStore(tmp_path / "whole"), show_progress=False)
+    report = run_synth(whole, stage_scope(whole, LocalStore(tmp_path / "whole"), "synth"), show_progress=False).report
     assert report["passages"] == 4 and report["shards_computed"] == 2
     assert set(report["by_type"]) == {"question", "keywords"}
     for counts in report["by_type"].values():
@@ -165,10 +167,10 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
     resumed = synth_config(tmp_path, str(tmp_path / "resumed"), tiny_llama_dir)
     monkeypatch.setenv(FAIL_SHARDS_ENV, "0")
     with pytest.raises(ShardsFailed, match="synth shard 00000 failed") as failure:
-        run_synth(resumed, resumed_store, show_progress=False)
+        run_synth(resumed, stage_scope(resumed, resumed_store, "synth"), show_progress=False)
     assert set(failure.value.failed) == {0}
     monkeypatch.delenv(FAIL_SHARDS_ENV)
-    again = run_synth(resumed, resumed_store, show_progress=False)
+    again = run_synth(resumed, stage_scope(resumed, resumed_store, "synth"), show_progress=False).report
     assert (again["shards_computed"], again["shards_reused"]) == (1, 1)
     assert again["by_type"] == report["by_type"]
     whole_store = LocalStore(tmp_path / "whole")
@@ -187,7 +189,7 @@ def test_synth_stage_resumes_to_the_uninterrupted_result(ray_local, tiny_llama_d
 
 
 def test_missing_gguf_is_a_clear_cli_error(tmp_path):
-    judge = {"llm": {"path": str(tmp_path / "models"), "gguf_file": "absent.gguf"}}
+    judge = {"enabled": True, "llm": {"path": str(tmp_path / "models"), "gguf_file": "absent.gguf"}}
     config_path = write_llm_config(tmp_path, tmp_path / "store", judge=judge)
     result = CliRunner().invoke(app, ["judge", str(config_path)])
     assert result.exit_code == 2

@@ -14,6 +14,7 @@ from peg.cli import app
 from peg.config import load_config
 from peg.data import iter_examples
 from peg.mine import run_mine
+from peg.pipeline.runner import stage_scope
 from peg.runtime import ShardsFailed
 from peg.runtime.shards import FAIL_SHARDS_ENV
 from peg.store import open_store
@@ -53,6 +54,7 @@ def write_mine_config(path, beir, store, **mining):
         "encode": {"batch_size": 32, "num_actors": 1, "actor_cpus": 0.5},
         "mining": {"num_shards": 2, "top_k": 20, "negatives_per_query": 3, "query_shard_size": 10,
                    "actor_cpus": 0.25, **mining},
+        "eval": {"enabled": False},
         "store": {"uri": str(store)},
     }
     return write_config(path, config)
@@ -67,7 +69,7 @@ def mined(ray_local, tmp_path_factory):
     config_path = write_mine_config(root / "run.yaml", root / "beir", root / "store")
     config = load_config(config_path)
     store = open_store(config.store)
-    result = run_mine(config, store, show_progress=False)
+    result = run_mine(config, stage_scope(config, store, "mine"), show_progress=False)
     train = store.local_path(result.keys["train"]).read_text()
     return {"root": root, "config_path": config_path, "config": config, "store": store, "result": result,
             "train": train, "duplicates": duplicates}
@@ -124,14 +126,14 @@ def test_failed_shard_is_named_and_a_rerun_redoes_only_it(mined, monkeypatch):
     store.delete(f"{config.name}/mine")
     monkeypatch.setenv(FAIL_SHARDS_ENV, "1")
     with pytest.raises(ShardsFailed, match=r"mine shard 00001 failed: .*injected failure") as failure:
-        run_mine(config, store, show_progress=False)
+        run_mine(config, stage_scope(config, store, "mine"), show_progress=False)
     assert failure.value.failed.keys() == {1}
     assert not store.exists(f"{config.name}/mine/shard-00001.jsonl")
     assert not store.exists(f"{config.name}/mine/train.jsonl")
     done = {s: store.local_path(f"{config.name}/mine/shard-{s:05d}.jsonl").stat().st_mtime_ns for s in (0, 2)}
 
     monkeypatch.delenv(FAIL_SHARDS_ENV)
-    result = run_mine(config, store, show_progress=False)
+    result = run_mine(config, stage_scope(config, store, "mine"), show_progress=False)
     assert result.computed == [1] and result.reused == [0, 2]
     assert {s: store.local_path(f"{config.name}/mine/shard-{s:05d}.jsonl").stat().st_mtime_ns for s in (0, 2)} == done
     assert store.local_path(result.keys["train"]).read_text() == mined["train"]  # resumed == uninterrupted
@@ -140,21 +142,31 @@ def test_failed_shard_is_named_and_a_rerun_redoes_only_it(mined, monkeypatch):
 def test_changed_mining_config_recomputes_every_shard(mined):
     config = mined["config"].model_copy(deep=True)
     config.mining.negatives_per_query = 2
-    result = run_mine(config, mined["store"], show_progress=False)
+    result = run_mine(config, stage_scope(config, mined["store"], "mine"), show_progress=False)
     assert result.computed == [0, 1, 2] and result.reused == []
     assert all(len(e.neg_ids) <= 2 for e in iter_examples(mined["store"].local_path(result.keys["train"])))
 
 
-def test_cli_encode_and_mine_reuse_stored_work(mined):
+def test_cli_encode_and_mine_reuse_stored_work_and_leave_what_the_pipeline_stage_leaves(mined):
     runner = CliRunner()
     path = write_mine_config(mined["root"] / "cli.yaml", mined["root"] / "beir", mined["root"] / "store")
     encoded = runner.invoke(app, ["encode", str(path)])
     assert encoded.exit_code == 0, encoded.output
     assert "passages: 150 embeddings of dim 32" in encoded.output and "queries: 31 embeddings" in encoded.output
+    assert "[run]  prepare (needed by encode)" in encoded.output  # the stages it needs run first
     runner.invoke(app, ["mine", str(path)])  # whatever earlier tests left, this stores every shard
     mined_again = runner.invoke(app, ["mine", str(path)])
     assert mined_again.exit_code == 0, mined_again.output
     assert "query shards: 0 mined, 3 reused" in mined_again.output
+
+    # `peg mine` is the pipeline's own stage: the same record and the same store contents.
+    store, prefix = mined["store"], "mine-test/mine"
+    by_command = {key: store.manifest(key).sha256 for key in store.list(prefix)}
+    assert f"{prefix}/_stage.json" in by_command
+    store.delete(prefix)
+    staged = runner.invoke(app, ["pipeline", "stage", "mine", str(path)])
+    assert staged.exit_code == 0, staged.output
+    assert {key: store.manifest(key).sha256 for key in store.list(prefix)} == by_command
 
 
 def test_cli_bad_input_errors(mined):

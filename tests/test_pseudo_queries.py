@@ -12,6 +12,7 @@ from pathlib import Path
 from peg.config import RunConfig
 from peg.data import Passage, iter_examples
 from peg.llm import run_synth
+from peg.pipeline.runner import stage_scope
 from peg.llm.synth import PSEUDO_QUERY_TYPES, pseudo_query
 from peg.store import LocalStore
 
@@ -77,7 +78,7 @@ def test_synth_stage_runs_generation_free_types_with_no_llm(ray_local, tiny_cros
                   "query_types": list(PSEUDO_QUERY_TYPES), "span_words": 6, "filter_top_k": 3},
         "score": {"teacher": "cross_encoder", "cross_encoder_path": str(tiny_cross_encoder_dir)},
     })  # fmt: skip
-    report = run_synth(config, LocalStore(tmp_path / "store"), show_progress=False)
+    report = run_synth(config, stage_scope(config, LocalStore(tmp_path / "store"), "synth"), show_progress=False).report
     assert report["passages"] == len(TOPICS) and report["shards_computed"] == 2
     assert report["by_type"]["passage_title"]["empty"] == len(TOPICS) // 2  # the odd passages have no title
     assert all(report["by_type"][t]["empty"] == 0 for t in ("inverse_cloze", "span_crop"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from peg.store import artifact_key
+
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 RAYJOB_NAME_MAX = 47  # KubeRay derives longer names (cluster, submitter job) from a RayJob's name
 
@@ -34,4 +36,4 @@ def is_dns_1035(name: str, max_len: int = 63) -> bool:
 
 def stage_log_key(run_name: str, stage: str) -> str:
     """Where a cluster stage's main pod log is kept in the store, by the launcher and the operator alike."""
-    return f"{run_name}/logs/{stage}.log"
+    return artifact_key(run_name, "logs", f"{stage}.log")

@@ -33,15 +33,15 @@ from peg.k8s.validation import (
     subdomain_problem,
 )
 from peg.k8s.vocabulary import GROUP, LABEL_HASH, LABEL_QUEUE, LABEL_RUN, LABEL_STAGE, PYTORCHJOB, RAYJOB, TRAINJOB
-from peg.pipeline import enabled_stages, stage_hashes
+from peg.pipeline import STAGES, enabled_stages, stage_hashes
 
 CONFIG_DIR = "/etc/peg"
 CONFIG_FILE = "run.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 S3_DIR = "/etc/peg-s3"
 SCRATCH_DIR = "/tmp"
-LOCAL_STAGES = ("prepare",)  # run where the data is, never in a pod
-TRAINING_STAGES = ("pretrain", "train")  # torchrun + DeepSpeed: a TrainJob / PyTorchJob, not a RayJob
+LOCAL_STAGES = tuple(s.name for s in STAGES if s.runs == "local")  # run where the data is, never in a pod
+TRAINING_STAGES = tuple(s.name for s in STAGES if s.runs == "torchrun")  # a TrainJob / PyTorchJob, not a RayJob
 RAY_HEAD, RAY_WORKER = "ray-head", "ray-worker"
 GPU = "nvidia.com/gpu"
 TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")

@@ -26,7 +26,8 @@ import numpy as np
 from peg.config import JudgeConfig, RunConfig
 from peg.data import DataError, TrainingExample, iter_examples
 from peg.llm.loading import check_model_source
-from peg.runtime.shards import input_identity, read_shards, run_shards
+from peg.store.scope import StageScope
+from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -106,9 +107,10 @@ class JudgeProcessor:
         }
 
 
-def default_input_key(config: RunConfig) -> str:
-    """The mine stage's training JSONL."""
-    return f"{config.name}/mine/train.jsonl"
+def judge_headline(s: dict) -> list[str]:
+    return [f"judged {s['negatives']:,} negatives of {s['examples']:,} queries ({s['mode']}): dropped "
+            f"{s['dropped']:,} (drop rate {s['drop_rate']:.1%}); shards: {s['shards_computed']} computed, "
+            f"{s['shards_reused']} reused"]
 
 
 def load_input_examples(store: ArtifactStore, key: str, tmp: Path) -> list[TrainingExample]:
@@ -117,40 +119,23 @@ def load_input_examples(store: ArtifactStore, key: str, tmp: Path) -> list[Train
     return list(iter_examples(store.materialise(key, tmp)))
 
 
-def run_judge(
-    config: RunConfig, store: ArtifactStore, input_key: str | None = None, show_progress: bool = True
-) -> dict:
-    """The `judge` stage: judge the negatives of `input_key` (default: the mine output) on Ray."""
-    from peg.runtime import ray_session
-
+def run_judge(config: RunConfig, scope: StageScope, show_progress: bool = True) -> StageReport:
+    """The `judge` stage: judge the negatives of the mine stage's training file on Ray."""
     check_model_source(config.judge.llm)  # a bad path fails here, not once per Ray actor
-    input_key = input_key or default_input_key(config)
-    base = f"{config.name}/judge"
-    config_hash = config.stage_config_hash("judge") + ":" + input_identity(store, input_key)
-    with tempfile.TemporaryDirectory(prefix="peg-judge-") as tmpdir, ray_session():
-        tmp = Path(tmpdir)
-        examples = load_input_examples(store, input_key, tmp)
-        computed, reused = run_shards(
-            stage="judge", store=store, base=base, items=examples, parts=PARTS,
-            build=partial(JudgeProcessor, config.judge.model_dump(mode="json")),
-            shard_size=config.judge.llm.shard_size, pool=config.judge.llm, config_hash=config_hash,
-            show_progress=show_progress, unit="queries",
-        )
-        stored = read_shards(store, base, sorted(computed + reused), PARTS)
-        stats = {"examples": 0, "negatives": 0, "dropped": 0}
-        for text in stored["stats.json"]:
-            for k, v in json.loads(text).items():
-                stats[k] += v
-        stats.update({
-            "drop_rate": stats["dropped"] / stats["negatives"] if stats["negatives"] else 0.0,
-            "mode": config.judge.llm.mode,
-            "threshold": config.judge.threshold,
-            "relative": config.judge.relative,
-            "input": input_key,
-            "shards_computed": len(computed),
-            "shards_reused": len(reused),
-        })
-        store.put_text(f"{base}/judgments.jsonl", "".join(stored["judgments.jsonl"]), "judge", config_hash)
-        store.put_json(f"{base}/report.json", stats, "judge", config_hash)
-        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "judge", config_hash)
-    return stats
+    input_key = scope.key_of("mine", "train.jsonl")
+    with tempfile.TemporaryDirectory(prefix="peg-judge-") as tmp:
+        examples = load_input_examples(scope.store, input_key, Path(tmp))
+    declaration = ShardedStage(PARTS, partial(JudgeProcessor, config.judge.model_dump(mode="json")),
+                               pool=config.judge.llm, shard_size=config.judge.llm.shard_size, unit="queries")
+    shards = run_sharded(scope, declaration, examples, show_progress)
+    stats = {"examples": 0, "negatives": 0, "dropped": 0, **shards.summed()}
+    stats.update({
+        "drop_rate": stats["dropped"] / stats["negatives"] if stats["negatives"] else 0.0,
+        "mode": config.judge.llm.mode,
+        "threshold": config.judge.threshold,
+        "relative": config.judge.relative,
+        "input": input_key,
+        **shards.counts(),
+    })
+    outputs = {"judgments.jsonl": shards.joined("judgments.jsonl"), "report.json": stats, "train.jsonl": shards.joined("jsonl")}
+    return StageReport(stats, shards.put(outputs), judge_headline)

@@ -45,9 +45,10 @@ from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConf
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.backends import as_backend, load_lm
 from peg.llm.loading import LLMError, check_model_source
-from peg.runtime.shards import missing_shards, read_shards, run_shards
+from peg.store.scope import StageScope
+from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
+from peg.runtime.shards import missing_shards
 from peg.llm.teacher import CalibratedTeacher, check_teacher, load_teacher, score_candidates
-from peg.store import ArtifactStore
 
 PARTS = ("queries.jsonl", "stats.json", "jsonl")
 OUTCOMES = ("empty", "held_out", "not_retrieved", "not_top_teacher", "kept")
@@ -311,7 +312,13 @@ def _same_model(a: LLMConfig, b: LLMConfig) -> bool:
     return (a.path, a.gguf_file, a.backend, a.compute_type) == (b.path, b.gguf_file, b.backend, b.compute_type)
 
 
-def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> dict:
+def synth_headline(r: dict) -> list[str]:
+    return [f"{r['passages']:,} passages: kept {r['kept']:,}, dropped {r['dropped']:,}; shards: "
+            f"{r['shards_computed']} computed, {r['shards_reused']} reused",
+            *(f"{t:<10} " + ", ".join(f"{k}={v}" for k, v in c.items()) for t, c in r["by_type"].items())]
+
+
+def run_synth(config: RunConfig, scope: StageScope, show_progress: bool = True) -> StageReport:
     """The `synth` stage over `data.beir`'s corpus: generate, filter, store; resumable per shard."""
     from peg.runtime import ShardedIndex, encode_corpus, ray_session
 
@@ -325,13 +332,11 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
     if not corpus:
         raise DataError(Path(config.data.beir) / "corpus.jsonl", None, "the corpus has no passages")
     sources = corpus[: config.synth.num_passages] if config.synth.num_passages else corpus
-    base = f"{config.name}/synth"
-    config_hash = config.stage_config_hash("synth")
     llm = config.synth.llm
     with ray_session():
         index = None
-        if missing_shards(store, base, len(sources), llm.shard_size, PARTS, config_hash):
-            embeddings = encode_corpus(config, store, corpus, show_progress)
+        if missing_shards(scope.store, scope.prefix, len(sources), llm.shard_size, PARTS, scope.shard_hash):
+            embeddings = encode_corpus(config, scope.store, corpus, show_progress)
             index = ShardedIndex(
                 embeddings.matrix, embeddings.ids, config.mining.num_shards, config.mining.index,
                 actor_cpus=config.mining.actor_cpus,
@@ -341,34 +346,26 @@ def run_synth(config: RunConfig, store: ArtifactStore, show_progress: bool = Tru
             config.model.model_dump(mode="json"), {p.id: p.full_text for p in corpus}, index,
         )
         try:
-            computed, reused = run_shards(
-                stage="synth", store=store, base=base, items=sources, parts=PARTS, build=build,
-                shard_size=llm.shard_size, pool=llm, config_hash=config_hash, show_progress=show_progress,
-                unit="passages",
-            )
+            shards = run_sharded(scope, ShardedStage(PARTS, build, llm, llm.shard_size, "passages"), sources, show_progress)
         finally:
             if index is not None:
                 index.close()
-        stored = read_shards(store, base, sorted(computed + reused), PARTS)
-        counts = {t: dict.fromkeys(OUTCOMES, 0) for t in config.synth.query_types}
-        for text in stored["stats.json"]:
-            for t, by_outcome in json.loads(text).items():
-                for outcome, n in by_outcome.items():
-                    counts[t][outcome] += n
-        gate = teacher_gate([json.loads(line) for text in stored["queries.jsonl"] for line in text.splitlines()])
-        log_teacher_gate(gate, config.score.teacher, config.synth.filter_top_k)
-        report = {
-            "passages": len(sources),
-            "teacher_gate": gate,
-            "by_type": counts,
-            "kept": sum(c["kept"] for c in counts.values()),
-            "dropped": sum(c[o] for c in counts.values() for o in OUTCOMES if o not in ("kept", "held_out")),
-            "filter_top_k": config.synth.filter_top_k,
-            "teacher": config.score.teacher,
-            "shards_computed": len(computed),
-            "shards_reused": len(reused),
-        }
-        store.put_text(f"{base}/queries.jsonl", "".join(stored["queries.jsonl"]), "synth", config_hash)
-        store.put_json(f"{base}/report.json", report, "synth", config_hash)
-        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "synth", config_hash)
-    return report
+    counts = {t: dict.fromkeys(OUTCOMES, 0) for t in config.synth.query_types}
+    for text in shards.texts["stats.json"]:
+        for t, by_outcome in json.loads(text).items():
+            for outcome, n in by_outcome.items():
+                counts[t][outcome] += n
+    gate = teacher_gate([json.loads(line) for text in shards.texts["queries.jsonl"] for line in text.splitlines()])
+    log_teacher_gate(gate, config.score.teacher, config.synth.filter_top_k)
+    report = {
+        "passages": len(sources),
+        "teacher_gate": gate,
+        "by_type": counts,
+        "kept": sum(c["kept"] for c in counts.values()),
+        "dropped": sum(c[o] for c in counts.values() for o in OUTCOMES if o not in ("kept", "held_out")),
+        "filter_top_k": config.synth.filter_top_k,
+        "teacher": config.score.teacher,
+        **shards.counts(),
+    }
+    outputs = {"queries.jsonl": shards.joined("queries.jsonl"), "report.json": report, "train.jsonl": shards.joined("jsonl")}
+    return StageReport(report, shards.put(outputs), synth_headline)

@@ -28,9 +28,9 @@ from peg.data import TrainingExample
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
 from peg.model import clip_text
-from peg.runtime.shards import input_identity, read_shards, run_shards
+from peg.store.scope import StageScope
+from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.progress import progress_bar
-from peg.store import ArtifactStore
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 PARTS = ("stats.json", "jsonl")
@@ -202,38 +202,22 @@ class ScoreProcessor:
         return {"stats.json": json.dumps(stats), "jsonl": "".join(ex.to_json() + "\n" for ex in scored)}
 
 
-def default_input_key(config: RunConfig) -> str:
-    """The judge's output when the judge is enabled, else the mine stage's."""
-    stage = "judge" if config.judge.enabled else "mine"
-    return f"{config.name}/{stage}/train.jsonl"
+def score_headline(s: dict) -> list[str]:
+    return [f"scored {s['pairs']:,} pairs of {s['examples']:,} queries with the {s['teacher']} teacher; "
+            f"shards: {s['shards_computed']} computed, {s['shards_reused']} reused"]
 
 
-def run_score(config: RunConfig, store: ArtifactStore, input_key: str | None = None, show_progress: bool = True) -> dict:
-    """The `score` stage: teacher scores for every candidate list of `input_key`, on Ray."""
-    from peg.runtime import ray_session
-
+def run_score(config: RunConfig, scope: StageScope, show_progress: bool = True) -> StageReport:
+    """The `score` stage: teacher scores for every candidate list of the judge's training file (the
+    mine stage's without a judge), on Ray."""
     check_teacher(config.score)  # a bad path fails here, not once per Ray actor
-    input_key = input_key or default_input_key(config)
-    base = f"{config.name}/score"
-    config_hash = config.stage_config_hash("score") + ":" + input_identity(store, input_key)
-    with tempfile.TemporaryDirectory(prefix="peg-score-") as tmpdir, ray_session():
-        tmp = Path(tmpdir)
-        examples = load_input_examples(store, input_key, tmp)
-        computed, reused = run_shards(
-            stage="score", store=store, base=base, items=examples, parts=PARTS,
-            build=partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json")),
-            shard_size=config.score.llm.shard_size, pool=config.score.llm, config_hash=config_hash,
-            show_progress=show_progress, unit="lists",
-        )
-        stored = read_shards(store, base, sorted(computed + reused), PARTS)
-        stats = {"examples": 0, "pairs": 0}
-        for text in stored["stats.json"]:
-            for k, v in json.loads(text).items():
-                stats[k] += v
-        stats.update({
-            "teacher": config.score.teacher, "list_size": config.score.list_size, "input": input_key,
-            "shards_computed": len(computed), "shards_reused": len(reused),
-        })
-        store.put_json(f"{base}/report.json", stats, "score", config_hash)
-        store.put_text(f"{base}/train.jsonl", "".join(stored["jsonl"]), "score", config_hash)
-    return stats
+    input_key = scope.key_of("judge" if config.judge.enabled else "mine", "train.jsonl")
+    with tempfile.TemporaryDirectory(prefix="peg-score-") as tmp:
+        examples = load_input_examples(scope.store, input_key, Path(tmp))
+    build = partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json"))
+    declaration = ShardedStage(PARTS, build, pool=config.score.llm, shard_size=config.score.llm.shard_size, unit="lists")
+    shards = run_sharded(scope, declaration, examples, show_progress)
+    stats = {"examples": 0, "pairs": 0, **shards.summed(), "teacher": config.score.teacher,
+             "list_size": config.score.list_size, "input": input_key, **shards.counts()}
+    outputs = {"report.json": stats, "train.jsonl": shards.joined("jsonl")}
+    return StageReport(stats, shards.put(outputs), score_headline)

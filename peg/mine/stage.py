@@ -39,7 +39,9 @@ from peg.data.fetch import resolve_beir
 from peg.mine.select import RULES, select_negatives
 from peg.runtime import EmbeddingSet, ShardedIndex, encode_corpus, encode_queries, ray_scope, ray_session
 from peg.runtime.index import search_shards
-from peg.runtime.shards import WorkerPool, run_here, run_shards, shard_key
+from peg.runtime.sharded import ShardedStage, ShardRun, run_sharded
+from peg.runtime.shards import WorkerPool, run_here
+from peg.store.scope import StageScope
 from peg.store import ArtifactStore
 
 # A query shard's files; the examples file goes last: its presence marks the shard as done.
@@ -56,16 +58,40 @@ class MineResult:
     keys: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def summary_lines(self) -> list[str]:
+        """What `peg mine` prints: shards, queries, negatives kept and dropped by rule, the files written."""
+        stats, mining = self.stats, self.stats["mining"]
+        return [
+            f"query shards: {len(self.computed)} mined, {len(self.reused)} reused; {self.seconds:.1f} s",
+            f"queries: {stats['queries']:,}, negatives kept: {stats['kept']:,}, "
+            f"queries short of {mining['negatives_per_query']}: {stats['queries_short']:,}",
+            "dropped by rule: " + ", ".join(f"{k}={v:,}" for k, v in stats["dropped"].items()),
+            f"wrote {', '.join(self.keys.values())}",
+        ]
+
+
+@dataclass
+class EncodeResult:
+    """The corpus and training-query embeddings `encode` cached in the store."""
+
+    corpus: EmbeddingSet
+    queries: EmbeddingSet
+
+    def summary_lines(self) -> list[str]:
+        return [f"{name}: {len(emb.ids):,} embeddings of dim {emb.matrix.shape[1]} at {emb.key}"
+                for name, emb in (("passages", self.corpus), ("queries", self.queries))]
+
 
 SYNTHETIC_SPLIT = "synthetic"
 
 
-def load_train_split(config: RunConfig, store: ArtifactStore) -> BeirDataset:
+def load_train_split(config: RunConfig, scope: StageScope | None) -> BeirDataset:
     """The corpus and the training queries with their positives (`data.train_queries`).
 
     human: the BEIR folder's train split (first `data.max_train_queries` if set); synthetic: the
     synth stage's kept queries (`<run>/synth/train.jsonl`), each with its source passage as the one
-    positive, and only corpus.jsonl read from the BEIR folder; both: the two together.
+    positive, and only corpus.jsonl read from the BEIR folder; both: the two together. `scope`, the
+    stage reading them, is needed only for synthetic queries.
     """
     if not config.data.beir:
         raise ConfigError("data.beir: `peg encode` / `peg mine` need a BEIR folder")
@@ -80,7 +106,9 @@ def load_train_split(config: RunConfig, store: ArtifactStore) -> BeirDataset:
             keep = list(dataset.queries)[: config.data.max_train_queries]
             dataset.queries = {q: dataset.queries[q] for q in keep}
     if source != "human":
-        _add_synthetic_queries(dataset, store, f"{config.name}/synth/train.jsonl")
+        if scope is None:
+            raise ConfigError("data.train_queries: synthetic queries are read from a run's synth stage")
+        _add_synthetic_queries(dataset, scope.store, scope.key_of("synth", "train.jsonl"))
     return dataset
 
 
@@ -89,7 +117,7 @@ def _add_synthetic_queries(dataset: BeirDataset, store: ArtifactStore, key: str)
     if not store.exists(key):
         raise ConfigError(f"data.train_queries: {key} is not in the store; run the synth stage first")
     with tempfile.TemporaryDirectory(prefix="peg-synth-queries-") as tmp:
-        path = store.local_path(key) or store.get_file(key, Path(tmp) / "train.jsonl")
+        path = store.materialise(key, tmp)  # verified against its sha256, like every store read
         for example in iter_examples(path):
             unknown = [p for p in example.pos_ids or [] if p not in dataset.corpus]
             if example.query_id is None or not example.pos_ids or unknown:
@@ -98,21 +126,13 @@ def _add_synthetic_queries(dataset: BeirDataset, store: ArtifactStore, key: str)
             dataset.qrels[example.query_id] = dict.fromkeys(example.pos_ids, 1)
 
 
-def training_queries_identity(config: RunConfig, store: ArtifactStore) -> str:
-    """What the training queries depend on beyond the config: the synthetic queries' sha256."""
-    if config.data.train_queries == "human":
-        return ""
-    manifest = store.manifest(f"{config.name}/synth/train.jsonl")
-    return manifest.sha256[:16] if manifest else "missing"
-
-
-def run_encode(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> tuple[EmbeddingSet, EmbeddingSet]:
+def run_encode(config: RunConfig, scope: StageScope, show_progress: bool = True) -> EncodeResult:
     """Encode the corpus and the training queries (cached in the store)."""
-    dataset = load_train_split(config, store)
+    dataset = load_train_split(config, scope)
     with ray_scope():  # one Ray session for both, started only if one needs actors
-        corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress)
-        queries = encode_queries(config, store, dataset.queries, show_progress)
-    return corpus, queries
+        corpus = encode_corpus(config, scope.store, dataset.corpus.values(), show_progress)
+        queries = encode_queries(config, scope.store, dataset.queries, show_progress)
+    return EncodeResult(corpus, queries)
 
 
 class MineProcessor:
@@ -179,16 +199,14 @@ def mine_memory_bytes(config: RunConfig, dataset: BeirDataset) -> int:
     return texts + 2 * 4 * dim * len(dataset.corpus)
 
 
-def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True) -> MineResult:
+def run_mine(config: RunConfig, scope: StageScope, show_progress: bool = True) -> MineResult:
     """Mine hard negatives for the train split; resumable per query shard (see the module docstring)."""
     started = time.monotonic()
-    dataset = load_train_split(config, store)
+    dataset = load_train_split(config, scope)
     mining = config.mining
-    config_hash = config.stage_config_hash("mine") + training_queries_identity(config, store)
-    base = f"{config.name}/mine"
+    store = scope.store
     here = run_here("mine", mine_memory_bytes(config, dataset), mining.placement)
-    session = contextlib.nullcontext() if here else ray_session()
-    with session, tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
+    with contextlib.nullcontext() if here else ray_session(), tempfile.TemporaryDirectory(prefix="peg-mine-") as tmpdir:
         tmp = Path(tmpdir)
         corpus = encode_corpus(config, store, dataset.corpus.values(), show_progress, in_process=here)
         texts = [dataset.corpus[pid].full_text for pid in corpus.ids]
@@ -201,21 +219,20 @@ def run_mine(config: RunConfig, store: ArtifactStore, show_progress: bool = True
             ivf_nlist=mining.ivf_nlist, ivf_nprobe=mining.ivf_nprobe,
             hnsw_m=mining.hnsw_m, hnsw_ef_search=mining.hnsw_ef_search, in_process=here,
         )
+        size = mining.query_shard_size
+        declaration = ShardedStage(
+            PARTS, partial(MineProcessor, index.actors, mining.model_dump(mode="json")),
+            pool=WorkerPool(num_actors=1, actor_cpus=mining.actor_cpus), shard_size=size, unit="queries",
+            to_files=lambda s, result: shard_files(result, items[s * size : (s + 1) * size], dataset, corpus, texts),
+        )
         try:
-            size = mining.query_shard_size
-            computed, reused = run_shards(
-                stage="mine", store=store, base=base, items=items, shard_size=size, parts=PARTS,
-                build=partial(MineProcessor, index.actors, mining.model_dump(mode="json")),
-                pool=WorkerPool(num_actors=1, actor_cpus=mining.actor_cpus),
-                config_hash=config_hash, unit="queries", show_progress=show_progress, in_process=here,
-                to_files=lambda s, result: shard_files(result, items[s * size : (s + 1) * size], dataset, corpus, texts),
-            )
+            shards = run_sharded(scope, declaration, items, show_progress, in_process=here)
         finally:
             index.close()
         extra = {"queries_without_positives": len(dataset.queries) - len(items),
                  "corpus_embeddings": corpus.key, "query_embeddings": queries.key}
-        stats, keys = _combine(config, store, sorted(computed + reused), config_hash, tmp, extra)
-    return MineResult(computed=computed, reused=reused, stats=stats, keys=keys, seconds=time.monotonic() - started)
+        stats, keys = _combine(config, shards, tmp, extra)
+    return MineResult(computed=shards.computed, reused=shards.reused, stats=stats, keys=keys, seconds=time.monotonic() - started)
 
 
 def _jsonl(objs) -> str:
@@ -240,38 +257,37 @@ def shard_files(result: dict, queries: list[dict], dataset: BeirDataset, corpus:
             "jsonl": "".join(examples)}
 
 
-def _combine(config: RunConfig, store: ArtifactStore, shards: list[int], config_hash: str, tmp: Path, extra: dict):
+def _combine(config: RunConfig, shards: ShardRun, tmp: Path, extra: dict):
     """Concatenate the shards into train.jsonl / retrieval_scores.jsonl, sum stats, draw the histogram."""
-    base = f"{config.name}/mine"
-    keys = {"train": f"{base}/train.jsonl", "scores": f"{base}/retrieval_scores.jsonl",
-            "stats": f"{base}/stats.json", "histogram": f"{base}/scores.png"}
+    scope = shards.scope
+    keys = {"train": scope.key("train.jsonl"), "scores": scope.key("retrieval_scores.jsonl"),
+            "stats": scope.key("stats.json"), "histogram": scope.key("scores.png")}
     totals = {"queries": 0, "candidates": 0, "kept": 0, "dropped": Counter(), "not_selected": 0, "queries_short": 0}
     short_ids: list[str] = []
     train_path, scores_path = tmp / "train.jsonl", tmp / "retrieval_scores.jsonl"
     pos_scores, neg_scores = [], []
-    with train_path.open("w", encoding="utf-8") as train, scores_path.open("w", encoding="utf-8") as all_scores:
-        for s in shards:
-            train.write(store.read_text(shard_key(base, s, "jsonl")))
-            shard_scores = store.read_text(shard_key(base, s, "scores.jsonl"))
-            all_scores.write(shard_scores)
-            for line in shard_scores.splitlines():
-                record = json.loads(line)
-                pos_scores.extend(record["pos_scores"])
-                neg_scores.extend(record["neg_scores"])
-            shard_stats = store.read_json(shard_key(base, s, "stats.json"))
-            for name in ("queries", "candidates", "kept", "not_selected", "queries_short"):
-                totals[name] += shard_stats[name]
-            totals["dropped"].update(shard_stats["dropped"])
-            short_ids.extend(shard_stats["short_query_ids"])
+    train_path.write_text(shards.joined("jsonl"), encoding="utf-8")
+    scores_path.write_text(shards.joined("scores.jsonl"), encoding="utf-8")
+    for shard_scores, stats_text in zip(shards.texts["scores.jsonl"], shards.texts["stats.json"], strict=True):
+        for line in shard_scores.splitlines():
+            record = json.loads(line)
+            pos_scores.extend(record["pos_scores"])
+            neg_scores.extend(record["neg_scores"])
+        shard_stats = json.loads(stats_text)
+        for name in ("queries", "candidates", "kept", "not_selected", "queries_short"):
+            totals[name] += shard_stats[name]
+        totals["dropped"].update(shard_stats["dropped"])
+        short_ids.extend(shard_stats["short_query_ids"])
     stats = {
         **totals,
         "dropped": {rule: totals["dropped"].get(rule, 0) for rule in RULES},
         "short_query_ids": short_ids,
-        "query_shards": len(shards),
+        "query_shards": len(shards.computed) + len(shards.reused),
         **extra,
         "mining": config.mining.model_dump(mode="json"),
     }
     _plot_histogram(tmp / "scores.png", pos_scores, neg_scores, config.mining)
+    store, config_hash = scope.store, scope.shard_hash
     store.put_json(keys["stats"], stats, producer="mine", config_hash=config_hash)
     for name, path in (("train", train_path), ("scores", scores_path), ("histogram", tmp / "scores.png")):
         store.put_file(keys[name], path, producer="mine", config_hash=config_hash)

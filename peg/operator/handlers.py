@@ -39,6 +39,7 @@ from peg.operator.reconcile import (
     rejected,
 )
 from peg.pipeline import pipeline_status
+from peg.pipeline.results import read_eval_summary
 from peg.store import ArtifactStore, StoreError, open_store
 
 INTERVAL = float(os.environ.get("PEG_OPERATOR_INTERVAL", "10"))
@@ -150,7 +151,7 @@ def observe_store(spec: dict, namespace: str, name: str, claims: kopf.Index) -> 
         stages = {row.name: row.state for row in pipeline_status(config, store)}
         summary = None
         if stages.get("eval") == "complete":
-            summary = json.loads(store.get_bytes(f"{config.name}/eval/summary.json"))
+            summary = read_eval_summary(store, config.name).to_json()
     except (StoreError, OSError, ValueError) as e:
         return StoreState(error=str(e))
     return StoreState(stages=stages, eval_summary=summary)

@@ -65,13 +65,14 @@ from peg.operator.model import (
     StageStatus,
 )
 from peg.pipeline import enabled_stages, stage_hashes
+from peg.pipeline.results import EVAL_SUMMARY, EXPORTED_MODEL, REPORT_PAGE, result_key
+from peg.pipeline.state import StageState
 
 # A job created less than this long ago and not observed yet is not "missing": the watch that
 # feeds the observations may lag behind the create (seen under load in the emulator test).
 JOB_VISIBLE_GRACE_SECONDS = 60
 
 JobPhase = Literal["pending", "running", "succeeded", "failed"]
-StoreStageState = Literal["complete", "stale", "partial", "pending", "invalid"]  # peg.pipeline.pipeline_status
 
 
 class Renderer(Protocol):
@@ -102,7 +103,7 @@ class Child:
 class StoreState:
     """What the artifact store says about the run, and who else claims its prefix."""
 
-    stages: Mapping[str, StoreStageState] = field(default_factory=dict)
+    stages: Mapping[str, StageState] = field(default_factory=dict)
     eval_summary: Mapping[str, Any] | None = None  # the eval stage's summary.json, when complete
     error: str | None = None  # the store could not be read
     claimed_by: str | None = None  # an older pipeline ("namespace/name (why)") using the same prefix or job names
@@ -446,13 +447,17 @@ def _hash_label(objects: list[dict]) -> str:
 
 
 def _artifacts(config: RunConfig, status: PipelineStatus) -> Artifacts:
-    prefix = store_prefix(config)
     done = {s.name for s in status.stages if s.phase == "Succeeded"}
+
+    def where(result: tuple[str, str], folder: bool = False) -> str | None:
+        stage, _ = result
+        return f"{config.store.uri.rstrip('/')}/{result_key(config.name, result)}" + "/" * folder if stage in done else None
+
     return Artifacts(
-        store_prefix=prefix,
-        report=f"{prefix}/report/report.html" if "report" in done else None,
-        model=f"{prefix}/export/model/" if "export" in done else None,
-        eval_summary=f"{prefix}/eval/summary.json" if "eval" in done else None,
+        store_prefix=store_prefix(config),
+        report=where(REPORT_PAGE),
+        model=where(EXPORTED_MODEL, folder=True),
+        eval_summary=where(EVAL_SUMMARY),
     )
 
 

@@ -10,7 +10,7 @@ from peg.pipeline.runner import (
     run_stage_entrypoint,
     stage_hashes,
 )
-from peg.pipeline.runner import result_lines as pipeline_results
+from peg.pipeline.results import result_lines as pipeline_results
 from peg.pipeline.stages import STAGES, Stage, enabled_stages
 
 __all__ = [

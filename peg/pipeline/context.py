@@ -1,9 +1,9 @@
 """What a running stage gets: the config, a store it may write only where it declared, and keys.
 
-Every artifact key a stage builds goes through `StageContext.key` (`<run>/<stage>/<name>`). The
-context's store refuses writes outside the stage's own prefix and the prefixes it declares in
-`Stage.writes` (the embedding cache the eval stage adds to), so one stage cannot overwrite
-another's verified outputs.
+Every artifact key a stage builds goes through its `StageScope` (peg/store/scope.py:
+`<run>/<stage>/<name>`). The scope's store refuses writes outside the stage's own prefix and the
+store-wide prefixes it declares in `Stage.shared` (the embedding cache), so one stage cannot
+overwrite another's verified outputs.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from peg.config import RunConfig
-from peg.store import ArtifactStore, Manifest, StoreError, artifact_key
+from peg.store.scope import StageScope
+from peg.store import ArtifactStore, Manifest, StoreError
 from peg.store.base import under_prefix
 
 
@@ -33,7 +34,7 @@ class ScopedStore(ArtifactStore):
         if not any(under_prefix(key, p) for p in self.prefixes):
             raise StoreError(
                 f"stage {self.stage} may not write {key!r}: it writes only under {', '.join(self.prefixes)} "
-                "(declare other prefixes in the stage's `writes`)"
+                "(declare a store-wide prefix in the stage's `shared`)"
             )
 
     def put_file(self, key: str, local_path: str | Path, producer: str, config_hash: str = "") -> Manifest:
@@ -99,27 +100,43 @@ def primary_node() -> bool:
     return os.environ.get("PET_NODE_RANK", "0") == "0"
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageContext:
+    """What a stage body gets: the config (data paths resolved to the store's copies after
+    `prepare`), its file, and the stage's scope (run, stage, hash, inputs, scoped store, keys)."""
+
     config: RunConfig
     config_path: Path
-    store: ArtifactStore  # a ScopedStore when the pipeline runs the stage
-    stage: str
-    stage_hash: str
-    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> digest of its outputs
+    scope: StageScope
+
+    @property
+    def store(self) -> ArtifactStore:
+        return self.scope.store
+
+    @property
+    def stage(self) -> str:
+        return self.scope.stage
+
+    @property
+    def stage_hash(self) -> str:
+        return self.scope.hash
+
+    @property
+    def inputs(self) -> Mapping[str, str]:
+        return self.scope.inputs
 
     def key(self, stage: str, name: str) -> str:
         """The key of artifact `name` of `stage` in this run."""
-        return artifact_key(self.config.name, stage, name)
+        return self.scope.key_of(stage, name)
 
     def output_key(self, name: str) -> str:
-        return self.key(self.stage, name)
+        return self.scope.key(name)
 
     def work_dir(self) -> Path:
         """A local scratch directory kept across reruns of the same stage config and inputs (train checkpoints)."""
         root = Path(os.environ.get("PEG_WORK_DIR", Path.home() / ".cache" / "peg" / "work"))
         store_id = hashlib.sha256(self.store.describe().encode()).hexdigest()[:8]
-        identity = hashlib.sha256(json.dumps([self.stage_hash, self.inputs], sort_keys=True).encode()).hexdigest()
+        identity = hashlib.sha256(json.dumps([self.stage_hash, dict(self.inputs)], sort_keys=True).encode()).hexdigest()
         path = root / f"{self.config.name}-{store_id}" / f"{self.stage}-{identity[:16]}"
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -137,7 +154,7 @@ class StageContext:
         """This context, for a stage after `prepare` with `data.*` read from the store (`data_config`)."""
         if self.stage == "prepare":
             return self
-        return StageContext(self.data_config(), self.config_path, self.store, self.stage, self.stage_hash, self.inputs)
+        return StageContext(self.data_config(), self.config_path, self.scope)
 
     def data_config(self) -> RunConfig:
         """The config with `data.beir` / `data.train_files` pointing at local copies of the data

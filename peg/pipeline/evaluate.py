@@ -13,9 +13,10 @@ from peg.data import BeirDataset
 from peg.eval import evaluate_embeddings
 from peg.eval.retrieval import EvalResult, evaluate_at_dims, markdown_table
 from peg.pipeline.context import StageContext
+from peg.pipeline.results import BASE, EVAL_SUMMARY, FINE_TUNED, EvalSummary, read_eval_summary
 from peg.store.files import write_atomically
 
-LABELS = {"base": "base", "finetuned": "fine-tuned"}
+LABELS = {"base": BASE, "finetuned": FINE_TUNED}
 
 
 def _evaluate(config: RunConfig, ctx: StageContext, data: BeirDataset) -> tuple[EvalResult, dict[int, dict[str, float]]]:
@@ -58,9 +59,9 @@ def evaluate_base_and_finetuned(ctx: StageContext) -> list[str]:
             results[LABELS[name]] = result.metrics
             results.update({f"{LABELS[name]} @{dim}d": metrics for dim, metrics in by_dim.items()})  # Matryoshka
     table = markdown_table(results)
-    summary = {"split": ctx.config.data.eval_split, "metrics": results}
+    summary = EvalSummary(ctx.config.data.eval_split, results)
     ctx.store.put_text(ctx.output_key("metrics.md"), table, "eval", ctx.stage_hash)
-    ctx.store.put_json(ctx.output_key("summary.json"), summary, "eval", ctx.stage_hash)
+    ctx.store.put_json(ctx.key(*EVAL_SUMMARY), summary.to_json(), "eval", ctx.stage_hash)
     return []
 
 
@@ -88,13 +89,13 @@ def export_model(ctx: StageContext) -> list[str]:
     theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=prefix or None)
     if not np.allclose(ours, theirs, atol=1e-5):
         raise RuntimeError(f"export check failed: sentence-transformers embeddings differ from peg's by {np.abs(ours - theirs).max():.2e}")
-    summary = ctx.store.read_json(ctx.key("eval", "summary.json")) if ctx.config.eval.enabled else None
+    summary = read_eval_summary(ctx.store, ctx.scope.run) if ctx.config.eval.enabled else None
     card = model_card(ctx.config, summary)
     write_atomically(model_dir / "README.md", card)
     return ctx.put_dir("model", model_dir)
 
 
-def model_card(config: RunConfig, summary: dict | None) -> str:
+def model_card(config: RunConfig, summary: EvalSummary | None) -> str:
     """The folder's README: provenance, usage and the eval table (`summary` None: not evaluated)."""
     card = (
         f"# {config.name}\n\n"
@@ -111,4 +112,4 @@ def model_card(config: RunConfig, summary: dict | None) -> str:
         )
     if summary is None:
         return card + "Not evaluated (eval.enabled is false).\n"
-    return card + f"## Evaluation ({summary['split']} split)\n\n" + markdown_table(summary["metrics"])
+    return card + f"## Evaluation ({summary.split} split)\n\n" + markdown_table(summary.metrics)

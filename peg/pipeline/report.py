@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from peg.pipeline.context import StageContext
+from peg.pipeline.results import read_eval_summary
 
 
 def _metrics_chart(metrics: dict[str, dict[str, float]], path: Path) -> None:
@@ -134,14 +135,14 @@ def write_report(ctx: StageContext) -> list[str]:
     weights from the train stage's metrics.jsonl) when the run used one; without eval
     (`eval.enabled: false`) the page says so."""
     config, store = ctx.config, ctx.store
-    summary = store.read_json(ctx.key("eval", "summary.json")) if config.eval.enabled else None
+    summary = read_eval_summary(store, ctx.scope.run) if config.eval.enabled else None
     mine_stats = store.read_json(ctx.key("mine", "stats.json"))
     with tempfile.TemporaryDirectory(prefix="peg-report-") as tmp:
         tmp = Path(tmp)
         images: dict[str, Path] = {}
         if summary is not None:
             images["metrics.png"] = tmp / "metrics.png"
-            _metrics_chart(summary["metrics"], images["metrics.png"])
+            _metrics_chart(summary.metrics, images["metrics.png"])
         for stage, name in (("train", "training.png"), ("mine", "scores.png")):
             if store.exists(ctx.key(stage, name)):
                 images[name] = store.materialise(ctx.key(stage, name), tmp)
@@ -159,7 +160,7 @@ def write_report(ctx: StageContext) -> list[str]:
         if summary is None:
             sections.append("<h2>Evaluation</h2><p>Not evaluated (eval.enabled is false).</p>")
         else:
-            sections += [f"<h2>Evaluation ({html.escape(summary['split'])} split)</h2>", _table(summary["metrics"])]
+            sections += [f"<h2>Evaluation ({html.escape(summary.split)} split)</h2>", _table(summary.metrics)]
         side = [_img(images[n], n.removesuffix(".png")) for n in ("metrics.png", "progressive.png") if n in images]
         if side:
             sections.append("<div style='display:flex;gap:1em;align-items:flex-start'>" + "".join(side) + "</div>")

@@ -1,6 +1,6 @@
 """Run the stage graph: skip complete stages, run the rest through a backend, in order.
 
-A stage's hash covers the config sections it reads (`STAGE_SECTIONS`) and the hashes of the
+A stage's hash covers the config sections it declares (`Stage.sections`) and the hashes of the
 stages it needs, so a changed section invalidates that stage and everything downstream. Its
 record also names the digests of the upstream outputs it consumed: a stage whose upstream was
 redone with different outputs is stale too. The backend only launches a stage's entrypoint
@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from peg.config import RunConfig
+from peg.config import ConfigError, RunConfig
 from peg.errors import PegError
 from peg.process import child_env
 from peg.pipeline.context import ScopedStore, StageContext, primary_node
-from peg.pipeline.stages import STAGES, Stage, enabled_stages
+from peg.pipeline.stages import STAGES, Stage, StageDone, enabled_stages
 from peg.pipeline.state import (
     DamagedRecord,
     StageRecord,
+    StageState,
     check_stage,
     outputs_of,
     read_record,
@@ -41,6 +42,7 @@ from peg.pipeline.state import (
 from peg.store import ArtifactStore, IntegrityError, StoreError, open_store
 from peg.store.keys import EMBEDDING_CACHE
 from peg.store.lease import Lease, LeaseRecord, read_lease
+from peg.store.scope import StageScope, stage_prefix
 
 LEASE_ENV = "PEG_RUN_LEASE"  # the lease owner id a pipeline hands to the stages it starts
 
@@ -84,13 +86,13 @@ def stage_hashes(config: RunConfig) -> dict[str, str]:
         if stage.name not in enabled:
             continue
         upstream = [hashes[n] for n in stage.needs if n in hashes]
-        own = config.stage_config_hash(stage.name)
+        own = config.section_hash(*stage.sections)
         hashes[stage.name] = hashlib.sha256("|".join([stage.name, own, *upstream]).encode()).hexdigest()
     return hashes
 
 
 def _prefix(config: RunConfig, stage: str) -> str:
-    return f"{config.name}/{stage}"
+    return stage_prefix(config.name, stage)
 
 
 def _inputs(stage: Stage, records: Mapping[str, StageRecord | None]) -> dict[str, str]:
@@ -108,7 +110,7 @@ def _record_or_none(store: ArtifactStore, prefix: str) -> StageRecord | None:
 @dataclass
 class StageStatus:
     name: str
-    state: str  # complete | stale | partial | pending | invalid
+    state: StageState
     outputs: int
     detail: str = ""
 
@@ -209,7 +211,7 @@ def _explain_failure(store: ArtifactStore, config: RunConfig, message: str) -> s
     return message
 
 
-def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> None:
+def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> StageDone:
     """The body of `peg pipeline stage NAME CONFIG`: run one stage and mark it complete.
 
     Stages after `prepare` see `data.*` pointing at local copies of the data in the store. On the
@@ -223,17 +225,45 @@ def run_stage_entrypoint(config: RunConfig, config_path: Path, name: str) -> Non
     store = open_store(config.store)
     holder = current_lease(config, store)
     if not primary_node() or (holder is not None and holder.owner == os.environ.get(LEASE_ENV)):
-        _run_stage(config, config_path, stages[name], store)
-        return
+        return _run_stage(config, config_path, stages[name], store)
     lease = run_lease(config, store, f"peg pipeline stage {name} {config_path}")
     lease.acquire()
     try:
-        _run_stage(config, config_path, stages[name], store)
+        return _run_stage(config, config_path, stages[name], store)
     finally:
         lease.release()
 
 
-def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: ArtifactStore) -> None:
+def run_with_needs(config: RunConfig, config_path: Path, name: str, log: Callable[[str], None] = print) -> StageDone:
+    """The body of the single-stage commands (`peg encode|mine|judge|score|synth CONFIG`): every
+    enabled stage `name` depends on that is not complete runs first, then `name` itself, each
+    through `run_stage_entrypoint`, so the command leaves the store contents and record that
+    `peg pipeline stage NAME CONFIG` leaves."""
+    enabled = {s.name: s for s in enabled_stages(config)}
+    if name not in enabled:
+        raise ConfigError(f"{config_path}: {name}.enabled is false: `peg {name}` runs only an enabled stage")
+    needed, frontier = set(), [name]
+    while frontier:
+        for need in enabled[frontier.pop()].needs:
+            if need in enabled and need not in needed:
+                needed.add(need)
+                frontier.append(need)
+    store = open_store(config.store)
+    for stage in (s for s in enabled.values() if s.name in needed):  # pipeline order
+        state = next(row for row in pipeline_status(config, store) if row.name == stage.name)
+        if state.state != "complete":
+            log(f"[run]  {stage.name} (needed by {name})")
+            run_stage_entrypoint(config, config_path, stage.name)
+    return run_stage_entrypoint(config, config_path, name)
+
+
+def stage_scope(config: RunConfig, store: ArtifactStore, name: str, inputs: Mapping[str, str] | None = None) -> StageScope:
+    """The scope of stage `name` of `config`'s run: its pipeline hash, `inputs` (upstream stage ->
+    digest of its outputs) and `store` (the pipeline passes a `ScopedStore`)."""
+    return StageScope(config.name, name, stage_hashes(config)[name], store, dict(inputs or {}))
+
+
+def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: ArtifactStore) -> StageDone:
     name = stage.name
     hashes = stage_hashes(config)
     stage_hash = hashes[name]
@@ -245,18 +275,17 @@ def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: Artifa
             raise StageFailed(f"stage {name} needs stage {need}, which is not complete")
         inputs[need] = upstream.digest()  # its outputs are verified as this stage reads them
     if not primary_node():  # another node of a multi-node job: node 0 holds the lease and the record
-        stage.run(StageContext(config, config_path, store, name, stage_hash, inputs).with_data())
-        return
+        return stage.run(StageContext(config, config_path, stage_scope(config, store, name, inputs)).with_data())
     record = _record_or_none(store, prefix)
     if record is not None and (record.hash != stage_hash or (record.inputs and record.inputs != inputs)):
         store.delete(prefix)  # outputs of another config or other inputs: never resume from them
     elif record is not None and record.failed:
         store.delete(record.failed)
     write_record(store, prefix, StageRecord(name, stage_hash, "running", {}, inputs))
-    prefixes = (prefix, *(_prefix(config, s) for s in stage.writes), *stage.shared)
-    context = StageContext(config, config_path, ScopedStore(store, name, prefixes), name, stage_hash, inputs).with_data()
+    scoped = ScopedStore(store, name, (prefix, *stage.shared))
+    context = StageContext(config, config_path, stage_scope(config, scoped, name, inputs)).with_data()
     try:
-        extra = stage.run(context)
+        done = stage.run(context)
     except IntegrityError as e:
         _drop_empty_record(store, prefix)
         producer = producing_stage(config, e.key)
@@ -267,8 +296,9 @@ def _run_stage(config: RunConfig, config_path: Path, stage: Stage, store: Artifa
     except BaseException:
         _drop_empty_record(store, prefix)
         raise
-    outputs = sorted((set(store.list(prefix)) - {record_key(prefix)}) | set(extra))
+    outputs = sorted((set(store.list(prefix)) - {record_key(prefix)}) | set(done.extra_keys))
     write_record(store, prefix, StageRecord(name, stage_hash, "complete", outputs_of(store, outputs, name), inputs))
+    return done
 
 
 def _drop_empty_record(store: ArtifactStore, prefix: str) -> None:
@@ -278,25 +308,3 @@ def _drop_empty_record(store: ArtifactStore, prefix: str) -> None:
             store.delete(record_key(prefix))
     except StoreError:
         pass
-
-
-def result_lines(config: RunConfig, store: ArtifactStore) -> list[str]:
-    """What a finished pipeline shows its user: the metrics table, the nDCG@10 change and where
-    the exported model and the report are."""
-    summary_key = f"{config.name}/eval/summary.json"
-    if not store.exists(summary_key):
-        return []
-    from peg.eval.retrieval import markdown_table
-
-    summary = store.read_json(summary_key)
-    results = summary["metrics"]
-    base, tuned = results["base"]["ndcg@10"], results["fine-tuned"]["ndcg@10"]
-    lines = [markdown_table(results).rstrip("\n"),
-             f"nDCG@10 on {summary['split']}: base {base:.4f} -> fine-tuned {tuned:.4f} ({tuned - base:+.4f})"]
-    for label, key in (("model", f"{config.name}/export/model/modules.json"), ("report", f"{config.name}/report/report.html")):
-        if store.exists(key):
-            local = store.local_path(key)
-            shown = key.rsplit("/", 1)[0] + "/" if label == "model" else key  # the model is a folder
-            where = (local.parent if label == "model" else local) if local else f"{config.store.uri.rstrip('/')}/{shown}"
-            lines.append(f"{label}: {where}")
-    return lines

@@ -1,9 +1,12 @@
 """The stage graph, declared once: prepare -> [synth] -> encode -> mine -> [judge] -> [score]
 -> [pretrain] -> train -> [eval] -> export -> report.
 
-Each stage names the config sections it reads (its hash), the stages it needs, and a `run`
-function that reads inputs from the store, writes outputs under `<run name>/<stage>/` and
-returns any extra output keys it made elsewhere. Heavy imports happen inside `run`.
+Each `Stage` declares every fact about itself in one place: the config sections it reads (its
+hash), the stages it needs, when it is enabled, where it runs (`local`: where the data is;
+`ray`: a Ray job; `torchrun`: a training job), the store-wide prefixes it shares, and a `run`
+function that reads inputs through its scope, writes outputs under `<run name>/<stage>/` and
+returns a `StageDone`. Heavy imports happen inside `run`. Adding a stage is one `Stage(...)` in
+`STAGES`; the runner, the hashes, the contracts test and the Kubernetes renderers read it from here.
 """
 
 from __future__ import annotations
@@ -12,33 +15,39 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from peg.config import BEIR_PREFIX, STAGE_SECTIONS, RunConfig
+from peg.config import BEIR_PREFIX, RunConfig
 from peg.pipeline.context import DATA, StageContext, primary_node, stored_train_file
 from peg.progress import progress_bar
 from peg.store.keys import EMBEDDING_CACHE
 
+Runs = Literal["local", "ray", "torchrun"]
+
+
+@dataclass(frozen=True)
+class StageDone:
+    """What a stage body returns: output keys it made outside its own prefix (the shared embedding
+    cache) and the lines a single-stage command (`peg mine CONFIG`) prints."""
+
+    extra_keys: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: what it needs, how it runs, when it is enabled, and where else it writes.
-
-    Its config sections are `STAGE_SECTIONS[name]` (peg/config.py), the declaration the stage's
-    own shard-reuse hash uses too. `writes` names stages whose prefixes it may add to besides its
-    own; `shared` names store-wide prefixes it may add to (`EMBEDDING_CACHE`, which every run in
-    the store shares).
-    """
+    """A stage, declared once: what it needs, the config sections it reads (a change reruns it and,
+    through its outputs, what follows), where it runs, when it is enabled, and the store-wide
+    prefixes it may add to besides its own (`shared`: `EMBEDDING_CACHE`, which every run in the
+    store shares)."""
 
     name: str
     needs: tuple[str, ...]
-    run: Callable[[StageContext], list[str]]
+    run: Callable[[StageContext], StageDone]
+    sections: tuple[str, ...]
+    runs: Runs = "ray"
     enabled: Callable[[RunConfig], bool] = field(default=lambda config: True)
-    writes: tuple[str, ...] = ()
     shared: tuple[str, ...] = ()
-
-    @property
-    def sections(self) -> tuple[str, ...]:
-        return STAGE_SECTIONS[self.name]
 
 
 def _prepare(ctx: StageContext) -> list[str]:
@@ -82,42 +91,39 @@ def _prepare(ctx: StageContext) -> list[str]:
             ctx.store.put_file(ctx.key("prepare", f"{DATA}/{name}"), path, producer="prepare", config_hash=ctx.stage_hash)
             advance(1)
     ctx.store.put_json(ctx.output_key("data.json"), summary, "prepare", ctx.stage_hash)
-    return []
+    return StageDone()
 
 
-def _synth(ctx: StageContext) -> list[str]:
+def _synth(ctx: StageContext) -> StageDone:
     from peg.llm.synth import run_synth
 
-    run_synth(ctx.config, ctx.store)
-    return []
+    return StageDone(summary=run_synth(ctx.config, ctx.scope).summary_lines())
 
 
-def _encode(ctx: StageContext) -> list[str]:
+def _encode(ctx: StageContext) -> StageDone:
     from peg.mine.stage import run_encode
 
-    corpus, queries = run_encode(ctx.config, ctx.store)
-    return [key for folder in (corpus.key, queries.key) for key in ctx.store.list(folder)]
+    result = run_encode(ctx.config, ctx.scope)
+    keys = [key for folder in (result.corpus.key, result.queries.key) for key in ctx.store.list(folder)]
+    return StageDone(keys, result.summary_lines())
 
 
-def _mine(ctx: StageContext) -> list[str]:
+def _mine(ctx: StageContext) -> StageDone:
     from peg.mine.stage import run_mine
 
-    run_mine(ctx.config, ctx.store)
-    return []
+    return StageDone(summary=run_mine(ctx.config, ctx.scope).summary_lines())
 
 
-def _judge(ctx: StageContext) -> list[str]:
+def _judge(ctx: StageContext) -> StageDone:
     from peg.llm.judge import run_judge
 
-    run_judge(ctx.config, ctx.store)
-    return []
+    return StageDone(summary=run_judge(ctx.config, ctx.scope).summary_lines())
 
 
-def _score(ctx: StageContext) -> list[str]:
+def _score(ctx: StageContext) -> StageDone:
     from peg.llm.teacher import run_score
 
-    run_score(ctx.config, ctx.store)
-    return []
+    return StageDone(summary=run_score(ctx.config, ctx.scope).summary_lines())
 
 
 def training_inputs(ctx: StageContext) -> list[str]:
@@ -131,7 +137,7 @@ def training_inputs(ctx: StageContext) -> list[str]:
     return keys
 
 
-def _pretrain(ctx: StageContext) -> list[str]:
+def _pretrain(ctx: StageContext) -> StageDone:
     """Masked auto-encoding on the corpus; checkpoints go to the store and resume like `train`'s."""
     from peg.train.pretrain import pretrain
 
@@ -141,7 +147,7 @@ def _pretrain(ctx: StageContext) -> list[str]:
     )
 
 
-def _run_with_store_checkpoints(ctx: StageContext, output: Path, run: Callable[[bool, str], Path]) -> list[str]:
+def _run_with_store_checkpoints(ctx: StageContext, output: Path, run: Callable[[bool, str], Path]) -> StageDone:
     """Run a training loop, `run(resume, checkpoint key)`, whose checkpoints go to the store as each
     one completes and are restored from it (a rescheduled pod resumes exactly where it stopped);
     then put the model folder and metrics.jsonl / training.png under this stage (node 0 only)."""
@@ -152,67 +158,71 @@ def _run_with_store_checkpoints(ctx: StageContext, output: Path, run: Callable[[
     resume = restore_checkpoint(ctx.store, checkpoints, output / "checkpoints", trust_local=single_node)
     model_dir = run(resume, checkpoints)
     if not primary_node():
-        return []
-    keys = ctx.put_dir("model", model_dir)
+        return StageDone()
+    ctx.put_dir("model", model_dir)
     for name in ("metrics.jsonl", "training.png", "best.json"):
         if (output / name).is_file():
             key = ctx.output_key(name)
             ctx.store.put_file(key, output / name, producer=ctx.stage, config_hash=ctx.stage_hash)
-            keys.append(key)
     ctx.store.delete(checkpoints)  # the model is stored: the checkpoints have done their job
-    return keys
+    return StageDone(summary=[f"wrote {ctx.output_key('model')}/"])
 
 
-def _train(ctx: StageContext) -> list[str]:
+def _train(ctx: StageContext) -> StageDone:
     """Train on the upstream JSONL and the user's own `data.train_files` (kept, after the pipeline's),
-    from the pretrained encoder when `pretrain` ran."""
-    from peg.train import train
+    from the pretrained encoder when `pretrain` ran; the config goes to training unchanged."""
+    from peg.train import TrainInputs, train
 
     work = ctx.work_dir()
-    inputs = work / "inputs"
-    config = ctx.config.model_copy(deep=True)
-    if config.pretrain.enabled:
-        config.model.name_or_path = str(ctx.materialise_dir("pretrain", "model", work / "pretrained"))
-    fetched = [str(ctx.store.materialise(k, inputs)) for k in training_inputs(ctx)]
-    config.data.train_files = [*fetched, *ctx.config.data.train_files]
+    fetched = [str(ctx.store.materialise(k, work / "inputs")) for k in training_inputs(ctx)]
+    pretrained = ctx.materialise_dir("pretrain", "model", work / "pretrained") if ctx.config.pretrain.enabled else None
+    inputs = TrainInputs((*fetched, *ctx.config.data.train_files), str(pretrained) if pretrained else None)
     output = work / "output"
     return _run_with_store_checkpoints(
-        ctx, output, lambda resume, key: train(config, output, resume=resume, checkpoint_key=key)
+        ctx, output, lambda resume, key: train(ctx.config, output, resume=resume, checkpoint_key=key, inputs=inputs)
     )
 
 
-def _eval(ctx: StageContext) -> list[str]:
+def _eval(ctx: StageContext) -> StageDone:
     from peg.pipeline.evaluate import evaluate_base_and_finetuned
 
-    return evaluate_base_and_finetuned(ctx)
+    return StageDone(evaluate_base_and_finetuned(ctx))
 
 
-def _export(ctx: StageContext) -> list[str]:
+def _export(ctx: StageContext) -> StageDone:
     from peg.pipeline.evaluate import export_model
 
-    return export_model(ctx)
+    return StageDone(export_model(ctx))
 
 
-def _report(ctx: StageContext) -> list[str]:
+def _report(ctx: StageContext) -> StageDone:
     from peg.pipeline.report import write_report
 
-    return write_report(ctx)
+    return StageDone(write_report(ctx))
 
+
+SAMPLE_EVAL = ("model", "data", "loss", "eval")  # export: sample eval queries, or corpus passages without eval; model card
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", (), _prepare),
-    Stage("synth", ("prepare",), _synth, lambda c: c.synth.enabled, shared=(EMBEDDING_CACHE,)),
-    Stage("encode", ("prepare", "synth"), _encode, shared=(EMBEDDING_CACHE,)),
-    Stage("mine", ("encode",), _mine, shared=(EMBEDDING_CACHE,)),
-    Stage("judge", ("mine",), _judge, lambda c: c.judge.enabled),
-    Stage("score", ("mine", "judge"), _score, lambda c: c.score.enabled),
-    Stage("pretrain", ("prepare",), _pretrain, lambda c: c.pretrain.enabled),
-    Stage("train", ("mine", "judge", "score", "synth", "pretrain"), _train),
-    Stage("eval", ("train",), _eval, lambda c: c.eval.enabled, shared=(EMBEDDING_CACHE,)),
-    Stage("export", ("train", "eval"), _export),
-    Stage("report", ("mine", "train", "eval"), _report),
+    Stage("prepare", (), _prepare, ("data",), runs="local"),
+    Stage("synth", ("prepare",), _synth, ("model", "data", "encode", "mining", "synth", "score"),  # encoder + index
+          enabled=lambda c: c.synth.enabled, shared=(EMBEDDING_CACHE,)),                           # for the round trip
+    Stage("encode", ("prepare", "synth"), _encode, ("model", "data", "encode"), shared=(EMBEDDING_CACHE,)),
+    Stage("mine", ("encode",), _mine, ("model", "data", "encode", "mining"), shared=(EMBEDDING_CACHE,)),
+    Stage("judge", ("mine",), _judge, ("judge",), enabled=lambda c: c.judge.enabled),  # + its input's digest
+    Stage("score", ("mine", "judge"), _score, ("score",), enabled=lambda c: c.score.enabled),  # + its input's digest
+    Stage("pretrain", ("prepare",), _pretrain, ("model", "data", "pretrain", "train"), runs="torchrun",
+          enabled=lambda c: c.pretrain.enabled),  # the corpus; engine settings from train
+    Stage("train", ("mine", "judge", "score", "synth", "pretrain"), _train, ("model", "data", "loss", "batch", "train"),
+          runs="torchrun"),
+    Stage("eval", ("train",), _eval, ("model", "data", "encode", "eval"), enabled=lambda c: c.eval.enabled,
+          shared=(EMBEDDING_CACHE,)),
+    Stage("export", ("train", "eval"), _export, SAMPLE_EVAL),
+    Stage("report", ("mine", "train", "eval"), _report, ("model", "data", "loss", "batch", "train", "eval")),
 )
+STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 def enabled_stages(config: RunConfig) -> list[Stage]:
     return [s for s in STAGES if s.enabled(config)]
+

@@ -21,7 +21,8 @@ from peg.store import ArtifactStore, IntegrityError, StoreError
 
 RECORD = "_stage.json"
 
-Status = Literal["running", "complete", "invalid"]
+Status = Literal["running", "complete", "invalid"]  # what a record says (the stage writes it)
+StageState = Literal["complete", "pending", "stale", "partial", "invalid"]  # what a stage is (the module docstring)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class StageRecord:
 
 @dataclass(frozen=True)
 class StageCheck:
-    state: Literal["complete", "pending", "stale", "partial", "invalid"]
+    state: StageState
     detail: str = ""
     record: StageRecord | None = None
 

@@ -5,6 +5,6 @@
 """
 
 from peg.train.batches import BatchError, BatchPlan, PairFile, RankBatch, prepare_step
-from peg.train.trainer import TrainError, train
+from peg.train.trainer import TrainError, TrainInputs, train
 
-__all__ = ["BatchError", "BatchPlan", "PairFile", "RankBatch", "TrainError", "prepare_step", "train"]
+__all__ = ["BatchError", "BatchPlan", "PairFile", "RankBatch", "TrainError", "TrainInputs", "prepare_step", "train"]

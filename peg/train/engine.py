@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from peg.config import RunConfig
+from peg.config import RunConfig, TrainConfig
 from peg.losses import EmbeddingLoss, GradCache
 from peg.model.encoder import Encoder
 from peg.train.batches import StepInputs
@@ -25,27 +26,48 @@ from peg.train.schedule import warmup_linear_decay
 from peg.train.telemetry import StepTimer
 
 
-def use_bf16(config: RunConfig) -> bool:
+@dataclass(frozen=True)
+class EngineSettings:
+    """What `build_engine` builds a DeepSpeed engine from, read from either section without writing
+    over the config: `for_training` takes `batch` and `train`; `for_pretraining` takes `pretrain`'s
+    batch size and learning rate, no gradient checkpointing, and `train`'s ZeRO stage, precision,
+    warmup, clipping, weight decay and compile (`train`: those shared settings)."""
+
+    batch_size: int  # queries (training) or passages (pretraining) per optimizer step, over all ranks
+    learning_rate: float
+    gradient_checkpointing: bool
+    train: TrainConfig
+
+    @classmethod
+    def for_training(cls, config: RunConfig) -> EngineSettings:
+        return cls(config.batch.queries_per_step, config.train.learning_rate, config.train.gradient_checkpointing, config.train)
+
+    @classmethod
+    def for_pretraining(cls, config: RunConfig) -> EngineSettings:
+        return cls(config.pretrain.batch_size, config.pretrain.learning_rate, False, config.train)
+
+
+def use_bf16(train: TrainConfig) -> bool:
     """`precision: auto` means bf16 on a GPU and fp32 on CPU."""
-    if config.train.precision == "auto":
+    if train.precision == "auto":
         return torch.cuda.is_available()
-    return config.train.precision == "bf16"
+    return train.precision == "bf16"
 
 
-def deepspeed_config(config: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict derived from the run config (one micro-step per optimizer step)."""
-    per_rank = config.batch.queries_per_step // world_size
+def deepspeed_config(settings: EngineSettings, world_size: int) -> dict:
+    """The DeepSpeed config dict derived from the engine settings (one micro-step per optimizer step)."""
+    per_rank = settings.batch_size // world_size
     return {
         "train_batch_size": per_rank * world_size,
         "train_micro_batch_size_per_gpu": per_rank,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": zero_config(config.train.zero_stage),
-        "bf16": {"enabled": use_bf16(config)},
+        "zero_optimization": zero_config(settings.train.zero_stage),
+        "bf16": {"enabled": use_bf16(settings.train)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         # DeepSpeed's own default clips at 1.0; 0 switches clipping off
-        "gradient_clipping": config.train.grad_clip or 0.0,
+        "gradient_clipping": settings.train.grad_clip or 0.0,
     }
 
 
@@ -61,7 +83,7 @@ def zero_config(stage: int) -> dict:
     return zero
 
 
-def adamw(module: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def adamw(module: torch.nn.Module, settings: EngineSettings) -> torch.optim.Optimizer:
     """torch AdamW over the parameters that require gradients (LoRA: the adapters); no weight decay on
     biases and LayerNorm weights. Empty groups are left out: ZeRO drops them, and the lr scheduler
     must see the groups the optimizer keeps."""
@@ -70,15 +92,15 @@ def adamw(module: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [
-        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": decay, "weight_decay": settings.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.learning_rate)
 
 
 def build_engine(
     encoder: Encoder,
-    config: RunConfig,
+    settings: EngineSettings,
     world_size: int,
     total_steps: int,
     optimizer: torch.optim.Optimizer | None = None,
@@ -86,17 +108,17 @@ def build_engine(
     """`deepspeed.initialize` with AdamW (or `optimizer`) and warmup + linear decay; returns the engine."""
     import deepspeed
 
-    if config.train.gradient_checkpointing:
+    if settings.gradient_checkpointing:
         encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.train.compile:
+    if settings.train.compile:
         encoder.model.compile(dynamic=True)  # in place: parameter names (checkpoints, export) unchanged
-    optimizer = optimizer or adamw(encoder, config)
-    t = config.train
+    optimizer = optimizer or adamw(encoder, settings)
+    t = settings.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear_decay(total_steps, t.warmup_ratio, t.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
+        model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(settings, world_size)
     )
     return engine
 

@@ -12,7 +12,7 @@ Loss = encoder MLM + decoder MLM (Xiao et al. 2022, RetroMAE; PEG pretrains this
 Exactly round(rate x maskable tokens) tokens of each passage are masked (special and padding
 tokens never), drawn from a generator seeded by (seed, step, rank): a resumed run masks what the
 uninterrupted one did. Training runs like `train`: torchrun processes started here (or inside a
-PyTorchJob pod), `peg.train.engine.build_engine` (DeepSpeed ZeRO from `train`), the trainer's
+PyTorchJob pod), `peg.train.engine.build_engine` (`EngineSettings.for_pretraining`: DeepSpeed ZeRO from `train`), the trainer's
 checkpoints (with RNG state and the plan they belong to; also uploaded to the store at
 `checkpoint_key`), metrics.jsonl. Output: `model/`, the encoder alone as a sentence-transformers
 folder, which `train` then starts from.
@@ -35,34 +35,8 @@ from peg.store import open_store
 from peg.train.batches import BatchError
 from peg.train.checkpoints import upload_checkpoint
 from peg.train.metrics import MetricsLog, plot_metrics
-from peg.train.trainer import (
-    TrainError,
-    _export,
-    _save_checkpoint,
-    _seed_all,
-    _shutdown,
-    check_resume,
-    launch,
-    restore,
-    runs_in_process,
-    start_rank,
-)
-
-
-def engine_config(config: RunConfig) -> RunConfig:
-    """The run config the shared engine code reads for pretraining: `pretrain`'s batch, lr and
-    steps in place of `batch`/`train`'s (ZeRO stage, precision, warmup, clipping stay `train`'s)."""
-    p = config.pretrain
-    derived = config.model_copy(deep=True)
-    derived.batch.queries_per_step = p.batch_size
-    derived.batch.chunk_size = None
-    derived.train.learning_rate = p.learning_rate
-    derived.train.epochs = p.epochs
-    derived.train.max_steps = p.max_steps
-    derived.train.checkpoint_every = p.checkpoint_every
-    derived.train.seed = p.seed
-    derived.train.gradient_checkpointing = False
-    return derived
+from peg.train.rank import TrainError, check_resume, export_model, restore, save_checkpoint, seed_all, shutdown, start_rank
+from peg.train.trainer import launch, runs_in_process
 
 
 def pretrain(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None) -> Path:
@@ -71,7 +45,7 @@ def pretrain(config: RunConfig, output_dir: str | Path, resume: bool = False, ch
     output_dir = Path(output_dir)
     if runs_in_process(os.environ):
         return run_pretrain_worker(config, output_dir, resume, checkpoint_key)
-    return launch(engine_config(config), output_dir, resume, checkpoint_key, pretrain=True)
+    return launch(config, output_dir, resume, checkpoint_key, pretrain=True)
 
 
 def mask_tokens(
@@ -171,9 +145,8 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
     import torch.distributed as dist
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from peg.train.engine import build_engine
+    from peg.train.engine import EngineSettings, build_engine
 
-    config = engine_config(config)
     p = config.pretrain
     rank, world_size, ckpt_dir = start_rank(output_dir)
 
@@ -185,14 +158,14 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
     identity = pretrain_identity(config, texts, world_size, total_steps)
     if resume:
         check_resume(ckpt_dir, identity)
-    _seed_all(p.seed)
+    seed_all(p.seed)
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.mask_token_id is None:
         raise TrainError(f"pretrain: the tokenizer of {config.model.name_or_path} has no mask token")
     mlm = AutoModelForMaskedLM.from_pretrained(path)
     module = RetroMAE(mlm, config.model.pooling)
-    engine = build_engine(module, config, world_size, total_steps)
+    engine = build_engine(module, EngineSettings.for_pretraining(config), world_size, total_steps)
 
     step, epoch, index = restore(engine, ckpt_dir, rank, p.seed, resume, "pretrain")
     metrics = MetricsLog(output_dir, step if resume else None) if rank == 0 else None
@@ -221,7 +194,7 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
                 metrics.log({"step": step, "loss": total, "encoder_mlm": enc, "decoder_mlm": dec, "lr": lr})
             if p.checkpoint_every and step % p.checkpoint_every == 0 and step < total_steps:
                 keep = config.train.keep_checkpoints
-                tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, keep, identity)
+                tag = save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, keep, identity)
                 if checkpoint_key:
                     upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, keep)
             advance(1)
@@ -230,6 +203,6 @@ def run_pretrain_worker(config: RunConfig, output_dir: Path, resume: bool, check
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
     encoder = Encoder(config.model, model=mlm.base_model, tokenizer=tokenizer)
-    model_dir = _export(engine, encoder, output_dir / "model", rank, matryoshka_dims=[])  # no Matryoshka in pretraining
-    _shutdown(engine)
+    model_dir = export_model(engine, encoder, output_dir / "model", rank, matryoshka_dims=[])  # no Matryoshka in pretraining
+    shutdown(engine)
     return model_dir

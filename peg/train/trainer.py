@@ -7,7 +7,8 @@ Where it runs, decided from the environment:
   torchrun with `config.train.nproc_per_node` processes, which reads the PET_* values itself;
 - otherwise (a workstation): starts torchrun with `nproc_per_node` processes on 127.0.0.1.
 Output directory layout:
-    config.yaml            the resolved run config the workers read
+    config.yaml            the run config the workers read, as given
+    inputs.json            the training inputs the workers read (`TrainInputs`: train files, initial model)
     metrics.jsonl          one record a step (loss, lr, beta, weight statistics, throughput), rank 0
     tensorboard/           the same scalars as TensorBoard events
     training.png           loss / lr / beta(t) / weights / throughput / time split over steps, after the run
@@ -23,36 +24,42 @@ what differs, instead of continuing at a batch index of another plan.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
-from peg.config import RunConfig
+from peg.config import ModelConfig, RunConfig
 from peg.console import cause_since, log_size
-from peg.errors import PegError
 from peg.model.encoder import Encoder
-from peg.model.export import export_sentence_transformers
 from peg.model.lora import apply_lora, parameter_counts
 from peg.process import available_cpus, child_env
 from peg.progress import progress_bar
 from peg.store import open_store
-from peg.store.files import atomic_output, file_sha256, write_atomically
+from peg.store.files import file_sha256, write_atomically
 from peg.train.batches import BatchPlan, PairFile, Prefetcher, prepare_step
 from peg.train.checkpoints import upload_checkpoint
+from peg.train.rank import (
+    TrainError,
+    check_no_live_writer,
+    check_resume,
+    export_model,
+    restore,
+    save_checkpoint,
+    seed_all,
+    shutdown,
+    start_rank,
+)
 from peg.train.devset import DevSet, dev_plan_identity, dev_set
 from peg.train.selection import DevSelection
 from peg.train.metrics import MetricsLog, plot_metrics
@@ -61,17 +68,45 @@ from peg.train.telemetry import StepTimer, model_shape, peak_flops, peak_memory_
 logger = logging.getLogger(__name__)
 
 
-class TrainError(PegError, RuntimeError):
-    """Training could not run or a worker failed."""
+INPUTS_FILE = "inputs.json"  # beside config.yaml in the output folder: the `TrainInputs` the workers read
 
 
-def train(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None) -> Path:
-    """Train, checkpoint and export to `output_dir`; returns the exported model directory.
-    With `checkpoint_key`, each checkpoint is also uploaded to the store under that key."""
+@dataclass(frozen=True)
+class TrainInputs:
+    """What training reads besides its config, passed explicitly rather than written into it: the
+    training-pair files in order, and the model to start from (None: `model.name_or_path`)."""
+
+    train_files: tuple[str, ...]
+    init_model: str | None = None
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> TrainInputs:
+        """The inputs `peg train CONFIG` trains on: `data.train_files`, from `model.name_or_path`."""
+        return cls(tuple(config.data.train_files))
+
+    def model_config(self, config: RunConfig) -> ModelConfig:
+        """The model settings to build the encoder from: the config's, starting from `init_model`."""
+        return config.model if self.init_model is None else config.model.model_copy(update={"name_or_path": self.init_model})
+
+    def to_json(self) -> str:
+        return json.dumps({"train_files": list(self.train_files), "init_model": self.init_model}, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> TrainInputs:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(tuple(data["train_files"]), data["init_model"])
+
+
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False, checkpoint_key: str | None = None,
+          inputs: TrainInputs | None = None) -> Path:
+    """Train on `inputs` (default: `TrainInputs.from_config`), checkpoint and export to `output_dir`;
+    returns the exported model directory. With `checkpoint_key`, each checkpoint is also uploaded
+    to the store under that key. The config is passed on to the workers unchanged."""
     output_dir = Path(output_dir)
+    inputs = inputs or TrainInputs.from_config(config)
     if runs_in_process(os.environ):
-        return run_worker(config, output_dir, resume, checkpoint_key)
-    return launch(config, output_dir, resume, checkpoint_key)
+        return run_worker(config, output_dir, resume, checkpoint_key, inputs)
+    return launch(config, output_dir, resume, checkpoint_key, inputs=inputs)
 
 
 def runs_in_process(env: Mapping[str, str]) -> bool:
@@ -107,16 +142,18 @@ def torchrun_command(
 
 
 def training_plan(
-    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None
+    config: RunConfig, world_size: int, rank: int = 0, gather: Callable[[object], list[object]] | None = None,
+    files: Sequence[str] | None = None,
 ) -> tuple[BatchPlan, int, dict, DevSet | None]:
     """Index and check the training data: (batch plan, total steps, the plan's identity, the dev set
     or None without `train.eval_every`); the dev set's held-out queries are left out of the batches.
 
     With `gather` (inside the workers) each rank scans its share of the blocks; without it (the
     launcher, before any worker starts) this process scans them all. Raises `DataError` /
-    `BatchError` / `TrainError` naming the file, line or key at fault.
+    `BatchError` / `TrainError` naming the file, line or key at fault. `files`: the training-pair
+    files (default: `data.train_files`).
     """
-    files = list(config.data.train_files)
+    files = list(config.data.train_files if files is None else files)
     if not files:
         raise TrainError("data.train_files is empty: training needs at least one training-pair JSONL file")
     need_scores = config.loss.kind == "listwise"
@@ -153,35 +190,22 @@ def training_plan(
     return plan, total_steps, identity, dev
 
 
-def check_resume(ckpt_dir: Path, identity: dict) -> str | None:
-    """The newest checkpoint's tag (None without one); refuses, naming what differs, one written
-    for another training plan."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    record = ckpt_dir / tag / "plan.json"
-    if not record.is_file():
-        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it has no plan.json (written by another peg version)")
-    stored = json.loads(record.read_text())
-    differs = [f"{k} {stored.get(k)} -> {v}" for k, v in identity.items() if stored.get(k) != v]
-    if differs:
-        raise TrainError(f"cannot resume from {ckpt_dir / tag}: it belongs to another training plan ({'; '.join(differs)})")
-    return tag
-
-
 def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None,
-           pretrain: bool = False) -> Path:
+           pretrain: bool = False, inputs: TrainInputs | None = None) -> Path:
     """Check the data and the plan here (training: `pretrain` workers check theirs), then start
-    `nproc_per_node` workers (training, or `pretrain`ing) with torch.distributed.run."""
+    `nproc_per_node` workers (training on `inputs`, or `pretrain`ing) with torch.distributed.run.
+    The workers read `config` as given (config.yaml) and the training inputs (inputs.json)."""
     world_size = config.train.nproc_per_node * int(os.environ.get("PET_NNODES", "1"))
     if not pretrain:
-        _, _, identity, _ = training_plan(config, world_size)
+        inputs = inputs or TrainInputs.from_config(config)
+        _, _, identity, _ = training_plan(config, world_size, files=inputs.train_files)
         if resume and (tag := check_resume(output_dir / "checkpoints", identity)):
             logger.info("train: resuming from checkpoint %s", tag)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_no_live_writer(output_dir)
     config_path = write_atomically(output_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    if inputs is not None:
+        write_atomically(output_dir / INPUTS_FILE, inputs.to_json())
     env = child_env(os.environ)  # torchrun (peg.process) watches this process
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -197,96 +221,20 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     return output_dir / "model"
 
 
-WRITER_LOCK = ".writer.lock"
-
-
-def claim_output_dir(output_dir: Path) -> int:
-    """Hold a shared lock on `output_dir` for the life of this process (a training worker).
-
-    Returns the lock's file descriptor; the kernel releases the lock when the process dies.
-    """
-    fd = os.open(output_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
-
-
-def check_no_live_writer(output_dir: Path) -> None:
-    """Raise TrainError if a live process (a worker of an earlier launch) still writes `output_dir`."""
-    fd = os.open(output_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise TrainError(
-            f"{output_dir} is still being written by a live training process (an earlier launch's worker); "
-            "it must exit before training resumes there"
-        ) from None
-    finally:
-        os.close(fd)  # closing drops the probe's lock
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def skip_deepspeed_shm_comm() -> None:
-    """Keep DeepSpeed's CPU accelerator from compiling its shared-memory comm op in `init_distributed`.
-
-    That op (`deepspeed_shm_comm`) serves only `inference_all_reduce`; ZeRO training reduces through
-    torch.distributed (gloo), so the op is never called. Its just-in-time build takes about a minute
-    on an idle node (6-12 minutes on 2 busy cores), once in every fresh pod. DeepSpeed builds an op
-    only when `deepspeed.ops.__compatible_ops__` marks it compatible (deepspeed/comm/torch.py,
-    `build_shm_op`); marking it not compatible gives the gloo path it falls back to anyway.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def start_rank(output_dir: Path) -> tuple[int, int, Path]:
-    """Join the process group (NCCL on GPUs, else gloo), take this rank's GPU and claim
-    `output_dir` for this process: (rank, world size, checkpoint folder)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if not torch.cuda.is_available():
-        skip_deepspeed_shm_comm()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    claim_output_dir(output_dir)
-    return dist.get_rank(), dist.get_world_size(), output_dir / "checkpoints"
-
-
-def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None) -> Path:
-    """The per-rank training loop (inside torchrun); checkpoints also go to the store at `checkpoint_key`."""
+def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: str | None = None,
+               inputs: TrainInputs | None = None) -> Path:
+    """The per-rank training loop (inside torchrun) on `inputs` (default: `TrainInputs.from_config`);
+    checkpoints also go to the store at `checkpoint_key`."""
     import torch.distributed as dist
 
     from peg.losses import build_loss
-    from peg.train.engine import auto_chunk_size, build_engine, train_step
+    from peg.train.engine import EngineSettings, auto_chunk_size, build_engine, train_step
 
     rank, world_size, ckpt_dir = start_rank(output_dir)
 
@@ -295,19 +243,20 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         dist.all_gather_object(parts, obj)
         return parts
 
-    plan, total_steps, identity, dev = training_plan(config, world_size, rank, gather)
+    inputs = inputs or TrainInputs.from_config(config)
+    plan, total_steps, identity, dev = training_plan(config, world_size, rank, gather, files=inputs.train_files)
     if resume:
         check_resume(ckpt_dir, identity)
 
-    _seed_all(config.train.seed)
-    encoder = Encoder(config.model)
+    seed_all(config.train.seed)
+    encoder = Encoder(inputs.model_config(config))
     if config.model.lora.enabled:
         apply_lora(encoder, config.model.lora)
         if rank == 0:
             trainable, total = parameter_counts(encoder)
             logger.info("train: LoRA trains %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     selection = DevSelection(config, dev, encoder, output_dir, rank, resume, checkpoint_key) if dev else None
-    engine = build_engine(encoder, config, world_size, total_steps)
+    engine = build_engine(encoder, EngineSettings.for_training(config), world_size, total_steps)
     loss_fn = build_loss(config.loss, config.model.normalize)
     if config.loss.matryoshka_dims and max(config.loss.matryoshka_dims) > encoder.dim:
         raise TrainError(
@@ -374,7 +323,7 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
                     record.update({f"time_{name}_s": value for name, value in timer.seconds.items()})
                     metrics.log({**record, **dev_metrics})
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < total_steps:
-                    tag = _save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints,
+                    tag = save_checkpoint(engine, ckpt_dir, step, epoch, index, rank, config.train.keep_checkpoints,
                                            identity)
                     if checkpoint_key:
                         upload_checkpoint(open_store(config.store), checkpoint_key, ckpt_dir, tag, config.train.keep_checkpoints)
@@ -389,74 +338,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
     model_dir = output_dir / "model"
-    _export(engine, encoder, output_dir / "last-model" if selection else model_dir, rank, config.loss.matryoshka_dims)
+    export_model(engine, encoder, output_dir / "last-model" if selection else model_dir, rank, config.loss.matryoshka_dims)
     if selection:
         selection.finish(model_dir)
-    _shutdown(engine)
+    shutdown(engine)
     return model_dir
-
-
-def restore(engine, ckpt_dir: Path, rank: int, seed: int, resume: bool, label: str) -> tuple[int, int, int]:
-    """(step, epoch, index) to start from: the newest checkpoint's, with this rank's RNG state,
-    when resuming and one exists; else (0, 0, 0) with the RNGs seeded per rank."""
-    if not (resume and (ckpt_dir / "latest").is_file()):
-        _seed_all(seed + 1000 * rank)
-        return 0, 0, 0
-    _, client = engine.load_checkpoint(str(ckpt_dir))
-    tag = (ckpt_dir / "latest").read_text().strip()
-    _set_rng_state(torch.load(ckpt_dir / tag / f"rng-rank{rank}.pt", weights_only=False))
-    if rank == 0:
-        logger.info("%s: resumed from checkpoint %s at step %d", label, tag, client["step"])
-    return client["step"], client["epoch"], client["index"]
-
-
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, rank: int, keep: int,
-                     identity: dict) -> str:
-    """DeepSpeed checkpoint + every rank's RNG state + the plan; `latest` moves only once all are written.
-    Returns the tag."""
-    import torch.distributed as dist
-
-    tag = f"step{step:08d}"
-    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    with atomic_output(ckpt_dir / tag / f"rng-rank{rank}.pt") as out:
-        torch.save(_rng_state(), out)
-    if rank == 0:
-        write_atomically(ckpt_dir / tag / "plan.json", json.dumps(identity, indent=2) + "\n")
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "index": index})
-    dist.barrier()
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # each node prunes its own disk
-        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    return tag
-
-
-def _export(engine, encoder: Encoder, model_dir: Path, rank: int, matryoshka_dims: list[int]) -> Path:
-    """Rank 0 writes the sentence-transformers folder; under ZeRO-3 the weights are gathered first."""
-    import deepspeed
-    import torch.distributed as dist
-
-    params = list(encoder.model.parameters())
-    gather = (
-        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        if engine.zero_optimization_stage() == 3
-        else torch.no_grad()
-    )
-    with gather:
-        if rank == 0:
-            state = {k: v.detach().float().cpu().clone() for k, v in encoder.model.state_dict().items()}
-            export_sentence_transformers(encoder, model_dir, state_dict=state, matryoshka_dims=matryoshka_dims)
-    dist.barrier()
-    return model_dir
-
-
-def _shutdown(engine) -> None:
-    """Release DeepSpeed's state and the process group in an order that exits cleanly; DeepSpeed's
-    cached groups go with it, so the process can train again (pod-per-rank mode, tests)."""
-    import deepspeed.comm as ds_dist
-    import torch.distributed as dist
-
-    dist.barrier()
-    engine.destroy()
-    ds_dist.destroy_process_group()

@@ -2,7 +2,8 @@
 `python -m peg.train.worker CONFIG OUTPUT_DIR [--resume] [--checkpoint-key KEY] [--pretrain]`.
 
 Started by `peg.train.launch` through torch.distributed.run, or directly as the command of a
-PyTorchJob pod (torchrun there too), where CONFIG is the resolved run config YAML.
+PyTorchJob pod (torchrun there too), where CONFIG is the run config YAML. A training worker reads
+its inputs (`TrainInputs`) from OUTPUT_DIR/inputs.json when `launch` wrote one, else from CONFIG.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from peg.config import load_config
 from peg.console import LOG_FILE_ENV, capture
 from peg.errors import PegError
 from peg.process import die_with_parent
-from peg.train.trainer import run_worker
+from peg.train.trainer import INPUTS_FILE, TrainInputs, run_worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 
             run_pretrain_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
         else:
-            run_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key)
+            inputs_file = Path(args.output_dir) / INPUTS_FILE  # written by `launch` beside config.yaml
+            inputs = TrainInputs.read(inputs_file) if inputs_file.is_file() else None
+            run_worker(load_config(args.config), Path(args.output_dir), args.resume, args.checkpoint_key, inputs)
     except PegError as e:
         if rank0:
             print(f"peg train: error: {e}", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from peg.config import RunConfig
 from peg.losses import build_loss, passage_ids_from_texts
 from peg.model.encoder import Encoder
 from peg.train.batches import RankBatch, prepare_step
-from peg.train.engine import build_engine, train_step
+from peg.train.engine import EngineSettings, build_engine, train_step
 
 model_dir, out_path = sys.argv[1], sys.argv[2]
 deepspeed.init_distributed(dist_backend="gloo")
@@ -85,7 +85,8 @@ for stage, kind, progressive, ckpt in CASES:
         config = config_for(stage, kind, progressive, ckpt, chunk)
         torch.manual_seed(0)
         encoder = Encoder(config.model)
-        engine = build_engine(encoder, config, world, total_steps=10, optimizer=torch.optim.SGD(encoder.parameters(), lr=1.0))
+        engine = build_engine(encoder, EngineSettings.for_training(config), world, total_steps=10,
+                              optimizer=torch.optim.SGD(encoder.parameters(), lr=1.0))
         before = full_params(engine)
         loss_fn = build_loss(config.loss)
         loss_fn.set_progress(3, 10)
