@@ -3,7 +3,7 @@ its mining tables."""
 
 from __future__ import annotations
 
-from peg.pipeline.report import _progressive_chart, mining_tables
+from peg.pipeline.report import _progressive_chart, dev_table, mining_tables
 
 
 def test_progressive_chart_is_drawn_only_for_progressive_runs(tmp_path):
@@ -25,3 +25,14 @@ def test_report_renders_mining_statistics_as_tables():
     assert "<tr><th>relative margin</th><td>30</td></tr>" in page
     assert "<tr><th>candidates</th><td>2,400</td></tr>" in page
     assert "q9, and" not in page and "q0, q1" in page and "and 15 more" in page and "q10" not in page
+
+
+def test_the_dev_evaluations_during_training_are_a_table_with_the_exported_step():
+    records = [{"step": 1, "loss": 1.0},
+               {"step": 2, "loss": 0.9, "dev_ndcg@10": 0.61, "dev_ndcg@10_dim64": 0.52, "dev_best_step": 2.0},
+               {"step": 4, "loss": 0.8, "dev_ndcg@10": 0.60, "dev_ndcg@10_dim64": 0.55, "dev_best_step": 2.0}]
+    page = dev_table(records, "ndcg@10")
+    assert "<th>step</th><th>dev ndcg@10</th><th>@64</th>" in page
+    assert "<tr><td>step 2 (exported)</td><td>0.6100</td><td>0.5200</td></tr>" in page
+    assert "<tr><td>step 4</td><td>0.6000</td><td>0.5500</td></tr>" in page
+    assert dev_table([{"step": 1, "loss": 1.0}], "ndcg@10") == ""

@@ -44,14 +44,14 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(rows: dict[str, dict[str, float]]) -> str:
+def _table(rows: dict[str, dict[str, float]], first: str = "model") -> str:
     names = list(next(iter(rows.values())))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = "".join(
         f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{v[n]:.4f}</td>" for n in names) + "</tr>"
         for label, v in rows.items()
     )
-    return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
+    return f"<table><tr><th>{html.escape(first)}</th>{head}</tr>{body}</table>"
 
 
 SHOWN_IDS = 10  # short-query ids listed in the report; the rest are counted
@@ -87,6 +87,21 @@ def mining_tables(stats: dict) -> str:
         listed = ", ".join(short[:SHOWN_IDS]) + (f" and {len(short) - SHOWN_IDS:,} more" if len(short) > SHOWN_IDS else "")
         parts.append(f"<p>Queries short of negatives: {html.escape(listed)}</p>")
     return "\n".join(parts)
+
+
+def dev_table(records: list[dict], metric: str) -> str:
+    """The dev evaluations during training (`train.eval_every`) from the train stage's metrics.jsonl
+    records: one row per evaluated step, `metric` at the full dimension and at each Matryoshka
+    prefix, the row of the exported (best) step marked; "" when the run evaluated nothing."""
+    evaluated = [r for r in records if f"dev_{metric}" in r]
+    if not evaluated:
+        return ""
+    dims = [k.removeprefix(f"dev_{metric}_") for k in evaluated[0] if k.startswith(f"dev_{metric}_dim")]
+    best = evaluated[-1].get("dev_best_step")
+    rows = {f"step {r['step']}" + (" (exported)" if r["step"] == best else ""):
+            {f"dev {metric}": r[f"dev_{metric}"], **{f"@{d.removeprefix('dim')}": r[f"dev_{metric}_{d}"] for d in dims}}
+            for r in evaluated}  # fmt: skip
+    return _table(rows, "step")
 
 
 def draw_progressive(records: list[dict], schedule, weights) -> bool:
@@ -146,6 +161,7 @@ def write_report(ctx: StageContext) -> list[str]:
         for stage, name in (("train", "training.png"), ("mine", "scores.png")):
             if store.exists(ctx.key(stage, name)):
                 images[name] = store.materialise(ctx.key(stage, name), tmp)
+        records = []
         if store.exists(ctx.key("train", "metrics.jsonl")):
             records = [json.loads(line) for line in store.read_text(ctx.key("train", "metrics.jsonl")).splitlines() if line]
             if _progressive_chart(records, tmp / "progressive.png"):
@@ -166,6 +182,9 @@ def write_report(ctx: StageContext) -> list[str]:
             sections.append("<div style='display:flex;gap:1em;align-items:flex-start'>" + "".join(side) + "</div>")
         if "training.png" in images:
             sections += ["<h2>Training</h2>", _img(images["training.png"], "training curves")]
+        dev = dev_table(records, config.train.select_metric)
+        if dev:
+            sections += [f"<h2>Development set during training ({html.escape(config.train.select_metric)})</h2>", dev]
         sections += [
             "<h2>Hard-negative mining</h2>",
             mining_tables(mine_stats),
