@@ -210,7 +210,7 @@ def launch(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key: st
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(config.train.nproc_per_node)))
-        logger.info("training on CPU: %s processes x %s threads (OMP_NUM_THREADS)", config.train.nproc_per_node,
+        logger.info("training on CPU: %s processes x %s threads", config.train.nproc_per_node,
                  env["OMP_NUM_THREADS"])
     cmd = torchrun_command(config.train.nproc_per_node, config_path, output_dir, resume, env, checkpoint_key, pretrain)
     mark = log_size()
