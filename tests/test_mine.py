@@ -194,13 +194,13 @@ def test_in_process_and_ray_mining_pick_identical_negatives(ray_local, tmp_path,
     write_beir(tmp_path / "beir")
     outputs = {}
     for placement in ("process", "ray"):
-        path = write_config(tmp_path / f"{placement}.yaml", tmp_path / "beir", tmp_path / f"store-{placement}",
-                            placement=placement)
+        path = write_mine_config(tmp_path / f"{placement}.yaml", tmp_path / "beir", tmp_path / f"store-{placement}",
+                                 placement=placement)
         config = load_config(path)
         config.encode.in_process_below = 0  # the Ray path encodes on actors too
         store = open_store(config.store)
         with caplog.at_level("INFO", logger="peg.runtime.shards"):
-            result = run_mine(config, store, show_progress=False)
+            result = run_mine(config, stage_scope(config, store, "mine"), show_progress=False)
         outputs[placement] = (store.local_path(result.keys["train"]).read_text(),
                               [json.loads(line) for line in store.local_path(result.keys["scores"]).open()])
     assert "mine: runs in this process" in caplog.text and "placement: process" in caplog.text
