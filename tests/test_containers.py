@@ -556,6 +556,7 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
     run_stage_entrypoint(load_config(config_path), config_path, "prepare")  # where the data is, as the README says
     secret = s3_secret(*ADMIN)
     ran: dict[str, list[list[int]]] = {}  # job name -> each attempt's container exit codes
+    failed_logs: list[str] = []
 
     async def play_job_controllers(cluster) -> None:
         """Run every new stage job's pods as containers, one job at a time, and write its status."""
@@ -568,6 +569,7 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
                     objects = [*cluster.objects("configmaps").values(), secret]
                     results = await asyncio.to_thread(run, containers_of(job, objects), 2400)
                     ran.setdefault(name, []).append([r.status for r in results])
+                    failed_logs.extend(f"{r.name} exited {r.status}:\n{r.log[-4000:]}" for r in results if r.status)
                     succeeded = all(r.status == 0 for r in results)
                     await write_job_status(kind.plural, job, job_status(job["kind"], succeeded))
             await asyncio.sleep(1)
@@ -594,7 +596,7 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
     status, events, log = asyncio.run(main())
     print("conditions:", json.dumps(status["conditions"], indent=1))
     print("events:", *(f"{reason}: {message}" for reason, message in events), sep="\n  ")
-    assert status["phase"] == "Succeeded", (json.dumps(status, indent=1), log[-4000:])
+    assert status["phase"] == "Succeeded", "\n".join([*failed_logs, log[-4000:]])
     assert {job.rsplit("-", 1)[-1]: attempts for job, attempts in ran.items()} == {
         "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}
     assert status["artifacts"]["report"] == f"s3://{bucket}/runs/opbox/report/report.html"

@@ -47,6 +47,24 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(store):
     lease.release()
 
 
+def test_a_lease_whose_pid_is_now_another_process_is_taken_over_at_once(store):
+    """A restarted pod has the same host name and PIDs from 1 again: the killed holder's pid can be
+    a live process of this host, even this one. The record's start time tells them apart; a live
+    holder of the same pid and start time still holds it."""
+    import psutil
+
+    this = psutil.Process()
+    earlier = {"owner": "dead", "host": socket.gethostname(), "pid": this.pid, "command": "peg pipeline stage train",
+               "acquired": "then", "expires": time.time() + 600, "started": this.create_time() - 60}
+    store.create_object("run/_lease.json", json.dumps(earlier).encode())
+    lease = Lease(store, "run", ttl=30)
+    lease.acquire(wait=0)
+    assert read_lease(store, "run").owner == lease.owner and read_lease(store, "run").started == this.create_time()
+    with pytest.raises(LeaseHeld):  # the same pid and start time: the holder is alive
+        Lease(store, "run", ttl=30).acquire(wait=0)
+    lease.release()
+
+
 def _plant_expired_lease(store, run: str) -> None:
     dead = {"owner": "dead", "host": "gone", "pid": 1, "command": "peg pipeline run x", "acquired": "then",
             "expires": time.time() - 1}

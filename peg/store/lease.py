@@ -1,13 +1,14 @@
 """A run's lease: one writer per run, for a local store, S3, and processes on different nodes.
 
 The lease is a small control object `<run>/_lease.json` in the store: `{owner, host, pid, command,
-acquired, expires}` (expires: unix time). A holder renews it every third of `ttl` from a
+acquired, expires, started}` (expires: unix time; started: the holder process's start time). A holder renews it every third of `ttl` from a
 background thread. Another process:
 - creates it if absent (create-if-absent: S3 `If-None-Match: *`; locally a hard link that fails
   if the name exists), so of two starters exactly one wins;
 - finds it live: waits up to `wait` seconds, then raises `LeaseHeld` naming the holder;
 - finds it expired (its holder hung past `ttl`, or its holder ran on this host and its pid is
-  gone: a killed run is taken over at once): takes it over with a compare-and-swap on what it
+  gone or is now another process, one of another start time: a killed run is taken over at once,
+  also by its own pod restarted, whose PIDs start from 1 again): takes it over with a compare-and-swap on what it
   read (S3 `If-Match: <ETag>`; locally read, compare and replace under an flock), so of two
   takers exactly one wins.
 Whoever takes the lease first aborts the run's incomplete multipart uploads that started before
@@ -53,6 +54,7 @@ class LeaseRecord:
     command: str
     acquired: str
     expires: float
+    started: float | None = None  # the holder process's start time (`psutil`); None in older records
 
     def describe(self) -> str:
         left = self.expires - time.time()
@@ -74,7 +76,19 @@ def _is_dead(record: LeaseRecord) -> bool:
         return True
     except PermissionError:  # alive, another user's
         return False
-    return False
+    # The pid is taken, but by the holder? A restarted container (same pod name, PIDs from 1 again)
+    # or a reused pid gives a live process of another start time: the holder is gone.
+    return record.started is not None and _process_started(record.pid) != record.started
+
+
+def _process_started(pid: int) -> float | None:
+    """The start time of process `pid` (seconds since the epoch, as psutil reports it), or None."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def parse_lease(data: bytes) -> LeaseRecord | None:
@@ -102,7 +116,7 @@ class Lease:
 
     def _payload(self) -> bytes:
         record = LeaseRecord(self.owner, socket.gethostname(), os.getpid(), self.command, self.acquired,
-                             time.time() + self.ttl)
+                             time.time() + self.ttl, _process_started(os.getpid()))
         return json.dumps(asdict(record), indent=2).encode() + b"\n"
 
     def _held_by_us(self) -> bool:
