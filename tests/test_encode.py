@@ -139,3 +139,23 @@ def test_empty_corpus_file_is_a_clear_error(model_dir, tmp_path):
     config = make_config(model_dir, tmp_path)
     with pytest.raises(DataError, match=r"corpus\.jsonl: the corpus has no passages"):
         encode_corpus(config, open_store(StoreConfig(uri=str(tmp_path / "store"))), folder)
+
+
+def test_an_actor_on_another_node_loads_the_drivers_local_model_from_its_shipped_files(ray_local, model_dir, tmp_path):
+    """On a Ray cluster of several nodes (a RayJob's head and worker pods) a trained model lives in
+    the driver's work folder only: the actor gets the folder's files as a Ray object, writes them
+    to its own temporary folder and encodes exactly as the driver's copy does."""
+    import ray
+
+    from peg.config import ModelConfig
+    from peg.runtime.embeddings import _EncoderActor, model_folder_files
+
+    gone = tmp_path / "driver-work" / "model"  # the driver's path, absent where the actor runs
+    model = ModelConfig(name_or_path=str(gone)).model_dump()
+    actor = _EncoderActor(model, "passage", 1, model_files=ray.put(model_folder_files(model_dir)))
+    texts = np.array(["a passage about tides", "another about bees"], dtype=object)
+    got = actor({"row": np.arange(2), "text": texts})["embedding"]
+    want = Encoder(ModelConfig(name_or_path=str(model_dir))).encode(list(texts), "passage")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(OSError):  # without the files the path is missing there
+        _EncoderActor(model, "passage", 1)

@@ -111,14 +111,32 @@ def cache_key(model: ModelConfig, kind: Kind, ids: Sequence[str], texts: Sequenc
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-class _EncoderActor:
-    """Ray Data callable class: one model per actor, batches of {row, text} -> {row, embedding}."""
+def model_folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a local model folder, by its path relative to the folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    def __init__(self, model: dict, kind: Kind, threads: int):
+
+class _EncoderActor:
+    """Ray Data callable class: one model per actor, batches of {row, text} -> {row, embedding}.
+
+    `model_files` (a Ray object of `model_folder_files`): the driver's local model folder, shipped
+    because the actor may run on another node (a worker pod), where that path does not exist; the
+    actor writes it under its own temporary folder and loads it from there."""
+
+    def __init__(self, model: dict, kind: Kind, threads: int, model_files=None):
         import torch
 
         torch.set_num_threads(threads)
         self.kind = kind
+        if model_files is not None and not Path(model["name_or_path"]).is_dir():
+            import ray
+
+            folder = Path(tempfile.mkdtemp(prefix="peg-model-"))
+            files = model_files if isinstance(model_files, dict) else ray.get(model_files)
+            for relative, content in files.items():
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                (folder / relative).write_bytes(content)
+            model = {**model, "name_or_path": str(folder)}
         self.encoder = Encoder(ModelConfig(**model))
         if torch.cuda.is_available():
             self.encoder.to("cuda")
@@ -225,12 +243,16 @@ def _embedded_on_ray(config: RunConfig, items: list[dict], kind: Kind) -> Iterat
         if gpus == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
             gpus, actors = 1.0, min(actors, int(ray.cluster_resources()["GPU"]))
         dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 2000)))
+        local = Path(config.model.name_or_path)
+        several_nodes = sum(1 for node in ray.nodes() if node.get("Alive")) > 1
         embedded = dataset.map_batches(
             _EncoderActor,
             fn_constructor_kwargs={
                 "model": config.model.model_dump(),
                 "kind": kind,
                 "threads": max(1, round(config.encode.actor_cpus)),
+                # a trained model in this node's work folder: actors on other nodes get its files
+                "model_files": ray.put(model_folder_files(local)) if several_nodes and local.is_dir() else None,
             },
             batch_size=batch_size,
             batch_format="numpy",
