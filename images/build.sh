@@ -40,7 +40,7 @@ LOCAL_BASE=${LOCAL_BASE:-local/peg-debian-python:bookworm}
 PEG_UID=10001  # = cluster.run_as_user's default (peg/config.py)
 
 # The Debian base of --local: bookworm minbase with Debian's Python 3.11 (the host wheel's cp311)
-# and its headers (DeepSpeed's CPU op compiles against them), made once, kept by tag.
+# and its headers (they served DeepSpeed's CPU op, which peg no longer builds), made once, kept by tag.
 local_base() {
   if docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
     echo "+ $LOCAL_BASE exists: kept"

@@ -4,8 +4,8 @@ The first tests read the translation (no Docker). The tests marked `containers` 
 containers of the CPU trainer image (`images/build.sh cpu --local`); they run only with
 PEG_CONTAINERS=1 (`.ci/run` sets it after building the image) and a Docker daemon that answers, else
 they skip saying which is missing. The tests marked `containers_pipeline` run the tiny pipeline's
-stages as containers of both images; they also need PEG_CONTAINERS_PIPELINE=1 (a lane of its own:
-about 45 minutes on 2 cores, outside `.ci/run`'s budget).
+stages as containers of both images, then the operator end to end; they also need
+PEG_CONTAINERS_PIPELINE=1 (a lane of its own: about 15 minutes on 2 cores, outside `.ci/run`).
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ containers = pytest.mark.skipif(_docker_missing() is not None, reason=str(_docke
 
 def _pipeline_lane_off() -> str | None:
     if os.environ.get("PEG_CONTAINERS_PIPELINE") != "1":
-        return ("the pipeline-in-containers lane runs with PEG_CONTAINERS_PIPELINE=1 (about 45 min on 2 cores: "
-                "DeepSpeed compiles its CPU op in every training pod; see images/README.md)")
+        return ("the pipeline-in-containers lane runs with PEG_CONTAINERS_PIPELINE=1 (about 15 min on 2 cores, "
+                "both images built: README, Containers)")
     return _docker_missing()
 
 
