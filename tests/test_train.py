@@ -459,6 +459,7 @@ def test_weights_must_match_the_training_files(tmp_path):
             RunConfig.model_validate({"name": "w", "model": {"name_or_path": "m"}, "data": data})
 
 
+@pytest.mark.slow
 def test_topology_does_not_change_the_trained_bytes_and_no_deepspeed_op_is_built(tmp_path):
     """1 node x 2 processes and 2 nodes x 1 process (two launchers joined through PET_*, as a
     TrainJob's pods are) train the same bytes at the same threads per rank; neither run builds a
