@@ -28,6 +28,7 @@ import ray
 
 from peg.config import ConfigError
 from peg.errors import PegError
+from peg.process import available_cpus
 from peg.progress import progress_bar
 from peg.store import ArtifactStore
 
@@ -107,7 +108,7 @@ def run_here(stage: str, need_bytes: int, placement: str = "auto") -> bool:
         here, why = False, f"more than {IN_PROCESS_MEMORY_SHARE:.0%} of the memory available"
     else:
         here, why = True, f"fits in {IN_PROCESS_MEMORY_SHARE:.0%} of the memory available, not on a cluster"
-    where = f"in this process ({os.cpu_count()} cores, no Ray actors)" if here else "on Ray actors"
+    where = f"in this process ({available_cpus()} CPUs, no Ray actors)" if here else "on Ray actors"
     logger.info("%s: runs %s: %s (%s)", stage, where, why, size)
     return here
 

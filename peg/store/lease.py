@@ -107,6 +107,7 @@ class Lease:
         self.key = f"{run}/{LEASE_NAME}"
         self.ttl = ttl
         self.owner = uuid.uuid4().hex
+        self.started = _process_started(os.getpid())
         self.command = command or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
         self.acquired = datetime.now(UTC).isoformat(timespec="seconds")
         self.lost = threading.Event()
@@ -116,7 +117,7 @@ class Lease:
 
     def _payload(self) -> bytes:
         record = LeaseRecord(self.owner, socket.gethostname(), os.getpid(), self.command, self.acquired,
-                             time.time() + self.ttl, _process_started(os.getpid()))
+                             time.time() + self.ttl, self.started)
         return json.dumps(asdict(record), indent=2).encode() + b"\n"
 
     def _held_by_us(self) -> bool:
