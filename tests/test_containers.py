@@ -296,13 +296,33 @@ def test_rendered_config_map_and_secret_are_files_the_user_reads_through_fs_grou
     assert result.status != 0 and "Permission denied" in result.log  # mode 0440: the group is what reads it
 
 
+def run_pod_against_emulated_api(obj: dict, objects: list[dict], tmp_path, monkeypatch, rbac: list[dict],
+                                 timeout: float = 300):
+    """Run `obj`'s one container with the kubelet's in-cluster credentials for an emulated API
+    server (kmock over HTTPS on 127.0.0.1) that enforces `rbac` on its service account's token.
+    Returns its result and the requests the authorizer refused."""
+    import asyncio
+
+    from kmock_cluster import emulated_cluster
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch, tls=True, rbac=rbac) as cluster:
+            (container,) = containers_of(obj, objects, api=cluster.api)
+            (result,) = await asyncio.to_thread(run, [container], timeout)
+            return result, cluster.authorizer.denied
+
+    return asyncio.run(main())
+
+
 @containers
 @pytest.mark.containers
-def test_the_charts_helm_test_pod_opens_the_store_with_its_secret(trainer_image, s3_server):
-    """The chart's `helm test` Pod from `helm template` output (the platform's S3 store, the chart's
-    Secret mount, its security settings), run as a container against S3 on 127.0.0.1: it writes,
-    reads back and deletes one object. Its RBAC check (SelfSubjectAccessReview with in-cluster
-    credentials) needs a real API server, so the values leave `rbac.create` off, which skips it."""
+def test_the_charts_helm_test_pod_checks_the_store_and_its_accounts_rbac(trainer_image, s3_server, tmp_path, monkeypatch):
+    """The chart's `helm test` Pod from `helm template` output, run as a container with its security
+    settings, the chart's Secret mount and the launcher account's token, as the kubelet mounts it,
+    for an emulated API server over HTTPS that enforces the chart's Role and RoleBinding. Against
+    S3 on 127.0.0.1 it writes, reads back and deletes one object; through the in-cluster client
+    its SelfSubjectAccessReviews find every job kind creatable. The checks bite: a wrong secret
+    key fails the store check, and a Role without rayjobs fails the RBAC check."""
     import uuid
 
     from chart_render import by_kind, objects, render
@@ -310,17 +330,33 @@ def test_the_charts_helm_test_pod_opens_the_store_with_its_secret(trainer_image,
 
     bucket = f"helm-test-{uuid.uuid4().hex[:8]}"
     s3_server.client().make_bucket(bucket)
-    values = {"image": {"tag": TAG}, "rbac": {"create": False},
+    values = {"image": {"tag": TAG},
               "s3": {"existingSecret": "peg-s3", "endpoint": s3_server.endpoint, "secure": False, "bucket": bucket}}
-    (test_pod,) = [p for p in by_kind(objects(render(values, namespace="peg")), "Pod")
-                   if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]  # fmt: skip
-    (result,) = run(containers_of(test_pod, [s3_secret(*ADMIN)]), timeout=300)
+    rendered = objects(render(values, namespace="peg"))
+    (test_pod,) = [p for p in by_kind(rendered, "Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    rbac = [o for o in rendered if o["kind"] in ("Role", "RoleBinding")]
+    accounts = by_kind(rendered, "ServiceAccount")
+    result, denied = run_pod_against_emulated_api(test_pod, [s3_secret(*ADMIN), *accounts], tmp_path, monkeypatch, rbac)
     assert result.status == 0, result.log
     assert f"bucket '{bucket}' prefix '.peg-helm-test': write, read and delete ok" in result.log, result.log
+    for resource in ("trainer.kubeflow.org/trainjobs", "kubeflow.org/pytorchjobs", "ray.io/rayjobs", "/configmaps"):
+        assert f"rbac: create {resource}: allowed" in result.log, result.log
     assert list(s3_server.client().list_objects(bucket, recursive=True)) == []  # the probe cleaned up
-    (wrong,) = containers_of(test_pod, [s3_secret(ADMIN[0], "not-the-key")])
-    (refused,) = run([wrong], timeout=300)
-    assert refused.status == 1 and "store:" in refused.log, refused.log
+
+    (role,) = [copy.deepcopy(o) for o in rbac if o["kind"] == "Role"]
+    role["rules"] = [r for r in role["rules"] if r["apiGroups"] != ["ray.io"]]
+    without_rayjobs = [role, *(o for o in rbac if o["kind"] == "RoleBinding")]
+    (tmp_path / "denied").mkdir()
+    result, denied = run_pod_against_emulated_api(test_pod, [s3_secret(*ADMIN), *accounts], tmp_path / "denied",
+                                                  monkeypatch, without_rayjobs)
+    assert result.status == 1 and "rbac: create ray.io/rayjobs: DENIED" in result.log, result.log
+    assert "may not create ray.io/rayjobs in peg" in result.log, result.log
+    assert [d[2:] for d in denied] == [("create", "ray.io", "rayjobs")]
+
+    wrong = [s3_secret(ADMIN[0], "not-the-key"), *accounts]
+    (tmp_path / "wrong").mkdir()
+    result, _ = run_pod_against_emulated_api(test_pod, wrong, tmp_path / "wrong", monkeypatch, rbac)
+    assert result.status == 1 and "store:" in result.log, result.log
 
 
 # ---- the tiny pipeline, stage by stage, as containers ----------------------------------------------

@@ -15,10 +15,17 @@ What a pod spec says and how it is honoured:
   readOnlyRootFilesystem (`--read-only`), capabilities drop/add, allowPrivilegeEscalation false
   (`no-new-privileges`), seccompProfile RuntimeDefault (Docker's default profile) or Unconfined;
 - resources.limits cpu and memory as Docker limits (requests only schedule);
-- networking: every container on the host network, addresses 127.0.0.1 (no bridge is made).
+- networking: every container on the host network, addresses 127.0.0.1 (no bridge is made);
+  `Container.network` can put a pod in a network of its own (`none`) or in another pod's
+  (`container:NAME`), as a Service's clients reach its pod;
+- the service account, when an `ApiServer` is given: what the ServiceAccount admission plugin
+  and the kubelet give a pod that mounts its token (pod `automountServiceAccountToken`, else the
+  ServiceAccount object's, else true): `token`, `ca.crt` and `namespace` under
+  /var/run/secrets/kubernetes.io/serviceaccount and KUBERNETES_SERVICE_HOST/PORT, which is what
+  in-cluster clients read. Without one, no token is mounted.
 
-Scheduling fields (nodeSelector, tolerations, affinity, priorityClassName, serviceAccountName,
-imagePullPolicy, labels) have nothing to do on one machine and are not looked at. Any other
+Scheduling fields (nodeSelector, tolerations, affinity, priorityClassName, imagePullPolicy,
+labels) have nothing to do on one machine and are not looked at. Any other
 field, volume type or value the runner cannot honour raises `PodError` naming it, before a
 container starts.
 
@@ -63,12 +70,13 @@ from peg.pipeline import LocalBackend, StageFailed
 from peg.pipeline.stages import Stage
 
 LOCALHOST = "127.0.0.1"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
-# Pod and container fields with nothing to do on one machine (scheduling, identity, pulling).
-_IGNORED_POD_FIELDS = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
-                       "automountServiceAccountToken", "restartPolicy", "imagePullSecrets", "terminationGracePeriodSeconds",
-                       "activeDeadlineSeconds", "enableServiceLinks", "schedulerName", "topologySpreadConstraints"}
-_HONOURED_POD_FIELDS = {"containers", "initContainers", "volumes", "securityContext"}
+# Pod and container fields with nothing to do on one machine (scheduling, pulling, restarts).
+_IGNORED_POD_FIELDS = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "restartPolicy", "imagePullSecrets",
+                       "terminationGracePeriodSeconds", "activeDeadlineSeconds", "enableServiceLinks", "schedulerName", "topologySpreadConstraints"}
+_HONOURED_POD_FIELDS = {"containers", "initContainers", "volumes", "securityContext", "serviceAccountName",
+                        "automountServiceAccountToken"}
 _IGNORED_CONTAINER_FIELDS = {"name", "imagePullPolicy", "ports", "readinessProbe", "livenessProbe", "startupProbe",
                              "terminationMessagePath", "terminationMessagePolicy"}
 _HONOURED_CONTAINER_FIELDS = {"image", "command", "args", "workingDir", "env", "envFrom", "volumeMounts",
@@ -81,6 +89,17 @@ class PodError(PegError):
     """A rendered object asks for something the pod runner cannot honour (named in the message)."""
 
 
+@dataclass(frozen=True)
+class ApiServer:
+    """The Kubernetes API server the pods reach in-cluster: where it listens (HTTPS), the CA that
+    signed its certificate, and the bearer token each (namespace, service account) is given."""
+
+    host: str
+    port: int
+    ca_pem: bytes
+    token_for: Callable[[str, str], str]
+
+
 @dataclass
 class Container:
     """One container to run: everything `docker run` needs, resolved from a pod spec."""
@@ -89,6 +108,8 @@ class Container:
     image: str
     command: list[str]
     hostname: str = ""  # the pod's name, as Kubernetes sets it
+    network: str = "host"  # docker's --network: host, none, or container:NAME (that pod's network)
+    hosts: dict[str, str] = field(default_factory=dict)  # name -> address in /etc/hosts (what cluster DNS answers)
     env: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[dict[str, bytes], int]] = field(default_factory=dict)  # mount path -> (files, mode)
     tmpfs: dict[str, str | None] = field(default_factory=dict)  # mount path -> size
@@ -140,10 +161,12 @@ def _cpus(value: str) -> str:
 
 
 class Objects:
-    """The objects a pod can refer to (ConfigMaps, Secrets), by kind and name."""
+    """What a pod can refer to: the objects (ConfigMaps, Secrets, ServiceAccounts) by kind and
+    name, and the API server its service account's token is for (None: no token is mounted)."""
 
-    def __init__(self, objects: Iterable[Mapping]):
+    def __init__(self, objects: Iterable[Mapping], api: ApiServer | None = None):
         self.by_key = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+        self.api = api
 
     def data(self, kind: str, name: str, where: str) -> dict[str, bytes]:
         obj = self.by_key.get((kind, name))
@@ -239,6 +262,22 @@ def _volumes(container: Container, spec: Mapping, pod: Mapping, objects: Objects
             raise PodError(f"{where}.volumes.{mount['name']}: {', '.join(sorted(kinds))} volumes are not honoured by the pod runner")
 
 
+def _service_account(container: Container, pod: Mapping, objects: Objects, namespace: str) -> None:
+    """Mount the pod's service account token and name the API server, as the ServiceAccount
+    admission plugin (shouldAutomount: the pod's field, else the account's) and the kubelet do."""
+    if objects.api is None:
+        return
+    name = pod.get("serviceAccountName", "default")
+    account = objects.by_key.get(("ServiceAccount", name), {})
+    if not pod.get("automountServiceAccountToken", account.get("automountServiceAccountToken", True)):
+        return
+    files = {"token": objects.api.token_for(namespace, name).encode(), "ca.crt": objects.api.ca_pem,
+             "namespace": namespace.encode()}
+    container.files[SERVICE_ACCOUNT_DIR] = (files, 0o644)
+    container.env = {"KUBERNETES_SERVICE_HOST": objects.api.host, "KUBERNETES_SERVICE_PORT": str(objects.api.port),
+                     **container.env}
+
+
 def pod_containers(pod: Mapping, pod_name: str, objects: Objects, namespace: str = "default",
                    injected_env: Mapping[str, str] | None = None, server: bool = False) -> list[Container]:
     """A pod spec's init containers, then its containers, each with `injected_env` added."""
@@ -256,6 +295,7 @@ def pod_containers(pod: Mapping, pod_name: str, objects: Objects, namespace: str
         container.env = {**_env(spec, objects, pod_name, namespace, cwhere), **(injected_env or {})}
         _security(container, pod.get("securityContext") or {}, spec.get("securityContext") or {}, cwhere)
         _volumes(container, spec, pod, objects, cwhere)
+        _service_account(container, pod, objects, namespace)
         limits = (spec.get("resources") or {}).get("limits") or {}
         unknown = sorted(set(limits) - {"cpu", "memory"})
         if unknown:
@@ -430,9 +470,10 @@ def _rayjob(obj: Mapping, objects: Objects) -> list[Container]:
     return [*containers, submitter]
 
 
-def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Container]:
-    """The containers a controller would start for `obj`, servers first, in start order."""
-    known = Objects([*objects, obj])
+def containers_of(obj: Mapping, objects: Iterable[Mapping] = (), api: ApiServer | None = None) -> list[Container]:
+    """The containers a controller would start for `obj`, servers first, in start order; with
+    `api`, pods that mount their service account's token get it (see the module's docstring)."""
+    known = Objects([*objects, obj], api)
     kind, name = obj["kind"], obj["metadata"]["name"]
     namespace = obj["metadata"].get("namespace", "default")
     if kind == "Pod":
@@ -456,9 +497,12 @@ def containers_of(obj: Mapping, objects: Iterable[Mapping] = ()) -> list[Contain
 
 def docker_run_command(container: Container, files_root: Path) -> list[str]:
     """`docker run` arguments for `container`; its ConfigMap/Secret files are written under `files_root`."""
-    args = ["docker", "run", "--detach", "--name", container.name, "--network", "host", "--init=false"]
-    if container.hostname:  # and in /etc/hosts with the pod's address, as the kubelet writes it
+    args = ["docker", "run", "--detach", "--name", container.name, "--network", container.network, "--init=false"]
+    if container.hostname and not container.network.startswith("container:"):
+        # and in /etc/hosts with the pod's address, as the kubelet writes it (a container in
+        # another's network shares that one's name and hosts file, as containers of one pod do)
         args += ["--hostname", container.hostname, "--add-host", f"{container.hostname}:{LOCALHOST}"]
+    args += [a for name, address in container.hosts.items() for a in ("--add-host", f"{name}:{address}")]
     if container.user:
         args += ["--user", container.user]
     args += [a for g in container.groups for a in ("--group-add", str(g))]
