@@ -117,8 +117,8 @@ class Authorizer:
             allowed = subject is not None and self.allowed(*subject, attributes["verb"], attributes.get("group", ""),
                                                            resource, attributes.get("name"), attributes.get("namespace"))
             return aiohttp.web.json_response({**request.data, "status": {"allowed": allowed}}, status=201)
-        if subject is None or request.resource is None:
-            return None
+        if subject is None or request.resource is None or request.resource.plural is None:
+            return None  # not a token it issued, or discovery (every authenticated user may read it)
         verb = request_verb(str(request.method.value), request.name, request.params)
         group, plural = str(request.resource.group or ""), str(request.resource.plural)
         if self.allowed(*subject, verb, group, plural + (f"/{request.subresource}" if request.subresource else ""),

@@ -621,27 +621,91 @@ def test_exported_model_and_eval_equal_the_local_runs_byte_for_byte(boxed, s3_se
         assert not differing, f"{stage}: {differing}"
 
 
-# ---- the operator end to end: kmock for the API, the pod runner for the job controllers ------------
+# ---- the cluster's own pods end to end: kmock for the API, the pod runner for the job controllers --
 
-OPERATOR_STAGES = ("encode", "mine", "train", "eval", "export", "report")
+E2E_STAGES = ("encode", "mine", "train", "eval", "export", "report")
 
 
-def operator_container(kubeconfig: str, interval: float, secret: dict) -> Container:
-    """The chart's operator Deployment (`helm template`, operator enabled, the CPU trainer image) as
-    its container, with one addition: a kubeconfig naming the emulated API, mounted read-only at
-    /etc/kmock/config where a pod would get its service-account token (kmock serves plain HTTP on
-    127.0.0.1, which in-cluster credentials cannot name)."""
-    from chart_render import by_kind, objects, render
+class JobControllers:
+    """The pod runner playing Trainer, the training operator and KubeRay against the emulated API:
+    each new stage job's pods run as containers (one job at a time), then the job's status is
+    written the way their pinned sources write it. `ran`: job name -> each attempt's exit codes."""
 
-    values = {"image": {"tag": TAG}, "s3": {"existingSecret": "peg-s3"},
-              "operator": {"enabled": True, "interval": interval,
-                           "healthPort": free_port(), "metricsPort": free_port()}}  # fmt: skip
-    (deployment,) = [d for d in by_kind(objects(render(values, namespace="peg")), "Deployment")
-                     if d["metadata"]["name"].endswith("-operator")]  # fmt: skip
-    (container,) = containers_of(deployment, [secret])
-    container.files["/etc/kmock"] = ({"config": kubeconfig.encode()}, 0o444)
-    container.env["KUBECONFIG"] = "/etc/kmock/config"
-    return container
+    def __init__(self, cluster, secret: dict):
+        self.cluster, self.secret = cluster, secret
+        self.ran: dict[str, list[list[int]]] = {}
+        self.failed_logs: list[str] = []
+
+    async def play(self, finished) -> None:
+        import asyncio
+
+        from kmock_cluster import job_status, running_job_status, write_job_status
+
+        from peg.k8s.vocabulary import JOB_KINDS
+
+        while not finished():
+            for kind in JOB_KINDS:
+                for name, job in self.cluster.objects(kind.plural).items():
+                    if job.get("status"):  # started or finished (a retry is a new job without status)
+                        continue
+                    await write_job_status(kind.plural, job, running_job_status(job["kind"]))
+                    objects = [*self.cluster.objects("configmaps").values(), self.secret]
+                    results = await asyncio.to_thread(run, containers_of(job, objects), 2400)
+                    self.ran.setdefault(name, []).append([r.status for r in results])
+                    self.failed_logs.extend(f"{r.name} exited {r.status}:\n{r.log[-4000:]}" for r in results if r.status)
+                    await write_job_status(kind.plural, job, job_status(job["kind"], all(r.status == 0 for r in results)))
+            await asyncio.sleep(1)
+
+    def attempts_by_stage(self) -> dict[str, list[list[int]]]:
+        return {job.rsplit("-", 1)[-1]: attempts for job, attempts in self.ran.items()}
+
+
+def start_container(container: Container, files: Path) -> None:
+    container.name = f"{container.name}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(docker_run_command(container, files), check=True, capture_output=True)
+
+
+def stop_container(container: Container) -> tuple[int | None, str]:
+    """Its exit code (None while it runs) and its log; then it is removed."""
+    state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", container.name],
+                           capture_output=True, text=True).stdout.split()
+    log = subprocess.run(["docker", "logs", container.name], capture_output=True, text=True)
+    subprocess.run(["docker", "rm", "--force", container.name], capture_output=True)
+    return (None if state[0] == "true" else int(state[1])), log.stdout + log.stderr
+
+
+def container_running(container: Container) -> bool:
+    return subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", container.name],
+                          capture_output=True, text=True).stdout.strip() == "true"
+
+
+def chart_objects(values: dict) -> list[dict]:
+    from chart_render import objects, render
+
+    return objects(render({"image": {"tag": TAG}, **values}, namespace="peg"))
+
+
+def prepared_bucket(s3_server, name: str) -> tuple[str, dict]:
+    """A new bucket and the tiny run `name` whose `prepare` ran here into it (where the data is,
+    as the README says: `prepare` reads the BEIR folder; every later stage reads the store)."""
+    import yaml
+    from s3server import ADMIN
+    from tiny import make_tiny_beir
+
+    from peg.pipeline import run_stage_entrypoint
+
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3_server.client().make_bucket(bucket)
+    root = Path(tempfile.mkdtemp(prefix=f"peg-{name}-"))
+    spec_run = tiny_config(make_tiny_beir(root / "beir"), bucket, s3_server.endpoint)
+    spec_run["name"] = name
+    config_path = root / "run.yaml"
+    config_path.write_text(yaml.safe_dump(spec_run))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+        patch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+        run_stage_entrypoint(load_config(config_path), config_path, "prepare")
+    return bucket, spec_run
 
 
 @containers_pipeline
@@ -649,79 +713,110 @@ def operator_container(kubeconfig: str, interval: float, secret: dict) -> Contai
 @pytest.mark.timeout(3600)
 def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s3_server, images, tmp_path, monkeypatch):
     """The README's `kubectl apply` path, as far as it runs without a control plane: kmock serves the
-    Kubernetes API on 127.0.0.1; the operator runs in its image from the chart's Deployment; one
-    EmbeddingPipeline is created through the `kubernetes` client; the pod runner plays Trainer and
-    KubeRay (runs each job's pods as containers, then writes the status their pinned sources write).
-    The pipeline reaches Succeeded with every stage run in containers and the report URI in its status."""
+    Kubernetes API over HTTPS on 127.0.0.1 and enforces the chart's operator RBAC; the operator runs
+    in its image from the chart's Deployment with its service account's token, as the kubelet mounts
+    it; one EmbeddingPipeline is created through the `kubernetes` client; the pod runner plays
+    Trainer and KubeRay. The pipeline reaches Succeeded with every stage run in containers, the
+    report URI in its status, and no call of the operator refused."""
     import asyncio
-    import uuid
 
-    import yaml
+    from chart_render import by_kind
     from k8s_validation import as_stored
-    from kmock_cluster import as_test_client, emulated_cluster, job_status, running_job_status, write_job_status
+    from kmock_cluster import as_test_client, emulated_cluster
     from s3server import ADMIN
-    from tiny import make_tiny_beir
 
-    from peg.k8s.vocabulary import JOB_KINDS, PIPELINE
-    from peg.pipeline import run_stage_entrypoint
+    from peg.k8s.vocabulary import PIPELINE
 
-    bucket = f"opbox-{uuid.uuid4().hex[:8]}"
-    s3_server.client().make_bucket(bucket)
-    spec_run = tiny_config(make_tiny_beir(tmp_path / "beir"), bucket, s3_server.endpoint)
-    spec_run["name"] = "opbox"
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text(yaml.safe_dump(spec_run))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
-    run_stage_entrypoint(load_config(config_path), config_path, "prepare")  # where the data is, as the README says
+    bucket, spec_run = prepared_bucket(s3_server, "opbox")
     secret = s3_secret(*ADMIN)
-    ran: dict[str, list[list[int]]] = {}  # job name -> each attempt's container exit codes
-    failed_logs: list[str] = []
-
-    async def play_job_controllers(cluster) -> None:
-        """Run every new stage job's pods as containers, one job at a time, and write its status."""
-        while cluster.pipeline("opbox").get("status", {}).get("phase") not in ("Succeeded", "Failed"):
-            for kind in JOB_KINDS:
-                for name, job in cluster.objects(kind.plural).items():
-                    if job.get("status"):  # started or finished (a retry is a new job without status)
-                        continue
-                    await write_job_status(kind.plural, job, running_job_status(job["kind"]))
-                    objects = [*cluster.objects("configmaps").values(), secret]
-                    results = await asyncio.to_thread(run, containers_of(job, objects), 2400)
-                    ran.setdefault(name, []).append([r.status for r in results])
-                    failed_logs.extend(f"{r.name} exited {r.status}:\n{r.log[-4000:]}" for r in results if r.status)
-                    succeeded = all(r.status == 0 for r in results)
-                    await write_job_status(kind.plural, job, job_status(job["kind"], succeeded))
-            await asyncio.sleep(1)
+    rendered = chart_objects({"s3": {"existingSecret": "peg-s3"}, "operator": {
+        "enabled": True, "interval": 1, "healthPort": free_port(), "metricsPort": free_port()}})
+    (deployment,) = [d for d in by_kind(rendered, "Deployment") if d["metadata"]["name"].endswith("-operator")]
+    rbac = [o for o in rendered if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    accounts = by_kind(rendered, "ServiceAccount")
 
     async def main():
-        async with emulated_cluster(tmp_path, monkeypatch) as cluster:
-            operator = operator_container((tmp_path / "kubeconfig").read_text(), interval=1, secret=secret)
-            operator.name = f"peg-operator-{uuid.uuid4().hex[:6]}"
-            subprocess.run(docker_run_command(operator, tmp_path / "operator-files"), check=True, capture_output=True)
+        async with emulated_cluster(tmp_path, monkeypatch, tls=True, rbac=rbac) as cluster:
+            (operator,) = containers_of(deployment, [secret, *accounts], api=cluster.api)
+            controllers = JobControllers(cluster, secret)
+            start_container(operator, tmp_path / "operator-files")
             try:
                 body = {"apiVersion": PIPELINE.api_version, "kind": PIPELINE.kind, "spec": {"run": spec_run},
                         "metadata": {"name": "opbox", "namespace": "peg", "uid": str(uuid.uuid4()), "generation": 1,
                                      "resourceVersion": "1", "creationTimestamp": "2026-12-06T23:00:00Z"}}  # fmt: skip
                 await asyncio.to_thread(as_test_client().create_namespaced_custom_object, PIPELINE.group,
                                         PIPELINE.version, "peg", PIPELINE.plural, as_stored(body))  # fmt: skip
-                await asyncio.wait_for(play_job_controllers(cluster), 3000)
+                phase = lambda: cluster.pipeline("opbox").get("status", {}).get("phase")  # noqa: E731
+                await asyncio.wait_for(controllers.play(
+                    lambda: phase() in ("Succeeded", "Failed") or not container_running(operator)), 3000)
                 status = cluster.pipeline("opbox")["status"]
                 events = cluster.events()
             finally:
-                log = subprocess.run(["docker", "logs", operator.name], capture_output=True, text=True).stderr
-                subprocess.run(["docker", "rm", "--force", operator.name], capture_output=True)
-            return status, events, log
+                _, log = stop_container(operator)
+            return status, events, log, controllers, cluster.authorizer.denied
 
-    status, events, log = asyncio.run(main())
+    status, events, log, controllers, denied = asyncio.run(main())
     print("conditions:", json.dumps(status["conditions"], indent=1))
     print("events:", *(f"{reason}: {message}" for reason, message in events), sep="\n  ")
-    assert status["phase"] == "Succeeded", "\n".join([*failed_logs, log[-4000:]])
-    assert {job.rsplit("-", 1)[-1]: attempts for job, attempts in ran.items()} == {
+    assert status["phase"] == "Succeeded", "\n".join([*controllers.failed_logs, log[-4000:]])
+    assert controllers.attempts_by_stage() == {
         "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}
     assert status["artifacts"]["report"] == f"s3://{bucket}/runs/opbox/report/report.html"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
     reasons = [reason for reason, _ in events]
-    assert reasons.count("StageStarted") == len(OPERATOR_STAGES) and "PipelineSucceeded" in reasons
-    assert state({"cfg": load_config(config_path)}, "report") == "complete"
+    assert reasons.count("StageStarted") == len(E2E_STAGES) and "PipelineSucceeded" in reasons
+    assert denied == [], denied
+    assert state({"cfg": load_config_from(spec_run, tmp_path)}, "report") == "complete"
+
+
+@containers_pipeline
+@pytest.mark.containers_pipeline
+@pytest.mark.timeout(3600)
+def test_the_charts_launcher_job_takes_the_pipeline_to_its_report_through_the_in_cluster_api(
+        s3_server, images, tmp_path, monkeypatch):
+    """`helm install --set-file run=...`: the chart's launcher Job from `helm template` output runs as a
+    container with the launcher account's token, as the kubelet mounts it, against kmock over HTTPS
+    enforcing the chart's Role and RoleBinding; it runs `peg pipeline run --backend k8s` from the
+    chart's ConfigMap, and the pod runner plays Trainer and KubeRay for the jobs it creates. The
+    launcher exits 0 with every stage run in containers, the report in the store, and none of its
+    calls refused by the chart's Role (its least privilege is enough)."""
+    import asyncio
+
+    from chart_render import by_kind
+    from kmock_cluster import emulated_cluster
+    from s3server import ADMIN
+
+    bucket, spec_run = prepared_bucket(s3_server, "lbox")
+    secret = s3_secret(*ADMIN)
+    rendered = chart_objects({"s3": {"existingSecret": "peg-s3", "bucket": bucket}, "run": spec_run})
+    (job,) = [j for j in by_kind(rendered, "Job") if "-launch-" in j["metadata"]["name"]]
+    refers_to = [*by_kind(rendered, "ConfigMap"), *by_kind(rendered, "ServiceAccount"), secret]
+    rbac = [o for o in rendered if o["kind"] in ("Role", "RoleBinding")]
+
+    async def main():
+        async with emulated_cluster(tmp_path, monkeypatch, tls=True, rbac=rbac) as cluster:
+            (launcher,) = containers_of(job, refers_to, api=cluster.api)
+            controllers = JobControllers(cluster, secret)
+            start_container(launcher, tmp_path / "launcher-files")
+            try:
+                await asyncio.wait_for(controllers.play(lambda: not container_running(launcher)), 3000)
+            finally:
+                status, log = stop_container(launcher)
+            return status, log, controllers, cluster.authorizer.denied
+
+    status, log, controllers, denied = asyncio.run(main())
+    print(log[-3000:])
+    assert status == 0, "\n".join([*controllers.failed_logs, log[-4000:]])
+    assert controllers.attempts_by_stage() == {
+        "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}
+    assert denied == [], denied
+    assert state({"cfg": load_config_from(spec_run, tmp_path)}, "report") == "complete"
+
+
+def load_config_from(spec_run: dict, folder: Path):
+    import yaml
+
+    path = folder / f"{spec_run['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec_run))
+    return load_config(path)

@@ -74,7 +74,8 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # Pod and container fields with nothing to do on one machine (scheduling, pulling, restarts).
 _IGNORED_POD_FIELDS = {"nodeSelector", "tolerations", "affinity", "priorityClassName", "restartPolicy", "imagePullSecrets",
-                       "terminationGracePeriodSeconds", "activeDeadlineSeconds", "enableServiceLinks", "schedulerName", "topologySpreadConstraints"}
+                       "terminationGracePeriodSeconds", "activeDeadlineSeconds", "enableServiceLinks", "schedulerName",
+                       "topologySpreadConstraints"}
 _HONOURED_POD_FIELDS = {"containers", "initContainers", "volumes", "securityContext", "serviceAccountName",
                         "automountServiceAccountToken"}
 _IGNORED_CONTAINER_FIELDS = {"name", "imagePullPolicy", "ports", "readinessProbe", "livenessProbe", "startupProbe",
