@@ -10,6 +10,9 @@ Arms (`--arms`, default all):
     base                         the packaged all-MiniLM-L6-v2, no training
     infonce-human                InfoNCE on SciFact's human train queries (mined hard negatives)
     progressive-human            PEG progressive InfoNCE on the same data
+    progressive-to-uniform-human the same, with a schedule that ends at uniform (beta_end 0: the hardest
+                                 negatives damped early, weighted as in InfoNCE at the end; the pace
+                                 reaches 1, so every query weighs 1 at the end too)
     infonce-synthetic            InfoNCE on round-trip-filtered synthetic queries (no human data)
     listwise-synthetic           listwise distillation on the synthetic queries (teacher scores)
     listwise-synthetic+human     listwise on synthetic + as many sampled human queries (both teacher-scored)
@@ -68,6 +71,7 @@ ARMS: dict[str, dict] = {
     "base": {},
     "infonce-human": {"data": "human", "loss": "infonce"},
     "progressive-human": {"data": "human", "loss": "progressive"},
+    "progressive-to-uniform-human": {"data": "human", "loss": "progressive", "progressive": {"beta_end": 0.0}},
     "infonce-synthetic": {"data": "synthetic", "loss": "infonce"},
     "listwise-synthetic": {"data": "synthetic", "loss": "listwise"},
     "listwise-synthetic+human": {"data": "both", "loss": "listwise"},
@@ -332,7 +336,7 @@ class Bench:
         elif result is None:
             if arm and not trained:
                 loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
-                        "progressive": {"enabled": arm["loss"] == "progressive"},
+                        "progressive": {"enabled": arm["loss"] == "progressive", **arm.get("progressive", {})},
                         "listwise": {"teacher_temperature": knobs.teacher_temperature}}
                 config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
                                      train={"seed": seed, "learning_rate": knobs.lr})
