@@ -108,6 +108,20 @@ class Knobs:
         return f"lr{self.lr:g}{tt}"
 
 
+def dev_set(collection: Path, size: int) -> BeirDataset | None:
+    """Where settings are chosen: the collection's own dev qrels, else `size` seeded TRAIN queries
+    (their qrels as the dev split's), else None (a collection with neither, e.g. NQ-UTD)."""
+    qrels = collection / "qrels"
+    if (qrels / "dev.tsv").is_file():
+        return BeirDataset.load(collection, "dev")
+    if not (qrels / "train.tsv").is_file():
+        return None
+    train = BeirDataset.load(collection, "train")
+    dev_ids = dev_split(train, size)
+    return dataclasses.replace(train, split="dev", queries={q: train.queries[q] for q in dev_ids},
+                               qrels={q: train.qrels[q] for q in dev_ids})
+
+
 class Bench:
     """Builds the shared training files once (through peg's stages) and runs/evaluates arms."""
 
@@ -120,22 +134,10 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = open_store(self.bench_config().store)
         self.test = BeirDataset.load(self.collection, "test")
-        self.dev = self._dev_set(args.dev_queries)
+        self.dev = dev_set(self.collection, args.dev_queries)
 
     def bench_config(self, **kwargs) -> RunConfig:
         return bench_config(self.args.store, beir=self.collection, **kwargs)
-
-    def _dev_set(self, size: int) -> BeirDataset | None:
-        """The collection's dev qrels, else `size` seeded TRAIN queries, else None (no train split)."""
-        qrels = self.collection / "qrels"
-        if (qrels / "dev.tsv").is_file():
-            return BeirDataset.load(self.collection, "dev")
-        if not (qrels / "train.tsv").is_file():
-            return None
-        train = BeirDataset.load(self.collection, "train")
-        dev_ids = dev_split(train, size)
-        return dataclasses.replace(train, split="dev", queries={q: train.queries[q] for q in dev_ids},
-                                   qrels={q: train.qrels[q] for q in dev_ids})
 
     @property
     def has_train(self) -> bool:
