@@ -391,7 +391,7 @@ def write_outputs(out: Path, settings: dict, results: list[dict], selection: dic
     collection = Path(settings["collection"]).name
     if dev is None:
         dev_note = "dev: none (the collection has no train or dev split); nothing was chosen on it."
-    elif (Path(settings["collection"]) / "qrels" / "dev.tsv").is_file():
+    elif (ROOT / settings["collection"] / "qrels" / "dev.tsv").is_file():
         dev_note = f"dev: the collection's dev split ({len(dev.queries)} queries), disjoint from its train queries."
     else:
         dev_note = (f"dev: {settings['dev_queries']} TRAIN queries (seeded); human arms train on them, so their dev "
@@ -513,7 +513,8 @@ def main() -> None:
                         help="Output path without suffix (default bench/results/effectiveness, -<collection> "
                              "appended for a collection other than SciFact).")
     args = parser.parse_args()
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+    shown = lambda v: str(v.resolve().relative_to(ROOT) if v.resolve().is_relative_to(ROOT) else v)  # noqa: E731
+    settings = {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                 if k not in ("arms", "store", "out", "synthetic_from", "cached_only")}
     bench = Bench(args)
     if args.out is None:
