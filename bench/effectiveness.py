@@ -1,19 +1,30 @@
-"""Effectiveness ablations on SciFact test (nDCG@10, Recall@100): one script, same step budget
-and seeds for every arm.
+"""Effectiveness ablations on a BEIR collection's test split (nDCG@10, Recall@100): one script,
+same step budget and seeds for every arm.
+
+`--collection DIR` (default SciFact) is any BEIR folder, e.g. one built by bench/data/assemble.py
+(NFCorpus, NQ-UTD). Its dev set: the collection's own `qrels/dev.tsv` where it has one (NFCorpus),
+else `--dev-queries` carved from its TRAIN queries (SciFact), else none (NQ-UTD: nothing can be
+chosen there, and the arms that train on human queries cannot run).
 
 Arms (`--arms`, default all):
     base                         the packaged all-MiniLM-L6-v2, no training
     infonce-human                InfoNCE on SciFact's human train queries (mined hard negatives)
     progressive-human            PEG progressive InfoNCE on the same data
+    progressive-to-uniform-human the same, with a schedule that ends at uniform (beta_end 0: the hardest
+                                 negatives damped early, weighted as in InfoNCE at the end; the pace
+                                 reaches 1, so every query weighs 1 at the end too)
     infonce-synthetic            InfoNCE on round-trip-filtered synthetic queries (no human data)
     listwise-synthetic           listwise distillation on the synthetic queries (teacher scores)
     listwise-synthetic+human     listwise on synthetic + as many sampled human queries (both teacher-scored)
     listwise-question            listwise on the synthetic `question` queries alone (vs all types mixed)
     pretrain+listwise-synthetic  PEG masked auto-encoding on the corpus, then listwise-synthetic
+    corpus-recipe                `--recipe` (default examples/scifact-corpus-fast.yaml) run unchanged by
+                                 `peg pipeline run` (every stage: synth, mine, score, train, eval), only
+                                 data.beir, store, name and the seed (synth.seed = train.seed = seed) set
+                                 here; its wall time is recorded; never tuned on dev
 Every trained arm runs `--steps` optimizer steps of `--queries-per-step` queries x (1 +
 `--hard-negatives`) passages for each seed in `--seeds`; results are mean +- sd over seeds.
-Every run is evaluated on SciFact test and on a dev split carved from the TRAIN queries
-(`--dev-queries`, seeded). Settings are the quickstart's and Tamber et al.'s, except that
+Every run is evaluated on the test split and on the dev set (above). Settings are the quickstart's and Tamber et al.'s, except that
 `--select-lr LR ...` (and, for the listwise arms, `--select-teacher-temperature T ...`, the
 KL term's T_t) chooses the settings of the corpus-only arms (`--select-arms`) by dev nDCG@10 at
 `--select-seed`, over the grid of both, then runs `--seeds` at the chosen setting. Arms that train on human
@@ -24,7 +35,7 @@ Everything is built with peg's own stages and cached in `--store` (shared with
 bench/teacher_quality.py): corpus embeddings (encode cache), synthetic queries (synth), mined
 lists (mine), teacher scores (score), the pretrained model; each arm's trained model and its
 eval are kept under `<store>/effectiveness/`, so a rerun redoes only what is missing. Results are
-written after every arm: `--out`.json / .md / .png (default bench/results/effectiveness), and, when a
+written after every arm: `--out`.json / .md / .png (default bench/results/effectiveness[-<collection>]), and, when a
 progressive-human run's training log is on disk, `--out`-progressive.png: the schedule that run
 logged (beta(t), pace, query weights) next to each seed's nDCG@10, uniform vs progressive.
 `--synthetic-from RUN` takes the synthetic mined and scored lists of a finished corpus-only run
@@ -47,10 +58,11 @@ import json
 import random
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 from bench.scifact import DEFAULT_STORE, MINILM, ROOT, SCIFACT, bench_config, dev_split, embed_split
-from peg.config import ListwiseConfig, RunConfig
+from peg.config import ListwiseConfig, RunConfig, load_config
 from peg.data import BeirDataset, iter_examples, write_examples
 from peg.eval import evaluate_embeddings
 from peg.store import open_store
@@ -59,13 +71,17 @@ ARMS: dict[str, dict] = {
     "base": {},
     "infonce-human": {"data": "human", "loss": "infonce"},
     "progressive-human": {"data": "human", "loss": "progressive"},
+    "progressive-to-uniform-human": {"data": "human", "loss": "progressive", "progressive": {"beta_end": 0.0}},
     "infonce-synthetic": {"data": "synthetic", "loss": "infonce"},
     "listwise-synthetic": {"data": "synthetic", "loss": "listwise"},
     "listwise-synthetic+human": {"data": "both", "loss": "listwise"},
     "listwise-question": {"data": "synthetic", "loss": "listwise", "types": ["question"]},
     "pretrain+listwise-synthetic": {"data": "synthetic", "loss": "listwise", "pretrain": True},
+    "corpus-recipe": {"data": "synthetic", "recipe": True},
 }
-CORPUS_ONLY = [name for name, arm in ARMS.items() if arm.get("data") == "synthetic"]
+CORPUS_ONLY = [name for name, arm in ARMS.items() if arm.get("data") == "synthetic" and not arm.get("recipe")]
+HUMAN = [name for name, arm in ARMS.items() if arm.get("data") in ("human", "both")]
+RECIPE = ROOT / "examples" / "scifact-corpus-fast.yaml"
 TEACHER_TEMPERATURE = ListwiseConfig().teacher_temperature
 
 
@@ -92,19 +108,40 @@ class Knobs:
         return f"lr{self.lr:g}{tt}"
 
 
+def dev_set(collection: Path, size: int) -> BeirDataset | None:
+    """Where settings are chosen: the collection's own dev qrels, else `size` seeded TRAIN queries
+    (their qrels as the dev split's), else None (a collection with neither, e.g. NQ-UTD)."""
+    qrels = collection / "qrels"
+    if (qrels / "dev.tsv").is_file():
+        return BeirDataset.load(collection, "dev")
+    if not (qrels / "train.tsv").is_file():
+        return None
+    train = BeirDataset.load(collection, "train")
+    dev_ids = dev_split(train, size)
+    return dataclasses.replace(train, split="dev", queries={q: train.queries[q] for q in dev_ids},
+                               qrels={q: train.qrels[q] for q in dev_ids})
+
+
 class Bench:
     """Builds the shared training files once (through peg's stages) and runs/evaluates arms."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.root = Path(args.store) / "effectiveness"
+        self.collection = Path(args.collection).resolve()
+        self.name = self.collection.name
+        # SciFact's runs stay where they were before other collections existed
+        self.root = Path(args.store) / "effectiveness" / ("" if self.collection == SCIFACT.resolve() else self.name)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.store = open_store(bench_config(args.store).store)
-        self.test = BeirDataset.load(SCIFACT, "test")
-        train = BeirDataset.load(SCIFACT, "train")
-        dev_ids = dev_split(train, args.dev_queries)
-        self.dev = dataclasses.replace(train, split="dev", queries={q: train.queries[q] for q in dev_ids},
-                                       qrels={q: train.qrels[q] for q in dev_ids})
+        self.store = open_store(self.bench_config().store)
+        self.test = BeirDataset.load(self.collection, "test")
+        self.dev = dev_set(self.collection, args.dev_queries)
+
+    def bench_config(self, **kwargs) -> RunConfig:
+        return bench_config(self.args.store, beir=self.collection, **kwargs)
+
+    @property
+    def has_train(self) -> bool:
+        return (self.collection / "qrels" / "train.tsv").is_file()
 
     def config(self, **sections) -> RunConfig:
         a = self.args
@@ -122,14 +159,15 @@ class Bench:
         }
         for name, values in sections.items():
             base[name] = {**base.get(name, {}), **values}
-        return bench_config(a.store, **base)
+        return self.bench_config(**base)
 
     def _data_file(self, name: str) -> Path:
         return self.root / "data" / f"{name}.jsonl"
 
     @staticmethod
     def run_name(name: str, seed: int, knobs: Knobs) -> str:
-        return f"{name}-seed{seed}" if name == "base" else f"{name}-{knobs.for_arm(name).suffix}-seed{seed}"
+        plain = name == "base" or ARMS[name].get("recipe")  # no knobs of the bench's apply
+        return f"{name}-seed{seed}" if plain else f"{name}-{knobs.for_arm(name).suffix}-seed{seed}"
 
     def _result_file(self, name: str, seed: int, knobs: Knobs) -> Path:
         return self.root / "runs" / f"{self.run_name(name, seed, knobs)}.json"
@@ -150,7 +188,7 @@ class Bench:
         files taken must be the ones the record names (sha256)."""
         from peg.pipeline.state import read_record
 
-        store = open_store(bench_config(str(run_dir.parent)).store)
+        store = open_store(bench_config(str(run_dir.parent), beir=self.collection).store)
         for stage, name in (("mine", "mined-synthetic"), ("score", f"scored-synthetic-{self.args.teacher}")):
             key = f"{run_dir.name}/{stage}/train.jsonl"
             record = read_record(store, f"{run_dir.name}/{stage}")
@@ -235,12 +273,40 @@ class Bench:
             path = self.mined(arm["data"])
         return self.of_types(path, arm["types"]) if "types" in arm else path
 
+    def recipe(self, seed: int) -> tuple[str, float]:
+        """Run `--recipe` on this collection unchanged but for data.beir, store, name and the seed
+        (`peg pipeline run`, resumable: completed stages are skipped); return (exported model folder,
+        wall seconds of this call). The derived config is kept beside the run's store."""
+        import subprocess
+        import sys
+
+        import yaml
+
+        from peg.pipeline.results import EXPORTED_MODEL, result_key
+
+        source = Path(self.args.recipe).resolve()
+        raw = yaml.safe_load(source.read_text())
+        raw["name"] = f"{self.name}-{source.stem}-seed{seed}"
+        raw["data"]["beir"] = str(self.collection)
+        raw["store"] = {**raw.get("store", {}), "uri": str(self.root / "recipe" / "store")}
+        raw.setdefault("synth", {})["seed"] = seed
+        raw.setdefault("train", {})["seed"] = seed
+        path = self.root / "recipe" / f"{source.stem}-seed{seed}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "peg.cli", "pipeline", "run", str(path)])
+        if done.returncode != 0:
+            raise SystemExit(f"{path}: peg pipeline run failed (exit {done.returncode})")
+        store = open_store(load_config(path).store)
+        return str(store.local_path(result_key(raw["name"], EXPORTED_MODEL))), time.monotonic() - started
+
     def cached(self, name: str, seed: int, knobs: Knobs) -> dict | None:
         done = self._result_file(name, seed, knobs)
         return json.loads(done.read_text()) if done.exists() else None
 
     def _evaluate(self, model: str, data: BeirDataset, prefix: str = "") -> dict[str, float]:
-        q_ids, q_emb, p_ids, p_emb = embed_split(bench_config(self.args.store, model=model), data)
+        q_ids, q_emb, p_ids, p_emb = embed_split(self.bench_config(model=model), data)
         metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, data.qrels).metrics
         return {f"{prefix}ndcg@10": metrics["ndcg@10"], f"{prefix}recall@100": metrics["recall@100"]}
 
@@ -265,10 +331,14 @@ class Bench:
         trained = (output / "model" / "config.json").exists()
         result = self.cached(name, seed, knobs)
         unsaved = result is None
-        if result is None:
+        wall = {}
+        if result is None and arm.get("recipe"):
+            model, seconds = self.recipe(seed)
+            trained, wall = True, {"wall_s": round(seconds)}
+        elif result is None:
             if arm and not trained:
                 loss = {"kind": "listwise" if arm["loss"] == "listwise" else "infonce",
-                        "progressive": {"enabled": arm["loss"] == "progressive"},
+                        "progressive": {"enabled": arm["loss"] == "progressive", **arm.get("progressive", {})},
                         "listwise": {"teacher_temperature": knobs.teacher_temperature}}
                 config = self.config(loss=loss, data={"train_files": [str(self.train_file(arm))]},
                                      train={"seed": seed, "learning_rate": knobs.lr})
@@ -276,10 +346,11 @@ class Bench:
                     config.model.name_or_path = self.pretrained()
                 model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
                 trained = True
-            result = {"arm": name, "seed": seed, "learning_rate": None if name == "base" else knobs.lr,
+        if result is None:
+            result = {"arm": name, "seed": seed, "learning_rate": None if not arm or arm.get("recipe") else knobs.lr, **wall,
                       **({"teacher_temperature": knobs.teacher_temperature} if arm.get("loss") == "listwise" else {}),
                       **self._evaluate(model, self.test)}
-        if "dev_ndcg@10" not in result and (not arm or trained):
+        if self.dev is not None and "dev_ndcg@10" not in result and (not arm or trained):
             result.update(self._evaluate(model, self.dev, prefix="dev_"))
             unsaved = True
         if unsaved:
@@ -304,31 +375,43 @@ def summarise(results: list[dict]) -> dict[str, dict]:
             entry[metric] = statistics.fmean(values) if values else None
             entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else None
             entry[f"{metric}_n"] = len(values)
+        walls = [r["wall_s"] for r in rows if "wall_s" in r]
+        entry["wall_s"] = statistics.fmean(walls) if walls else None
         out[arm] = entry
     return out
 
 
-def write_outputs(out: Path, settings: dict, results: list[dict], selection: dict[str, dict]) -> None:
+def write_outputs(out: Path, settings: dict, results: list[dict], selection: dict[str, dict], test: BeirDataset,
+                  dev: BeirDataset | None) -> None:
     summary = summarise(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "selection": selection,
                                                     "runs": results}, indent=2) + "\n")
     fmt = lambda v, sd: "-" if v is None else f"{v:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")  # noqa: E731
-    lines = ["# Effectiveness on SciFact test (300 queries)", "",
+    collection = Path(settings["collection"]).name
+    if dev is None:
+        dev_note = "dev: none (the collection has no train or dev split); nothing was chosen on it."
+    elif (ROOT / settings["collection"] / "qrels" / "dev.tsv").is_file():
+        dev_note = f"dev: the collection's dev split ({len(dev.queries)} queries), disjoint from its train queries."
+    else:
+        dev_note = (f"dev: {settings['dev_queries']} TRAIN queries (seeded); human arms train on them, so their dev "
+                    "figure is not held out.")
+    lines = [f"# Effectiveness on {collection} test ({len(test.queries)} queries)", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
-             f"dev: {settings['dev_queries']} TRAIN queries (seeded); human arms train on them, so their dev figure "
-             "is not held out; (n) after a dev figure: measured on n of the seeds (runs from before dev was measured "
-             "whose models were no longer on disk have none).", "",
+             dev_note + " (n) after a dev figure: measured on n of the seeds (runs from before dev was measured "
+             "whose models were no longer on disk have none). wall: mean seconds of the recipe's `peg pipeline run` "
+             "(as the bench ran it; a resumed run counts only what was left).", "",
              "setting: learning rate, and the listwise teacher temperature T_t where it is not "
              f"{TEACHER_TEMPERATURE:g}.", "",
-             "| arm | setting | seeds | nDCG@10 | Recall@100 | dev nDCG@10 |", "|---|---|---|---:|---:|---:|"]
+             "| arm | setting | seeds | nDCG@10 | Recall@100 | dev nDCG@10 | wall |", "|---|---|---|---:|---:|---:|---:|"]
     for arm, e in summary.items():
         setting = e["setting"] or "-"
         dev = fmt(e["dev_ndcg@10"], e["dev_ndcg@10_sd"])
         if 0 < e["dev_ndcg@10_n"] < len(e["seeds"]):
             dev += f" ({e['dev_ndcg@10_n']})"
+        wall = "-" if e["wall_s"] is None else f"{e['wall_s']:.0f} s"
         lines.append(f"| {arm} | {setting} | {len(e['seeds'])} | {fmt(e['ndcg@10'], e['ndcg@10_sd'])} | "
-                     f"{fmt(e['recall@100'], e['recall@100_sd'])} | {dev} |")
+                     f"{fmt(e['recall@100'], e['recall@100_sd'])} | {dev} | {wall} |")
     if selection:
         lines += ["", "## Settings chosen on dev", "",
                   "Each candidate trained once (seed shown); the setting with the best dev nDCG@10 is chosen; the "
@@ -353,13 +436,13 @@ def write_outputs(out: Path, settings: dict, results: list[dict], selection: dic
     ax.bar_label(bars, fmt="%.4f", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(min(values) - 0.05, max(values) + 0.03)
-    ax.set_ylabel("nDCG@10 (SciFact test)")
+    ax.set_ylabel(f"nDCG@10 ({collection} test)")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=100)
     plt.close(fig)
 
 
-def write_progressive(path: Path, results: list[dict], log: list[dict]) -> bool:
+def write_progressive(path: Path, results: list[dict], log: list[dict], collection: str) -> bool:
     """Progressive vs uniform InfoNCE (same data, budget, seeds): the schedule one progressive run
     logged (beta(t), pace, query weights) next to each seed's test nDCG@10 of both arms."""
     by_arm = {arm: {r["seed"]: r["ndcg@10"] for r in results if r["arm"] == arm}
@@ -380,7 +463,7 @@ def write_progressive(path: Path, results: list[dict], log: list[dict]) -> bool:
         values = [by_arm[arm][s] for s in seeds]
         evaluation.plot(seeds, values, "o-", label=f"{label} (mean {statistics.fmean(values):.4f})")
     evaluation.set_xticks(seeds, [f"seed {s}" for s in seeds])
-    evaluation.set_ylabel("nDCG@10 (SciFact test)")
+    evaluation.set_ylabel(f"nDCG@10 ({collection} test)")
     evaluation.set_title("eval: uniform vs progressive InfoNCE")
     evaluation.legend(fontsize=7)
     fig.tight_layout()
@@ -391,7 +474,10 @@ def write_progressive(path: Path, results: list[dict], log: list[dict]) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collection", type=Path, default=SCIFACT,
+                        help="BEIR folder (default SciFact); e.g. bench/data/nfcorpus from bench/data/assemble.py.")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="The corpus-recipe arm's run config.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--queries-per-step", type=int, default=16)
@@ -423,10 +509,21 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true",
                         help="Train nothing: write the outputs from the arms and seeds already run in --store.")
     parser.add_argument("--store", default=DEFAULT_STORE)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "effectiveness"))
+    parser.add_argument("--out", default=None,
+                        help="Output path without suffix (default bench/results/effectiveness, -<collection> "
+                             "appended for a collection other than SciFact).")
     args = parser.parse_args()
-    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "store", "out", "synthetic_from", "cached_only")}
+    shown = lambda v: str(v.resolve().relative_to(ROOT) if v.resolve().is_relative_to(ROOT) else v)  # noqa: E731
+    settings = {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k not in ("arms", "store", "out", "synthetic_from", "cached_only")}
     bench = Bench(args)
+    if args.out is None:
+        suffix = "" if bench.root == Path(args.store) / "effectiveness" else f"-{bench.name}"
+        args.out = str(ROOT / "bench" / "results" / f"effectiveness{suffix}")
+    if not bench.has_train and (needs := [a for a in args.arms if a in HUMAN]):
+        parser.error(f"{args.collection}: no qrels/train.tsv, so the human-query arms cannot run: {', '.join(needs)}")
+    if bench.dev is None and (args.select_lr or args.select_teacher_temperature):
+        parser.error(f"{args.collection}: no dev or train split, so no setting can be chosen on dev (--select-*)")
     if args.synthetic_from:
         bench.adopt_synthetic(args.synthetic_from)
         for built_there in ("synth_passages", "filter_top_k", "teacher", "biencoder_weight", "cross_encoder", "max_passage_chars"):
@@ -453,12 +550,12 @@ def main() -> None:
             if (result := run(name, seed, knobs)) is None:
                 continue
             results.append(result)
-            write_outputs(Path(args.out), settings, results, selection)
+            write_outputs(Path(args.out), settings, results, selection, bench.test, bench.dev)
             print(json.dumps(results[-1]), flush=True)
     progressive = [s for s in args.seeds if bench.train_log("progressive-human", s, fixed)]
     log = bench.train_log("progressive-human", progressive[0], fixed) if progressive else []
     chart = Path(f"{args.out}-progressive.png")
-    if write_progressive(chart, results, log):
+    if write_progressive(chart, results, log, bench.name):
         print(f"progressive schedule and eval: {chart}", flush=True)
 
 

@@ -25,12 +25,13 @@ DEFAULT_STORE = "/tmp/peg-quality"
 RUN_NAME = "scifact-bench"
 
 
-def bench_config(store: str, model: str = MINILM, **sections) -> RunConfig:
-    """A RunConfig over SciFact for the benchmarks (encode with one 2-thread actor); `sections`
-    update the sections they name key by key."""
+def bench_config(store: str, model: str = MINILM, beir: Path = SCIFACT, **sections) -> RunConfig:
+    """A RunConfig over the BEIR folder `beir` (default SciFact) for the benchmarks (encode with one
+    2-thread actor), named `<folder name>-bench` (SciFact: RUN_NAME), so each collection's stages
+    have their own keys in a shared store; `sections` update the sections they name key by key."""
     config = {
-        "name": RUN_NAME,
-        "data": {"beir": str(SCIFACT)},
+        "name": RUN_NAME if beir == SCIFACT else f"{beir.name}-bench",
+        "data": {"beir": str(beir)},
         "model": {"name_or_path": model},
         "encode": {"num_actors": 1, "actor_cpus": 2.0, "batch_size": 32},
         "store": {"uri": store},
