@@ -243,6 +243,34 @@ async def write_job_status(plural: str, job: dict, status: dict) -> None:
                             meta["namespace"], plural, meta["name"], {"status": status})
 
 
+def emulator_class(authorizer: Authorizer | None) -> type:
+    """kmock's emulator plus what peg's clients need of an API server that kmock 0.8 lacks:
+    `authorizer` deciding first (when given), and PUT, which replaces an existing object whole
+    (404 when there is none), as `kubectl replace` and `replace_namespaced_config_map` do.
+    It overrides kmock's one dispatch point and uses its object store (private names)."""
+
+    class Emulator(kmock.KubernetesEmulator):
+        async def _handle(self, request):
+            if authorizer is not None and (refused := authorizer.respond(request)) is not None:
+                return refused
+            if str(request.method.value) == "PUT" and request.resource is not None and request.name is not None:
+                return await self._replace(request)
+            return await super()._handle(request)
+
+        async def _replace(self, request):
+            key = (request.resource, request.namespace, request.name)
+            async with self._lock:
+                if key not in self._objects or self._objects[key].deleted:
+                    return aiohttp.web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                      "reason": "NotFound", "code": 404}, status=404)
+                self._objects[key].create(request.data)
+                raw = self._objects[key].raw
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
+            return aiohttp.web.json_response(raw)
+
+    return Emulator
+
+
 @contextlib.asynccontextmanager
 async def emulated_cluster(tmp_path, monkeypatch, tls: bool = False, rbac: Iterable[Mapping] | None = None):
     """kmock's Kubernetes emulator serving RESOURCES on 127.0.0.1, the kubeconfig pointing at it.
@@ -268,12 +296,8 @@ async def emulated_cluster(tmp_path, monkeypatch, tls: bool = False, rbac: Itera
 
         server_cls = TLSServer
     authorizer = Authorizer(rbac or [])
-
-    class AuthorizingEmulator(kmock.KubernetesEmulator):
-        async def _handle(self, request):  # kmock's one dispatch point: authorization goes first, as in the API server
-            return (authorizer.respond(request) if rbac is not None else None) or await super()._handle(request)
-
-    async with AuthorizingEmulator() as k8s, kmock.Server(k8s, server_cls=server_cls) as server:
+    async with emulator_class(authorizer if rbac is not None else None)() as k8s, \
+            kmock.Server(k8s, server_cls=server_cls) as server:
         for key, (kind, namespaced, subresources) in RESOURCES.items():
             k8s.resources[key].kind = kind
             k8s.resources[key].namespaced = namespaced

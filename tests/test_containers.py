@@ -760,7 +760,8 @@ def test_operator_takes_a_pipeline_to_succeeded_with_every_stage_in_containers(s
     print("events:", *(f"{reason}: {message}" for reason, message in events), sep="\n  ")
     assert status["phase"] == "Succeeded", "\n".join([*controllers.failed_logs, log[-4000:]])
     assert controllers.attempts_by_stage() == {
-        "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}
+        "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}, \
+        "\n".join(controllers.failed_logs)
     assert status["artifacts"]["report"] == f"s3://{bucket}/runs/opbox/report/report.html"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == 1
@@ -809,7 +810,8 @@ def test_the_charts_launcher_job_takes_the_pipeline_to_its_report_through_the_in
     print(log[-3000:])
     assert status == 0, "\n".join([*controllers.failed_logs, log[-4000:]])
     assert controllers.attempts_by_stage() == {
-        "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}
+        "encode": [[0]], "mine": [[0]], "train": [[0, 0]], "eval": [[0]], "export": [[0]], "report": [[0]]}, \
+        "\n".join(controllers.failed_logs)
     assert denied == [], denied
     assert state({"cfg": load_config_from(spec_run, tmp_path)}, "report") == "complete"
 
