@@ -51,15 +51,23 @@ def at_dims(qids, q, pids, p, qrels) -> dict[str, dict[str, float]]:
     return out
 
 
+def hard_negative(scores, rows, pids: list[str], positives: list[str]) -> str | None:
+    """TopK-PercPos over one query's ranked (scores, rows): the first passage that is not a positive
+    and scores below 0.95 x the best positive's score (the top score if no positive was retrieved)."""
+    retrieved = [float(s) for s, j in zip(scores, rows) if pids[j] in positives]
+    pos_score = max(retrieved) if retrieved else float(scores[0])
+    return next((pids[j] for s, j in zip(scores, rows) if pids[j] not in positives and s < 0.95 * pos_score), None)
+
+
 def mine_pairs(train: BeirDataset, qids, q, pids, p, path: Path) -> int:
+    """Write one training pair per train query that has a hard negative among the base model's top 30 (see
+    `hard_negative`); returns the rows written."""
     scores, indices = search(q, p, 30)
     rows = 0
     with path.open("w") as f:
         for qid, sc, idx in zip(qids, scores, indices):
             positives = [d for d, rel in train.qrels[qid].items() if rel > 0]
-            pos_score = max(float(s) for s, j in zip(sc, idx) if pids[j] in positives) if any(
-                pids[j] in positives for j in idx) else float(sc[0])  # fmt: skip
-            neg = next((pids[j] for s, j in zip(sc, idx) if pids[j] not in positives and s < 0.95 * pos_score), None)
+            neg = hard_negative(sc, idx, pids, positives)
             if neg is None:
                 continue
             row = {"query": train.queries[qid], "pos": [train.corpus[positives[0]].full_text],
