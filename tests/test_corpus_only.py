@@ -160,6 +160,18 @@ def test_synthetic_queries_need_the_synth_stage(assets, tmp_path):
         load_train_split(no_synth_output, stage_scope(no_synth_output, open_store(no_synth_output.store), "mine"))
 
 
+def test_human_queries_beside_synthetic_pairs_without_negatives_are_refused_before_any_work(assets, tmp_path):
+    """synth's train.jsonl has no negatives: with `data.train_queries: human` it is a second training
+    dataset as written, which a batch with hard negatives cannot use (the trainer would stop only
+    after every LLM stage had run)."""
+    config = synthetic_config(assets, tmp_path / "store", data={"beir": str(assets["full"]), "train_queries": "human"})
+    config["batch"] = {**config.get("batch", {}), "hard_negatives": 1}
+    with pytest.raises(ConfigError, match=r"data.train_queries.*without negatives.*batch.hard_negatives is 1"):
+        parse_config(yaml.safe_dump(config))
+    config["batch"]["hard_negatives"] = 0
+    assert parse_config(yaml.safe_dump(config)).data.train_queries == "human"
+
+
 def test_synthetic_query_settings_invalidate_everything_but_prepare_and_pretrain(assets, tmp_path):
     base = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store")))
     types = parse_config(yaml.safe_dump(synthetic_config(assets, tmp_path / "store", synth={"query_types": ["title"]})))
