@@ -1,6 +1,6 @@
 """Encoding: peg `Encoder.encode` vs `SentenceTransformer.encode`, same model, texts, batch size.
 
-    nice -n 10 python bench/encode.py --beir ../shared/data/scifact --rounds 3 --quality   # CPU
+    nice -n 10 python bench/encode.py --beir ../shared/data/scifact --rounds 2 --quality torch_bf16   # CPU
     python bench/encode.py --passages 50000 --batch 256 --model DIR --suffix _gpu   # GPU
 
 All tools run in this process after one warm-up batch each, taking turns for `--rounds` rounds
@@ -9,8 +9,8 @@ every tool alike. The max length is the model's (256 for MiniLM). Texts: the fir
 passages of a BEIR corpus (`--beir`), else generated ones.
 - CPU: peg with each `model.cpu_backend` (torch_fp32, torch_bf16) against ST as configured by
   default (fp32) and ST at its best on a CPU (bf16 weights, `SentenceTransformer.bfloat16()`).
-  `--quality` adds each peg backend's nDCG@10 on the `--beir` test split (whole corpus). Every row
-  states its embeddings' lowest cosine to the first ST row's.
+  `--quality BACKEND...` adds those peg backends' nDCG@10 on the `--beir` test split (whole corpus),
+  after the rounds. Every row states its embeddings' lowest cosine to the first ST row's.
 - GPU: peg (bf16 autocast) against ST with bf16 weights. `--attn flash_attention_2` gives both
   that kernel: peg then packs its batches without padding (`model.packed_inputs` auto) and ST
   unpads by itself.
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--attn", default="sdpa", help="attention kernel of both (flash_attention_2: unpadded)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every tool")
-    parser.add_argument("--quality", action="store_true", help="CPU: nDCG@10 of each peg backend on --beir's test split")
+    parser.add_argument("--quality", nargs="*", default=[], choices=["torch_fp32", "torch_bf16"],
+                        help="CPU: these peg backends' nDCG@10 on --beir's test split")
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
 
@@ -105,12 +106,33 @@ def main() -> None:
     baseline, best = next(iter(tools)), list(tools)[len(sts) - 1]
     results = Results(f"encode{args.suffix}", "Encoding: peg Encoder.encode vs SentenceTransformer.encode",
                       {**vars(args), "device": device},
-                      ["tool", "seconds_min", "seconds_median", "passages_per_s", "vs ST", "vs ST best",
+                      ["tool", "seconds_min", "seconds_median", "runs", "passages_per_s", "vs ST", "vs ST best",
                        "cosine_min", "ndcg@10"])  # fmt: skip
     for fn in tools.values():  # warm-up
         fn(texts[: args.batch])
     times: dict[str, list[float]] = {name: [] for name in tools}
-    outputs, loads = {}, []
+    outputs, loads, quality = {}, [], {}
+
+    def report() -> None:
+        """The table of every finished round (rewritten after each, so a stopped run keeps them)."""
+        results.data.update(rows=[], notes=[])
+        reference = outputs[baseline]
+        for name in tools:
+            median = statistics.median(times[name])
+            out = outputs[name]
+            cosine = np.sum(out * reference, axis=1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+            results.add({"tool": name, "seconds_min": min(times[name]), "seconds_median": median,
+                         "runs": len(times[name]), "passages_per_s": args.passages / median,
+                         "vs ST": statistics.median(times[baseline]) / median,
+                         "vs ST best": statistics.median(times[best]) / median,
+                         "cosine_min": f"{cosine.min():.5f}", "ndcg@10": quality.get(name)})  # fmt: skip
+        results.note(f"vs ST: median seconds of `{baseline}` / this tool's; vs ST best: of `{best}` / this tool's")
+        results.note(f"cosine_min: the lowest cosine, over the passages, of this tool's embedding to `{baseline}`'s")
+        results.note(f"1-minute load before each round: {', '.join(f'{x:.1f}' for x in loads)} (2 cores shared with other work)")
+        if quality:
+            results.note(f"ndcg@10: the whole test split of {args.beir}, queries and corpus encoded by that peg backend")
+        results.bar_chart("tool", "passages_per_s", "passages / s (median, higher is better)")
+
     for round_ in range(args.rounds):
         loads.append(os.getloadavg()[0])
         for name, fn in tools.items():
@@ -122,32 +144,16 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
             print(f"round {round_}: {name} {times[name][-1]:.1f} s", flush=True)
-    quality = {}
-    if args.quality and args.beir and device == "cpu":
+        report()
+    if args.beir and device == "cpu":
         from peg.data import BeirDataset
         from peg.eval.retrieval import evaluate_model
 
         data = BeirDataset.load(args.beir, "test")
-        for backend in backends:
+        for backend in args.quality:
             quality[f"peg encode ({backend})"] = evaluate_model(pegs[backend], data, args.batch, show_progress=False).metrics["ndcg@10"]
             print(f"nDCG@10 {backend}: {quality[f'peg encode ({backend})']:.4f}", flush=True)
-    reference = outputs[baseline]
-    for name in tools:
-        median = statistics.median(times[name])
-        out = outputs[name]
-        cosine = np.sum(out * reference, axis=1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
-        results.add({"tool": name, "seconds_min": min(times[name]), "seconds_median": median,
-                     "passages_per_s": args.passages / median,
-                     "vs ST": statistics.median(times[baseline]) / median,
-                     "vs ST best": statistics.median(times[best]) / median,
-                     "cosine_min": f"{cosine.min():.5f}", "ndcg@10": quality.get(name)})  # fmt: skip
-    results.note(f"vs ST: median seconds of `{baseline}` / this tool's; vs ST best: of `{best}` / this tool's")
-    results.note(f"cosine_min: the lowest cosine, over the passages, of this tool's embedding to `{baseline}`'s")
-    results.note(f"1-minute load before each round: {', '.join(f'{x:.1f}' for x in loads)} (2 cores shared with other work)")
-    if quality:
-        results.note(f"ndcg@10: the whole test split of {args.beir} (queries and corpus encoded by that peg backend)")
-    results.bar_chart("tool", "passages_per_s", "passages / s (median, higher is better)")
-
+            report()
 
 if __name__ == "__main__":
     main()

@@ -8,11 +8,12 @@ peg runs with each `mining.placement` of `--placements` (auto: in this process w
 fits in memory; ray: Ray actors) and its `model.cpu_backend` (`--cpu-backend`), then ST at each of
 `--st-precisions` (fp32: as configured by default, the speed baseline; bf16: its encode under
 torch's bf16 autocast and its scores in fp32, the same numerics as peg's torch_bf16, for the
-agreement at equal precision), for `--rounds` interleaved rounds (min and median reported). All start cold, each in a fresh process timed from start to exit (imports, model load, and for
-peg an empty store, so its encode runs, plus Ray). Writes bench/results/mine{suffix}.json / .md /
-.png: wall time, ST's time from model load to mined (no imports), peak memory of the peer's
-process, and the agreement of the negatives (the share of peg's negatives that ST picked too,
-per query, averaged).
+agreement at equal precision), for `--rounds` interleaved rounds (min and median reported; the table
+is rewritten after each round). All start cold, each in a fresh process timed from start to exit
+(imports, model load, and for peg an empty store, so its encode runs, plus Ray where it uses Ray).
+Writes bench/results/mine{suffix}.json / .md / .png: wall time, peak memory of the peer's process,
+and the agreement of the negatives (per query, the share of one tool's negatives that ST at a
+given precision picked too, averaged).
 """
 
 from __future__ import annotations
@@ -146,6 +147,42 @@ def main() -> None:
         where: dict[str, str] = {}
         st: dict[str, dict] = {}
         loads = []
+
+        def agreement(mined: dict[str, set], theirs: dict[str, list]) -> str:
+            shared = [len(mined[q] & set(theirs[q])) / len(mined[q]) for q in mined if q in theirs and mined[q]]
+            return f"{sum(shared) / max(1, len(shared)):.1%} of {len(shared)}"
+
+        def report() -> None:
+            """The table of every finished round (rewritten after each, so a stopped run keeps them)."""
+            results.data.update(rows=[], notes=[])
+            st_median = statistics.median(times[f"st {precisions[0]}"])
+            for precision in precisions:
+                seconds = times[f"st {precision}"]
+                results.add({"tool": f"ST mine_hard_negatives ({precision})", "seconds_min": min(seconds),
+                             "seconds_median": statistics.median(seconds), "runs": len(seconds),
+                             "peak_memory_gib": st[precision]["peak_memory_gib"],
+                             "queries_with_negatives": st[precision]["queries_with_negatives"],
+                             **{f"agreement vs ST {p}": agreement({q: set(n) for q, n in st[precision]["negatives"].items()},
+                                                                  st[p]["negatives"]) for p in precisions if p != precision},
+                             "vs ST (median)": st_median / statistics.median(seconds)})  # fmt: skip
+            for placement in placements:
+                mined = negatives[placement]
+                results.add({"tool": f"peg mine ({placement}, {args.cpu_backend}: {where[placement].split(':')[0]})",
+                             "seconds_min": min(times[placement]), "seconds_median": statistics.median(times[placement]),
+                             "runs": len(times[placement]), "queries_with_negatives": len(mined),
+                             **{f"agreement vs ST {p}": agreement(mined, st[p]["negatives"]) for p in precisions},
+                             "vs ST (median)": st_median / statistics.median(times[placement])})  # fmt: skip
+            if len(placements) > 1:
+                same = all(negatives[p] == negatives[placements[0]] for p in placements)
+                results.note(f"negatives of the peg placements {', '.join(placements)}: {'identical' if same else 'DIFFERENT'}")
+            results.note("agreement vs ST p: per query mined by both, the share of this row's negatives that ST at precision p "
+                         "picked too, averaged")
+            results.note("seconds: each tool's fresh process, start to exit (imports, model load, encode, search); peg "
+                         "from an empty store. Where peg ran, from its log: "
+                         + "; ".join(f"{p}: {w}" for p, w in where.items()))  # fmt: skip
+            results.note(f"1-minute load before each run: {', '.join(f'{x:.1f}' for x in loads)} (2 cores shared with other work)")
+            results.bar_chart("tool", "seconds_median", "median wall seconds (lower is better)")
+
         for round_ in range(args.rounds):  # peg and ST take turns, so load drifts hit both alike
             for placement in placements:
                 loads.append(os.getloadavg()[0])
@@ -160,38 +197,7 @@ def main() -> None:
                     {"beir": str(beir), "split": "train", "model": model, "precision": precision})])  # fmt: skip
                 times.setdefault(f"st {precision}", []).append(time.perf_counter() - start)
                 print(f"round {round_}: ST ({precision}) {times[f'st {precision}'][-1]:.1f} s", flush=True)
-        st_median = statistics.median(times[f"st {precisions[0]}"])
-
-        def agreement(mined: dict[str, set], theirs: dict[str, list]) -> str:
-            shared = [len(mined[q] & set(theirs[q])) / len(mined[q]) for q in mined if q in theirs and mined[q]]
-            return f"{sum(shared) / max(1, len(shared)):.1%} of {len(shared)}"
-
-        for precision in precisions:
-            seconds = times[f"st {precision}"]
-            results.add({"tool": f"ST mine_hard_negatives ({precision})", "seconds_min": min(seconds),
-                         "seconds_median": statistics.median(seconds), "runs": len(seconds),
-                         "peak_memory_gib": st[precision]["peak_memory_gib"],
-                         "queries_with_negatives": st[precision]["queries_with_negatives"],
-                         **{f"agreement vs ST {p}": agreement({q: set(n) for q, n in st[precision]["negatives"].items()},
-                                                              st[p]["negatives"]) for p in precisions if p != precision},
-                         "vs ST (median)": st_median / statistics.median(seconds)})  # fmt: skip
-        for placement in placements:
-            mined = negatives[placement]
-            results.add({"tool": f"peg mine ({placement}, {args.cpu_backend}: {where[placement].split(':')[0]})",
-                         "seconds_min": min(times[placement]), "seconds_median": statistics.median(times[placement]),
-                         "runs": len(times[placement]), "queries_with_negatives": len(mined),
-                         **{f"agreement vs ST {p}": agreement(mined, st[p]["negatives"]) for p in precisions},
-                         "vs ST (median)": st_median / statistics.median(times[placement])})  # fmt: skip
-        if len(placements) > 1:
-            same = all(negatives[p] == negatives[placements[0]] for p in placements)
-            results.note(f"negatives of the peg placements {', '.join(placements)}: {'identical' if same else 'DIFFERENT'}")
-        results.note("agreement vs ST p: per query mined by both, the share of this row's negatives that ST at precision p "
-                     "picked too, averaged")
-        results.note("seconds: each tool's fresh process, start to exit (imports, model load, encode, search); peg "
-                     "from an empty store. Where peg ran, from its log: "
-                     + "; ".join(f"{p}: {w}" for p, w in where.items()))  # fmt: skip
-        results.note(f"1-minute load before each run: {', '.join(f'{x:.1f}' for x in loads)} (2 cores shared with other work)")
-        results.bar_chart("tool", "seconds_median", "median wall seconds (lower is better)")
+            report()
 
 
 if __name__ == "__main__":
