@@ -162,6 +162,14 @@ class ModelConfig(Section):
         "computed; on: also with SDPA/eager (a block-diagonal mask: exact, but attention spans the whole row); "
         "off: padded batches.",
     )
+    cpu_backend: Literal["torch_fp32", "torch_bf16"] = Field(
+        "torch_fp32",
+        description="How `Encoder.encode` runs on a CPU (the encode stage, mining, evaluation; never a training "
+        "step): torch_fp32, or torch_bf16 (bf16 autocast: fast on CPUs with AMX or AVX512-BF16, emulated and slower "
+        "than fp32 on others; speed and SciFact nDCG@10: bench/results.md). On a GPU encode always runs in bf16 "
+        "autocast. The embedding cache does not key on it: embeddings cached by one backend are reused by the "
+        "other (cosine >= 0.9999 apart).",
+    )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="Train LoRA adapters (decoder LLM embedders: pooling last)."
     )

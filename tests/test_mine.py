@@ -230,3 +230,26 @@ def test_placement_auto_runs_here_unless_on_a_cluster_or_too_big(monkeypatch, ca
     assert lines[0].startswith("mine: runs in this process") and "not on a cluster" in lines[0]
     assert "more than 50% of the memory available" in lines[1]
     assert lines[4].startswith("mine: runs on Ray actors: RAY_ADDRESS names a Ray cluster")
+
+
+def test_encode_stage_runs_in_process_where_mine_does(tmp_path, monkeypatch, caplog):
+    """`peg mine` starts no Ray when the corpus fits: its encode stage follows `mining.placement`
+    like the mine stage (auto, off a cluster, small data: this process), whatever
+    `encode.in_process_below` says."""
+    import peg.runtime.embeddings as embeddings
+    from peg.mine.stage import run_encode
+
+    def no_actors(*args, **kwargs):
+        raise AssertionError("the encode stage started an actor pool")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(embeddings, "_embedded_on_ray", no_actors)
+    make_tiny_model(tmp_path / "model")
+    write_beir(tmp_path / "beir")
+    config = load_config(write_mine_config(tmp_path / "run.yaml", tmp_path / "beir", tmp_path / "store"))
+    config.encode.in_process_below = 0  # below it the encode runs here anyway: the placement must decide
+    store = open_store(config.store)
+    with caplog.at_level("INFO", logger="peg.runtime.shards"):
+        result = run_encode(config, stage_scope(config, store, "encode"), show_progress=False)
+    assert "encode: runs in this process" in caplog.text
+    assert len(result.corpus.ids) == 150 and result.queries.matrix.shape[0] == 31  # the train split's judged queries

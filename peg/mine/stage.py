@@ -127,11 +127,14 @@ def _add_synthetic_queries(dataset: BeirDataset, store: ArtifactStore, key: str)
 
 
 def run_encode(config: RunConfig, scope: StageScope, show_progress: bool = True) -> EncodeResult:
-    """Encode the corpus and the training queries (cached in the store)."""
+    """Encode the corpus and the training queries (cached in the store): in this process with all
+    cores where `mine` would run in process too (`run_here` with `mining.placement`: `peg mine`
+    then starts no Ray at all), else on Ray actors. The embeddings are the same either way."""
     dataset = load_train_split(config, scope)
+    here = run_here("encode", mine_memory_bytes(config, dataset), config.mining.placement)
     with ray_scope():  # one Ray session for both, started only if one needs actors
-        corpus = encode_corpus(config, scope.store, dataset.corpus.values(), show_progress)
-        queries = encode_queries(config, scope.store, dataset.queries, show_progress)
+        corpus = encode_corpus(config, scope.store, dataset.corpus.values(), show_progress, in_process=here)
+        queries = encode_queries(config, scope.store, dataset.queries, show_progress, in_process=here)
     return EncodeResult(corpus, queries)
 
 

@@ -231,7 +231,10 @@ class Encoder(torch.nn.Module):
 
         All texts are tokenised in one call, sorted by token count (longest first) and batched,
         so a batch pads to similar lengths (or is packed without padding: `packs`). On a GPU the model runs in bf16 autocast, batches go
-        through pinned memory and the embeddings stay on the device until the end.
+        through pinned memory and the embeddings stay on the device until the end. On a CPU it runs as
+        `model.cpu_backend` says: fp32, or bf16 autocast (`torch_bf16`: the matrix products in bf16,
+        LayerNorm, pooling and normalisation in fp32, so each embedding's cosine to the fp32 one
+        stays >= 0.999).
         """
         if len(texts) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
@@ -246,6 +249,7 @@ class Encoder(torch.nn.Module):
         with (
             progress_bar(len(texts), description, enabled=show_progress) as advance,
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=not on_gpu and self.config.cpu_backend == "torch_bf16"),
         ):
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
