@@ -122,6 +122,35 @@ def test_docker_run_says_what_the_pod_says(tmp_path):
     assert args[-3:] == ["id", TRAINER_IMAGE, "-u"]
 
 
+@pytest.mark.parametrize(("pod_field", "account_field", "mounted"), [
+    (None, None, True), (None, False, False), (True, False, True), (False, None, False), (False, True, False)])
+def test_the_service_account_token_is_mounted_where_the_admission_plugin_says(pod_field, account_field, mounted, tmp_path):
+    """The pod's `automountServiceAccountToken`, else its ServiceAccount's, else true (the
+    ServiceAccount admission plugin's shouldAutomount); mounted as the kubelet mounts it, with the
+    API server's address in the environment. Without an API server nothing is mounted."""
+    from peg.k8s.pods import SERVICE_ACCOUNT_DIR, ApiServer
+
+    obj = pod()
+    obj["spec"]["serviceAccountName"] = "launcher"
+    if pod_field is not None:
+        obj["spec"]["automountServiceAccountToken"] = pod_field
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "launcher", "namespace": "ml"}}
+    if account_field is not None:
+        account["automountServiceAccountToken"] = account_field
+    obj["metadata"]["namespace"] = "ml"
+    api = ApiServer("127.0.0.1", 6443, b"CA", lambda namespace, name: f"token-of-{namespace}-{name}")
+    (container,) = containers_of(obj, [account], api=api)
+    if not mounted:
+        assert SERVICE_ACCOUNT_DIR not in container.files and "KUBERNETES_SERVICE_HOST" not in container.env
+        return
+    assert container.files[SERVICE_ACCOUNT_DIR] == ({"token": b"token-of-ml-launcher", "ca.crt": b"CA", "namespace": b"ml"}, 0o644)
+    assert (container.env["KUBERNETES_SERVICE_HOST"], container.env["KUBERNETES_SERVICE_PORT"]) == ("127.0.0.1", "6443")
+    args = docker_run_command(container, tmp_path)
+    assert f"{SERVICE_ACCOUNT_DIR}:ro" in " ".join(args)
+    (without_api,) = containers_of(obj, [account])
+    assert SERVICE_ACCOUNT_DIR not in without_api.files
+
+
 @pytest.mark.parametrize("change, message", [
     ({"securityContext": {"privileged": True, "runAsUser": 10001}}, "privileged"),
     ({"resources": {"limits": {"nvidia.com/gpu": 1}}}, "nvidia.com/gpu"),
