@@ -726,13 +726,6 @@ class RunConfig(Section):
             raise KeyConflict(
                 "data.train_queries", f"data.train_queries {self.data.train_queries!r} needs synth.enabled: true"
             )
-        if self.synth.enabled and self.data.train_queries == "human" and self.batch.hard_negatives > 0:
-            raise KeyConflict(
-                "data.train_queries",
-                f"data.train_queries human with synth.enabled trains on the synthetic pairs as synth writes them, "
-                f"without negatives, but batch.hard_negatives is {self.batch.hard_negatives}: set data.train_queries "
-                "both (mining gives the synthetic queries negatives too) or batch.hard_negatives 0",
-            )
         return self
 
     def _check_eval_during_training(self) -> None:

@@ -23,7 +23,7 @@ from peg.store.scope import StageScope
 
 ALL_ON = {
     "name": "contract",
-    "data": {"beir": "/data/beir", "train_queries": "both"},
+    "data": {"beir": "/data/beir"},
     "model": {"name_or_path": "/models/m"},
     "synth": {"enabled": True},
     "judge": {"enabled": True},
@@ -32,25 +32,26 @@ ALL_ON = {
 }
 
 
-def _changed_values(model: BaseModel, name: str) -> list:
-    """Different valid-looking values for field `name` of `model` (every other choice of a Literal)."""
+def _changed_value(model: BaseModel, name: str):
+    """A different valid-looking value for field `name` of `model`, or None."""
     value = getattr(model, name)
     annotation = type(model).model_fields[name].annotation
     if isinstance(value, BaseModel):
-        return []
+        return None
     if typing.get_origin(annotation) is typing.Literal:
-        return [v for v in typing.get_args(annotation) if v != value]
+        others = [v for v in typing.get_args(annotation) if v != value]
+        return others[0] if others else None
     if isinstance(value, bool):
-        return [not value]
+        return not value
     if isinstance(value, int):
-        return [value + 1]
+        return value + 1
     if isinstance(value, float):
-        return [value / 2 if value else 0.5]
+        return value / 2 if value else 0.5
     if isinstance(value, str):
-        return [value + "x"]
+        return value + "x"
     if isinstance(value, list) and value and all(type(v) is int for v in value):
-        return [[*value, max(value) + 1]]  # eval.k_values
-    return []
+        return [*value, max(value) + 1]  # eval.k_values
+    return None
 
 
 def mutations(config: RunConfig, section: str):
@@ -63,18 +64,18 @@ def mutations(config: RunConfig, section: str):
             if isinstance(value, BaseModel):
                 yield from walk(value, (*path, name))
                 continue
-            for new in _changed_values(model, name):  # the first that validates
-                data = json.loads(json.dumps(base))
-                node = data
-                for p in path:
-                    node = node[p]
-                node[name] = new
-                try:
-                    changed = RunConfig.model_validate(data)
-                except ValueError:
-                    continue
-                yield ".".join((*path, name)), changed
-                break
+            new = _changed_value(model, name)
+            if new is None:
+                continue
+            data = json.loads(json.dumps(base))
+            node = data
+            for p in path:
+                node = node[p]
+            node[name] = new
+            try:
+                yield ".".join((*path, name)), RunConfig.model_validate(data)
+            except ValueError:
+                continue
 
     yield from walk(getattr(config, section), (section,))
 

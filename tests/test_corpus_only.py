@@ -160,16 +160,24 @@ def test_synthetic_queries_need_the_synth_stage(assets, tmp_path):
         load_train_split(no_synth_output, stage_scope(no_synth_output, open_store(no_synth_output.store), "mine"))
 
 
-def test_human_queries_beside_synthetic_pairs_without_negatives_are_refused_before_any_work(assets, tmp_path):
-    """synth's train.jsonl has no negatives: with `data.train_queries: human` it is a second training
-    dataset as written, which a batch with hard negatives cannot use (the trainer would stop only
-    after every LLM stage had run)."""
+def test_a_pipeline_of_human_queries_beside_synthetic_pairs_without_negatives_is_refused_before_any_work(assets, tmp_path):
+    """synth's train.jsonl has no negatives: with `data.train_queries: human` the pipeline's train
+    stage reads it beside the mined pairs, which a batch with hard negatives cannot use (the
+    trainer would stop only after every LLM stage had run). `peg pipeline run` refuses it with the
+    key's line before the store is touched; with hard_negatives 0 it passes the check."""
+    from peg.pipeline import LocalBackend, run_pipeline
+
     config = synthetic_config(assets, tmp_path / "store", data={"beir": str(assets["full"]), "train_queries": "human"})
     config["batch"] = {**config.get("batch", {}), "hard_negatives": 1}
-    with pytest.raises(ConfigError, match=r"data.train_queries.*without negatives.*batch.hard_negatives is 1"):
-        parse_config(yaml.safe_dump(config))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"run.yaml:\d+: data.train_queries human.*without negatives.*hard_negatives is 1"):
+        run_pipeline(parse_config(path.read_text()), path, LocalBackend())
+    assert not (tmp_path / "store").exists()  # refused before any work
+    from peg.pipeline.preflight import check_pipeline_training
+
     config["batch"]["hard_negatives"] = 0
-    assert parse_config(yaml.safe_dump(config)).data.train_queries == "human"
+    check_pipeline_training(parse_config(yaml.safe_dump(config)), path)
 
 
 def test_synthetic_query_settings_invalidate_everything_but_prepare_and_pretrain(assets, tmp_path):

@@ -3,6 +3,7 @@
 `check_before_run` names the config file, line and key (or the model) in one line: the encoder
 must be loadable (a folder with `config.json`, a packaged or cached hub id, or a reachable hub),
 its max lengths must fit its position embeddings, and every enabled LLM stage's model must exist.
+`check_pipeline_training` refuses a pipeline whose train stage would get examples without negatives.
 """
 
 from __future__ import annotations
@@ -47,3 +48,17 @@ def check_before_run(config: RunConfig, config_path: Path) -> None:
             check_model_source(llm)
     if config.score.enabled and config.score.teacher != "cross_encoder":
         check_model_source(config.score.llm)
+
+
+def check_pipeline_training(config: RunConfig, config_path: Path) -> None:
+    """ConfigError when the pipeline's train stage would read synth's pairs, which carry no
+    negatives, beside the mined ones (`data.train_queries: human` with `synth.enabled`, see
+    `peg.pipeline.stages.training_inputs`) while `batch.hard_negatives` asks for some: the trainer
+    would stop on them only after every LLM stage had run. (`peg train` alone reads only
+    `data.train_files`, so the config itself is not refused.)"""
+    if config.synth.enabled and config.data.train_queries == "human" and config.batch.hard_negatives > 0:
+        raise ConfigError(
+            f"{key_location(config_path, 'data.train_queries')}: data.train_queries human with synth.enabled trains on "
+            f"synth's pairs as written, without negatives, but batch.hard_negatives is {config.batch.hard_negatives}: "
+            "set data.train_queries both (mining gives the synthetic queries negatives too) or batch.hard_negatives 0"
+        )

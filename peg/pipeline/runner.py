@@ -163,6 +163,9 @@ def run_pipeline(
 
     Takes the run's lease first (waiting up to `wait` seconds for another run; else LeaseHeld).
     """
+    from peg.pipeline.preflight import check_pipeline_training  # it imports the model and LLM loaders
+
+    check_pipeline_training(config, config_path)
     store = open_store(config.store)
     hashes = stage_hashes(config)
     lease = run_lease(config, store, f"peg pipeline run {config_path}")
