@@ -193,15 +193,11 @@ class Cluster:
 
     def calls(self) -> set[tuple[str, str, str]]:
         """(group, resource, verb) of every request, as RBAC names them."""
-        verbs = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
         out = set()
         for r in self.k8s:
             if r.resource is None or r.resource.plural is None or r.headers.get("User-Agent") == TEST_AGENT:
                 continue  # discovery (allowed to every authenticated user), or the test's own calls
-            if r.method == "GET":
-                verb = "watch" if r.params.get("watch") in ("true", "1") else "get" if r.name else "list"
-            else:
-                verb = verbs[str(r.method.value)]
+            verb = request_verb(str(r.method.value), r.name, r.params)
             plural = str(r.resource.plural) + (f"/{r.subresource}" if r.subresource else "")
             out.add((str(r.resource.group or ""), plural, verb))
         return out
