@@ -21,6 +21,8 @@ ADMIN = ("PEGTESTADMIN", "peg-test-admin-secret")
 READER = ("PEGTESTREADER", "peg-test-reader-secret")
 GRPC_OFFSET = 10000
 STOP_GRACE_SECONDS = 2.0
+VOLUME_SLOTS = 1000  # volumes are not preallocated: a slot costs no disk until written
+VOLUME_SIZE_MB = 64
 
 
 def weed_binary() -> str:
@@ -85,6 +87,10 @@ class WeedS3:
             f"-s3.config={self.config_file}",
             f"-filer.localSocket={self.root / 'filer.sock'}",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Volume slots fixed, not derived from the disk's free space: every bucket is a
+            # collection with volumes of its own, and a suite's buckets outnumber the slots
+            # `weed mini` derives on a fuller disk (then puts fail with "no free volumes left").
+            f"-volume.max={VOLUME_SLOTS}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
         ]  # fmt: skip
         log = open(self.root / "weed.log", "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
