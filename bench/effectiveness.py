@@ -164,10 +164,10 @@ class Bench:
     def _data_file(self, name: str) -> Path:
         return self.root / "data" / f"{name}.jsonl"
 
-    @staticmethod
-    def run_name(name: str, seed: int, knobs: Knobs) -> str:
-        plain = name == "base" or ARMS[name].get("recipe")  # no knobs of the bench's apply
-        return f"{name}-seed{seed}" if plain else f"{name}-{knobs.for_arm(name).suffix}-seed{seed}"
+    def run_name(self, name: str, seed: int, knobs: Knobs) -> str:
+        if ARMS[name].get("recipe"):  # no knobs of the bench's apply; each recipe its own results
+            return f"{name}-{Path(self.args.recipe).stem}-seed{seed}"
+        return f"{name}-seed{seed}" if name == "base" else f"{name}-{knobs.for_arm(name).suffix}-seed{seed}"
 
     def _result_file(self, name: str, seed: int, knobs: Knobs) -> Path:
         return self.root / "runs" / f"{self.run_name(name, seed, knobs)}.json"
@@ -295,11 +295,14 @@ class Bench:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "peg.cli", "pipeline", "run", str(path)])
+        done = subprocess.run([sys.executable, "-m", "peg", "pipeline", "run", str(path)])
         if done.returncode != 0:
             raise SystemExit(f"{path}: peg pipeline run failed (exit {done.returncode})")
         store = open_store(load_config(path).store)
-        return str(store.local_path(result_key(raw["name"], EXPORTED_MODEL))), time.monotonic() - started
+        model = store.local_path(result_key(raw["name"], EXPORTED_MODEL))
+        if model is None or not (model / "config.json").is_file():
+            raise SystemExit(f"{path}: peg pipeline run exited 0 but exported no model at {model}")
+        return str(model), time.monotonic() - started
 
     def cached(self, name: str, seed: int, knobs: Knobs) -> dict | None:
         done = self._result_file(name, seed, knobs)

@@ -436,14 +436,17 @@ class ScoreConfig(Section):
     """Teacher scoring of candidate lists for listwise distillation."""
 
     enabled: bool = False
-    teacher: Literal["cross_encoder", "llm", "llm_biencoder"] = Field(
+    teacher: Literal["cross_encoder", "llm", "llm_biencoder", "bm25_biencoder"] = Field(
         "llm",
         description="cross_encoder: a local AutoModelForSequenceClassification folder (the production teacher); "
         "llm: the `llm` scorer; llm_biencoder: per query, (1 - biencoder_weight) x z(llm score) + "
-        "biencoder_weight x z(cosine of the run's model), z = z-normalised over the query's candidates.",
+        "biencoder_weight x z(cosine of the run's model), z = z-normalised over the query's candidates; "
+        "bm25_biencoder: the same with BM25 (data.beir's corpus statistics) in place of the LLM: no model to "
+        "run, so thousands of lists score in seconds.",
     )
     biencoder_weight: float = Field(
-        0.5, ge=0, le=1, description="llm_biencoder: weight of the bi-encoder's z-score (choose it on a dev split)."
+        0.5, ge=0, le=1,
+        description="llm_biencoder, bm25_biencoder: weight of the bi-encoder's z-score (choose it on a dev split).",
     )
     cross_encoder_path: str | None = Field(None, description="Local cross-encoder folder (ms-marco-MiniLM, bge-reranker...).")
     llm: LLMConfig = LLMConfig()
@@ -722,6 +725,11 @@ class RunConfig(Section):
                 "that carry pos_scores/neg_scores)",
             )
         self._check_eval_during_training()
+        teacher_runs = self.score.enabled or (self.synth.enabled and self.synth.filter_teacher)
+        if self.score.teacher == "bm25_biencoder" and teacher_runs and self.data.beir is None:
+            raise KeyConflict(
+                "score.teacher", "score.teacher 'bm25_biencoder' takes its BM25 statistics from a corpus: set data.beir"
+            )
         if self.data.train_queries != "human" and not self.synth.enabled:
             raise KeyConflict(
                 "data.train_queries", f"data.train_queries {self.data.train_queries!r} needs synth.enabled: true"

@@ -42,3 +42,13 @@ def test_a_changed_member_is_refused_and_nothing_is_written(tmp_path, toy):
     with pytest.raises(SystemExit, match="qrels/test.tsv in the toy zip: sha256"):
         assemble.assemble("toy", _zip(toy), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reassembling_keeps_the_folders_own_files_and_replaces_the_collections(tmp_path, toy):
+    folder = tmp_path / "toy"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "SOURCE.md").write_text("provenance\n")  # committed beside the data
+    (folder / "corpus.jsonl").write_bytes(b"stale\n")
+    assemble.assemble("toy", _zip(toy), tmp_path)
+    assert (folder / "SOURCE.md").read_text() == "provenance\n"
+    assert (folder / "corpus.jsonl").read_bytes() == toy["corpus/human.jsonl"]

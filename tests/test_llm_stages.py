@@ -123,6 +123,32 @@ def test_score_stage_writes_teacher_scores(ray_local, tiny_cross_encoder_dir, tm
         np.testing.assert_allclose(ex.pos_scores + ex.neg_scores, expected, atol=1e-5)
 
 
+def test_score_stage_with_the_bm25_teacher_scores_with_the_corpus_statistics(ray_local, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    put_mined(store, tmp_path)
+    write_beir(tmp_path / "beir")
+    config = RunConfig.model_validate({
+        "name": "llmrun", "model": {"name_or_path": MINILM}, "store": {"uri": str(tmp_path / "store")},
+        "data": {"beir": str(tmp_path / "beir")}, "batch": {"hard_negatives": 2},
+        "score": {"enabled": True, "teacher": "bm25_biencoder", "biencoder_weight": 0.25, "list_size": 3,
+                  "llm": {"shard_size": 3, "num_actors": 1}},
+    })
+    stats = run_score(config, stage_scope(config, store, "score"), show_progress=False).report
+    assert stats["examples"] == 5 and stats["pairs"] == 15 and stats["teacher"] == "bm25_biencoder"
+    from peg.llm.lexical import BM25Scorer
+    from peg.llm.teacher import zscore_by_query
+    from peg.model import Encoder
+
+    bm25 = BM25Scorer(json.loads(line)["text"] for line in (tmp_path / "beir" / "corpus.jsonl").open())
+    encoder = Encoder(config.model)
+    for ex in iter_examples(store.local_path("llmrun/score/train.jsonl")):
+        queries, passages = [ex.query] * 3, ex.pos + ex.neg
+        cosine = encoder.encode(passages, "passage") @ encoder.encode([ex.query], "query")[0]
+        expected = 0.75 * zscore_by_query(queries, bm25.score(queries, passages)) + 0.25 * zscore_by_query(queries, cosine)
+        np.testing.assert_allclose(ex.pos_scores + ex.neg_scores, expected, atol=1e-5)
+        assert ex.pos_scores[0] == max(ex.pos_scores + ex.neg_scores)  # "how do bees work": its passage
+
+
 def write_beir(folder: Path) -> None:
     folder.mkdir()
     texts = [

@@ -87,7 +87,10 @@ def assemble(name: str, data: bytes, to: Path) -> Path:
             path = Path(tmp) / name / out
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
-        if target.exists():
+        if target.exists():  # files of the folder's own (SOURCE.md, committed) stay
+            for kept in target.iterdir():
+                if kept.is_file() and kept.name not in collection.files:
+                    shutil.copy2(kept, Path(tmp) / name / kept.name)
             shutil.rmtree(target)
         os.replace(Path(tmp) / name, target)
     return target

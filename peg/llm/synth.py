@@ -247,7 +247,7 @@ class SynthProcessor:
             llm = LLMScorer(score_config.llm, self.writer.lm, self.writer.tokenizer)
             self.teacher = llm if score_config.teacher == "llm" else CalibratedTeacher(score_config, None, llm, self.encoder)
         else:
-            self.teacher = load_teacher(score_config, ModelConfig(**model))
+            self.teacher = load_teacher(score_config, ModelConfig(**model), corpus_texts.values())
         self.corpus_texts = corpus_texts
         self.index = index
 

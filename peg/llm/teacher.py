@@ -2,8 +2,10 @@
 
 The teacher is a cross-encoder from a local folder (any AutoModelForSequenceClassification:
 ms-marco-MiniLM, bge-reranker...; the production choice), the LLM scorer (`score.llm`, either
-mode; the offline default) or `llm_biencoder`, the LLM's and the run's bi-encoder's scores
-z-normalised per query and mixed with `score.biencoder_weight` (`CalibratedTeacher`). Each
+mode; the offline default), `llm_biencoder`, the LLM's and the run's bi-encoder's scores
+z-normalised per query and mixed with `score.biencoder_weight` (`CalibratedTeacher`), or
+`bm25_biencoder`, the same mix with BM25 over the corpus's statistics in place of the LLM
+(`peg.llm.lexical.BM25Scorer`; no model to run). Each
 query's list is its positives followed by its negatives, cut to `score.list_size` candidates;
 the scores go into the training JSONL as `pos_scores`/`neg_scores`.
 
@@ -13,9 +15,10 @@ Artifacts (keys under `<run name>/score/`): `shard-NNNNN.{stats.json,jsonl}` per
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -23,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peg.config import ModelConfig, RunConfig, ScoreConfig
-from peg.data import TrainingExample
+from peg.config import DataConfig, ModelConfig, RunConfig, ScoreConfig
+from peg.data import TrainingExample, iter_corpus
 from peg.llm.judge import load_input_examples
 from peg.llm.loading import LLMError, check_model_source
 from peg.model import clip_text
@@ -33,6 +36,7 @@ from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.progress import progress_bar
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+PASSAGE_VECTORS_KEPT = 200_000  # a calibrated teacher's passage vectors kept between calls (~300 MB at 384-d)
 PARTS = ("stats.json", "jsonl")
 
 
@@ -91,37 +95,63 @@ def zscore_by_query(queries: Sequence[str], scores: np.ndarray) -> np.ndarray:
 
 
 class CalibratedTeacher:
-    """An offline teacher from two weak signals, calibrated per query: (1 - w) x z(LLM score) +
-    w x z(bi-encoder cosine), each z-normalised over the query's candidates in the call.
+    """An offline teacher from two signals, calibrated per query: (1 - w) x z(scorer's score) +
+    w x z(bi-encoder cosine), each z-normalised over the query's candidates in the call. The scorer
+    is the LLM (`llm_biencoder`) or BM25 (`bm25_biencoder`, which needs `corpus_texts`).
 
     A call must hold each query's whole candidate list (score_examples and score_candidates do).
     """
 
-    def __init__(self, config: ScoreConfig, model: ModelConfig | None, llm=None, encoder=None):
-        from peg.llm.scorer import LLMScorer
+    def __init__(self, config: ScoreConfig, model: ModelConfig | None, scorer=None, encoder=None,
+                 corpus_texts: Iterable[str] | None = None):
         from peg.model import Encoder
 
         self.weight = config.biencoder_weight
-        self.llm = llm or LLMScorer(config.llm)
+        self.scorer = scorer or (other_scorer(config, corpus_texts) if self.weight < 1 else None)
         self.encoder = encoder or Encoder(model)
+        self.passage_vectors: dict[str, np.ndarray] = {}
 
     def biencoder_scores(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
-        unique_q, unique_p = list(dict.fromkeys(queries)), list(dict.fromkeys(passages))
+        """Cosines of the pairs. Passage vectors are kept between calls (the newest
+        PASSAGE_VECTORS_KEPT): a corpus's passages recur in many queries' lists, so an actor
+        encodes each about once instead of once per list it is in."""
+        unique_q = list(dict.fromkeys(queries))
         q = dict(zip(unique_q, self.encoder.encode(unique_q, "query"), strict=True))
-        p = dict(zip(unique_p, self.encoder.encode(unique_p, "passage"), strict=True))
-        return np.array([float(q[a] @ p[b]) for a, b in zip(queries, passages, strict=True)])
+        new = [text for text in dict.fromkeys(passages) if text not in self.passage_vectors]
+        if new:
+            self.passage_vectors.update(zip(new, self.encoder.encode(new, "passage"), strict=True))
+        scores = np.array([float(q[a] @ self.passage_vectors[b]) for a, b in zip(queries, passages, strict=True)])
+        for oldest in list(itertools.islice(self.passage_vectors, max(0, len(self.passage_vectors) - PASSAGE_VECTORS_KEPT))):
+            del self.passage_vectors[oldest]
+        return scores
 
     def score(self, queries: Sequence[str], passages: Sequence[str], show_progress: bool = False) -> np.ndarray:
-        llm = self.llm.score(queries, passages, show_progress) if self.weight < 1 else np.zeros(len(queries))
+        other = self.scorer.score(queries, passages, show_progress) if self.weight < 1 else np.zeros(len(queries))
         bi = self.biencoder_scores(queries, passages) if self.weight > 0 else np.zeros(len(queries))
-        combined = (1 - self.weight) * zscore_by_query(queries, llm) + self.weight * zscore_by_query(queries, bi)
+        combined = (1 - self.weight) * zscore_by_query(queries, other) + self.weight * zscore_by_query(queries, bi)
         return combined.astype(np.float32)
+
+
+def other_scorer(config: ScoreConfig, corpus_texts: Iterable[str] | None):
+    """The half of a calibrated teacher that is not the bi-encoder: BM25 over `corpus_texts`
+    (bm25_biencoder) or the LLM scorer (llm_biencoder)."""
+    if config.teacher == "bm25_biencoder":
+        if corpus_texts is None:
+            raise LLMError("score.teacher 'bm25_biencoder' needs the corpus (data.beir) for its BM25 statistics")
+        from peg.llm.lexical import BM25Scorer
+
+        return BM25Scorer(corpus_texts)
+    from peg.llm.scorer import LLMScorer
+
+    return LLMScorer(config.llm)
 
 
 def check_teacher(config: ScoreConfig) -> None:
     """Raise LLMError naming the key/path if the configured teacher cannot be loaded."""
     if config.teacher in ("llm", "llm_biencoder"):
         check_model_source(config.llm)
+    elif config.teacher == "bm25_biencoder":
+        return
     elif not config.cross_encoder_path:
         raise LLMError("score.cross_encoder_path: required when score.teacher is 'cross_encoder'")
     elif not (Path(config.cross_encoder_path) / "config.json").is_file():
@@ -130,16 +160,17 @@ def check_teacher(config: ScoreConfig) -> None:
         )
 
 
-def load_teacher(config: ScoreConfig, model: ModelConfig | None = None):
+def load_teacher(config: ScoreConfig, model: ModelConfig | None = None, corpus_texts: Iterable[str] | None = None):
     """The configured teacher: an object with `.score(queries, passages) -> np.ndarray`.
-    `model` (the run's encoder) is the bi-encoder half of `llm_biencoder`."""
+    `model` (the run's encoder) is the bi-encoder half of `llm_biencoder` and `bm25_biencoder`;
+    `corpus_texts` (every passage's text) gives `bm25_biencoder` its statistics."""
     check_teacher(config)
     if config.teacher == "cross_encoder":
         return CrossEncoderTeacher(config.cross_encoder_path, config.batch_size, config.max_length)
-    if config.teacher == "llm_biencoder":
+    if config.teacher in ("llm_biencoder", "bm25_biencoder"):
         if model is None:
-            raise LLMError("score.teacher 'llm_biencoder' needs the run's model for its bi-encoder scores")
-        return CalibratedTeacher(config, model)
+            raise LLMError(f"score.teacher {config.teacher!r} needs the run's model for its bi-encoder scores")
+        return CalibratedTeacher(config, model, corpus_texts=corpus_texts)
     from peg.llm.scorer import LLMScorer
 
     return LLMScorer(config.llm)
@@ -190,16 +221,27 @@ def score_examples(examples: Sequence[TrainingExample], score: ScoreFn, list_siz
 
 
 class ScoreProcessor:
-    """Shard processor for Ray actors: loads the teacher once, scores shards of examples."""
+    """Shard processor for Ray actors: loads the teacher once, scores shards of examples. `data`
+    (the run's data section) gives a BM25 teacher its corpus."""
 
-    def __init__(self, score: dict, model: dict):
+    def __init__(self, score: dict, model: dict, data: dict):
         self.config = ScoreConfig(**score)
-        self.teacher = load_teacher(self.config, ModelConfig(**model))
+        self.teacher = load_teacher(self.config, ModelConfig(**model), corpus_texts_for(self.config, DataConfig(**data)))
 
     def __call__(self, shard: int, examples: list[TrainingExample]) -> dict[str, str]:
         scored = score_examples(examples, self.teacher.score, self.config.list_size)
         stats = {"examples": len(scored), "pairs": sum(len(ex.pos) + len(ex.neg) for ex in scored)}
         return {"stats.json": json.dumps(stats), "jsonl": "".join(ex.to_json() + "\n" for ex in scored)}
+
+
+def corpus_texts_for(config: ScoreConfig, data: DataConfig) -> Iterator[str] | None:
+    """The corpus's passage texts where the teacher takes statistics from them (bm25_biencoder),
+    else None."""
+    if config.teacher != "bm25_biencoder":
+        return None
+    if data.beir is None:
+        raise LLMError("score.teacher 'bm25_biencoder' takes its BM25 statistics from a corpus: set data.beir")
+    return (p.full_text for p in iter_corpus(data.beir, allow_empty=data.allow_empty_passages))
 
 
 def score_headline(s: dict) -> list[str]:
@@ -214,7 +256,8 @@ def run_score(config: RunConfig, scope: StageScope, show_progress: bool = True) 
     input_key = scope.key_of("judge" if config.judge.enabled else "mine", "train.jsonl")
     with tempfile.TemporaryDirectory(prefix="peg-score-") as tmp:
         examples = load_input_examples(scope.store, input_key, Path(tmp))
-    build = partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json"))
+    build = partial(ScoreProcessor, config.score.model_dump(mode="json"), config.model.model_dump(mode="json"),
+                    config.data.model_dump(mode="json"))
     declaration = ShardedStage(PARTS, build, pool=config.score.llm, shard_size=config.score.llm.shard_size, unit="lists")
     shards = run_sharded(scope, declaration, examples, show_progress)
     stats = {"examples": 0, "pairs": 0, **shards.summed(), "teacher": config.score.teacher,
