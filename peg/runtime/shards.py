@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -223,7 +224,7 @@ def run_shards(
     )
     build_ref = ray.put(build)
     threads = max(1, round(pool.actor_cpus))
-    idle = [actor_class.remote(build_ref, threads) for _ in range(min(pool.num_actors, len(todo)))]
+    idle = [actor_class.remote(build_ref, threads) for _ in range(actors_that_fit(stage, pool, min(pool.num_actors, len(todo))))]
     queue = list(todo)
     pending: dict[Any, tuple[int, Any]] = {}
     with progress_bar(total, stage, enabled=show_progress, unit=unit) as advance:
@@ -253,6 +254,34 @@ def run_shards(
     if failed:
         raise ShardsFailed(stage, failed, stored=len(shards) - len(failed))
     return todo, reused
+
+
+def actors_that_fit(stage: str, pool: Pool, wanted: int, wait_seconds: float = 30.0) -> int:
+    """How many of `wanted` actors of the pool's size the Ray session has room for now. Each actor
+    is handed shards as it frees, so an actor that could never be scheduled would hold its shard
+    forever: a pool larger than the free CPUs/GPUs (another actor holds some, e.g. synth's search
+    index) runs with the actors that fit, saying so. When none fits, this waits up to
+    `wait_seconds` for actors being stopped to free theirs, then raises ConfigError."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        fit = wanted
+        for resource, need in (("CPU", pool.actor_cpus), ("GPU", pool.actor_gpus)):
+            if need > 0:
+                fit = min(fit, int(free.get(resource, 0) / need + 1e-9))
+        if fit >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if fit < 1:
+        raise ConfigError(
+            f"{stage}: an actor of {pool.actor_cpus:g} CPUs and {pool.actor_gpus:g} GPUs does not fit the Ray session "
+            f"({free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} of "
+            f"{total.get('GPU', 0):g} GPUs free): lower the stage's actor_cpus/actor_gpus"
+        )
+    if fit < wanted:
+        logger.warning("%s: %d actors of %g CPUs / %g GPUs asked, %d fit the Ray session's free %g CPUs / %g GPUs",
+                       stage, wanted, pool.actor_cpus, pool.actor_gpus, fit, free.get("CPU", 0), free.get("GPU", 0))
+    return fit
 
 
 def read_shards(store: ArtifactStore, base: str, shards: Sequence[int], parts: Sequence[str]) -> dict[str, list[str]]:
