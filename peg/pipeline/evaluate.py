@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peg.config import RunConfig
+from peg.config import ModelConfig, RunConfig
 from peg.data import BeirDataset
 from peg.eval import evaluate_embeddings
 from peg.eval.retrieval import EvalResult, evaluate_at_dims, markdown_table
@@ -73,10 +73,7 @@ def export_model(ctx: StageContext) -> list[str]:
     same embeddings as peg's encoder on a sample of evaluation queries (of corpus passages when
     the run has no eval).
     """
-    from sentence_transformers import SentenceTransformer
-
     from peg.data import iter_corpus
-    from peg.model import Encoder
 
     model_dir = ctx.materialise_dir("train", "model", ctx.work_dir() / "model")
     model = ctx.config.model
@@ -85,14 +82,25 @@ def export_model(ctx: StageContext) -> list[str]:
     else:
         passages = itertools.islice(iter_corpus(ctx.config.data.beir, allow_empty=ctx.config.data.allow_empty_passages), 16)
         kind, prefix, sample = "passage", model.passage_prefix, [p.full_text for p in passages]
-    ours = Encoder(finetuned_config(ctx, model_dir).model).encode(sample, kind)
-    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=prefix or None)
-    if not np.allclose(ours, theirs, atol=1e-5):
-        raise RuntimeError(f"export check failed: sentence-transformers embeddings differ from peg's by {np.abs(ours - theirs).max():.2e}")
+    check_export(model_dir, finetuned_config(ctx, model_dir).model, sample, kind, prefix)
     summary = read_eval_summary(ctx.store, ctx.scope.run) if ctx.config.eval.enabled else None
     card = model_card(ctx.config, summary)
     write_atomically(model_dir / "README.md", card)
     return ctx.put_dir("model", model_dir)
+
+
+def check_export(model_dir: Path, model: ModelConfig, sample: list[str], kind: str, prefix: str | None) -> None:
+    """Raise RuntimeError unless `SentenceTransformer(model_dir)` embeds `sample` as peg's encoder
+    does (1e-5). Both run in fp32 on the CPU: the check is of the folder (weights, pooling,
+    normalisation, prefix), and `model.cpu_backend: torch_bf16` would differ by bf16 rounding."""
+    from sentence_transformers import SentenceTransformer
+
+    from peg.model import Encoder
+
+    ours = Encoder(model.model_copy(update={"cpu_backend": "torch_fp32"})).encode(sample, kind)
+    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sample, prompt=prefix or None)
+    if not np.allclose(ours, theirs, atol=1e-5):
+        raise RuntimeError(f"export check failed: sentence-transformers embeddings differ from peg's by {np.abs(ours - theirs).max():.2e}")
 
 
 def model_card(config: RunConfig, summary: EvalSummary | None) -> str:
