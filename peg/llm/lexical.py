@@ -56,10 +56,11 @@ class BM25Scorer:
             raise ValueError(f"BM25Scorer.score: {len(queries)} queries but {len(passages)} passages")
         unique_q, unique_p = list(dict.fromkeys(queries)), list(dict.fromkeys(passages))
         query_tokens = dict(zip(unique_q, self.tokenize(unique_q), strict=True))
-        passage_counts = {p: Counter(tokens) for p, tokens in zip(unique_p, self.tokenize(unique_p), strict=True)}
+        passage_terms = {}  # text -> (term counts, its length normaliser), once per distinct passage
+        for text, tokens in zip(unique_p, self.tokenize(unique_p), strict=True):
+            passage_terms[text] = (Counter(tokens), self.k1 * (1 - self.b + self.b * len(tokens) / self.avgdl))
         out = np.zeros(len(queries), dtype=np.float32)
         for i, (query, passage) in enumerate(zip(queries, passages, strict=True)):
-            counts = passage_counts[passage]
-            norm = self.k1 * (1 - self.b + self.b * sum(counts.values()) / self.avgdl)
+            counts, norm = passage_terms[passage]
             out[i] = sum(self.idf(t) * counts[t] / (counts[t] + norm) for t in query_tokens[query] if counts[t])
         return out

@@ -236,11 +236,9 @@ class ScoreProcessor:
 
 def corpus_texts_for(config: ScoreConfig, data: DataConfig) -> Iterator[str] | None:
     """The corpus's passage texts where the teacher takes statistics from them (bm25_biencoder),
-    else None."""
+    else None. RunConfig refuses that teacher without data.beir."""
     if config.teacher != "bm25_biencoder":
         return None
-    if data.beir is None:
-        raise LLMError("score.teacher 'bm25_biencoder' takes its BM25 statistics from a corpus: set data.beir")
     return (p.full_text for p in iter_corpus(data.beir, allow_empty=data.allow_empty_passages))
 
 
