@@ -33,6 +33,8 @@ VARIANTS = {  # name -> run-config overrides
     "peg without prefetch": {"train": {"prefetch": 0}},
     "peg without length grouping": {"batch": {"group_by_length": False}},
     "peg with eager attention": {"model": {"attn_implementation": "eager"}},
+    # no dropout on attention probabilities: SDPA's fused kernel instead of its math fallback on CPU
+    "peg without attention dropout": {"model": {"attention_dropout": 0.0}},
     # decoder LLM embedders (gpu_bench.sh's 0.5B-class part): full fine-tuning vs LoRA r 16 on the attention
     "peg decoder full": {"model": {"pooling": "last"}},
     "peg decoder LoRA": {"model": {"pooling": "last", "lora": {

@@ -51,3 +51,34 @@ def test_bad_cpu_backend_is_one_line_naming_the_key(tmp_path, model_dir, monkeyp
     assert result.exit_code == 2, result.output
     assert len(lines) == 1, result.output
     assert "cfg.yaml:2: model.cpu_backend: Input should be 'torch_fp32' or 'torch_bf16'" in lines[0]
+
+
+def test_attention_dropout_zero_makes_a_training_forward_deterministic_where_the_checkpoints_is_not(tmp_path):
+    """`model.attention_dropout` replaces the checkpoint's (0.1 here): with hidden dropout at 0 as
+    well, a train-mode forward then equals an eval-mode one; with the checkpoint's own it does not."""
+    from transformers import BertConfig, BertModel
+
+    path = make_tiny_model(tmp_path / "m")
+    settings = BertConfig.from_pretrained(path)
+    settings.hidden_dropout_prob = 0.0  # only the attention dropout is left to differ
+    BertModel.from_pretrained(path, config=settings).save_pretrained(path)
+    batch = None
+    for override, deterministic in ((None, False), (0.0, True)):
+        model = Encoder(model_config_for(str(path), attention_dropout=override, passage_max_length=128))
+        batch = batch or model.tokenize(TEXTS, "passage")
+        assert model.model.config.attention_probs_dropout_prob == (0.1 if override is None else 0.0)
+        with torch.no_grad():
+            evaluated = model.eval()(**batch)
+            torch.manual_seed(0)
+            trained = model.train()(**batch)
+        assert torch.equal(trained, evaluated) is deterministic
+
+
+def test_attention_dropout_on_a_model_without_that_setting_names_the_key(tmp_path, monkeypatch):
+    from peg.config import ConfigError
+    from peg.model import encoder as encoder_module
+
+    path = make_tiny_model(tmp_path / "m")
+    monkeypatch.setattr(encoder_module, "ATTENTION_DROPOUT_KEYS", ("no_such_dropout",))
+    with pytest.raises(ConfigError, match=r"model.attention_dropout: .* \(bert\) has no attention dropout setting"):
+        Encoder(model_config_for(str(path), attention_dropout=0.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from peg.config import ModelConfig
@@ -63,6 +64,24 @@ def test_export_writes_given_state_dict(tiny_model_dir, tmp_path):
     encoder.model.load_state_dict(state)
     st = SentenceTransformer(str(out), device="cpu")
     np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), encoder.encode(PASSAGES, "passage"), atol=1e-5)
+
+
+def test_a_bf16_trained_model_exports_as_float32_and_passes_the_export_check(tiny_model_dir, tmp_path):
+    """`train.precision: bf16` leaves the model's weights in bf16: the folder still holds float32
+    weights and a config that says so, so sentence-transformers runs it as peg's fp32 encoder does."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from peg.pipeline.evaluate import check_export
+
+    cfg = ModelConfig(name_or_path=tiny_model_dir, passage_max_length=32)
+    encoder = Encoder(cfg)
+    encoder.model.to(torch.bfloat16)
+    out = export_sentence_transformers(encoder, tmp_path / "model")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+    check_export(out, cfg.model_copy(update={"name_or_path": str(out)}), PASSAGES, "passage", None)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from peg.config import MiningConfig
-from peg.mine import select_negatives
+from peg.mine import reference_positive_score, select_negatives
 from peg.runtime import EmptyShardError, ShardedIndex
 
 
@@ -124,11 +124,25 @@ def test_topk_percpos_drops_positives_duplicates_and_near_positives():
     rows = [7, 1, 2, 3, 4, 5, 6, 8]
     scores = [0.95, 0.9, 0.85, 0.79, 0.7, 0.6, 0.5, 0.4]
     # min positive 0.8 -> keep n only if s <= 0.72; row 1 is the positive's duplicate, row 7 the positive.
-    sel = select_negatives("q1", rows, scores, positives={7}, duplicates={1}, min_positive=0.8, mining=mining)
+    sel = select_negatives("q1", rows, scores, positives={7}, duplicates={1}, reference=0.8, mining=mining)
     assert sel.rows == [4, 5, 6]
     assert sel.scores == [0.7, 0.6, 0.5]
     assert sel.dropped == {"positive": 1, "duplicate_of_positive": 1, "relative_margin": 2}
     assert sel.not_selected == 1
+
+
+def test_positive_reference_highest_keeps_negatives_a_weak_positive_would_drop():
+    """A query with a strong (0.9) and a weak (0.3) positive: against the lowest, every candidate
+    above 0.95 x 0.3 is dropped; against the highest, those below 0.95 x 0.9 are kept."""
+    positive_scores = [0.9, 0.3]
+    rows, scores = [10, 11, 12, 13, 14], [0.9, 0.8, 0.6, 0.4, 0.2]
+    kept = {}
+    for reference in ("lowest", "highest"):
+        mining = MiningConfig(negatives_per_query=3, positive_reference=reference)
+        s_ref = reference_positive_score(positive_scores, mining)
+        assert s_ref == {"lowest": 0.3, "highest": 0.9}[reference]
+        kept[reference] = select_negatives("q", rows, scores, {10}, set(), s_ref, mining).rows
+    assert kept == {"lowest": [14], "highest": [11, 12, 13]}
 
 
 def test_absolute_margin_and_max_score_and_rule_order():
@@ -136,7 +150,7 @@ def test_absolute_margin_and_max_score_and_rule_order():
     rows = [1, 2, 3, 4, 5]
     scores = [0.9, 0.8, 0.72, 0.65, 0.3]
     # max_score (0.75) takes 0.9 and 0.8 first; absolute margin: drop s > 0.8 - 0.1 = 0.7 -> 0.72.
-    sel = select_negatives("q", rows, scores, positives=set(), duplicates=set(), min_positive=0.8, mining=mining)
+    sel = select_negatives("q", rows, scores, positives=set(), duplicates=set(), reference=0.8, mining=mining)
     assert sel.rows == [4, 5]
     assert sel.dropped == {"max_score": 2, "absolute_margin": 1}
 
@@ -144,7 +158,7 @@ def test_absolute_margin_and_max_score_and_rule_order():
 def test_short_query_gets_fewer_negatives_never_padding():
     mining = MiningConfig(negatives_per_query=4)
     sel = select_negatives("q", [0, 1, 2], [0.99, 0.98, 0.1], positives={0}, duplicates=set(),
-                           min_positive=0.5, mining=mining)
+                           reference=0.5, mining=mining)
     assert sel.rows == [2]  # 0 is the positive, 1 is above 0.95 * 0.5; nothing is padded in
 
 
@@ -152,8 +166,8 @@ def test_rank_window_samples_within_window_seeded_per_query():
     mining = MiningConfig(selection="rank_window", rank_window=(2, 8), top_k=10, negatives_per_query=3, seed=5)
     rows = list(range(100, 110))
     scores = [1.0 - 0.01 * i for i in range(10)]
-    a = select_negatives("query-a", rows, scores, positives={103}, duplicates=set(), min_positive=0.2, mining=mining)
-    again = select_negatives("query-a", rows, scores, positives={103}, duplicates=set(), min_positive=0.2, mining=mining)
+    a = select_negatives("query-a", rows, scores, positives={103}, duplicates=set(), reference=0.2, mining=mining)
+    again = select_negatives("query-a", rows, scores, positives={103}, duplicates=set(), reference=0.2, mining=mining)
     assert a.rows == again.rows and len(a.rows) == 3
     assert set(a.rows) <= {102, 104, 105, 106, 107} and a.rows == sorted(a.rows)
     assert a.dropped == {"rank_window": 4, "positive": 1}

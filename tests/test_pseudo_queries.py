@@ -1,6 +1,6 @@
 """Generation-free pseudo-queries (passage_title, inverse_cloze, span_crop): what is cut, what the
 positive keeps, seeding, too-short passages, and the synth stage running them with no LLM at all,
-through the round-trip filter and a teacher."""
+through the round-trip filter and a teacher, and mining training on the positives as cut."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from peg.config import RunConfig
 from peg.data import Passage, iter_examples
 from peg.llm import run_synth
+from peg.mine import run_encode, run_mine
 from peg.pipeline.runner import stage_scope
 from peg.llm.synth import PSEUDO_QUERY_TYPES, pseudo_query
 from peg.store import LocalStore
@@ -68,12 +69,17 @@ def write_beir(folder: Path) -> None:
             f.write(json.dumps({"_id": f"d{i}", "title": f"All about {t}" if i % 2 == 0 else "", "text": text}) + "\n")
 
 
-def test_synth_stage_runs_generation_free_types_with_no_llm(ray_local, tiny_cross_encoder_dir, tmp_path):
-    """synth.llm names no model that exists: only the generation-free types run, so none is loaded."""
+def test_synth_stage_runs_generation_free_types_with_no_llm_and_mining_keeps_the_cut_positives(
+    ray_local, tiny_cross_encoder_dir, tmp_path
+):
+    """synth.llm names no model that exists: only the generation-free types run, so none is loaded.
+    The mined training lists then pair each query with its positive as synth cut it, never with the
+    corpus passage that still contains the query."""
     write_beir(tmp_path / "beir")
     config = RunConfig.model_validate({
         "name": "free", "model": {"name_or_path": MINILM}, "store": {"uri": str(tmp_path / "store")},
-        "data": {"beir": str(tmp_path / "beir")}, "encode": {"shard_size": 100}, "mining": {"num_shards": 1},
+        "data": {"beir": str(tmp_path / "beir"), "train_queries": "synthetic"}, "encode": {"shard_size": 100},
+        "mining": {"num_shards": 1, "top_k": 10, "negatives_per_query": 3},
         "synth": {"enabled": True, "llm": {"path": str(tmp_path / "no-such-llm"), "shard_size": 3, "num_actors": 1},
                   "query_types": list(PSEUDO_QUERY_TYPES), "span_words": 6, "filter_top_k": 3},
         "score": {"teacher": "cross_encoder", "cross_encoder_path": str(tiny_cross_encoder_dir)},
@@ -92,3 +98,13 @@ def test_synth_stage_runs_generation_free_types_with_no_llm(ray_local, tiny_cros
     assert 0 < report["kept"] < sum(r["outcome"] != "empty" for r in records)
     for ex in kept:
         assert ex.query_type in PSEUDO_QUERY_TYPES and ex.query not in ex.pos[0]
+    scope = stage_scope(config, store, "mine")
+    run_encode(config, stage_scope(config, store, "encode"), show_progress=False)
+    run_mine(config, scope, show_progress=False)
+    mined = {ex.query_id: ex for ex in iter_examples(store.local_path("free/mine/train.jsonl"))}
+    assert set(mined) == {ex.query_id for ex in kept}
+    corpus = {json.loads(line)["_id"]: json.loads(line) for line in (tmp_path / "beir" / "corpus.jsonl").open()}
+    for ex in kept:
+        assert mined[ex.query_id].pos == ex.pos and mined[ex.query_id].pos_ids == ex.pos_ids
+        assert ex.query not in mined[ex.query_id].pos[0]
+        assert ex.query in (corpus[ex.pos_ids[0]]["title"] + " " + corpus[ex.pos_ids[0]]["text"])  # the corpus's has it

@@ -120,6 +120,9 @@ class BeirDataset:
     qrels: dict[str, dict[str, int]]
     problems: list[DataError] = field(default_factory=list)
     empty_passages: list[str] = field(default_factory=list)
+    # query id -> the texts that stand for its positives in training instead of the corpus's: a
+    # generation-free synthetic query's source passage with the query cut out (`peg.llm.synth`)
+    positive_texts: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(

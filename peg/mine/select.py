@@ -8,8 +8,13 @@ it and is the one counted:
 3. `rank_window` (selection = rank_window): its rank is outside [start, end);
 4. `max_score`: s(q, n) > mining.max_score;
 5. `relative_margin` (selection = topk_percpos, NV-Retriever's TopK-PercPos):
-   s(q, n) > relative_margin * min over positives s(q, pos);
-6. `absolute_margin`: s(q, n) > min over positives s(q, pos) - absolute_margin.
+   s(q, n) > relative_margin * s_ref;
+6. `absolute_margin`: s(q, n) > s_ref - absolute_margin;
+
+where s_ref is the query's reference positive score (`reference_positive_score`): the lowest of
+its positives' scores (`mining.positive_reference: lowest`, strict: a negative must score below
+every positive) or the highest (`highest`: for collections whose queries have many weakly judged
+positives, where the lowest positive scores below nearly every candidate).
 
 Of the survivors, topk_percpos keeps the `negatives_per_query` highest scored; rank_window
 samples that many uniformly with an RNG seeded by (mining.seed, query id), so the choice does not
@@ -41,8 +46,13 @@ class Selection:
     not_selected: int = 0
 
 
+def reference_positive_score(positive_scores: Sequence[float], mining: MiningConfig) -> float:
+    """s_ref of the margin rules: the lowest or the highest positive score, as `mining.positive_reference` says."""
+    return min(positive_scores) if mining.positive_reference == "lowest" else max(positive_scores)
+
+
 def drop_reason(
-    rank: int, row: int, score: float, positives: set[int], duplicates: set[int], min_positive: float, mining: MiningConfig
+    rank: int, row: int, score: float, positives: set[int], duplicates: set[int], reference: float, mining: MiningConfig
 ) -> str | None:
     """The first rule that drops the candidate at `rank` (see the module docstring), or None."""
     if row in positives:
@@ -53,9 +63,9 @@ def drop_reason(
         return "rank_window"
     if mining.max_score is not None and score > mining.max_score:
         return "max_score"
-    if mining.selection == "topk_percpos" and score > mining.relative_margin * min_positive:
+    if mining.selection == "topk_percpos" and score > mining.relative_margin * reference:
         return "relative_margin"
-    if mining.absolute_margin is not None and score > min_positive - mining.absolute_margin:
+    if mining.absolute_margin is not None and score > reference - mining.absolute_margin:
         return "absolute_margin"
     return None
 
@@ -66,16 +76,17 @@ def select_negatives(
     scores: Sequence[float],
     positives: set[int],
     duplicates: set[int],
-    min_positive: float,
+    reference: float,
     mining: MiningConfig,
 ) -> Selection:
-    """Pick up to `mining.negatives_per_query` negatives from candidates ranked by score (rank 0 first)."""
+    """Pick up to `mining.negatives_per_query` negatives from candidates ranked by score (rank 0
+    first); `reference`: the query's reference positive score (`reference_positive_score`)."""
     survivors: list[tuple[int, float]] = []
     dropped: Counter = Counter()
     for rank, (row, score) in enumerate(zip(rows, scores, strict=True)):
         if row < 0:  # an approximate index found fewer than k
             continue
-        reason = drop_reason(rank, int(row), float(score), positives, duplicates, min_positive, mining)
+        reason = drop_reason(rank, int(row), float(score), positives, duplicates, reference, mining)
         if reason:
             dropped[reason] += 1
         else:

@@ -36,7 +36,7 @@ import numpy as np
 from peg.config import ConfigError, MiningConfig, RunConfig
 from peg.data import BeirDataset, DataError, TrainingExample, iter_corpus, iter_examples
 from peg.data.fetch import resolve_beir
-from peg.mine.select import RULES, select_negatives
+from peg.mine.select import RULES, reference_positive_score, select_negatives
 from peg.runtime import EmbeddingSet, ShardedIndex, encode_corpus, encode_queries, ray_scope, ray_session
 from peg.runtime.index import search_shards
 from peg.runtime.sharded import ShardedStage, ShardRun, run_sharded
@@ -90,8 +90,9 @@ def load_train_split(config: RunConfig, scope: StageScope | None) -> BeirDataset
 
     human: the BEIR folder's train split (first `data.max_train_queries` if set); synthetic: the
     synth stage's kept queries (`<run>/synth/train.jsonl`), each with its source passage as the one
-    positive, and only corpus.jsonl read from the BEIR folder; both: the two together. `scope`, the
-    stage reading them, is needed only for synthetic queries.
+    positive (trained on as the synth stage wrote it: with the query cut out, `positive_texts`), and
+    only corpus.jsonl read from the BEIR folder; both: the two together. `scope`, the stage reading
+    them, is needed only for synthetic queries.
     """
     if not config.data.beir:
         raise ConfigError("data.beir: `peg encode` / `peg mine` need a BEIR folder")
@@ -113,7 +114,9 @@ def load_train_split(config: RunConfig, scope: StageScope | None) -> BeirDataset
 
 
 def _add_synthetic_queries(dataset: BeirDataset, store: ArtifactStore, key: str) -> None:
-    """Add the synth stage's kept queries (ids `synth-...`) with their source passages as qrels."""
+    """Add the synth stage's kept queries (ids `synth-...`) with their source passages as qrels and
+    the positive texts the synth stage wrote (the passage less the query, for the generation-free
+    types) as `positive_texts`, so training never pairs a query with a passage that contains it."""
     if not store.exists(key):
         raise ConfigError(f"data.train_queries: {key} is not in the store; run the synth stage first")
     with tempfile.TemporaryDirectory(prefix="peg-synth-queries-") as tmp:
@@ -124,6 +127,7 @@ def _add_synthetic_queries(dataset: BeirDataset, store: ArtifactStore, key: str)
                 raise DataError(Path(key), None, f"synthetic query {example.query_id!r} lacks a known source passage id")
             dataset.queries[example.query_id] = example.query
             dataset.qrels[example.query_id] = dict.fromkeys(example.pos_ids, 1)
+            dataset.positive_texts[example.query_id] = list(example.pos)
 
 
 def run_encode(config: RunConfig, scope: StageScope, show_progress: bool = True) -> EncodeResult:
@@ -153,7 +157,7 @@ class MineProcessor:
         records, not_selected, short = [], 0, []
         for i, q in enumerate(queries):
             selection = select_negatives(q["id"], rows[i].tolist(), scores[i].tolist(), set(q["positives"]),
-                                         set(q["duplicates"]), min(q["positive_scores"]), config)
+                                         set(q["duplicates"]), reference_positive_score(q["positive_scores"], config), config)
             dropped.update(selection.dropped)
             not_selected += selection.not_selected
             if len(selection.rows) < config.negatives_per_query:
@@ -251,7 +255,8 @@ def shard_files(result: dict, queries: list[dict], dataset: BeirDataset, corpus:
         pos_ids = [corpus.ids[r] for r in q["positives"]]
         neg_ids = [corpus.ids[r] for r in neg_rows]
         examples.append(TrainingExample(
-            query=dataset.queries[q["id"]], pos=[texts[r] for r in q["positives"]], neg=[texts[r] for r in neg_rows],
+            query=dataset.queries[q["id"]], pos=dataset.positive_texts.get(q["id"]) or [texts[r] for r in q["positives"]],
+            neg=[texts[r] for r in neg_rows],
             query_id=q["id"], pos_ids=pos_ids, neg_ids=neg_ids,
         ).to_json() + "\n")
         scores.append({"query_id": q["id"], "pos_ids": pos_ids, "pos_scores": q["positive_scores"],

@@ -30,9 +30,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from peg.config import ModelConfig
+from peg.config import ConfigError, ModelConfig
 from peg.errors import PegError
 from peg.progress import progress_bar
 
@@ -140,6 +140,27 @@ def model_config_for(name_or_path: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**settings, **overrides})
 
 
+# Names transformers' configs give the dropout on attention probabilities (BERT family; Llama, Qwen,
+# Mistral, DistilBERT, ModernBERT).
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def model_settings(path: str | Path, config: ModelConfig):
+    """The checkpoint's transformers config with `model.attention_dropout` applied to whichever of
+    ATTENTION_DROPOUT_KEYS it has; a checkpoint with none of them is a ConfigError naming the key."""
+    settings = AutoConfig.from_pretrained(path)
+    if config.attention_dropout is not None:
+        keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(settings, key)]
+        if not keys:
+            raise ConfigError(
+                f"model.attention_dropout: {config.name_or_path} ({settings.model_type}) has no attention dropout "
+                f"setting ({' or '.join(ATTENTION_DROPOUT_KEYS)}); leave model.attention_dropout unset"
+            )
+        for key in keys:
+            setattr(settings, key, config.attention_dropout)
+    return settings
+
+
 class Encoder(torch.nn.Module):
     """Text -> embedding. `forward` takes tokenized inputs; `encode` takes strings."""
 
@@ -150,7 +171,7 @@ class Encoder(torch.nn.Module):
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         if model is None:
             attn = {} if config.attn_implementation == "auto" else {"attn_implementation": config.attn_implementation}
-            model = AutoModel.from_pretrained(path, **attn)
+            model = AutoModel.from_pretrained(path, config=model_settings(path, config), **attn)
         self.model = model
         if config.pooling == "last":
             self.tokenizer.padding_side = "left"

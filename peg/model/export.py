@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from peg.model.encoder import Encoder
 from peg.model.lora import is_lora, merged_copy
 from peg.store.files import dir_mode
@@ -52,10 +54,27 @@ def copy_model_folder(source: Path, path: Path) -> Path:
     return path
 
 
+def float32_state(state_dict: dict) -> dict:
+    """`state_dict` with every floating tensor as a CPU float32 copy (bf16 training keeps bf16 weights)."""
+    return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def record_float32(config_file: Path) -> None:
+    """Make the saved transformers config say float32, as its weights are: transformers records the
+    live model's dtype (bf16 after bf16 training), and sentence-transformers would then load and run
+    the exported float32 weights in bf16."""
+    config = json.loads(config_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_sentence_transformers(
     encoder: Encoder, path: str | Path, state_dict: dict | None = None, matryoshka_dims: list[int] | None = None
 ) -> Path:
-    """Write `encoder` (or its weights from `state_dict`) to `path` atomically; returns `path`.
+    """Write `encoder` (or its weights from `state_dict`) to `path` atomically, as float32 weights
+    whatever the dtype trained in; returns `path`.
     `matryoshka_dims`: the embedding prefixes it was trained for, recorded in the folder's config."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -67,7 +86,8 @@ def export_sentence_transformers(
         if is_lora(encoder.model):  # LoRA: the adapters merged into plain weights
             merged_copy(encoder.model, state_dict).save_pretrained(hf_dir)
         else:
-            encoder.model.save_pretrained(hf_dir, state_dict=state_dict)
+            encoder.model.save_pretrained(hf_dir, state_dict=float32_state(state_dict or encoder.model.state_dict()))
+        record_float32(Path(hf_dir) / "config.json")
         encoder.tokenizer.save_pretrained(hf_dir)
         modules = [
             # plain text: sentence-transformers would render the texts through a chat template the tokenizer
