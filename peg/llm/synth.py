@@ -1,9 +1,11 @@
-"""Synthetic queries (Tamber et al.): an instruct LLM writes queries of several types per passage
+"""Synthetic queries (Tamber et al.): an LLM writes queries of several types per passage
 (docs/methods.md §7).
 
 For each source passage and each LLM type in `synth.query_types` (question, claim, keywords, title,
-web_query) the LLM gets a few-shot chat (two worked examples, then the passage cut to
-`synth.llm.max_passage_chars`) and samples one query (`synth.temperature`, at most
+web_query) the LLM gets a few-shot prompt (two worked examples, then the passage cut to
+`synth.llm.max_passage_chars`): a chat through the tokenizer's chat template for an instruct model,
+or, for a base model without one (e.g. google/gemma-3-270m), the same examples as plain text
+ending in the query's label, to be continued. It samples one query (`synth.temperature`, at most
 `synth.max_new_tokens`), batched `generate` with left padding. The round-trip filter keeps a query
 only if dense retrieval with the run's encoder (`model`) over the whole corpus finds its source in
 the top `synth.filter_top_k`, and (with `synth.filter_teacher`) the teacher (`score`) ranks the
@@ -44,7 +46,7 @@ import numpy as np
 from peg.config import ConfigError, LLMConfig, RunConfig, ScoreConfig, SynthConfig
 from peg.data import DataError, Passage, TrainingExample, iter_corpus
 from peg.llm.backends import as_backend, load_lm
-from peg.llm.loading import LLMError, check_model_source
+from peg.llm.loading import check_model_source
 from peg.store.scope import StageScope
 from peg.runtime.sharded import ShardedStage, StageReport, run_sharded
 from peg.runtime.shards import missing_shards
@@ -99,6 +101,21 @@ def few_shot_messages(query_type: str, passage: str, max_chars: int) -> list[dic
         messages.append({"role": "assistant", "content": output})
     messages.append({"role": "user", "content": f"{instruction}\n\nPassage: {passage[:max_chars]}"})
     return messages
+
+
+# query type -> the label that introduces a query in the plain-text prompt (models without a chat template)
+PLAIN_LABELS = {"question": "Question", "claim": "Claim", "keywords": "Keywords", "title": "Title", "web_query": "Query"}
+
+
+def few_shot_text(query_type: str, passage: str, max_chars: int) -> str:
+    """The plain-text prompt for one (passage, query type), for a base model without a chat
+    template: the instruction, two worked examples as 'Passage: ...' / '<Label>: ...', then the
+    passage and its label, for the model to continue (`clean_query` keeps the first line)."""
+    instruction, outputs = FEW_SHOT[query_type]
+    label = PLAIN_LABELS[query_type]
+    blocks = [f"Passage: {example}\n{label}: {output}" for example, output in zip(_EXAMPLE_PASSAGES, outputs, strict=True)]
+    blocks.append(f"Passage: {passage[:max_chars]}\n{label}:")
+    return f"{instruction}\n\n" + "\n\n".join(blocks)
 
 
 def clean_query(text: str) -> str:
@@ -189,26 +206,30 @@ def round_trip_outcome(source_id: str, retrieved_ids: Sequence[str], teacher_sco
 
 
 class QueryWriter:
-    """Batched few-shot query generation with an instruct LLM (needs a chat template) on
-    `synth.llm.backend`; `model` is a backend (peg.llm.backends) or a transformers causal LM."""
+    """Batched few-shot query generation on `synth.llm.backend`: a chat for a model with a chat
+    template, a plain-text continuation for a base model without one (`few_shot_text`); `model` is
+    a backend (peg.llm.backends) or a transformers causal LM."""
 
     def __init__(self, config: SynthConfig, model=None, tokenizer=None):
         self.config = config
         if model is None or tokenizer is None:
             model, tokenizer = load_lm(config.llm)
-        if not getattr(tokenizer, "chat_template", None):
-            raise LLMError(f"synth.llm: the model at {config.llm.path} has no chat template (use an instruct model)")
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.lm, self.tokenizer = as_backend(model, tokenizer), tokenizer
+
+    def prompt_ids(self, passage: str, query_type: str) -> list[int]:
+        """The prompt's token ids for one job (special tokens as the chat template or tokenizer adds them)."""
+        max_chars = self.config.llm.max_passage_chars
+        if not self.has_chat_template:
+            return self.tokenizer.encode(few_shot_text(query_type, passage, max_chars), add_special_tokens=True)
+        text = self.tokenizer.apply_chat_template(
+            few_shot_messages(query_type, passage, max_chars), tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def write(self, jobs: Sequence[tuple[str, str]], seed: int) -> list[str]:
         """One query per (passage text, query type) job, in input order ('' when nothing usable came out)."""
-        prompts = [
-            self.tokenizer.apply_chat_template(
-                few_shot_messages(t, p, self.config.llm.max_passage_chars), tokenize=False, add_generation_prompt=True
-            )
-            for p, t in jobs
-        ]
-        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids = [self.prompt_ids(p, t) for p, t in jobs]
         order = np.argsort([-len(i) for i in ids], kind="stable")
         out = [""] * len(jobs)
         size = self.config.llm.batch_size
