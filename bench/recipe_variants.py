@@ -18,7 +18,6 @@ measures only what is missing. Writes `--out`.json / .md after every variant.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -57,15 +56,16 @@ def merged(base: dict, overrides: dict) -> dict:
 
 
 def verified_lists(run_store: Path, run: str) -> Path:
-    """The run's teacher-scored lists, after checking its score stage record names them with this sha256."""
-    stage = run_store / run / "score"
-    record = json.loads((stage / "_stage.json").read_text())
-    lists = stage / "train.jsonl"
-    digest = hashlib.sha256(lists.read_bytes()).hexdigest()
-    expected = record.get("outputs", {}).get(f"{run}/score/train.jsonl")
-    if record.get("status") != "complete" or expected != digest:
-        raise SystemExit(f"{stage}: the score stage is not complete or train.jsonl does not match its record")
-    return lists
+    """The run's teacher-scored lists, after checking its score stage record is complete and names
+    this file (sha256), as `bench/effectiveness.py --synthetic-from` does."""
+    from peg.pipeline.state import read_record
+    from peg.store import LocalStore
+
+    store, key = LocalStore(run_store), f"{run}/score/train.jsonl"
+    record = read_record(store, f"{run}/score")
+    if record is None or record.status != "complete" or store.verify(key).sha256 != record.outputs.get(key):
+        raise SystemExit(f"{run_store / run / 'score'}: the score stage is not complete or train.jsonl is not the file its record names")
+    return store.local_path(key)
 
 
 def evaluate(store: str, model: str, collection: Path, backend: str, data: BeirDataset) -> dict[str, float]:
