@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,28 @@ def training_pairs(path: Path, queries: int, negatives: int, query_words: int, m
                    "neg": [f"{i}.{j} " + text(n) for j, n in enumerate(lengths[1:])]}  # fmt: skip
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key, nested sections merged (neither is changed)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def paired_difference(new: dict[str, float], old: dict[str, float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean of `new[q] - old[q]` over the queries both score, with a 95% paired bootstrap interval
+    (queries resampled with replacement, `seed` fixed) and the counts of queries that rose / fell."""
+    shared = sorted(new.keys() & old.keys())
+    if not shared:
+        raise ValueError("the two per-query score sets share no query")
+    diffs = np.array([new[q] - old[q] for q in shared])
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diffs.mean()), "ci95": [float(low), float(high)], "queries": len(shared),
+            "better": int((diffs > 0).sum()), "worse": int((diffs < 0).sum())}
 
 
 def machine() -> dict:

@@ -13,6 +13,14 @@ and the round-trip filter's scorer); generation is greedy few-shot `question` wr
 slices of the inputs, so a load change on a shared machine falls on all of them alike. Writes
 bench/results/llm_backends.json / .md: pairs/s, queries/s, the ratio to transformers, the largest
 score difference, rank agreement and greedy generations identical to transformers'.
+
+With `--lists FILE` (a score stage's lists, e.g. `<run>/score/train.jsonl`: query, pos, neg) it
+also scores the pairs a teacher scores there: `--list-passages` passages drawn at random and every
+(query, passage) pair of the file that holds one of them, so each passage comes with as many
+queries as it has in the whole file. There a passage's prompt is shared by its queries, which the
+transformers backend reuses (peg/llm/backends.py, `shared_prefix_log_probs`); the rows are the
+transformers path without that reuse (every pair a whole prompt, as before), with it, and
+CTranslate2 int8, in turns. Writes bench/results/llm_scoring_lists.json / .md.
 """
 
 from __future__ import annotations
@@ -77,9 +85,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lists", type=Path, default=None, help="A score stage's lists (JSONL: query, pos, neg).")
+    parser.add_argument("--list-passages", type=int, default=12)
+    parser.add_argument("--lists-only", action="store_true", help="Measure only the lists workload.")
     args = parser.parse_args()
-
-    import torch
 
     from peg.config import LLMConfig, SynthConfig
     from peg.llm.backends import load_lm
@@ -97,6 +106,16 @@ def main() -> None:
         scorers[name] = LLMScorer(config, lm, tokenizer)
         synth = SynthConfig(llm=config, temperature=0.0, max_new_tokens=args.new_tokens, query_types=["question"])
         writers[name] = QueryWriter(synth, lm, tokenizer)
+
+    if not args.lists_only:
+        score_pairs_and_generate(args, queries, passages, labels, sources, scorers, writers, load_s)
+    if args.lists:
+        score_lists(args, scorers)
+
+
+def score_pairs_and_generate(args, queries, passages, labels, sources, scorers, writers, load_s) -> None:
+    """The pairs workload (each passage once) and few-shot generation, backends in turns."""
+    import torch
 
     settings = {**vars(args), "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "threads": torch.get_num_threads(),
                 "mode": "query_likelihood", "generation": "greedy, few-shot question"}  # fmt: skip
@@ -136,6 +155,58 @@ def main() -> None:
     results.note(f"first generations: {{{', '.join(f'{n!r}: {g[:2]!r}' for n, g in generated.items())}}}")
     results.note("load_s includes the one-time conversions (GGUF -> fp32 folder; fp32 folder -> CTranslate2) "
                  "when the cache was cold")  # fmt: skip
+
+
+
+def list_pairs(path: Path, passages: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Every (query, passage) pair of the lists file whose passage is one of `passages` drawn at random."""
+    import json
+
+    pairs = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        pairs += [(row["query"], text) for text in row["pos"] + row.get("neg", [])]
+    drawn = set(random.Random(seed).sample(sorted({p for _, p in pairs}), passages))
+    return [(q, p) for q, p in pairs if p in drawn]
+
+
+def score_lists(args: argparse.Namespace, scorers: dict) -> None:
+    """The teacher's workload: lists whose passages recur across queries, scored in turns."""
+    import copy
+
+    from peg.llm.scorer import LLMScorer
+
+    pairs = list_pairs(args.lists, args.list_passages)
+    reference = scorers["transformers"]
+    whole_prompts = copy.copy(reference.lm)
+    whole_prompts.reuses_prefix = False
+    rows = {"transformers, whole prompts": LLMScorer(reference.config, whole_prompts, reference.tokenizer),
+            "transformers, prefix reuse": reference, "ctranslate2 int8": scorers["ctranslate2 int8"]}
+    base = "transformers, whole prompts"
+    results = Results("llm_scoring_lists", "Scoring a teacher's lists: passages shared by queries (SmolLM2-135M, CPU)",
+                      {"lists": str(args.lists), "list_passages": args.list_passages, "pairs": len(pairs),
+                       "distinct_passages": len({p for _, p in pairs}), "batch": args.batch, "rounds": args.rounds},
+                      ["scorer", "rounds", "pairs_per_s", "vs_whole_prompts", "max_abs_diff", "spearman_vs_whole_prompts"])
+    seconds = dict.fromkeys(rows, 0.0)
+    scores = {name: np.empty(len(pairs), dtype=np.float32) for name in rows}
+    by_passage: dict[str, list[int]] = {}
+    for i, (_, passage) in enumerate(pairs):
+        by_passage.setdefault(passage, []).append(i)
+    groups = list(by_passage.values())
+    for r, part in enumerate(np.array_split(np.arange(len(groups)), args.rounds)):
+        idx = [i for g in part for i in groups[g]]  # a round holds whole passages, so reuse is kept
+        for name, scorer in rows.items():
+            start = time.perf_counter()
+            scores[name][idx] = scorer.score([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+            seconds[name] += time.perf_counter() - start
+        done = [i for g in np.concatenate(np.array_split(np.arange(len(groups)), args.rounds)[: r + 1]) for i in groups[g]]
+        results.data["rows"] = [{
+            "scorer": name, "rounds": f"{r + 1}/{args.rounds}", "pairs_per_s": len(done) / seconds[name],
+            "vs_whole_prompts": seconds[base] / seconds[name],
+            "max_abs_diff": float(np.abs(scores[name][done] - scores[base][done]).max()),
+            "spearman_vs_whole_prompts": spearman(scores[name][done], scores[base][done]),
+        } for name in rows]  # fmt: skip
+        results.write()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ variant `recipe`; the others override one setting of it.
         --run-store /tmp/peg-quality/effectiveness/recipe/store --run scifact-corpus-laptop-seed0 \\
         --variants recipe tt0.1 infonce --out bench/results/recipe_variants
 
-Dev: the collection's `qrels/dev.tsv`, else 100 seeded TRAIN queries (bench/effectiveness.py's
-`dev_set`, the same queries). Each variant's model and result are kept under `--store`, so a rerun
+Dev: the collection's `qrels/dev.tsv`, else `--dev-queries` seeded TRAIN queries (bench/effectiveness.py's
+`dev_set`; its first 100 are the bench's dev queries). Each variant is compared with base query by query
+(mean difference, 95% paired bootstrap interval). Each variant's model and result are kept under `--store`, so a rerun
 measures only what is missing. Writes `--out`.json / .md after every variant.
 """
 
@@ -26,11 +27,13 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import merged, paired_difference  # noqa: E402
 from bench.effectiveness import dev_set  # noqa: E402
 from bench.scifact import MINILM, SCIFACT, bench_config, embed_split  # noqa: E402
 from peg.config import RunConfig  # noqa: E402
 from peg.data import BeirDataset  # noqa: E402
 from peg.eval import evaluate_embeddings  # noqa: E402
+from peg.eval.metrics import per_query_metrics  # noqa: E402
 
 # Overrides of the recipe's own settings, each a candidate to choose on dev: "recipe" is the
 # recipe's training unchanged (which the run's own eval measured as well).
@@ -44,15 +47,8 @@ VARIANTS: dict[str, dict] = {
     "lr1e-5": {"train": {"learning_rate": 1.0e-5}},
     "lr5e-5": {"train": {"learning_rate": 5.0e-5}},
     "96steps": {"train": {"max_steps": 96}},
+    "144steps": {"train": {"max_steps": 144}},
 }
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied key by key, nested sections merged."""
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
 
 
 def verified_lists(run_store: Path, run: str) -> Path:
@@ -68,12 +64,14 @@ def verified_lists(run_store: Path, run: str) -> Path:
     return store.local_path(key)
 
 
-def evaluate(store: str, model: str, collection: Path, backend: str, data: BeirDataset) -> dict[str, float]:
+def evaluate(store: str, model: str, collection: Path, backend: str, data: BeirDataset) -> dict:
+    """nDCG@10 and R@100 of `model` on `data`, and each query's nDCG@10 (for paired comparisons)."""
     config = bench_config(store, model=model, beir=collection)
     config.model.cpu_backend = backend
     q_ids, q_emb, p_ids, p_emb = embed_split(config, data)
-    metrics = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, data.qrels).metrics
-    return {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
+    result = evaluate_embeddings(q_ids, q_emb, p_ids, p_emb, data.qrels)
+    per_query = {qid: row["ndcg@10"] for qid, row in per_query_metrics(data.qrels, result.run).items()}
+    return {"ndcg@10": result.metrics["ndcg@10"], "recall@100": result.metrics["recall@100"], "per_query_ndcg@10": per_query}
 
 
 def main() -> None:
@@ -84,6 +82,9 @@ def main() -> None:
     parser.add_argument("--collection", type=Path, default=SCIFACT)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dev-queries", type=int, default=100,
+                        help="Seeded train queries as dev where the collection has no dev split (a corpus-only "
+                             "recipe trains on none of them, so all may serve: SciFact has 809).")
     parser.add_argument("--cpu-backend", default="torch_bf16", choices=["torch_fp32", "torch_bf16"])
     parser.add_argument("--store", default="/tmp/peg-variants")
     parser.add_argument("--out", type=Path, default=Path("bench/results/recipe_variants"))
@@ -93,26 +94,29 @@ def main() -> None:
 
     lists = verified_lists(args.run_store, args.run)
     recipe = yaml.safe_load(args.recipe.read_text())
-    dev, test = dev_set(args.collection, 100), BeirDataset.load(args.collection, "test")
+    dev, test = dev_set(args.collection, args.dev_queries), BeirDataset.load(args.collection, "test")
     root = Path(args.store) / "variants" / args.run
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in ["base", *args.variants]:
-        done = root / f"{name}-seed{args.seed}.json"
+        done = root / f"{name}-seed{args.seed}-dev{len(dev.queries)}.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
-        started = time.monotonic()
-        model, overrides = MINILM, {}
+        model, overrides, trained_s = MINILM, {}, 0.0
         if name != "base":
             overrides = VARIANTS[name]
-            raw = merged(recipe, merged(overrides, {"name": f"{args.run}-{name}".replace(".", "-"), "train": {"seed": args.seed}}))
-            raw["data"] = {"beir": str(args.collection), "train_files": [str(lists)]}
-            raw["store"] = {"uri": str(Path(args.store) / "store")}
-            config = RunConfig.model_validate({k: v for k, v in raw.items() if k not in ("synth", "score", "mining")})
             output = root / f"{name}-seed{args.seed}"
-            model = str(train(config, output, resume=(output / "checkpoints" / "latest").exists()))
-        trained_s = time.monotonic() - started
+            trained = output / "train_s.json"  # written after the export, which replaces `model` whole
+            if not trained.exists():
+                raw = merged(recipe, merged(overrides, {"name": f"{args.run}-{name}".replace(".", "-"), "train": {"seed": args.seed}}))
+                raw["data"] = {"beir": str(args.collection), "train_files": [str(lists)]}
+                raw["store"] = {"uri": str(Path(args.store) / "store")}
+                config = RunConfig.model_validate({k: v for k, v in raw.items() if k not in ("synth", "score", "mining")})
+                started = time.monotonic()
+                train(config, output, resume=(output / "checkpoints" / "latest").exists())
+                trained.write_text(json.dumps(time.monotonic() - started))
+            model, trained_s = str(output / "model"), json.loads(trained.read_text())
         row = {"variant": name, "seed": args.seed, "overrides": overrides, "train_s": round(trained_s),
                **{f"dev_{k}": v for k, v in evaluate(args.store, model, args.collection, args.cpu_backend, dev).items()},
                **{f"test_{k}": v for k, v in evaluate(args.store, model, args.collection, args.cpu_backend, test).items()}}
@@ -128,14 +132,23 @@ def write_outputs(args: argparse.Namespace, lists: Path, rows: list[dict]) -> No
     args.out.with_suffix(".json").write_text(json.dumps(
         {"recipe": str(args.recipe), "run": args.run, "lists": str(lists), "collection": args.collection.name,
          "cpu_backend": args.cpu_backend, "rows": rows}, indent=1) + "\n")
+    dev_queries = len(base["dev_per_query_ndcg@10"])
     lines = [f"# Recipe variants: {args.recipe.name}'s training on run {args.run}'s lists ({args.collection.name})", "",
-             f"Encoder path for every row: {args.cpu_backend}. Chosen on dev only; test shown, not used.", "",
-             "| variant | overrides | train s | dev nDCG@10 | vs base | test nDCG@10 | vs base | test R@100 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"Encoder path for every row: {args.cpu_backend}. Dev: {dev_queries} queries; chosen on dev only, test "
+             "shown, not used. *vs base*: the mean per-query nDCG@10 difference with its 95% paired bootstrap "
+             "interval (queries resampled) and how many queries rose / fell.", "",
+             "| variant | overrides | train s | dev nDCG@10 | dev vs base | test nDCG@10 | test vs base | test R@100 |",
+             "|---|---|---:|---:|---|---:|---|---:|"]
+
+    def versus(row: dict, split: str) -> str:
+        if row is base:
+            return ""
+        d = paired_difference(row[f"{split}_per_query_ndcg@10"], base[f"{split}_per_query_ndcg@10"])
+        return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['better']}/{d['worse']})"
+
     for r in rows:
         lines.append(f"| {r['variant']} | `{json.dumps(r['overrides'])}` | {r['train_s']} | {r['dev_ndcg@10']:.4f} | "
-                     f"{r['dev_ndcg@10'] - base['dev_ndcg@10']:+.4f} | {r['test_ndcg@10']:.4f} | "
-                     f"{r['test_ndcg@10'] - base['test_ndcg@10']:+.4f} | {r['test_recall@100']:.4f} |")
+                     f"{versus(r, 'dev')} | {r['test_ndcg@10']:.4f} | {versus(r, 'test')} | {r['test_recall@100']:.4f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Results, peak_rss_gib, run_json, training_pairs  # noqa: E402
+from common import REPO, Results, merged, peak_rss_gib, run_json, training_pairs  # noqa: E402
 
 VARIANTS = {  # name -> run-config overrides
     "peg": {},
@@ -44,13 +44,6 @@ VARIANTS = {  # name -> run-config overrides
 }
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def peg_config(args, data: Path) -> dict:
     return {
         "name": "bench-train-step",
@@ -66,9 +59,9 @@ def peg_config(args, data: Path) -> dict:
 def variant_config(args, data: Path, name: str) -> dict:
     """peg's run config for a variant: the common one, the variant's overrides, and for the token
     variant the token budget and attention kernel of the command line."""
-    config = merge(peg_config(args, data), VARIANTS[name])
+    config = merged(peg_config(args, data), VARIANTS[name])
     if name == "peg token chunks":
-        config = merge(config, {"batch": {"chunk_tokens": args.chunk_tokens}, "model": {"attn_implementation": args.attn}})
+        config = merged(config, {"batch": {"chunk_tokens": args.chunk_tokens}, "model": {"attn_implementation": args.attn}})
     return config
 
 

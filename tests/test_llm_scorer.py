@@ -114,6 +114,42 @@ def test_query_likelihood_matches_unbatched_reference(tiny_llama, smollm2_tokeni
     assert (batched < 0).all()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_query_likelihood_runs_a_shared_passage_once_and_scores_as_the_full_prompts_do(
+    tiny_llama, smollm2_tokenizer, chat_template
+):
+    """A teacher's lists pair each passage with several queries: the passage's prompt is run once
+    (the queries run on its cached keys and values, here in chunks of 3 of a group of 4) and the
+    scores equal full-prompt forward passes, shared and unshared passages mixed in one call."""
+    tok = copy.deepcopy(smollm2_tokenizer)
+    if not chat_template:
+        tok.chat_template = None
+    queries = [q for q, _ in PAIRS]
+    shared = [p for _, p in PAIRS[:3]]
+    pairs = [(queries[(i + j) % len(queries)], shared[i]) for i in range(3) for j in range(4)]
+    pairs += [PAIRS[3], PAIRS[4]]  # passages that occur once
+    order = np.random.default_rng(0).permutation(len(pairs))
+    pairs = [pairs[i] for i in order]
+    qs, ps = zip(*pairs)
+    calls = []
+    hook = tiny_llama.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append((tuple(kw["input_ids"].shape), (kw.get("cache") or kw.get("past_key_values")) is not None)),
+        with_kwargs=True,
+    )
+    try:
+        got = scorer(tiny_llama, tok, "query_likelihood", batch_size=3, max_passage_chars=80).score(qs, ps)
+    finally:
+        hook.remove()
+    reference = scorer(tiny_llama, tok, "query_likelihood", batch_size=1, max_passage_chars=80)
+    want = [reference._score_batch([q], [p])[0] for q, p in pairs]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.ptp(got) > 1e-3
+    prompts = sum(rows for (rows, _), cached in calls if not cached)
+    assert prompts == 3 + 2  # one prefill per shared passage, plus the two single pairs (batched)
+    assert sum(rows for (rows, _), cached in calls if cached) == 12  # every shared pair's query, once
+
+
 @pytest.mark.slow
 def test_query_likelihood_without_chat_template_batches_exactly(tiny_llama, smollm2_tokenizer):
     tok = copy.deepcopy(smollm2_tokenizer)

@@ -5,6 +5,10 @@ transformers (`llm.backend: transformers`) or CTranslate2 (`llm.backend: ctransl
   the `yes_no` scorer's input.
 - `continuation_log_probs(sequences, lengths)`: the mean log-probability of the last `lengths[i]`
   tokens of sequence i given the tokens before them; the `query_likelihood` scorer's input.
+- `shared_prefix_log_probs(prefix, continuations, batch_size)` (a backend whose `reuses_prefix`
+  is true: transformers on CPU): the same for the sequences `prefix + continuations[i]`, the
+  prefix run once and each continuation on its cached keys and values, so a passage scored against
+  n queries costs one passage prefill, not n. CTranslate2's `score_batch` keeps no such cache.
 - `generate(sequences, max_new_tokens, temperature, seed)`: new token ids after each sequence (end
   token excluded); greedy at temperature 0, else sampled from the full distribution.
 
@@ -18,7 +22,9 @@ bench/llm_backends.py.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,11 +55,16 @@ def _pad_id(tokenizer) -> int:
 
 class TransformersLM:
     """A transformers causal LM; batches are left-padded with explicit position ids, so a sequence
-    gives the same numbers alone or in any batch."""
+    gives the same numbers alone or in any batch. On CPU, where arithmetic bounds the speed, it
+    reuses a shared prompt prefix's keys and values (`reuses_prefix`); on a GPU, batched whole
+    prompts keep the device busier than one prefix at a time."""
 
     def __init__(self, model, tokenizer):
         self.model = model.eval()
         self.pad_id = _pad_id(tokenizer)
+        # transformers 5 renamed the key/value cache argument and output from past_key_values to cache
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.reuses_prefix = self._device().type == "cpu"
 
     def _device(self):
         return next(self.model.parameters()).device
@@ -76,6 +87,41 @@ class TransformersLM:
         n = torch.tensor(list(lengths), device=device)
         mask = torch.arange(keep - 1, device=device).unsqueeze(0) >= (keep - 1 - n).unsqueeze(1)
         return ((token_lp * mask).sum(dim=1) / n).cpu().numpy()
+
+    @torch.no_grad()
+    def shared_prefix_log_probs(
+        self, prefix: Sequence[int], continuations: Sequence[Sequence[int]], batch_size: int
+    ) -> np.ndarray:
+        device = self._device()
+        out = self.model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each continuation's first token
+        scores = np.empty(len(continuations), dtype=np.float32)
+        order = sorted(range(len(continuations)), key=lambda i: len(continuations[i]))  # chunks of like lengths pad less
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            chunk = [list(continuations[i]) for i in rows]
+            n, width = len(chunk), max(len(c) for c in chunk)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for row, tokens in enumerate(chunk):  # right-padded: padding comes after every real token
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            cache = copy.deepcopy(getattr(out, self.cache_name))
+            cache.batch_repeat_interleave(n)
+            logits = self.model(
+                input_ids=ids.to(device),
+                attention_mask=torch.cat([torch.ones((n, len(prefix)), dtype=torch.long), mask], dim=1).to(device),
+                position_ids=(len(prefix) + torch.arange(width)).expand(n, width).to(device),
+                **{self.cache_name: cache},
+            ).logits.float()
+            token_lp = torch.empty((n, width), device=device)
+            token_lp[:, 0] = first[ids[:, 0].to(device)]
+            if width > 1:  # position j of the continuation predicts its token j + 1
+                lp = torch.log_softmax(logits[:, :-1], dim=-1)
+                token_lp[:, 1:] = lp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            m = mask.to(device)
+            scores[rows] = ((token_lp * m).sum(dim=1) / m.sum(dim=1)).cpu().numpy()
+        return scores
 
     @torch.no_grad()
     def generate(
@@ -107,6 +153,8 @@ class TransformersLM:
 class CTranslate2LM:
     """A CTranslate2 `Generator` over the converted folder; token ids travel as the tokenizer's
     token strings (the converted vocabulary is the tokenizer's, in id order)."""
+
+    reuses_prefix = False
 
     def __init__(self, generator, tokenizer, end_ids: Sequence[int]):
         self.generator = generator

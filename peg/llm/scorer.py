@@ -11,6 +11,9 @@ Two modes (`LLMConfig.mode`):
 
 The forward passes run on `llm.backend` (peg/llm/backends.py: transformers, or CTranslate2 for
 CPU speed); a pair scores the same alone or in any batch. Passages are cut to `max_passage_chars`.
+In query_likelihood mode on the transformers backend, a passage paired with several queries (a
+teacher's candidate lists, the round-trip filter's top k) has its prompt run once and each query
+run on the cached keys and values: one passage prefill instead of one per pair, equal scores.
 """
 
 from __future__ import annotations
@@ -105,11 +108,32 @@ class LLMScorer:
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
         scores = np.empty(len(queries), dtype=np.float32)
-        order = np.argsort([-(len(q) + min(len(p), self.config.max_passage_chars)) for q, p in zip(queries, passages)], kind="stable")
-        size = self.config.batch_size
+        pending = list(range(len(queries)))
         with progress_bar(len(queries), f"LLM {self.config.mode}", enabled=show_progress, unit="pairs") as advance:
+            if self.config.mode == "query_likelihood" and self.lm.reuses_prefix:
+                pending = self._score_shared_passages(queries, passages, scores, advance)
+            order = sorted(pending, key=lambda i: -(len(queries[i]) + min(len(passages[i]), self.config.max_passage_chars)))
+            size = self.config.batch_size
             for start in range(0, len(order), size):
                 idx = order[start : start + size]
                 scores[idx] = self._score_batch([queries[i] for i in idx], [passages[i] for i in idx])
                 advance(len(idx))
         return scores
+
+    def _score_shared_passages(self, queries: Sequence[str], passages: Sequence[str], scores: np.ndarray, advance) -> list[int]:
+        """query_likelihood on a backend that reuses a prefix: each passage paired with two or more
+        queries has its prompt run once, and those queries run on its cached keys and values.
+        Returns the pairs left to score in batches (each passage's only pair)."""
+        groups: dict[str, list[int]] = {}
+        for i, passage in enumerate(passages):
+            groups.setdefault(passage[: self.config.max_passage_chars], []).append(i)
+        single = []
+        for rows in groups.values():
+            if len(rows) == 1:
+                single.extend(rows)
+                continue
+            sequences = [self._likelihood_sequence(queries[i], passages[i]) for i in rows]
+            prefix = sequences[0][0][: -sequences[0][1]]
+            scores[rows] = self.lm.shared_prefix_log_probs(prefix, [seq[-n:] for seq, n in sequences], self.config.batch_size)
+            advance(len(rows))
+        return single
