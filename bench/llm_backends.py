@@ -157,7 +157,6 @@ def score_pairs_and_generate(args, queries, passages, labels, sources, scorers, 
                  "when the cache was cold")  # fmt: skip
 
 
-
 def list_pairs(path: Path, passages: int, seed: int = 0) -> list[tuple[str, str]]:
     """Every (query, passage) pair of the lists file whose passage is one of `passages` drawn at random."""
     import json
@@ -193,13 +192,14 @@ def score_lists(args: argparse.Namespace, scorers: dict) -> None:
     for i, (_, passage) in enumerate(pairs):
         by_passage.setdefault(passage, []).append(i)
     groups = list(by_passage.values())
+    done: list[int] = []
     for r, part in enumerate(np.array_split(np.arange(len(groups)), args.rounds)):
         idx = [i for g in part for i in groups[g]]  # a round holds whole passages, so reuse is kept
         for name, scorer in rows.items():
             start = time.perf_counter()
             scores[name][idx] = scorer.score([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
             seconds[name] += time.perf_counter() - start
-        done = [i for g in np.concatenate(np.array_split(np.arange(len(groups)), args.rounds)[: r + 1]) for i in groups[g]]
+        done += idx
         results.data["rows"] = [{
             "scorer": name, "rounds": f"{r + 1}/{args.rounds}", "pairs_per_s": len(done) / seconds[name],
             "vs_whole_prompts": seconds[base] / seconds[name],

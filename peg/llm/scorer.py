@@ -11,7 +11,7 @@ Two modes (`LLMConfig.mode`):
 
 The forward passes run on `llm.backend` (peg/llm/backends.py: transformers, or CTranslate2 for
 CPU speed); a pair scores the same alone or in any batch. Passages are cut to `max_passage_chars`.
-In query_likelihood mode on the transformers backend, a passage paired with several queries (a
+In query_likelihood mode on the transformers backend on CPU, a passage paired with several queries (a
 teacher's candidate lists, the round-trip filter's top k) has its prompt run once and each query
 run on the cached keys and values: one passage prefill instead of one per pair, equal scores.
 """
