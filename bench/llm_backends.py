@@ -1,5 +1,5 @@
-"""LLM stages' speed: the transformers backend vs CTranslate2 (float32 and int8), same model, inputs
-and batch, in ONE run.
+"""LLM stages' speed: the transformers backend (float32, bfloat16) vs CTranslate2 (float32 and
+int8), same model, inputs and batch, in ONE run.
 
     PEG_SCIFACT=../shared/data/scifact nice -n 10 .venv/bin/python bench/llm_backends.py \\
         [--pairs 16 --passages 4 --batch 8 --new-tokens 24 --rounds 2]
@@ -19,8 +19,9 @@ also scores the pairs a teacher scores there: `--list-passages` passages drawn a
 (query, passage) pair of the file that holds one of them, so each passage comes with as many
 queries as it has in the whole file. There a passage's prompt is shared by its queries, which the
 transformers backend reuses (peg/llm/backends.py, `shared_prefix_log_probs`); the rows are the
-transformers path without that reuse (every pair a whole prompt, as before), with it, and
-CTranslate2 int8, in turns. Writes bench/results/llm_scoring_lists.json / .md.
+transformers path without that reuse (every pair a whole prompt, as before), with it, CTranslate2
+int8, and transformers in bfloat16 (`llm.compute_type: bfloat16`: native bf16 matrix products
+where the CPU has AMX or AVX512-BF16) without and with the reuse, in turns. Writes bench/results/llm_scoring_lists.json / .md.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from common import Results  # noqa: E402
 
 BACKENDS = {
     "transformers": {"backend": "transformers"},
+    "transformers bf16": {"backend": "transformers", "compute_type": "bfloat16"},
     "ctranslate2 float32": {"backend": "ctranslate2", "compute_type": "float32"},
     "ctranslate2 int8": {"backend": "ctranslate2", "compute_type": "int8"},
 }
@@ -117,8 +119,10 @@ def score_pairs_and_generate(args, queries, passages, labels, sources, scorers, 
     """The pairs workload (each passage once) and few-shot generation, backends in turns."""
     import torch
 
-    settings = {**vars(args), "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "threads": torch.get_num_threads(),
-                "mode": "query_likelihood", "generation": "greedy, few-shot question"}  # fmt: skip
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {**options, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "threads": torch.get_num_threads(),
+                "native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "mode": "query_likelihood",
+                "generation": "greedy, few-shot question"}  # fmt: skip
     results = Results("llm_backends", "LLM stages: transformers vs CTranslate2 (SmolLM2-135M, CPU)", settings,
                       ["backend", "rounds", "load_s", "score_pairs_per_s", "score_vs_transformers", "max_abs_diff",
                        "spearman_vs_transformers", "auc", "gen_queries_per_s", "gen_vs_transformers",
@@ -173,18 +177,26 @@ def score_lists(args: argparse.Namespace, scorers: dict) -> None:
     """The teacher's workload: lists whose passages recur across queries, scored in turns."""
     import copy
 
+    import torch
+
     from peg.llm.scorer import LLMScorer
 
     pairs = list_pairs(args.lists, args.list_passages)
     reference = scorers["transformers"]
-    whole_prompts = copy.copy(reference.lm)
-    whole_prompts.reuses_prefix = False
-    rows = {"transformers, whole prompts": LLMScorer(reference.config, whole_prompts, reference.tokenizer),
-            "transformers, prefix reuse": reference, "ctranslate2 int8": scorers["ctranslate2 int8"]}
+    def whole_prompts(scorer: LLMScorer) -> LLMScorer:
+        lm = copy.copy(scorer.lm)
+        lm.reuses_prefix = False
+        return LLMScorer(scorer.config, lm, scorer.tokenizer)
+
+    bf16 = scorers["transformers bf16"]
+    rows = {"transformers, whole prompts": whole_prompts(reference), "transformers, prefix reuse": reference,
+            "ctranslate2 int8": scorers["ctranslate2 int8"], "transformers bf16, whole prompts": whole_prompts(bf16),
+            "transformers bf16, prefix reuse": bf16}
     base = "transformers, whole prompts"
     results = Results("llm_scoring_lists", "Scoring a teacher's lists: passages shared by queries (SmolLM2-135M, CPU)",
                       {"lists": str(args.lists), "list_passages": args.list_passages, "pairs": len(pairs),
-                       "distinct_passages": len({p for _, p in pairs}), "batch": args.batch, "rounds": args.rounds},
+                       "distinct_passages": len({p for _, p in pairs}), "batch": args.batch, "rounds": args.rounds,
+                       "native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported()},
                       ["scorer", "rounds", "pairs_per_s", "vs_whole_prompts", "max_abs_diff", "spearman_vs_whole_prompts"])
     seconds = dict.fromkeys(rows, 0.0)
     scores = {name: np.empty(len(pairs), dtype=np.float32) for name in rows}

@@ -422,10 +422,12 @@ class LLMConfig(Section):
         description="Inference engine: transformers, or ctranslate2 (the model converted once and cached; "
         "faster on CPU, see bench/results.md).",
     )
-    compute_type: Literal["int8", "float32"] = Field(
-        "int8",
-        description="ctranslate2: weight type at load (int8: quantized, fastest on CPU; float32: the "
-        "transformers path's numbers).",
+    compute_type: Literal["float32", "bfloat16", "int8"] | None = Field(
+        None,
+        description="Number type the model runs in; null: the backend's default (transformers float32, ctranslate2 "
+        "int8). float32: the reference numbers; bfloat16: transformers or ctranslate2 on a GPU, or transformers "
+        "on a CPU with native bf16 (AMX / AVX512-BF16), ~3x float32 there with scores ranked alike (see "
+        "bench/results.md); int8: ctranslate2 only, weights quantized at load.",
     )
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass / generate call.")
     max_passage_chars: int = Field(2000, ge=1, description="Passages are cut to this many characters.")
@@ -433,6 +435,12 @@ class LLMConfig(Section):
     num_actors: int = Field(1, ge=1, description="Ray actors, each holding one copy of the model.")
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small machines).")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+
+    @model_validator(mode="after")
+    def _check_compute_type(self) -> LLMConfig:
+        if self.backend == "transformers" and self.compute_type == "int8":
+            raise ValueError("compute_type int8 needs backend ctranslate2 (transformers runs float32 or bfloat16)")
+        return self
 
 
 class JudgeConfig(Section):

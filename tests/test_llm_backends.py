@@ -1,5 +1,7 @@
 """The CTranslate2 backend equals the transformers backend where it claims to (float32 scores,
-greedy generations), and its conversion is cached by the model folder's content.
+greedy generations), and its conversion is cached by the model folder's content; the transformers
+backend in bfloat16 scores within bf16 rounding of float32; compute types a backend cannot run are
+refused.
 
 The model is the session's tiny random Llama with the SmolLM2 tokenizer (tests/tiny.py); speed is
 measured in bench/llm_backends.py, not here.
@@ -7,14 +9,19 @@ measured in bench/llm_backends.py, not here.
 
 from __future__ import annotations
 
+import copy
 import shutil
 
+import ctranslate2
 import numpy as np
 import pytest
+import torch
+from pydantic import ValidationError
 
 from peg.config import LLMConfig, SynthConfig
 from peg.llm import LLMScorer, QueryWriter
 from peg.llm.backends import CTranslate2LM, TransformersLM, convert_ctranslate2, load_lm
+from peg.llm.loading import LLMError
 from test_llm_scorer import PAIRS
 
 JOBS = [
@@ -81,3 +88,31 @@ def test_conversion_is_cached_by_folder_content(tiny_llama_dir, tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "cache" / "ct2").iterdir() if p.is_dir()) == sorted(
         [first.name, convert_ctranslate2(changed).name]
     )
+
+
+def test_bfloat16_runs_in_bf16_and_scores_as_float32_up_to_rounding(backends, tiny_llama_dir):
+    """`compute_type: bfloat16` on the transformers path: the weights are bf16, and a passage scored
+    with its prefix reused gives the whole prompts' numbers, both within bf16 rounding of float32."""
+    (ref_lm, tok), _ = backends
+    bf16_lm, _ = load_lm(LLMConfig(path=str(tiny_llama_dir), compute_type="bfloat16"))
+    assert {p.dtype for p in bf16_lm.model.parameters()} == {torch.bfloat16}
+    config = LLMConfig(path="tiny", mode="query_likelihood", batch_size=3)
+    queries, passages = zip(*PAIRS)
+    want = LLMScorer(config, ref_lm, tok).score(queries, passages)
+    got = LLMScorer(config, bf16_lm, tok).score(queries, passages)
+    assert not np.allclose(got, want, rtol=0, atol=1e-6)  # bf16 really ran: the numbers moved
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.ptp(want))  # 7e-4 of a 0.2 spread here
+    shared = [("a first query", PAIRS[0][1]), ("a second, longer query here", PAIRS[0][1]), (PAIRS[0][0], PAIRS[0][1])]
+    reused = LLMScorer(config, bf16_lm, tok).score(*zip(*shared))
+    whole = copy.copy(bf16_lm)
+    whole.reuses_prefix = False
+    np.testing.assert_allclose(reused, LLMScorer(config, whole, tok).score(*zip(*shared)), rtol=0, atol=0.005)
+
+
+def test_compute_types_a_backend_cannot_run_are_refused(tiny_llama_dir):
+    with pytest.raises(ValidationError, match="compute_type int8 needs backend ctranslate2"):
+        LLMConfig(path=str(tiny_llama_dir), compute_type="int8")
+    if "bfloat16" in ctranslate2.get_supported_compute_types("cpu") or ctranslate2.get_cuda_device_count():
+        pytest.skip("this ctranslate2 build runs bfloat16 here")
+    with pytest.raises(LLMError, match="compute_type bfloat16 is not supported by ctranslate2 on this cpu"):
+        load_lm(LLMConfig(path=str(tiny_llama_dir), backend="ctranslate2", compute_type="bfloat16"))

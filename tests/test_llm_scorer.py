@@ -120,8 +120,9 @@ def test_query_likelihood_runs_a_shared_passage_once_and_scores_as_the_full_prom
     tiny_llama, smollm2_tokenizer, chat_template
 ):
     """A teacher's lists pair each passage with several queries: the passage's prompt is run once
-    (the queries run on its cached keys and values, here in chunks of 3 of a group of 4) and the
-    scores equal full-prompt forward passes, shared and unshared passages mixed in one call."""
+    (the three shared passages' prompts as one batch; their 12 queries on the cached keys and
+    values of their own passage, in chunks of 3 that mix passages) and the scores equal full-prompt
+    forward passes, shared and unshared passages mixed in one call."""
     tok = copy.deepcopy(smollm2_tokenizer)
     if not chat_template:
         tok.chat_template = None
@@ -145,8 +146,8 @@ def test_query_likelihood_runs_a_shared_passage_once_and_scores_as_the_full_prom
     want = [reference._score_batch([q], [p])[0] for q, p in pairs]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert np.ptp(got) > 1e-3
-    prompts = sum(rows for (rows, _), cached in calls if not cached)
-    assert prompts == 3 + 2  # one prefill per shared passage, plus the two single pairs (batched)
+    prompts = [rows for (rows, _), cached in calls if not cached]
+    assert prompts == [3, 2]  # the shared passages' prompts in one batch, then the two single pairs'
     assert sum(rows for (rows, _), cached in calls if cached) == 12  # every shared pair's query, once
 
 

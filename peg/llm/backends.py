@@ -5,19 +5,22 @@ transformers (`llm.backend: transformers`) or CTranslate2 (`llm.backend: ctransl
   the `yes_no` scorer's input.
 - `continuation_log_probs(sequences, lengths)`: the mean log-probability of the last `lengths[i]`
   tokens of sequence i given the tokens before them; the `query_likelihood` scorer's input.
-- `shared_prefix_log_probs(prefix, continuations, batch_size)` (a backend whose `reuses_prefix`
-  is true: transformers on CPU): the same for the sequences `prefix + continuations[i]`, the
-  prefix run once and each continuation on its cached keys and values, so a passage scored against
-  n queries costs one passage prefill, not n. CTranslate2's `score_batch` keeps no such cache.
+- `shared_prefix_log_probs(groups, batch_size)` (a backend whose `reuses_prefix` is true:
+  transformers on CPU): the same for the sequences `prefix + continuation` of each (prefix,
+  continuations) group, the prefixes run once (as one batch) and each continuation on its prefix's
+  cached keys and values, so a passage scored against n queries costs one passage prefill, not n.
+  CTranslate2's `score_batch` keeps no such cache.
 - `generate(sequences, max_new_tokens, temperature, seed)`: new token ids after each sequence (end
   token excluded); greedy at temperature 0, else sampled from the full distribution.
 
 CTranslate2 runs a folder converted once from the transformers folder (`llm.path`, or the cached
 fp32 expansion of a GGUF file) and cached under `$PEG_CACHE_DIR/ct2/<sha256 of the folder's
-files>/` as float32; `llm.compute_type` picks the weights' type at load (`int8`: quantized on
-load; `float32`: the same numbers as transformers up to summation order). Greedy generations and
-float32 scores equal the transformers path's (tests/test_llm_backends.py); speed:
-bench/llm_backends.py.
+files>/` as float32; `llm.compute_type` picks the weights' type at load (`int8`, its default:
+quantized on load; `float32`: the same numbers as transformers up to summation order; `bfloat16`
+where ctranslate2 supports it on the device). Greedy generations and float32 scores equal the
+transformers path's (tests/test_llm_backends.py). The transformers path runs float32 (default) or
+bfloat16: on a CPU with AMX or AVX512-BF16, bf16 scoring is ~3x float32's, with scores close to
+float32's and ranked alike (tests/test_llm_backends.py); speed: bench/llm_backends.py.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from peg.config import LLMConfig
-from peg.llm.loading import LLMError, cache_dir, cached_conversion, model_folder
+from peg.llm.loading import LLMError, cache_dir, cached_conversion, load_causal_lm, model_folder
 from peg.store.files import file_sha256
 
 
@@ -90,37 +93,49 @@ class TransformersLM:
 
     @torch.no_grad()
     def shared_prefix_log_probs(
-        self, prefix: Sequence[int], continuations: Sequence[Sequence[int]], batch_size: int
-    ) -> np.ndarray:
+        self, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], batch_size: int
+    ) -> list[np.ndarray]:
+        """For each (prefix, continuations) group, the mean log-probability of each continuation
+        after its prefix: the groups' prefixes run as one left-padded batch, then every
+        continuation, `batch_size` at a time across the groups, on its own prefix's cached keys and
+        values (right-padded, so padding comes after every real token)."""
         device = self._device()
-        out = self.model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each continuation's first token
-        scores = np.empty(len(continuations), dtype=np.float32)
-        order = sorted(range(len(continuations)), key=lambda i: len(continuations[i]))  # chunks of like lengths pad less
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            chunk = [list(continuations[i]) for i in rows]
-            n, width = len(chunk), max(len(c) for c in chunk)
+        prefixes = left_pad([prefix for prefix, _ in groups], self.pad_id)
+        out = self.model(**{k: v.to(device) for k, v in prefixes.items()}, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
+        prefill = getattr(out, self.cache_name)
+        prefix_mask, prefix_len = prefixes["attention_mask"], prefixes["attention_mask"].sum(dim=1)
+        scores = [np.empty(len(continuations), dtype=np.float32) for _, continuations in groups]
+        rows = sorted(
+            ((g, j) for g, (_, continuations) in enumerate(groups) for j in range(len(continuations))),
+            key=lambda row: len(groups[row[0]][1][row[1]]),  # chunks of like lengths pad less
+        )
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            tokens = [list(groups[g][1][j]) for g, j in chunk]
+            owner = torch.tensor([g for g, _ in chunk])
+            n, width = len(tokens), max(len(t) for t in tokens)
             ids = torch.full((n, width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((n, width), dtype=torch.long)
-            for row, tokens in enumerate(chunk):  # right-padded: padding comes after every real token
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
-            cache = copy.deepcopy(getattr(out, self.cache_name))
-            cache.batch_repeat_interleave(n)
+            for row, seq in enumerate(tokens):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            cache = shallow_cache_copy(prefill)
+            cache.batch_select_indices(owner.to(device))  # row i: the keys and values of its own prefix
             logits = self.model(
                 input_ids=ids.to(device),
-                attention_mask=torch.cat([torch.ones((n, len(prefix)), dtype=torch.long), mask], dim=1).to(device),
-                position_ids=(len(prefix) + torch.arange(width)).expand(n, width).to(device),
+                attention_mask=torch.cat([prefix_mask[owner], mask], dim=1).to(device),
+                position_ids=(prefix_len[owner].unsqueeze(1) + torch.arange(width)).to(device),
                 **{self.cache_name: cache},
             ).logits.float()
             token_lp = torch.empty((n, width), device=device)
-            token_lp[:, 0] = first[ids[:, 0].to(device)]
+            token_lp[:, 0] = first[owner.to(device), ids[:, 0].to(device)]
             if width > 1:  # position j of the continuation predicts its token j + 1
                 lp = torch.log_softmax(logits[:, :-1], dim=-1)
                 token_lp[:, 1:] = lp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
             m = mask.to(device)
-            scores[rows] = ((token_lp * m).sum(dim=1) / m.sum(dim=1)).cpu().numpy()
+            for (g, j), score in zip(chunk, ((token_lp * m).sum(dim=1) / m.sum(dim=1)).cpu().numpy(), strict=True):
+                scores[g][j] = score
         return scores
 
     @torch.no_grad()
@@ -192,6 +207,14 @@ class CTranslate2LM:
         return [list(r.sequences_ids[0]) for r in results]
 
 
+def shallow_cache_copy(cache):
+    """A copy of a key/value cache that shares its tensors: selecting or appending rows (which
+    replace a layer's tensors, never write into them) leaves `cache` as it was, without copying
+    every prefix's keys and values first."""
+    memo = {id(t): t for layer in getattr(cache, "layers", []) for t in vars(layer).values() if isinstance(t, torch.Tensor)}
+    return copy.deepcopy(cache, memo)
+
+
 def folder_identity(folder: Path) -> str:
     """sha256 over every file of a model folder (relative name and content)."""
     h = hashlib.sha256()
@@ -227,22 +250,27 @@ def end_token_ids(folder: Path, tokenizer) -> list[int]:
 def load_lm(config: LLMConfig):
     """(backend, tokenizer) for `config`: a TransformersLM or CTranslate2LM on the GPU when there
     is one, else on the CPU with torch's thread count."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    folder = model_folder(config)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     if config.backend == "transformers":
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        if torch.cuda.is_available():
-            model.to("cuda")
+        model, tokenizer = load_causal_lm(config)
         return TransformersLM(model, tokenizer), tokenizer
     try:
         import ctranslate2
     except ImportError as exc:
         raise LLMError("llm.backend 'ctranslate2' needs the ctranslate2 package (pip install ctranslate2)") from exc
+    folder = model_folder(config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     on_gpu = ctranslate2.get_cuda_device_count() > 0
+    device = "cuda" if on_gpu else "cpu"
+    compute_type = config.compute_type or "int8"
+    if compute_type not in ctranslate2.get_supported_compute_types(device):
+        raise LLMError(
+            f"llm.compute_type {compute_type} is not supported by ctranslate2 on this {device} "
+            f"(supported: {', '.join(sorted(ctranslate2.get_supported_compute_types(device)))})"
+        )
     generator = ctranslate2.Generator(
-        str(convert_ctranslate2(folder)), device="cuda" if on_gpu else "cpu", compute_type=config.compute_type,
+        str(convert_ctranslate2(folder)), device=device, compute_type=compute_type,
         intra_threads=0 if on_gpu else torch.get_num_threads(),
     )
     return CTranslate2LM(generator, tokenizer, end_token_ids(folder, tokenizer)), tokenizer

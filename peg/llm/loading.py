@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from filelock import FileLock
 from peg.errors import PegError
 from peg.config import LLMConfig
 from peg.store.files import dir_mode, file_sha256
+
+logger = logging.getLogger(__name__)
 
 
 class LLMError(PegError, ValueError):
@@ -185,12 +188,16 @@ def model_folder(config: LLMConfig) -> Path:
 
 
 def load_causal_lm(config: LLMConfig):
-    """(model, tokenizer) for `config`, model in eval mode, tokenizer padding on the left."""
+    """(transformers model, tokenizer) for `config`: the model in eval mode, in `config.compute_type`
+    (float32 unless bfloat16), on the GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = model_folder(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    dtype = torch.bfloat16 if config.compute_type == "bfloat16" else torch.float32
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        logger.warning("llm.compute_type bfloat16 on a CPU without native bf16 (AMX / AVX512-BF16) runs slower than float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     return model.eval(), tokenizer

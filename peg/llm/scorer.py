@@ -122,18 +122,23 @@ class LLMScorer:
 
     def _score_shared_passages(self, queries: Sequence[str], passages: Sequence[str], scores: np.ndarray, advance) -> list[int]:
         """query_likelihood on a backend that reuses a prefix: each passage paired with two or more
-        queries has its prompt run once, and those queries run on its cached keys and values.
-        Returns the pairs left to score in batches (each passage's only pair)."""
+        queries has its prompt run once (`batch_size` such prompts in one batch), and those queries
+        run on its cached keys and values. Returns the pairs left to score in batches (each
+        passage's only pair)."""
         groups: dict[str, list[int]] = {}
         for i, passage in enumerate(passages):
             groups.setdefault(passage[: self.config.max_passage_chars], []).append(i)
-        single = []
-        for rows in groups.values():
-            if len(rows) == 1:
-                single.extend(rows)
-                continue
+        single = [rows[0] for rows in groups.values() if len(rows) == 1]
+        shared = []
+        for rows in (rows for rows in groups.values() if len(rows) > 1):
             sequences = [self._likelihood_sequence(queries[i], passages[i]) for i in rows]
-            prefix = sequences[0][0][: -sequences[0][1]]
-            scores[rows] = self.lm.shared_prefix_log_probs(prefix, [seq[-n:] for seq, n in sequences], self.config.batch_size)
-            advance(len(rows))
+            shared.append((rows, sequences[0][0][: -sequences[0][1]], [seq[-n:] for seq, n in sequences]))
+        shared.sort(key=lambda group: len(group[1]))  # prefixes of like lengths pad less
+        size = self.config.batch_size
+        for start in range(0, len(shared), size):  # batch_size passages prefilled together
+            block = shared[start : start + size]
+            block_scores = self.lm.shared_prefix_log_probs([(prefix, conts) for _, prefix, conts in block], size)
+            for (rows, _, _), group_scores in zip(block, block_scores, strict=True):
+                scores[rows] = group_scores
+            advance(sum(len(rows) for rows, _, _ in block))
         return single
