@@ -31,6 +31,10 @@ KL term's T_t) chooses the settings of the corpus-only arms (`--select-arms`) by
 train queries are never selected on dev (the dev queries are among their training data), and the
 test split chooses nothing.
 
+`--positive-reference highest` mines with `mining.positive_reference: highest` (the margin rule's
+threshold from a query's best positive: for collections with many weakly judged positives, e.g.
+NFCorpus); its runs are kept apart, under `.../positive-highest/`.
+
 Everything is built with peg's own stages and cached in `--store` (shared with
 bench/teacher_quality.py): corpus embeddings (encode cache), synthetic queries (synth), mined
 lists (mine), teacher scores (score), the pretrained model; each arm's trained model and its
@@ -131,6 +135,8 @@ class Bench:
         self.name = self.collection.name
         # SciFact's runs stay where they were before other collections existed
         self.root = Path(args.store) / "effectiveness" / ("" if self.collection == SCIFACT.resolve() else self.name)
+        if args.positive_reference != "lowest":  # other mined lists, other trained models: never mixed with these
+            self.root = self.root / f"positive-{args.positive_reference}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = open_store(self.bench_config().store)
         self.test = BeirDataset.load(self.collection, "test")
@@ -152,7 +158,8 @@ class Bench:
                       "llm": {**llm, "shard_size": 5}},
             "score": {"enabled": True, "teacher": a.teacher, "biencoder_weight": a.biencoder_weight,
                       "cross_encoder_path": a.cross_encoder, "list_size": a.list_size, "llm": llm},
-            "mining": {"num_shards": 1, "top_k": 30, "negatives_per_query": a.list_size - 1, "actor_cpus": 0.5},
+            "mining": {"num_shards": 1, "top_k": 30, "negatives_per_query": a.list_size - 1, "actor_cpus": 0.5,
+                       "positive_reference": a.positive_reference},
             "batch": {"queries_per_step": a.queries_per_step, "hard_negatives": a.hard_negatives, "chunk_size": 32},
             "train": {"max_steps": a.steps, "learning_rate": a.learning_rate, "warmup_ratio": 0.1,
                       "nproc_per_node": a.nproc, "zero_stage": 2},
@@ -505,6 +512,10 @@ def main() -> None:
     parser.add_argument("--biencoder-weight", type=float, default=0.4)
     parser.add_argument("--cross-encoder", default=None, help="Local reranker folder (teacher cross_encoder).")
     parser.add_argument("--max-passage-chars", type=int, default=1200)
+    parser.add_argument("--positive-reference", default="lowest", choices=["lowest", "highest"],
+                        help="mining.positive_reference (highest: for many weakly judged positives, e.g. NFCorpus); "
+                             "runs with highest live under <store>/effectiveness/.../positive-highest/. Use a store of "
+                             "its own: the store's mine stage is keyed by the run name.")
     parser.add_argument("--pretrain-steps", type=int, default=50)
     parser.add_argument("--synthetic-from", type=Path, default=None,
                         help="A finished corpus-only run's folder in its store (e.g. runs/artifacts/scifact-synthetic): "
