@@ -87,7 +87,10 @@ def machine() -> dict:
     try:
         import torch
 
+        from peg.llm.loading import native_bf16
+
         info["torch"] = torch.__version__
+        info["native_bf16"] = native_bf16()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
@@ -125,10 +128,10 @@ class Results:
         self.write()
 
     def write(self) -> None:
-        (RESULTS / f"{self.name}.json").write_text(json.dumps(self.data, indent=1) + "\n")
+        (RESULTS / f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str) + "\n")  # Paths as text
         m = self.data["machine"]
         lines = [f"## {self.title}", "", f"{m['date']}, {m.get('gpu') or str(m['cpus']) + ' CPUs'}, load {m['load_1min']} "
-                 f"at start; settings: `{json.dumps(self.data['settings'])}`", "",
+                 f"at start; settings: `{json.dumps(self.data['settings'], default=str)}`", "",
                  "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]  # fmt: skip
         for row in self.data["rows"]:
             lines.append("| " + " | ".join(_cell(row.get(c)) for c in self.columns) + " |")

@@ -119,10 +119,8 @@ def score_pairs_and_generate(args, queries, passages, labels, sources, scorers, 
     """The pairs workload (each passage once) and few-shot generation, backends in turns."""
     import torch
 
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings = {**options, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "threads": torch.get_num_threads(),
-                "native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(), "mode": "query_likelihood",
-                "generation": "greedy, few-shot question"}  # fmt: skip
+    settings = {**vars(args), "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "threads": torch.get_num_threads(),
+                "mode": "query_likelihood", "generation": "greedy, few-shot question"}  # fmt: skip
     results = Results("llm_backends", "LLM stages: transformers vs CTranslate2 (SmolLM2-135M, CPU)", settings,
                       ["backend", "rounds", "load_s", "score_pairs_per_s", "score_vs_transformers", "max_abs_diff",
                        "spearman_vs_transformers", "auc", "gen_queries_per_s", "gen_vs_transformers",
@@ -177,12 +175,11 @@ def score_lists(args: argparse.Namespace, scorers: dict) -> None:
     """The teacher's workload: lists whose passages recur across queries, scored in turns."""
     import copy
 
-    import torch
-
     from peg.llm.scorer import LLMScorer
 
     pairs = list_pairs(args.lists, args.list_passages)
     reference = scorers["transformers"]
+
     def whole_prompts(scorer: LLMScorer) -> LLMScorer:
         lm = copy.copy(scorer.lm)
         lm.reuses_prefix = False
@@ -195,8 +192,7 @@ def score_lists(args: argparse.Namespace, scorers: dict) -> None:
     base = "transformers, whole prompts"
     results = Results("llm_scoring_lists", "Scoring a teacher's lists: passages shared by queries (SmolLM2-135M, CPU)",
                       {"lists": str(args.lists), "list_passages": args.list_passages, "pairs": len(pairs),
-                       "distinct_passages": len({p for _, p in pairs}), "batch": args.batch, "rounds": args.rounds,
-                       "native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported()},
+                       "distinct_passages": len({p for _, p in pairs}), "batch": args.batch, "rounds": args.rounds},
                       ["scorer", "rounds", "pairs_per_s", "vs_whole_prompts", "max_abs_diff", "spearman_vs_whole_prompts"])
     seconds = dict.fromkeys(rows, 0.0)
     scores = {name: np.empty(len(pairs), dtype=np.float32) for name in rows}

@@ -187,6 +187,12 @@ def model_folder(config: LLMConfig) -> Path:
     return convert_gguf(gguf) if gguf is not None else Path(config.path)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16, through oneDNN);
+    without it torch emulates bf16, slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def load_causal_lm(config: LLMConfig):
     """(transformers model, tokenizer) for `config`: the model in eval mode, in `config.compute_type`
     (float32 unless bfloat16), on the GPU when there is one."""
@@ -195,7 +201,7 @@ def load_causal_lm(config: LLMConfig):
     folder = model_folder(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = torch.bfloat16 if config.compute_type == "bfloat16" else torch.float32
-    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not native_bf16():
         logger.warning("llm.compute_type bfloat16 on a CPU without native bf16 (AMX / AVX512-BF16) runs slower than float32")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if torch.cuda.is_available():
