@@ -313,6 +313,17 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many dev evaluations without improvement; null: never."
     )
+    finetune_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="WiSE-FT (Wortsman et al. 2022): the exported weights are base + f * (trained - base), f this "
+        "fraction, base the weights training started from (model.name_or_path, or the pretrain stage's encoder); 1 "
+        "exports the trained weights. Below "
+        "1 keeps part of the base model's generality when the training queries are unlike the ones served "
+        "(corpus-only pseudo-queries; bench/results/interpolation.md). With train.eval_every the dev metric picks "
+        "the step on the trained weights; the folder kept is interpolated.",
+    )
 
     @model_validator(mode="after")
     def _check_zero3_options(self) -> TrainConfig:

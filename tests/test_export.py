@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from peg.config import ModelConfig
 from peg.model.encoder import Encoder, resolve_model_path
-from peg.model.export import export_sentence_transformers
+from peg.model.export import export_sentence_transformers, interpolate_weights
 
 QUERIES = ["what causes malaria", "effects of aspirin on the heart", "is coffee bad"]
 PASSAGES = [
@@ -62,6 +62,39 @@ def test_export_writes_given_state_dict(tiny_model_dir, tmp_path):
     state = {k: v + 0.01 for k, v in encoder.model.state_dict().items()}
     out = export_sentence_transformers(encoder, tmp_path / "model", state_dict=state)
     encoder.model.load_state_dict(state)
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), encoder.encode(PASSAGES, "passage"), atol=1e-5)
+
+
+def test_interpolate_weights_moves_each_float_tensor_a_fraction_of_the_way_from_base():
+    base = {"w": torch.zeros(2, 3), "b": torch.ones(3, dtype=torch.bfloat16), "ids": torch.arange(4)}
+    trained = {"w": torch.full((2, 3), 4.0), "b": torch.full((3,), 3.0, dtype=torch.bfloat16), "ids": torch.arange(4) + 7}
+    out = interpolate_weights(trained, base, 0.25)
+    torch.testing.assert_close(out["w"], torch.full((2, 3), 1.0))
+    torch.testing.assert_close(out["b"], torch.full((3,), 1.5))  # 1 + 0.25 * (3 - 1), in float32
+    assert out["b"].dtype == torch.float32 and torch.equal(out["ids"], trained["ids"])  # buffers as trained
+    torch.testing.assert_close(interpolate_weights(trained, base, 1.0)["w"], trained["w"])
+    with pytest.raises(ValueError, match="keys"):
+        interpolate_weights({**trained, "extra": torch.zeros(1)}, base, 0.5)
+    with pytest.raises(ValueError, match="shape at w"):
+        interpolate_weights({**trained, "w": torch.zeros(3, 2)}, base, 0.5)
+
+
+@pytest.mark.slow
+def test_export_with_a_finetune_fraction_writes_weights_between_base_and_trained(tiny_model_dir, tmp_path):
+    """train.finetune_fraction: the folder holds base + f * (trained - base), base read from
+    model.name_or_path, and sentence-transformers embeds with exactly those weights."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    encoder = Encoder(ModelConfig(name_or_path=tiny_model_dir))
+    base = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    trained = {k: v + 0.02 if v.is_floating_point() else v for k, v in base.items()}
+    out = export_sentence_transformers(encoder, tmp_path / "model", state_dict=trained, finetune_fraction=0.5)
+    written = load_file(out / "model.safetensors")
+    for key, value in written.items():
+        torch.testing.assert_close(value, base[key] + 0.01, atol=1e-6, rtol=0)
+    encoder.model.load_state_dict({k: v + 0.01 if v.is_floating_point() else v for k, v in base.items()})
     st = SentenceTransformer(str(out), device="cpu")
     np.testing.assert_allclose(st.encode(PASSAGES, prompt_name="passage"), encoder.encode(PASSAGES, "passage"), atol=1e-5)
 

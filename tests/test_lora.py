@@ -122,6 +122,24 @@ def test_merged_export_round_trips_through_sentence_transformers(llama_dir, tmp_
     assert not np.allclose(base.encode(QUERIES, "query"), encoder.encode(QUERIES, "query"), atol=1e-3)
 
 
+def test_a_finetune_fraction_scales_the_merged_adapters_update(llama_dir, tmp_path):
+    """LoRA with train.finetune_fraction f: the merged weights move f of the way from the base's,
+    so each adapted matrix gets f times the adapters' product and every other weight stays the base's."""
+    from safetensors.torch import load_file
+
+    encoder = Encoder(llm_config(llama_dir))
+    apply_lora(encoder, encoder.config.lora)
+    perturb_adapters(encoder)
+    full = load_file(export_sentence_transformers(encoder, tmp_path / "full") / "model.safetensors")
+    part = load_file(export_sentence_transformers(encoder, tmp_path / "part", finetune_fraction=0.3) / "model.safetensors")
+    base = Encoder(ModelConfig(name_or_path=llama_dir, pooling="last")).model.state_dict()
+    assert full.keys() == part.keys() == set(base)
+    moved = [k for k in full if not torch.allclose(full[k], base[k])]
+    assert moved and all(k.split(".")[-2] in ("q_proj", "v_proj") for k in moved)
+    for key in full:
+        torch.testing.assert_close(part[key], base[key] + 0.3 * (full[key] - base[key]), atol=1e-6, rtol=0)
+
+
 def test_two_rank_zero2_gradcache_training_changes_only_the_adapted_weights(llama_dir, tmp_path):
     from safetensors.torch import load_file
 

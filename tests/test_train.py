@@ -488,3 +488,24 @@ def test_topology_does_not_change_the_trained_bytes_and_no_deepspeed_op_is_built
     weights = "model/model.safetensors"
     assert (tmp_path / "1x2" / weights).read_bytes() == (tmp_path / "2x1-0" / weights).read_bytes()
     assert list(extensions.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_finetune_fraction_exports_the_trained_update_scaled_toward_the_base(tmp_path):
+    """train.finetune_fraction 0.4 exports base + 0.4 * (trained - base): the same training with
+    fraction 1 gives `trained` (the trained bytes do not depend on the run, see above)."""
+    from safetensors.torch import load_file
+
+    model = make_tiny_bert(tmp_path / "tiny", dropout=0.1)
+    files = [write_pairs(tmp_path / "a.jsonl", "alpha", 12, 2)]
+    outputs = {}
+    for fraction in (1.0, 0.4):
+        config = _train_config(tmp_path, model, files, max_steps=3, zero_stage=2, finetune_fraction=fraction)
+        proc = run([sys.executable, "-m", "peg", "train", str(config), "--output", str(tmp_path / str(fraction))])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs[fraction] = load_file(tmp_path / str(fraction) / "model" / "model.safetensors")
+    base = BertModel.from_pretrained(model).state_dict()
+    trained, part = outputs[1.0], outputs[0.4]
+    assert any(not torch.allclose(trained[k], base[k]) for k in trained)
+    for key in trained:
+        torch.testing.assert_close(part[key], base[key] + 0.4 * (trained[key] - base[key]), atol=1e-6, rtol=0)

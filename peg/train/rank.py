@@ -162,8 +162,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, epoch: int, index: int, r
     return tag
 
 
-def export_model(engine, encoder: Encoder, model_dir: Path, rank: int, matryoshka_dims: list[int]) -> Path:
-    """Rank 0 writes the sentence-transformers folder; under ZeRO-3 the weights are gathered first."""
+def export_model(engine, encoder: Encoder, model_dir: Path, rank: int, matryoshka_dims: list[int],
+                 finetune_fraction: float = 1.0) -> Path:
+    """Rank 0 writes the sentence-transformers folder (interpolated toward the base weights when
+    `finetune_fraction` < 1: train.finetune_fraction); under ZeRO-3 the weights are gathered first."""
     import deepspeed
     import torch.distributed as dist
 
@@ -176,7 +178,8 @@ def export_model(engine, encoder: Encoder, model_dir: Path, rank: int, matryoshk
     with gather:
         if rank == 0:
             state = {k: v.detach().float().cpu().clone() for k, v in encoder.model.state_dict().items()}
-            export_sentence_transformers(encoder, model_dir, state_dict=state, matryoshka_dims=matryoshka_dims)
+            export_sentence_transformers(encoder, model_dir, state_dict=state, matryoshka_dims=matryoshka_dims,
+                                         finetune_fraction=finetune_fraction)
     dist.barrier()
     return model_dir
 

@@ -125,7 +125,8 @@ class DevSelection:
     def _keep(self, model: Encoder, record: BestRecord) -> None:
         state = {k: v.detach().float().cpu().clone() for k, v in model.model.state_dict().items()}
         export_sentence_transformers(model, self.output_dir / record.model, state_dict=state,
-                                     matryoshka_dims=self.config.loss.matryoshka_dims)  # fmt: skip
+                                     matryoshka_dims=self.config.loss.matryoshka_dims,
+                                     finetune_fraction=self.config.train.finetune_fraction)  # fmt: skip
         record.write(self.output_dir)
         self.best = record
         self._remove_best_folders(keep=record.model)

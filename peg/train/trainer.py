@@ -338,7 +338,8 @@ def run_worker(config: RunConfig, output_dir: Path, resume: bool, checkpoint_key
         metrics.close()
         plot_metrics(metrics.path, output_dir / "training.png")
     model_dir = output_dir / "model"
-    export_model(engine, encoder, output_dir / "last-model" if selection else model_dir, rank, config.loss.matryoshka_dims)
+    export_model(engine, encoder, output_dir / "last-model" if selection else model_dir, rank, config.loss.matryoshka_dims,
+                 config.train.finetune_fraction)
     if selection:
         selection.finish(model_dir)
     shutdown(engine)
