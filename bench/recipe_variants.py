@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--run-store", type=Path, required=True, help="The finished recipe run's local store.")
     parser.add_argument("--run", required=True, help="The finished recipe run's name in that store.")
     parser.add_argument("--collection", type=Path, default=SCIFACT)
+    parser.add_argument("--extra-lists", nargs=2, action="append", default=[], metavar=("RUN_STORE", "RUN"),
+                        help="Another finished run whose lists are trained on after --run's (a mixed dataset, "
+                             "data.sampling as the recipe says; repeat).")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dev-queries", type=int, default=100,
@@ -93,9 +96,10 @@ def main() -> None:
     from peg.train import train
 
     lists = verified_lists(args.run_store, args.run)
+    extra = [verified_lists(Path(store), run) for store, run in args.extra_lists]
     recipe = yaml.safe_load(args.recipe.read_text())
     dev, test = dev_set(args.collection, args.dev_queries), BeirDataset.load(args.collection, "test")
-    root = Path(args.store) / "variants" / args.run
+    root = Path(args.store) / "variants" / "+".join([args.run, *(run for _, run in args.extra_lists)])
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in ["base", *args.variants]:
@@ -110,7 +114,8 @@ def main() -> None:
             trained = output / "train_s.json"  # written after the export, which replaces `model` whole
             if not trained.exists():
                 raw = merged(recipe, merged(overrides, {"name": f"{args.run}-{name}".replace(".", "-"), "train": {"seed": args.seed}}))
-                raw["data"] = {"beir": str(args.collection), "train_files": [str(lists)]}
+                raw["data"] = {**{k: v for k, v in recipe["data"].items() if k in ("sampling", "dataset_weights")},
+                               "beir": str(args.collection), "train_files": [str(p) for p in [lists, *extra]]}
                 raw["store"] = {"uri": str(Path(args.store) / "store")}
                 config = RunConfig.model_validate({k: v for k, v in raw.items() if k not in ("synth", "score", "mining")})
                 started = time.monotonic()
@@ -130,10 +135,12 @@ def write_outputs(args: argparse.Namespace, lists: Path, rows: list[dict]) -> No
     base = rows[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"recipe": str(args.recipe), "run": args.run, "lists": str(lists), "collection": args.collection.name,
+        {"recipe": str(args.recipe), "run": args.run, "lists": str(lists),
+         "extra_lists": [run for _, run in args.extra_lists], "collection": args.collection.name,
          "cpu_backend": args.cpu_backend, "rows": rows}, indent=1) + "\n")
     dev_queries = len(base["dev_per_query_ndcg@10"])
-    lines = [f"# Recipe variants: {args.recipe.name}'s training on run {args.run}'s lists ({args.collection.name})", "",
+    runs = " + ".join([args.run, *(run for _, run in args.extra_lists)])
+    lines = [f"# Recipe variants: {args.recipe.name}'s training on run {runs}'s lists ({args.collection.name})", "",
              f"Encoder path for every row: {args.cpu_backend}. Dev: {dev_queries} queries; chosen on dev only, test "
              "shown, not used. *vs base*: the mean per-query nDCG@10 difference with its 95% paired bootstrap "
              "interval (queries resampled) and how many queries rose / fell.", "",
