@@ -43,17 +43,14 @@ def exported_model(run_store: Path, run: str) -> Path:
     return run_store / run / "export" / "model"
 
 
-def interpolated_folder(model: Path, fraction: float, out: Path) -> Path:
-    """A copy of the sentence-transformers folder `model` with its weights interpolated toward the
-    base model's (`peg.model.export.interpolate_weights`); `out` is replaced."""
+def interpolated_folder(model: Path, base: dict, fraction: float, out: Path) -> Path:
+    """A copy of the sentence-transformers folder `model` with its weights interpolated toward
+    `base` (`peg.model.export.interpolate_weights`); `out` is replaced."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModel
 
-    from peg.model.encoder import resolve_model_path
     from peg.model.export import interpolate_weights
 
     trained = load_file(model / "model.safetensors")
-    base = AutoModel.from_pretrained(resolve_model_path(MINILM)).state_dict()
     weights = interpolate_weights(trained, {k: base[k] for k in trained}, fraction)
     if out.exists():
         shutil.rmtree(out)
@@ -73,6 +70,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/interpolation"))
     args = parser.parse_args()
 
+    from peg.config import ModelConfig
+    from peg.model.export import base_weights
+
+    base = base_weights(ModelConfig(name_or_path=MINILM))  # what every run trained from
     rows: list[dict] = []
     splits: dict[str, dict[str, BeirDataset]] = {}
     for collection, run_store, run in args.run:
@@ -86,7 +87,7 @@ def main() -> None:
         for fraction in args.fractions:
             folder = model if fraction == 1.0 else args.store / "models" / f"{run}-f{fraction}"
             if fraction != 1.0 and not (args.store / "rows" / f"{run}-f{fraction}.json").exists():
-                interpolated_folder(model, fraction, folder)
+                interpolated_folder(model, base, fraction, folder)
             rows.append(score(args, collection, run, str(folder), fraction, splits[name]))
             write_outputs(args, rows)
 
