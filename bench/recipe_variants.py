@@ -101,9 +101,10 @@ def main() -> None:
     dev, test = dev_set(args.collection, args.dev_queries), BeirDataset.load(args.collection, "test")
     root = Path(args.store) / "variants" / "+".join([args.run, *(run for _, run in args.extra_lists)])
     root.mkdir(parents=True, exist_ok=True)
+    splits = {"dev": dev, "test": test} if dev is not None else {"test": test}  # NQ-UTD has no dev split
     rows = []
     for name in ["base", *args.variants]:
-        done = root / f"{name}-seed{args.seed}-dev{len(dev.queries)}.json"
+        done = root / f"{name}-seed{args.seed}-dev{len(dev.queries) if dev is not None else 0}.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
@@ -123,8 +124,8 @@ def main() -> None:
                 trained.write_text(json.dumps(time.monotonic() - started))
             model, trained_s = str(output / "model"), json.loads(trained.read_text())
         row = {"variant": name, "seed": args.seed, "overrides": overrides, "train_s": round(trained_s),
-               **{f"dev_{k}": v for k, v in evaluate(args.store, model, args.collection, args.cpu_backend, dev).items()},
-               **{f"test_{k}": v for k, v in evaluate(args.store, model, args.collection, args.cpu_backend, test).items()}}
+               **{f"{split}_{k}": v for split, data in splits.items()
+                  for k, v in evaluate(args.store, model, args.collection, args.cpu_backend, data).items()}}
         done.write_text(json.dumps(row) + "\n")
         rows.append(row)
         write_outputs(args, lists, rows)
@@ -138,23 +139,25 @@ def write_outputs(args: argparse.Namespace, lists: Path, rows: list[dict]) -> No
         {"recipe": str(args.recipe), "run": args.run, "lists": str(lists),
          "extra_lists": [run for _, run in args.extra_lists], "collection": args.collection.name,
          "cpu_backend": args.cpu_backend, "rows": rows}, indent=1) + "\n")
-    dev_queries = len(base["dev_per_query_ndcg@10"])
+    dev_queries = len(base.get("dev_per_query_ndcg@10", {}))
+    dev = f"{dev_queries} queries" if dev_queries else "none (the collection has no dev split or train queries)"
     runs = " + ".join([args.run, *(run for _, run in args.extra_lists)])
     lines = [f"# Recipe variants: {args.recipe.name}'s training on run {runs}'s lists ({args.collection.name})", "",
-             f"Encoder path for every row: {args.cpu_backend}. Dev: {dev_queries} queries; chosen on dev only, test "
-             "shown, not used. *vs base*: the mean per-query nDCG@10 difference with its 95% paired bootstrap "
-             "interval (queries resampled) and how many queries rose / fell.", "",
+             f"Encoder path for every row: {args.cpu_backend}. Dev: {dev}; chosen on dev only, test shown, not used. "
+             "*vs base*: the mean per-query nDCG@10 difference with its 95% paired bootstrap interval (queries "
+             "resampled) and how many queries rose / fell.", "",
              "| variant | overrides | train s | dev nDCG@10 | dev vs base | test nDCG@10 | test vs base | test R@100 |",
              "|---|---|---:|---:|---|---:|---|---:|"]
 
     def versus(row: dict, split: str) -> str:
-        if row is base:
+        if row is base or f"{split}_per_query_ndcg@10" not in row:
             return ""
         d = paired_difference(row[f"{split}_per_query_ndcg@10"], base[f"{split}_per_query_ndcg@10"])
         return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['better']}/{d['worse']})"
 
     for r in rows:
-        lines.append(f"| {r['variant']} | `{json.dumps(r['overrides'])}` | {r['train_s']} | {r['dev_ndcg@10']:.4f} | "
+        dev_ndcg = f"{r['dev_ndcg@10']:.4f}" if "dev_ndcg@10" in r else ""
+        lines.append(f"| {r['variant']} | `{json.dumps(r['overrides'])}` | {r['train_s']} | {dev_ndcg} | "
                      f"{versus(r, 'dev')} | {r['test_ndcg@10']:.4f} | {versus(r, 'test')} | {r['test_recall@100']:.4f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
